@@ -1,0 +1,138 @@
+"""The only place that chooses status codes: domain errors → status + the route family's error body."""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inferd.api.cancellation import ClientDisconnected
+from inferd.api.responses import FastJSONResponse
+from inferd.errors import (
+    EngineError,
+    EngineUnavailableError,
+    InferdError,
+    InputTooLongError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnsupportedTaskError,
+)
+
+log = logging.getLogger("inferd.api")
+
+
+class Family(str, Enum):
+    OPENAI = "openai"
+    TEI = "tei"
+    COHERE = "cohere"
+
+
+_TEI_PATHS = {"/embed", "/rerank"}
+_COHERE_PATHS = {"/v1/rerank", "/v2/rerank"}
+
+
+def family_of(path: str) -> Family:
+    if path in _TEI_PATHS:
+        return Family.TEI
+    if path in _COHERE_PATHS:
+        return Family.COHERE
+    return Family.OPENAI
+
+
+# (status, OpenAI type, OpenAI code, TEI error_type) per domain error; the first match wins.
+_TABLE: list[tuple[type[InferdError], int, str, str | None, str]] = [
+    (InputTooLongError, 400, "invalid_request_error", "context_length_exceeded", "Validation"),
+    (ModelNotFoundError, 404, "invalid_request_error", "model_not_found", "Validation"),
+    (UnsupportedTaskError, 400, "invalid_request_error", "model_not_supported", "Validation"),
+    (OverloadedError, 429, "rate_limit_error", "server_overloaded", "Overloaded"),
+    (EngineUnavailableError, 503, "server_error", "service_unavailable", "Unhealthy"),
+    (EngineError, 500, "server_error", None, "Backend"),
+    (InferdError, 400, "invalid_request_error", None, "Validation"),
+]
+
+
+def error_response(
+    family: Family,
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    tei_type: str = "Validation",
+    headers: dict[str, str] | None = None,
+) -> FastJSONResponse:
+    if family is Family.TEI:
+        body: dict = {"error": message, "error_type": tei_type}
+    elif family is Family.COHERE:
+        body = {"message": message}
+    else:
+        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return FastJSONResponse(body, status_code=status, headers=headers)
+
+
+def _domain_error(request: Request, exc: InferdError) -> FastJSONResponse:
+    family = family_of(request.url.path)
+    for error_type, status, type_, code, tei_type in _TABLE:
+        if isinstance(exc, error_type):
+            break
+    if family is Family.TEI and isinstance(exc, InputTooLongError):
+        status = 413  # TEI answers over-long inputs with Payload Too Large
+    elif family is Family.TEI and status == 400:
+        status = 422
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+    if status >= 500:
+        log.error("request %s failed: %s", request.url.path, exc.message)
+    return error_response(
+        family, status, exc.message, type_=type_, param=exc.param, code=code, tei_type=tei_type,
+        headers=headers,
+    )
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> FastJSONResponse:
+    family = family_of(request.url.path)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return error_response(family, 400, f"the body is not valid JSON: {first.get('msg')}",
+                              tei_type="Validation")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = "; ".join(_describe(e) for e in errors[:5])
+    status = 422 if family is Family.TEI else 400
+    return error_response(family, status, message, param=param, tei_type="Validation")
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    return f"{loc}: {error.get('msg')}" if loc else str(error.get("msg"))
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> FastJSONResponse:
+    family = family_of(request.url.path)
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return error_response(family, exc.status_code, str(exc.detail), type_=type_,
+                          headers=getattr(exc, "headers", None))
+
+
+def _unexpected_error(request: Request, exc: Exception) -> FastJSONResponse:
+    request_id = request.headers.get("x-request-id", "-")
+    log.exception("unexpected error on %s (request id %s)", request.url.path, request_id)
+    return error_response(
+        family_of(request.url.path), 500, "internal server error", type_="server_error", tei_type="Backend"
+    )
+
+
+def _disconnected(request: Request, exc: ClientDisconnected) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClientDisconnected, _disconnected)
+    app.add_exception_handler(InferdError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,99 @@
+"""The served models: names → (kind, engine client), built once at start-up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferd.config import ModelKind, ModelSpec, ServerSettings
+from inferd.encoder.client import EncoderClient
+from inferd.errors import ModelLoadError, ModelNotFoundError, UnsupportedTaskError
+from inferd.hub.resolve import detect_kind, resolve_model
+from inferd.protocol.models import ModelCard
+
+log = logging.getLogger("inferd.models")
+
+_ROUTE_NAMES = {ModelKind.EMBEDDING: "embeddings", ModelKind.RERANK: "rerank", ModelKind.CHAT: "chat"}
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    name: str
+    kind: ModelKind
+    source: str
+    path: Path
+    client: EncoderClient
+    created: int
+
+    def card(self) -> ModelCard:
+        info = self.client.info
+        return ModelCard(
+            id=self.name,
+            created=self.created,
+            kind=self.kind.value,
+            max_input_tokens=info.max_input_tokens,
+            dimensions=info.dimensions if self.kind is ModelKind.EMBEDDING else None,
+            rerank_method=info.scoring if self.kind is ModelKind.RERANK else None,
+            ready=self.client.is_running,
+        )
+
+
+class ModelTable:
+    """Lookup by name and kind; a missing name picks the first model of that kind."""
+
+    def __init__(self, models: list[ServedModel]) -> None:
+        self._models = {m.name: m for m in models}
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def get(self, name: str | None, kind: ModelKind) -> ServedModel:
+        if name is None:
+            for model in self._models.values():
+                if model.kind is kind:
+                    return model
+            raise ModelNotFoundError(f"no {_ROUTE_NAMES[kind]} model is served", param="model")
+        model = self._models.get(name)
+        if model is None:
+            served = ", ".join(self._models) or "none"
+            raise ModelNotFoundError(
+                f"the model {name!r} does not exist; served models: {served}", param="model"
+            )
+        if model.kind is not kind:
+            raise UnsupportedTaskError(
+                f"the model {name!r} is a {model.kind.value} model and cannot serve "
+                f"{_ROUTE_NAMES[kind]} requests",
+                param="model",
+            )
+        return model
+
+    def close(self) -> None:
+        for client in {id(m.client): m.client for m in self._models.values()}.values():
+            client.close()
+
+
+def load_model_table(settings: ServerSettings) -> ModelTable:
+    """Resolve and load every configured model; the same weights served twice are loaded once."""
+    clients: dict[tuple, EncoderClient] = {}
+    served = []
+    for spec in settings.model:
+        served.append(_load_one(spec, settings, clients))
+        log.info("serving %s (%s) from %s", spec.served_name, served[-1].kind.value, served[-1].path)
+    return ModelTable(served)
+
+
+def _load_one(spec: ModelSpec, settings: ServerSettings, clients: dict[tuple, EncoderClient]) -> ServedModel:
+    resolved = resolve_model(spec.source, spec.kind)
+    files_kind = detect_kind(resolved.path)
+    if resolved.kind is ModelKind.CHAT or files_kind is ModelKind.CHAT:
+        raise ModelLoadError(f"{spec.source}: chat models need the LLM engine, which this build lacks")
+    config = settings.encoder_config(spec)
+    key = (resolved.path, files_kind, config)
+    if key not in clients:
+        clients[key] = EncoderClient.start(resolved.path, files_kind, config)
+    client = clients[key]
+    if resolved.kind is ModelKind.EMBEDDING and not client.can_embed:
+        raise ModelLoadError(f"{spec.source} is a cross-encoder; it can rerank but not embed")
+    return ServedModel(spec.served_name, resolved.kind, spec.source, resolved.path, client, int(time.time()))

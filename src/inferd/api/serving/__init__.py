@@ -1,0 +1,1 @@
+"""Protocol ⇄ engine translation and response assembly."""

@@ -1,0 +1,42 @@
+"""``inferd``: the command-line entry point."""
+
+from __future__ import annotations
+
+import typer
+
+from inferd import __version__
+from inferd.cli import serve
+
+app = typer.Typer(
+    name="inferd",
+    help="Serve chat LLMs, text embeddings and rerankers behind OpenAI-, TEI- and Cohere-compatible APIs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("serve", help=serve.HELP)(serve.serve_command())
+
+
+@app.command("version")
+def version() -> None:
+    """Print inferd's version."""
+    typer.echo(__version__)
+
+
+@app.command("settings")
+def settings(markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown.")) -> None:
+    """List every server setting with its flag, environment variable and default."""
+    from inferd.config.settings import settings_markdown
+
+    text = settings_markdown()
+    if markdown:
+        typer.echo(text, nl=False)
+        return
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(text))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,99 @@
+"""``inferd serve``: its options are generated from ServerSettings, the one declaration of each setting."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin
+
+import typer
+from pydantic import ValidationError
+
+from inferd.config.settings import DEFAULT_MODELS, ENV_PREFIX, ServerSettings, load_settings
+
+HELP = (
+    "Serve models over HTTP. Every option can also be set by its INFERD_* variable or in the "
+    "YAML file given with --config; flags win over variables, which win over the file."
+)
+
+
+def serve_command():
+    """A typer command whose parameters mirror ServerSettings' fields."""
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None, typer.Option("--config", help="YAML file of settings (keys as below, snake_case).")
+            ],
+        )
+    ]
+    for name, field in ServerSettings.model_fields.items():
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[_cli_type(field.annotation), typer.Option(
+                    "--" + name.replace("_", "-"),
+                    help=f"{field.description} [env: {ENV_PREFIX}{name.upper()}; default: {_default(name)}]",
+                    show_default=False,
+                )],
+            )
+        )
+
+    def serve(**options: Any) -> None:
+        config_file = options.pop("config")
+        if options.get("model") == []:
+            options["model"] = None
+        try:
+            settings = load_settings(options, config_file)
+        except (ValidationError, ValueError) as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        run(settings)
+
+    serve.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return serve
+
+
+def _default(name: str) -> str:
+    if name == "model":
+        return " ".join(DEFAULT_MODELS)
+    return str(ServerSettings.model_fields[name].get_default(call_default_factory=True))
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The type typer parses: model specs stay strings (settings parse them), Literals become str."""
+    origin = get_origin(annotation)
+    if origin is list:
+        return list[str] | None
+    if origin is not None and str(origin).endswith("Literal"):
+        return str | None
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if args:  # Optional[X]
+        return _cli_type(args[0])
+    return annotation | None
+
+
+def run(settings: ServerSettings) -> None:
+    import uvicorn
+
+    from inferd.api.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    _quiet_libraries()
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+
+
+def _quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

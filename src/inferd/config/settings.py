@@ -1,0 +1,152 @@
+"""ServerSettings: the one declaration of every server setting.
+
+Each field yields a command-line flag (``inferd serve --max-batch-tokens``), an environment variable
+(``INFERD_MAX_BATCH_TOKENS``), a key of the YAML config file, and a row of the settings table in
+docs/OPERATIONS.md (``inferd settings --markdown``). Precedence: flag > variable > file > default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from inferd.config.engine import EncoderConfig
+from inferd.config.model_spec import ModelSpec
+
+ENV_PREFIX = "INFERD_"
+
+# The bundled defaults: the embedder, and the same weights served as a cosine-similarity reranker
+# so that every route works offline on a fresh machine.
+DEFAULT_MODELS = ("all-minilm-l6-v2", "all-minilm-l6-v2=all-minilm-l6-v2-rerank,kind=rerank")
+
+
+class ServerSettings(BaseSettings):
+    """Settings of ``inferd serve``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    model: Annotated[list[ModelSpec], NoDecode] = Field(
+        default_factory=lambda: [ModelSpec.model_validate(s) for s in DEFAULT_MODELS],
+        description="Model to serve: SOURCE[=ALIAS][,kind=embedding|rerank|chat][,dtype=..]. SOURCE is a "
+        "local folder, a Hugging Face id or a bundled name. Repeat the flag for several models; in "
+        "the variable, separate specs with spaces.",
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where models run: cuda when available under auto."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype: float32 on CPU and float16 on CUDA under auto."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="Torch threads for inference; default: the cores this process may use."
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Encoder batch budget in tokens, counted padded (longest × count)."
+    )
+    max_batch_requests: int = Field(32, ge=1, description="Most inputs in one encoder batch.")
+    max_client_batch_size: int = Field(
+        2048, ge=1, description="Most inputs (texts, or rerank documents) in one request."
+    )
+    max_queued_items: int = Field(
+        8192, ge=1, description="Encoder queue bound in inputs; past it requests get 429 at once."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else text.split()
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _unique_names(cls, value: list[ModelSpec]) -> list[ModelSpec]:
+        names = [spec.served_name for spec in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"two models are served as {', '.join(duplicates)}; give one an alias")
+        if not value:
+            raise ValueError("at least one model is needed")
+        return value
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # deferred: reading settings must not pay for importing torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def encoder_config(self, spec: ModelSpec | None = None) -> EncoderConfig:
+        device = (spec.device if spec and spec.device else None) or self.resolved_device()
+        dtype = (spec.dtype if spec and spec.dtype else None) or self.dtype
+        if dtype == "auto":
+            dtype = "float16" if device == "cuda" else "float32"
+        return EncoderConfig(
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_requests=self.max_batch_requests,
+            max_queued_items=self.max_queued_items,
+            max_client_batch_size=self.max_client_batch_size,
+            num_threads=self.num_threads or available_cores(),
+            device=device,
+            dtype=dtype,
+        )
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | None = None) -> ServerSettings:
+    """Settings from flags (``overrides``), then ``INFERD_*`` variables, then ``config_file``."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if config_file is None:
+        return ServerSettings(**overrides)
+    if not config_file.is_file():
+        raise ValueError(f"config file {config_file} does not exist")
+
+    class _WithFile(ServerSettings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    loaded = _WithFile(**overrides)
+    return ServerSettings.model_construct(**{name: getattr(loaded, name) for name in ServerSettings.model_fields})
+
+
+def settings_markdown() -> str:
+    """The settings table for docs/OPERATIONS.md, generated from the declaration above."""
+    rows = ["| flag | variable | default | description |", "|---|---|---|---|"]
+    for name, field in ServerSettings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if name == "model":
+            default = " ".join(DEFAULT_MODELS)
+        flag = "--" + name.replace("_", "-")
+        rows.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(rows) + "\n"

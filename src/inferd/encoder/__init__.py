@@ -1,0 +1,1 @@
+"""The encoder engine: embeddings and reranking with token-budget dynamic batching."""

@@ -1,0 +1,168 @@
+"""EncoderClient: the async interface the API layer uses for one encoder model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from inferd.config.engine import EncoderConfig
+from inferd.config.model_spec import ModelKind
+from inferd.encoder.engine import EncoderEngine
+from inferd.encoder.models.base import EncoderInfo
+from inferd.encoder.models.registry import load_encoder_model
+from inferd.encoder.params import EmbedOutput, EmbedParams, RerankOutput, RerankParams
+from inferd.encoder.quantize import quantize
+from inferd.encoder.request import EncodeRequest, Item
+from inferd.encoder.tokenize import Encoded
+from inferd.errors import InvalidRequestError
+
+T = TypeVar("T")
+
+# Tokenising this many characters or more moves to a worker thread, off the event loop.
+_INLINE_TOKENIZE_CHARS = 16_384
+
+
+class EncoderClient:
+    """Validates, tokenises and queues requests for one model, then post-processes its outputs."""
+
+    def __init__(self, engine: EncoderEngine) -> None:
+        self._engine = engine
+        self._tokenizer = engine.model.tokenizer
+        self.info: EncoderInfo = engine.model.info
+        self.config: EncoderConfig = engine.config
+
+    @classmethod
+    def start(cls, path: Path, files_kind: ModelKind, config: EncoderConfig) -> EncoderClient:
+        """Load the model at ``path`` and start its engine (blocking: call it off the event loop)."""
+        engine = EncoderEngine(load_encoder_model(path, files_kind, config), config)
+        engine.start()
+        return cls(engine)
+
+    def close(self) -> None:
+        self._engine.stop()
+
+    @property
+    def can_embed(self) -> bool:
+        return self.info.dimensions is not None
+
+    @property
+    def is_running(self) -> bool:
+        return self._engine.is_running
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._engine.queue)
+
+    async def embed(self, inputs: list[str] | list[list[int]], params: EmbedParams) -> EmbedOutput:
+        """Embeddings of ``inputs`` (texts, or token-id lists used as the whole model input)."""
+        self._check_count(inputs, "input")
+        self._check_dimensions(params.dimensions)
+        if inputs and isinstance(inputs[0], str):
+            prefix = self._prompt(params)
+            texts = [prefix + t for t in _non_empty(inputs, "input")] if prefix else _non_empty(inputs, "input")
+            encoded = await self._off_loop(
+                sum(map(len, texts)),
+                lambda: self._tokenizer.encode_texts(
+                    texts, truncate=params.truncate, side=params.truncation_side
+                ),
+            )
+        else:
+            encoded = self._tokenizer.check_token_ids(
+                inputs, truncate=params.truncate, side=params.truncation_side
+            )
+        vectors = await self._run(encoded)
+        vectors = self._finish(vectors, params)
+        return EmbedOutput(quantize(vectors, params.embedding_type), _num_tokens(encoded))
+
+    async def rerank(self, query: str, documents: list[str], params: RerankParams) -> RerankOutput:
+        """One relevance score per document, in document order."""
+        if not query:
+            raise InvalidRequestError("query must be a non-empty string", param="query")
+        self._check_count(documents, "documents")
+        documents = _non_empty(documents, "documents")
+        if params.max_tokens_per_doc is not None:
+            documents = [self._tokenizer.truncate_text(d, params.max_tokens_per_doc) for d in documents]
+        size = len(query) * len(documents) + sum(map(len, documents))
+        if self.info.scoring == "cross-encoder":
+            encoded = await self._off_loop(size, lambda: self._tokenizer.encode_pairs(
+                query, documents, truncate=params.truncate, side=params.truncation_side
+            ))
+            logits = await self._run(encoded)
+            scores = logits if params.raw_scores else 1.0 / (1.0 + np.exp(-logits))
+        else:
+            encoded = await self._off_loop(size, lambda: self._tokenizer.encode_texts(
+                [query, *documents], truncate=params.truncate, side=params.truncation_side,
+                param="documents",
+            ))
+            vectors = _unit(await self._run(encoded))
+            scores = vectors[1:] @ vectors[0]
+        return RerankOutput(scores.astype(np.float32), _num_tokens(encoded))
+
+    async def _run(self, encoded: list[Encoded]) -> np.ndarray:
+        request = EncodeRequest(asyncio.get_running_loop(), len(encoded))
+        items = [Item(request, i, e.input_ids, e.token_type_ids) for i, e in enumerate(encoded)]
+        self._engine.submit(items)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The client went away: the queue drops these items before they reach the model.
+            request.is_cancelled = True
+            raise
+
+    async def _off_loop(self, size: int, work: Callable[[], T]) -> T:
+        return work() if size < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
+
+    def _finish(self, vectors: np.ndarray, params: EmbedParams) -> np.ndarray:
+        if params.dimensions is not None:
+            vectors = vectors[:, : params.dimensions]
+        normalize = self.info.normalizes if params.normalize is None else params.normalize
+        return _unit(vectors) if normalize else vectors
+
+    def _prompt(self, params: EmbedParams) -> str:
+        if params.prompt is not None:
+            return params.prompt
+        name = params.prompt_name or self.info.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.info.prompts:
+            known = ", ".join(sorted(self.info.prompts)) or "none"
+            raise InvalidRequestError(
+                f"prompt_name {name!r} is not one of this model's prompts ({known})", param="prompt_name"
+            )
+        return self.info.prompts[name]
+
+    def _check_count(self, inputs: list, param: str) -> None:
+        if not inputs:
+            raise InvalidRequestError(f"{param} must not be empty", param=param)
+        limit = self.config.max_client_batch_size
+        if len(inputs) > limit:
+            raise InvalidRequestError(
+                f"{param} has {len(inputs)} items, more than the limit of {limit} per request", param=param
+            )
+
+    def _check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions is not None and dimensions > (self.info.dimensions or 0):
+            raise InvalidRequestError(
+                f"dimensions {dimensions} is larger than this model's {self.info.dimensions}",
+                param="dimensions",
+            )
+
+
+def _non_empty(texts: list[str], param: str) -> list[str]:
+    for i, text in enumerate(texts):
+        if not text:
+            raise InvalidRequestError(f"{param}[{i}] is an empty string", param=param)
+    return texts
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def _num_tokens(encoded: list[Encoded]) -> int:
+    return sum(len(e.input_ids) for e in encoded)

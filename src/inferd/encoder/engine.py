@@ -1,0 +1,96 @@
+"""The encoder engine: one model, its batch queue, a batcher thread and a model thread."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import torch
+
+from inferd.config.engine import EncoderConfig
+from inferd.encoder.models.base import EncoderModel, PreparedBatch, prepare_batch
+from inferd.encoder.queue import BatchQueue
+from inferd.encoder.request import Item
+from inferd.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+
+class EncoderEngine:
+    """Runs batches of one model off the event loop.
+
+    The batcher thread takes the next batch from the queue and pads it into tensors while the model
+    thread runs the previous one; a semaphore keeps exactly one prepared batch in hand, so a batch is
+    never formed long before the model is ready for it.
+    """
+
+    def __init__(self, model: EncoderModel, config: EncoderConfig) -> None:
+        self.model = model
+        self.config = config
+        self.queue = BatchQueue(
+            max_batch_tokens=config.max_batch_tokens,
+            max_batch_requests=config.max_batch_requests,
+            max_queued_items=config.max_queued_items,
+            is_padded=True,
+        )
+        self._prepared: queue.Queue[PreparedBatch | None] = queue.Queue()
+        self._slot = threading.Semaphore(1)
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def start(self) -> None:
+        torch.set_num_threads(self.config.num_threads)
+        self._threads = [
+            threading.Thread(target=self._batch_loop, name="inferd-encoder-batcher", daemon=True),
+            threading.Thread(target=self._model_loop, name="inferd-encoder-model", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.queue.close()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def submit(self, items: list[Item]) -> None:
+        """Queue a request's items; raises OverloadedError when the queue is full."""
+        self.queue.put(items)
+
+    def _batch_loop(self) -> None:
+        while True:
+            self._slot.acquire()
+            items = self.queue.next_batch()
+            if items is None:
+                self._prepared.put(None)
+                return
+            batch = prepare_batch(items, self.model.tokenizer.pad_token_id, self.model.uses_token_type_ids)
+            self._prepared.put(batch)
+
+    def _model_loop(self) -> None:
+        while True:
+            batch = self._prepared.get()
+            self._slot.release()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _run(self, batch: PreparedBatch) -> None:
+        keep = [i for i, item in enumerate(batch.items) if not item.request.is_cancelled]
+        if not keep:
+            return
+        if len(keep) < len(batch.items):
+            batch = batch.select(keep)
+        try:
+            with torch.inference_mode():
+                outputs = self.model.forward(batch).numpy()
+        except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests, not the engine
+            log.exception("encoder forward failed on a batch of %d", len(batch.items))
+            for request in {item.request for item in batch.items}:
+                request.fail(EngineError(f"the model failed on this input: {exc}"))
+            return
+        for item, row in zip(batch.items, outputs):
+            item.request.set_output(item.index, row)

@@ -1,0 +1,1 @@
+"""Encoder model definitions: sentence embedders and cross-encoders, chosen by kind."""

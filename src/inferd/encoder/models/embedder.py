@@ -1,0 +1,134 @@
+"""Sentence embedders: a sentence-transformers folder (modules.json) or a plain Hugging Face encoder."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inferd.config.engine import EncoderConfig
+from inferd.encoder.models.base import (
+    EncoderInfo,
+    PreparedBatch,
+    max_input_tokens,
+    model_inputs,
+    read_json,
+    torch_dtype,
+)
+from inferd.encoder.pooling import pool, pooling_modes
+from inferd.encoder.tokenize import InputTokenizer
+from inferd.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# modules.json names classes by import path, which moved across sentence-transformers versions;
+# the class name alone is stable.
+_SUPPORTED_MODULES = {"Transformer", "Pooling", "Dense", "Normalize"}
+
+
+class SentenceEmbedder:
+    """Transformer → Pooling → Dense* → (Normalize), computed on our own padded batches."""
+
+    def __init__(self, path: Path, config: EncoderConfig) -> None:
+        self.device = config.device
+        modules = _read_modules(path)
+        transformer_dir = path / modules.get("Transformer", "")
+        self.transformer = _load_transformer(transformer_dir, config)
+        hf_config = self.transformer.config
+        self.uses_token_type_ids = getattr(hf_config, "type_vocab_size", 0) > 1
+        pooling_dir = modules.get("Pooling")
+        if pooling_dir is None:
+            log.info("%s has no Pooling module; using mean pooling", path)
+        self.modes = pooling_modes(read_json(path / pooling_dir / "config.json") if pooling_dir else {})
+        self.dense = nn.ModuleList(_load_dense(path / d, config) for d in modules.get("Dense", []))
+        st_config = read_json(path / "config_sentence_transformers.json")
+        bert_config = read_json(transformer_dir / "sentence_bert_config.json")
+        limit = max_input_tokens(transformer_dir, hf_config.to_dict(), None)
+        self.tokenizer = InputTokenizer(
+            transformer_dir, limit, do_lower_case=bool(bert_config.get("do_lower_case"))
+        )
+        limit = min(limit, self.tokenizer.max_input_tokens)
+        dimensions = self.dense[-1].out_features if len(self.dense) else hf_config.hidden_size * len(self.modes)
+        self.info = EncoderInfo(
+            max_input_tokens=limit,
+            dimensions=dimensions,
+            normalizes="Normalize" in modules,
+            scoring="cosine",
+            prompts=dict(st_config.get("prompts") or {}),
+            default_prompt_name=st_config.get("default_prompt_name"),
+        )
+
+    def forward(self, batch: PreparedBatch) -> torch.Tensor:
+        inputs = model_inputs(batch, self.device)
+        hidden = self.transformer(**inputs).last_hidden_state
+        vectors = pool(hidden, inputs["attention_mask"], self.modes)
+        for layer in self.dense:
+            vectors = layer(vectors.to(layer.linear.weight.dtype)).float()
+        return vectors.cpu()
+
+
+class _Dense(nn.Module):
+    def __init__(self, linear: nn.Linear, activation: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+        self.activation = activation
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.linear(x))
+
+
+def _read_modules(path: Path) -> dict:
+    """modules.json as {class name: folder}; Dense may repeat, so it maps to a list."""
+    entries = read_json(path / "modules.json") if (path / "modules.json").is_file() else []
+    modules: dict = {"Transformer": ""} if not entries else {}
+    for entry in entries:
+        name = entry["type"].rsplit(".", 1)[-1]
+        if name not in _SUPPORTED_MODULES:
+            raise ModelLoadError(f"{path}: sentence-transformers module {entry['type']} is not supported")
+        if name == "Dense":
+            modules.setdefault("Dense", []).append(entry["path"])
+        else:
+            modules[name] = entry["path"]
+    return modules
+
+
+def _load_transformer(path: Path, config: EncoderConfig) -> nn.Module:
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(str(path), dtype=torch_dtype(config.dtype))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a transformer from {path}: {exc}") from None
+    return model.to(config.device).eval()
+
+
+def _load_dense(path: Path, config: EncoderConfig) -> _Dense:
+    settings = read_json(path / "config.json")
+    linear = nn.Linear(settings["in_features"], settings["out_features"], bias=settings.get("bias", True))
+    state = _load_state(path)
+    linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+    layer = _Dense(linear, _activation(settings.get("activation_function")))
+    return layer.to(config.device, torch_dtype(config.dtype)).eval()
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ModelLoadError(f"{path}: Dense module has no weights file")
+
+
+def _activation(name: str | None) -> nn.Module:
+    if not name:
+        return nn.Identity()
+    module_name, _, class_name = name.rpartition(".")
+    if not module_name.startswith("torch."):
+        raise ModelLoadError(f"activation {name!r} is not a torch.nn module; refusing to import it")
+    return getattr(importlib.import_module(module_name), class_name)()

@@ -1,0 +1,112 @@
+"""Tokenisation before queueing: lengths are known, and checked against the limit, up front."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferd.encoder.params import TruncationSide
+from inferd.errors import InputTooLongError, InvalidRequestError
+
+# transformers warns about every over-long input; we report those to the client instead.
+logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+
+
+class InputTokenizer:
+    """Turns texts, pairs and raw token ids into model inputs that respect ``max_input_tokens``."""
+
+    def __init__(self, path: Path, max_input_tokens: int, *, do_lower_case: bool = False) -> None:
+        from transformers import AutoTokenizer
+
+        self.max_input_tokens = max_input_tokens
+        self.do_lower_case = do_lower_case
+        # Two instances rather than flipping truncation_side on one: tokenisation runs on many threads.
+        self._by_side = {
+            side: AutoTokenizer.from_pretrained(str(path), truncation_side=side)
+            for side in ("right", "left")
+        }
+        self._tokenizer = self._by_side["right"]
+        self.vocab_size = len(self._tokenizer)
+        self.pad_token_id = self._tokenizer.pad_token_id or 0
+
+    def encode_texts(
+        self, texts: list[str], *, truncate: bool, side: TruncationSide, param: str = "input"
+    ) -> list[Encoded]:
+        texts = [t.lower() for t in texts] if self.do_lower_case else texts
+        encodings = self._tokenizer(texts, truncation=False, return_attention_mask=False)
+        return self._fit(encodings, texts, truncate=truncate, side=side, param=param)
+
+    def encode_pairs(
+        self, query: str, docs: list[str], *, truncate: bool, side: TruncationSide, param: str = "documents"
+    ) -> list[Encoded]:
+        queries = [query.lower() if self.do_lower_case else query] * len(docs)
+        docs = [d.lower() for d in docs] if self.do_lower_case else docs
+        encodings = self._tokenizer(queries, docs, truncation=False, return_attention_mask=False)
+        return self._fit(encodings, queries, docs, truncate=truncate, side=side, param=param)
+
+    def check_token_ids(
+        self, ids_lists: list[list[int]], *, truncate: bool, side: TruncationSide, param: str = "input"
+    ) -> list[Encoded]:
+        """Raw token ids are the model's whole input, used as given (no special tokens added)."""
+        out = []
+        for i, ids in enumerate(ids_lists):
+            if not ids:
+                raise InvalidRequestError(f"{param}[{i}] is an empty token list", param=param)
+            bad = next((t for t in ids if t < 0 or t >= self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"token id {bad} in {param}[{i}] is outside the vocabulary (0..{self.vocab_size - 1})",
+                    param=param,
+                )
+            if len(ids) > self.max_input_tokens:
+                if not truncate:
+                    raise self._too_long(len(ids), i, param)
+                ids = ids[: self.max_input_tokens] if side == "right" else ids[-self.max_input_tokens :]
+            out.append(Encoded(list(ids)))
+        return out
+
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        """``text`` cut after its first ``max_tokens`` tokens (no special tokens counted)."""
+        enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _fit(self, encodings, *texts: list[str], truncate: bool, side: TruncationSide, param: str):
+        ids_lists = encodings["input_ids"]
+        types = encodings.get("token_type_ids")
+        long = [i for i, ids in enumerate(ids_lists) if len(ids) > self.max_input_tokens]
+        if long and not truncate:
+            raise self._too_long(len(ids_lists[long[0]]), long[0], param)
+        if long:
+            redo = self._by_side[side](
+                *[[t[i] for i in long] for t in texts],
+                truncation=True,
+                max_length=self.max_input_tokens,
+                return_attention_mask=False,
+            )
+            for j, i in enumerate(long):
+                ids_lists[i] = redo["input_ids"][j]
+                if types is not None:
+                    types[i] = redo["token_type_ids"][j]
+        return [
+            Encoded(ids, types[i] if types is not None else None) for i, ids in enumerate(ids_lists)
+        ]
+
+    def _too_long(self, length: int, index: int, param: str) -> InputTooLongError:
+        return InputTooLongError(
+            f"{param}[{index}] has {length} tokens, more than this model's limit of "
+            f"{self.max_input_tokens}; shorten it or set truncate to true",
+            limit=self.max_input_tokens,
+            length=length,
+            param=param,
+        )

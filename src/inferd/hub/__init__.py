@@ -1,0 +1,1 @@
+"""Where models come from: bundled packages, local folders and files, the Hugging Face hub."""

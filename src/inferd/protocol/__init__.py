@@ -1,0 +1,1 @@
+"""Wire formats: pydantic models only, one module per API family."""

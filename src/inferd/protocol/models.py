@@ -1,0 +1,24 @@
+"""``/v1/models``: OpenAI's list shape plus what a client needs to use each model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "inferd"
+    kind: str
+    max_input_tokens: int | None = None
+    dimensions: int | None = None
+    rerank_method: str | None = None
+    ready: bool = True
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
