@@ -76,9 +76,7 @@ def error_response(
 
 def _domain_error(request: Request, exc: InferdError) -> FastJSONResponse:
     family = family_of(request.url.path)
-    for error_type, status, type_, code, tei_type in _TABLE:
-        if isinstance(exc, error_type):
-            break
+    _, status, type_, code, tei_type = next(row for row in _TABLE if isinstance(exc, row[0]))
     if family is Family.TEI and isinstance(exc, InputTooLongError):
         status = 413  # TEI answers over-long inputs with Payload Too Large
     elif family is Family.TEI and status == 400:
@@ -87,7 +85,13 @@ def _domain_error(request: Request, exc: InferdError) -> FastJSONResponse:
     if status >= 500:
         log.error("request %s failed: %s", request.url.path, exc.message)
     return error_response(
-        family, status, exc.message, type_=type_, param=exc.param, code=code, tei_type=tei_type,
+        family,
+        status,
+        exc.message,
+        type_=type_,
+        param=exc.param,
+        code=code,
+        tei_type=tei_type,
         headers=headers,
     )
 
@@ -97,8 +101,9 @@ def _validation_error(request: Request, exc: RequestValidationError) -> FastJSON
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
-        return error_response(family, 400, f"the body is not valid JSON: {first.get('msg')}",
-                              tei_type="Validation")
+        return error_response(
+            family, 400, f"the body is not valid JSON: {first.get('msg')}", tei_type="Validation"
+        )
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     message = "; ".join(_describe(e) for e in errors[:5])
@@ -114,8 +119,9 @@ def _describe(error: dict) -> str:
 def _http_error(request: Request, exc: StarletteHTTPException) -> FastJSONResponse:
     family = family_of(request.url.path)
     type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return error_response(family, exc.status_code, str(exc.detail), type_=type_,
-                          headers=getattr(exc, "headers", None))
+    return error_response(
+        family, exc.status_code, str(exc.detail), type_=type_, headers=getattr(exc, "headers", None)
+    )
 
 
 def _unexpected_error(request: Request, exc: Exception) -> FastJSONResponse:

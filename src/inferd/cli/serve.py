@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
@@ -26,7 +27,8 @@ def serve_command():
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
             annotation=Annotated[
-                Path | None, typer.Option("--config", help="YAML file of settings (keys as below, snake_case).")
+                Path | None,
+                typer.Option("--config", help="YAML file of settings (keys as below, snake_case)."),
             ],
         )
     ]
@@ -36,11 +38,14 @@ def serve_command():
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=None,
-                annotation=Annotated[_cli_type(field.annotation), typer.Option(
-                    "--" + name.replace("_", "-"),
-                    help=f"{field.description} [env: {ENV_PREFIX}{name.upper()}; default: {_default(name)}]",
-                    show_default=False,
-                )],
+                annotation=Annotated[
+                    _cli_type(field.annotation),
+                    typer.Option(
+                        "--" + name.replace("_", "-"),
+                        help=f"{field.description} (env {ENV_PREFIX}{name.upper()}; default {_default(name)})",
+                        show_default=False,
+                    ),
+                ],
             )
         )
 
@@ -88,8 +93,20 @@ def run(settings: ServerSettings) -> None:
     )
     _quiet_libraries()
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a drained stop should exit 0.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _exit_cleanly)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _quiet_libraries() -> None:

@@ -18,7 +18,12 @@ class EncoderConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_batch_requests", "max_queued_items",
-                     "max_client_batch_size", "num_threads"):
+        for name in (
+            "max_batch_tokens",
+            "max_batch_requests",
+            "max_queued_items",
+            "max_client_batch_size",
+            "num_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -137,7 +137,9 @@ def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | N
             return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
 
     loaded = _WithFile(**overrides)
-    return ServerSettings.model_construct(**{name: getattr(loaded, name) for name in ServerSettings.model_fields})
+    return ServerSettings.model_construct(
+        **{name: getattr(loaded, name) for name in ServerSettings.model_fields}
+    )
 
 
 def settings_markdown() -> str:

@@ -63,7 +63,9 @@ class EncoderClient:
         self._check_dimensions(params.dimensions)
         if inputs and isinstance(inputs[0], str):
             prefix = self._prompt(params)
-            texts = [prefix + t for t in _non_empty(inputs, "input")] if prefix else _non_empty(inputs, "input")
+            texts = (
+                [prefix + t for t in _non_empty(inputs, "input")] if prefix else _non_empty(inputs, "input")
+            )
             encoded = await self._off_loop(
                 sum(map(len, texts)),
                 lambda: self._tokenizer.encode_texts(
@@ -88,16 +90,24 @@ class EncoderClient:
             documents = [self._tokenizer.truncate_text(d, params.max_tokens_per_doc) for d in documents]
         size = len(query) * len(documents) + sum(map(len, documents))
         if self.info.scoring == "cross-encoder":
-            encoded = await self._off_loop(size, lambda: self._tokenizer.encode_pairs(
-                query, documents, truncate=params.truncate, side=params.truncation_side
-            ))
+            encoded = await self._off_loop(
+                size,
+                lambda: self._tokenizer.encode_pairs(
+                    query, documents, truncate=params.truncate, side=params.truncation_side
+                ),
+            )
             logits = await self._run(encoded)
             scores = logits if params.raw_scores else 1.0 / (1.0 + np.exp(-logits))
         else:
-            encoded = await self._off_loop(size, lambda: self._tokenizer.encode_texts(
-                [query, *documents], truncate=params.truncate, side=params.truncation_side,
-                param="documents",
-            ))
+            encoded = await self._off_loop(
+                size,
+                lambda: self._tokenizer.encode_texts(
+                    [query, *documents],
+                    truncate=params.truncate,
+                    side=params.truncation_side,
+                    param="documents",
+                ),
+            )
             vectors = _unit(await self._run(encoded))
             scores = vectors[1:] @ vectors[0]
         return RerankOutput(scores.astype(np.float32), _num_tokens(encoded))

@@ -87,10 +87,10 @@ class EncoderEngine:
         try:
             with torch.inference_mode():
                 outputs = self.model.forward(batch).numpy()
-        except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests, not the engine
+        except Exception as exc:
             log.exception("encoder forward failed on a batch of %d", len(batch.items))
             for request in {item.request for item in batch.items}:
                 request.fail(EngineError(f"the model failed on this input: {exc}"))
             return
-        for item, row in zip(batch.items, outputs):
+        for item, row in zip(batch.items, outputs, strict=True):
             item.request.set_output(item.index, row)

@@ -90,7 +90,8 @@ class BatchQueue:
         lo, hi = pos - 1, pos + 1
         while len(chosen) < self.max_batch_requests and (lo >= 0 or hi < len(by_length)):
             take_low = hi >= len(by_length) or (
-                lo >= 0 and anchor.num_tokens - by_length[lo].num_tokens
+                lo >= 0
+                and anchor.num_tokens - by_length[lo].num_tokens
                 <= by_length[hi].num_tokens - anchor.num_tokens
             )
             candidate = by_length[lo] if take_low else by_length[hi]

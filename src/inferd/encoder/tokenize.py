@@ -29,8 +29,7 @@ class InputTokenizer:
         self.do_lower_case = do_lower_case
         # Two instances rather than flipping truncation_side on one: tokenisation runs on many threads.
         self._by_side = {
-            side: AutoTokenizer.from_pretrained(str(path), truncation_side=side)
-            for side in ("right", "left")
+            side: AutoTokenizer.from_pretrained(str(path), truncation_side=side) for side in ("right", "left")
         }
         self._tokenizer = self._by_side["right"]
         self.vocab_size = len(self._tokenizer)
@@ -98,9 +97,7 @@ class InputTokenizer:
                 ids_lists[i] = redo["input_ids"][j]
                 if types is not None:
                     types[i] = redo["token_type_ids"][j]
-        return [
-            Encoded(ids, types[i] if types is not None else None) for i, ids in enumerate(ids_lists)
-        ]
+        return [Encoded(ids, types[i] if types is not None else None) for i, ids in enumerate(ids_lists)]
 
     def _too_long(self, length: int, index: int, param: str) -> InputTooLongError:
         return InputTooLongError(

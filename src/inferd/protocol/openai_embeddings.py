@@ -17,10 +17,14 @@ class EmbeddingRequest(WireModel):
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
     # Extensions beyond OpenAI's API.
-    normalize: bool | None = Field(None, description="Unit-length output; default: as the model is configured.")
+    normalize: bool | None = Field(
+        None, description="Unit-length output; default: as the model is configured."
+    )
     truncate: bool = Field(False, description="Cut inputs over the model's limit instead of a 400.")
     truncation_direction: TruncationDirection = "right"
-    prompt_name: str | None = Field(None, description="A prompt from the model's sentence-transformers config.")
+    prompt_name: str | None = Field(
+        None, description="A prompt from the model's sentence-transformers config."
+    )
     prompt: str | None = Field(None, description="A literal instruction prefix for every input.")
     embedding_type: EmbeddingType = "float"
 

@@ -22,8 +22,9 @@ async def ready(request: Request) -> JSONResponse:
     table = getattr(request.app.state, "models", None)
     models = {m.name: m.client.is_running for m in table} if table is not None else {}
     is_ready = table is not None and all(models.values())
-    return JSONResponse({"status": "ready" if is_ready else "loading", "models": models},
-                        status_code=200 if is_ready else 503)
+    return JSONResponse(
+        {"status": "ready" if is_ready else "loading", "models": models}, status_code=200 if is_ready else 503
+    )
 
 
 @router.get("/version")

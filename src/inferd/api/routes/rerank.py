@@ -18,13 +18,21 @@ router = APIRouter(tags=["cohere"])
 async def _rerank(body: CohereRerankRequest, request: Request, models: ModelTable, version: str):
     model = models.get(body.model, ModelKind.RERANK)
     texts = body.texts()
-    output = await unless_disconnected(request, model.client.rerank(body.query, texts, body.to_rerank_params()))
+    output = await unless_disconnected(
+        request, model.client.rerank(body.query, texts, body.to_rerank_params())
+    )
     # v1 (and Jina) return the documents unless asked not to; v2 only when asked.
     return_documents = body.return_documents if body.return_documents is not None else version == "1"
-    return FastJSONResponse(cohere_rerank_body(
-        output, texts, model=model.name, top_n=body.top_n, return_documents=return_documents,
-        api_version=version,
-    ))
+    return FastJSONResponse(
+        cohere_rerank_body(
+            output,
+            texts,
+            model=model.name,
+            top_n=body.top_n,
+            return_documents=return_documents,
+            api_version=version,
+        )
+    )
 
 
 @router.post("/v1/rerank", response_model=CohereRerankResponse, response_class=FastJSONResponse)

@@ -81,12 +81,14 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def max_input_tokens(path: Path, config: dict, tokenizer_limit: int | None) -> int:
-    """The model's input limit: sentence-transformers' max_seq_length, else tokenizer and positions."""
+def max_input_tokens(path: Path, config: dict) -> int:
+    """The model's input limit: sentence-transformers' max_seq_length (before v6), else the smaller of
+    the tokenizer's model_max_length (where v6 keeps it) and the position table."""
     st_limit = read_json(path / "sentence_bert_config.json").get("max_seq_length")
     if st_limit:
         return int(st_limit)
     candidates = [int(config["max_position_embeddings"])] if "max_position_embeddings" in config else []
+    tokenizer_limit = read_json(path / "tokenizer_config.json").get("model_max_length")
     if tokenizer_limit and tokenizer_limit < 1_000_000:
         candidates.append(int(tokenizer_limit))
     return min(candidates) if candidates else 512

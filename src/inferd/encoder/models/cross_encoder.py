@@ -26,12 +26,10 @@ class CrossEncoderModel:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a sequence classifier from {path}: {exc}") from None
         if model.config.num_labels != 1:
-            raise ModelLoadError(
-                f"{path} has {model.config.num_labels} labels; a reranker needs exactly one"
-            )
+            raise ModelLoadError(f"{path} has {model.config.num_labels} labels; a reranker needs exactly one")
         self.model = model.to(config.device).eval()
         self.uses_token_type_ids = getattr(model.config, "type_vocab_size", 0) > 1
-        limit = max_input_tokens(path, model.config.to_dict(), None)
+        limit = max_input_tokens(path, model.config.to_dict())
         self.tokenizer = InputTokenizer(path, limit)
         self.info = EncoderInfo(max_input_tokens=limit, scoring="cross-encoder")
 

@@ -46,12 +46,13 @@ class SentenceEmbedder:
         self.dense = nn.ModuleList(_load_dense(path / d, config) for d in modules.get("Dense", []))
         st_config = read_json(path / "config_sentence_transformers.json")
         bert_config = read_json(transformer_dir / "sentence_bert_config.json")
-        limit = max_input_tokens(transformer_dir, hf_config.to_dict(), None)
+        limit = max_input_tokens(transformer_dir, hf_config.to_dict())
         self.tokenizer = InputTokenizer(
             transformer_dir, limit, do_lower_case=bool(bert_config.get("do_lower_case"))
         )
-        limit = min(limit, self.tokenizer.max_input_tokens)
-        dimensions = self.dense[-1].out_features if len(self.dense) else hf_config.hidden_size * len(self.modes)
+        dimensions = (
+            self.dense[-1].out_features if len(self.dense) else hf_config.hidden_size * len(self.modes)
+        )
         self.info = EncoderInfo(
             max_input_tokens=limit,
             dimensions=dimensions,

