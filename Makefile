@@ -33,7 +33,7 @@ serve: install
 	$(BIN)/inferd serve --host $(HOST) --port $(PORT)
 
 test: install-dev
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

@@ -106,3 +106,24 @@ async def test_max_tokens_per_doc_cuts_documents(tiny_cross_encoder):
         with pytest.raises(InputTooLongError):
             await client.rerank("the cat", [LONG], RerankParams())
     np.testing.assert_allclose(cut.scores, short.scores, rtol=1e-5)
+
+
+def test_tokenizer_is_safe_to_share_between_threads(tiny_embedder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inferd.encoder.tokenize import InputTokenizer
+
+    tokenizer = InputTokenizer(tiny_embedder, 64)
+    texts = [LONG, "the cat", LONG + " moon"] * 20
+
+    def work(i: int) -> int:
+        truncate = i % 2 == 0
+        encoded = tokenizer.encode_texts(
+            texts if truncate else texts[1:2], truncate=truncate, side="left" if i % 4 else "right"
+        )
+        tokenizer.truncate_text(LONG, 7)
+        return max(len(e.input_ids) for e in encoded)
+
+    with ThreadPoolExecutor(4) as pool:
+        lengths = list(pool.map(work, range(200)))
+    assert set(lengths) <= {64, 4}

@@ -27,11 +27,17 @@ class InputTokenizer:
 
         self.max_input_tokens = max_input_tokens
         self.do_lower_case = do_lower_case
-        # Two instances rather than flipping truncation_side on one: tokenisation runs on many threads.
-        self._by_side = {
-            side: AutoTokenizer.from_pretrained(str(path), truncation_side=side) for side in ("right", "left")
-        }
-        self._tokenizer = self._by_side["right"]
+        # Hugging Face tokenizers re-configure their Rust backend whenever a call's truncation
+        # differs from the last one, and that races with encodes on other threads ("Already
+        # borrowed"). So each instance keeps one configuration for life: one never truncates, one
+        # truncates on each side. Each is configured here, before any request can share it.
+        self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self._tokenizer("warm-up", truncation=False)
+        self._by_side = {}
+        for side in ("right", "left"):
+            tokenizer = AutoTokenizer.from_pretrained(str(path), truncation_side=side)
+            tokenizer("warm-up", truncation=True, max_length=max_input_tokens)
+            self._by_side[side] = tokenizer
         self.vocab_size = len(self._tokenizer)
         self.pad_token_id = self._tokenizer.pad_token_id or 0
 
@@ -73,12 +79,9 @@ class InputTokenizer:
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         """``text`` cut after its first ``max_tokens`` tokens (no special tokens counted)."""
-        enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
         offsets = enc["offset_mapping"]
         return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _fit(self, encodings, *texts: list[str], truncate: bool, side: TruncationSide, param: str):
         ids_lists = encodings["input_ids"]
