@@ -43,7 +43,6 @@ class EncoderEngine:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def start(self) -> None:
-        torch.set_num_threads(self.config.num_threads)
         self._threads = [
             threading.Thread(target=self._batch_loop, name="inferd-encoder-batcher", daemon=True),
             threading.Thread(target=self._model_loop, name="inferd-encoder-model", daemon=True),
@@ -71,6 +70,9 @@ class EncoderEngine:
             self._prepared.put(batch)
 
     def _model_loop(self) -> None:
+        # OpenMP's thread count is per calling thread: set it where the model runs, or a new
+        # thread runs with the library default (seen here: up to half the main thread's speed).
+        torch.set_num_threads(self.config.num_threads)
         while True:
             batch = self._prepared.get()
             self._slot.release()
