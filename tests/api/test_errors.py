@@ -1,5 +1,7 @@
 """Bad input gets a clear 4xx in the route family's error shape, never a 500."""
 
+import re
+
 import httpx
 import pytest
 
@@ -85,3 +87,21 @@ def test_cohere_route_errors(server, path, body, status):
     response = httpx.post(server + path, json=body)
     assert response.status_code == status, response.text
     assert set(response.json()) == {"message"}
+
+
+@pytest.mark.parametrize("model", ["cosine", "cross-encoder"])
+def test_tei_rerank_names_the_overlong_text(tiny_embedder, tiny_cross_encoder, model):
+    import asyncio
+
+    from inferd.encoder.params import RerankParams
+    from inferd.errors import InputTooLongError
+    from tests.unit.encoder_helpers import started
+
+    path = tiny_embedder if model == "cosine" else tiny_cross_encoder
+    with started(path) as client:
+        for texts, where in ((["short", LONG], "texts[1]"), ([LONG, "short"], "texts[0]")):
+            with pytest.raises(InputTooLongError, match=rf"^{re.escape(where)} has"):
+                asyncio.run(client.rerank("the cat", texts, RerankParams(), param="texts"))
+        if model == "cosine":
+            with pytest.raises(InputTooLongError, match=r"^query has"):
+                asyncio.run(client.rerank(LONG, ["short"], RerankParams(), param="texts"))

@@ -80,12 +80,15 @@ class EncoderClient:
         vectors = self._finish(vectors, params)
         return EmbedOutput(quantize(vectors, params.embedding_type), _num_tokens(encoded))
 
-    async def rerank(self, query: str, documents: list[str], params: RerankParams) -> RerankOutput:
-        """One relevance score per document, in document order."""
+    async def rerank(
+        self, query: str, documents: list[str], params: RerankParams, param: str = "documents"
+    ) -> RerankOutput:
+        """One relevance score per document, in document order; ``param`` names the documents'
+        field in errors (``texts`` for TEI)."""
         if not query:
             raise InvalidRequestError("query must be a non-empty string", param="query")
-        self._check_count(documents, "documents")
-        documents = _non_empty(documents, "documents")
+        self._check_count(documents, param)
+        documents = _non_empty(documents, param)
         if params.max_tokens_per_doc is not None:
             documents = [self._tokenizer.truncate_text(d, params.max_tokens_per_doc) for d in documents]
         size = len(query) * len(documents) + sum(map(len, documents))
@@ -93,24 +96,27 @@ class EncoderClient:
             encoded = await self._off_loop(
                 size,
                 lambda: self._tokenizer.encode_pairs(
-                    query, documents, truncate=params.truncate, side=params.truncation_side
+                    query, documents, truncate=params.truncate, side=params.truncation_side, param=param
                 ),
             )
             logits = await self._run(encoded)
             scores = logits if params.raw_scores else 1.0 / (1.0 + np.exp(-logits))
         else:
             encoded = await self._off_loop(
-                size,
-                lambda: self._tokenizer.encode_texts(
-                    [query, *documents],
-                    truncate=params.truncate,
-                    side=params.truncation_side,
-                    param="documents",
-                ),
+                size, lambda: self._encode_query_and_documents(query, documents, params, param)
             )
             vectors = _unit(await self._run(encoded))
             scores = vectors[1:] @ vectors[0]
         return RerankOutput(scores.astype(np.float32), _num_tokens(encoded))
+
+    def _encode_query_and_documents(
+        self, query: str, documents: list[str], params: RerankParams, param: str
+    ) -> list[Encoded]:
+        side = params.truncation_side
+        query_ids = self._tokenizer.encode_texts([query], truncate=params.truncate, side=side, param="query")
+        return query_ids + self._tokenizer.encode_texts(
+            documents, truncate=params.truncate, side=side, param=param
+        )
 
     async def _run(self, encoded: list[Encoded]) -> np.ndarray:
         request = EncodeRequest(asyncio.get_running_loop(), len(encoded))

@@ -103,8 +103,9 @@ class InputTokenizer:
         return [Encoded(ids, types[i] if types is not None else None) for i, ids in enumerate(ids_lists)]
 
     def _too_long(self, length: int, index: int, param: str) -> InputTooLongError:
+        where = param if param == "query" else f"{param}[{index}]"
         return InputTooLongError(
-            f"{param}[{index}] has {length} tokens, more than this model's limit of "
+            f"{where} has {length} tokens, more than this model's limit of "
             f"{self.max_input_tokens}; shorten it or set truncate to true",
             limit=self.max_input_tokens,
             length=length,

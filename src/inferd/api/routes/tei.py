@@ -30,6 +30,6 @@ async def rerank(
 ) -> FastJSONResponse:
     model = models.get(None, ModelKind.RERANK)
     output = await unless_disconnected(
-        request, model.client.rerank(body.query, body.texts, body.to_rerank_params())
+        request, model.client.rerank(body.query, body.texts, body.to_rerank_params(), param="texts")
     )
     return FastJSONResponse(tei_rerank_body(output, body.texts, body.return_text))
