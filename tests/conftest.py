@@ -70,3 +70,10 @@ def live_server(settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(model_root) -> Path:
+    from tests.models import build_llama
+
+    return build_llama(model_root)

@@ -27,3 +27,28 @@ class EncoderConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class LLMConfig:
+    """Scheduling, cache and execution limits of the LLM engine."""
+
+    block_size: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's own context length
+    kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of what is free after loading
+    kv_cache_fraction: float = 0.5
+    enable_prefix_caching: bool = True
+    max_n: int = 16  # most choices (n) per request
+    num_threads: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dir: str | None = None  # where GGUF files are converted once; None: ~/.cache/inferd
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError("kv_cache_fraction must be in (0, 1]")

@@ -1,0 +1,187 @@
+"""LLMClient: the async interface the API layer uses; the engine loop runs on its own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from inferd.config.engine import LLMConfig
+from inferd.errors import EngineUnavailableError, InvalidRequestError
+from inferd.llm.engine import LLMEngine
+from inferd.llm.models.loader import load_causal_lm
+from inferd.llm.outputs import RequestOutput
+from inferd.llm.params import SamplingParams
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+class _EngineLoop:
+    """Runs ``engine.step()`` while there is work; takes adds and aborts through an inbox."""
+
+    def __init__(self, engine: LLMEngine, publish) -> None:
+        self.engine = engine
+        self._publish = publish
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="inferd-llm-engine", daemon=True)
+        self.is_running = False
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self.is_running = True
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._inbox.put(("stop",))
+        self._thread.join(timeout)
+
+    def send(self, *message) -> None:
+        self._inbox.put(message)
+
+    def _run(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.engine.config.num_threads)  # per thread under OpenMP
+        try:
+            while self._drain(block=not self.engine.has_work):
+                outputs = self.engine.step()
+                if outputs:
+                    self._publish(outputs)
+        except BaseException as exc:  # the loop itself broke: fail everyone, say so once
+            log.exception("the LLM engine loop crashed")
+            self.error = exc
+            self._publish(exc)
+        finally:
+            self.is_running = False
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued adds/aborts; False once asked to stop."""
+        while True:
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            kind = message[0]
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._add(*message[1:])
+            elif kind == "abort":
+                self.engine.abort(message[1])
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params)
+        except Exception as exc:  # noqa: BLE001 - a request that cannot start fails alone
+            log.warning("request %s could not start: %s", request_id, exc)
+            self._publish([self.engine.failed_output(request_id, prompt_token_ids, exc)])
+
+
+class LLMClient:
+    """Generation requests in, per-request async streams of RequestOutput deltas out."""
+
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._loop = loop
+        self._collectors: dict[str, asyncio.Queue] = {}
+        self._engine_loop = _EngineLoop(engine, self._publish_threadsafe)
+
+    @classmethod
+    def start(cls, path: Path, config: LLMConfig, loop: asyncio.AbstractEventLoop) -> LLMClient:
+        """Load the model and start the engine loop (blocking: call it off the event loop)."""
+        client = cls(LLMEngine(load_causal_lm(path, config), config), loop)
+        client._engine_loop.start()
+        return client
+
+    def close(self) -> None:
+        self._engine_loop.stop()
+
+    @property
+    def is_running(self) -> bool:
+        return self._engine_loop.is_running
+
+    def render_chat(
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        template_kwargs: dict | None = None,
+    ) -> list[int]:
+        """The prompt's token ids from the model's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                "this model has no chat template; send a plain prompt to /v1/completions", param="messages"
+            )
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                **(template_kwargs or {}),
+            )
+        except TemplateError as exc:
+            raise InvalidRequestError(
+                f"the chat template rejected the messages: {exc}", param="messages"
+            ) from None
+        return self.encode(text, add_special_tokens=False)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise the typed error a request would fail with, before anything is streamed."""
+        self.engine.check_prompt(prompt_token_ids, params)
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Deltas until finished. Leaving the iteration early (disconnect) aborts the request."""
+        if not self.is_running:
+            raise EngineUnavailableError("the LLM engine is not running")
+        self.check_request(prompt_token_ids, params)
+        request_id = request_id or f"req-{next(_ids)}"
+        collector: asyncio.Queue = asyncio.Queue()
+        self._collectors[request_id] = collector
+        finished = False
+        try:
+            self._engine_loop.send("add", request_id, prompt_token_ids, params)
+            while not finished:
+                output = await collector.get()
+                if isinstance(output, BaseException):
+                    raise EngineUnavailableError("the LLM engine stopped") from output
+                if output.error is not None:
+                    raise output.error
+                finished = output.is_finished
+                yield output
+        finally:
+            self._collectors.pop(request_id, None)
+            if not finished:
+                self._engine_loop.send("abort", request_id)
+
+    def _publish_threadsafe(self, outputs) -> None:
+        self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs) -> None:
+        if isinstance(outputs, BaseException):
+            for collector in self._collectors.values():
+                collector.put_nowait(outputs)
+            return
+        for output in outputs:
+            collector = self._collectors.get(output.request_id)
+            if collector is not None:
+                collector.put_nowait(output)

@@ -1,0 +1,212 @@
+"""LLMEngine: the synchronous core. One step = schedule → run → sample → update."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from inferd.config.engine import LLMConfig
+from inferd.errors import EngineError, InferdError, InputTooLongError, InvalidRequestError
+from inferd.llm.detokenizer import IncrementalDetokenizer
+from inferd.llm.kv_cache.manager import KVCacheManager
+from inferd.llm.memory import plan_num_blocks
+from inferd.llm.models.loader import LoadedModel
+from inferd.llm.outputs import RequestOutput, TokenLogprob
+from inferd.llm.params import SamplingParams
+from inferd.llm.request import FinishReason, Request
+from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
+from inferd.llm.sampler import Sampler, SamplerOutput, SamplingState
+from inferd.llm.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Live:
+    """A request with its sampler state and detokenizer."""
+
+    request: Request
+    sampling: SamplingState
+    detokenizer: IncrementalDetokenizer
+
+
+class LLMEngine:
+    """Adds, aborts and steps requests. Not thread-safe: the engine loop is its only caller."""
+
+    def __init__(self, loaded: LoadedModel, config: LLMConfig) -> None:
+        self.config = config
+        self.facts = loaded.facts
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.facts.max_model_len
+        num_blocks = plan_num_blocks(loaded.facts, config)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv_cache)
+        self.runner = ModelRunner(loaded, config, num_blocks)
+        self.sampler = Sampler(loaded.facts.vocab_size, set(loaded.facts.eos_token_ids))
+        self._live: dict[str, _Live] = {}
+        log.info(
+            "LLM KV cache: %d blocks of %d tokens (%.0f MiB)",
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size * loaded.facts.kv_bytes_per_token() / 2**20,
+        )
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Raise a typed error for a request that can never run; return its resolved max_tokens."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.facts.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary", param="prompt")
+        room = self.max_model_len - num_prompt
+        if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
+            asked = num_prompt + (params.max_tokens or 1)
+            raise InputTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {asked} tokens ({num_prompt} in the messages, {params.max_tokens or 1} "
+                "in the completion). Please reduce the length of the messages or completion.",
+                limit=self.max_model_len,
+                length=asked,
+                param="messages",
+            )
+        if not self.kv_cache.can_fit(num_prompt + 1):
+            raise InputTooLongError(
+                f"the prompt has {num_prompt} tokens, more than this server's KV cache can ever hold "
+                f"({self.kv_cache.pool.num_blocks * self.config.block_size} tokens)",
+                limit=self.kv_cache.pool.num_blocks * self.config.block_size,
+                length=num_prompt,
+            )
+        return room if params.max_tokens is None else params.max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        max_tokens = self.check_prompt(prompt_token_ids, params)
+        request = Request(request_id, list(prompt_token_ids), params, max_tokens)
+        self._live[request_id] = _Live(
+            request,
+            SamplingState.create(params, prompt_token_ids),
+            IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
+        )
+        self.scheduler.add(request)
+
+    def failed_output(self, request_id: str, prompt_token_ids: list[int], error: Exception) -> RequestOutput:
+        """The output that tells a client its request could not even start."""
+        return RequestOutput(
+            request_id,
+            [],
+            "",
+            None,
+            FinishReason.ERROR.value,
+            len(prompt_token_ids),
+            0,
+            0,
+            error=error if isinstance(error, InferdError) else EngineError(f"generation failed: {error}"),
+        )
+
+    def abort(self, request_id: str) -> None:
+        live = self._live.pop(request_id, None)
+        if live is not None:
+            self.scheduler.finish(live.request, FinishReason.ABORT)
+
+    def step(self) -> list[RequestOutput]:
+        output = self.scheduler.schedule()
+        if not output.scheduled:
+            return []
+        try:
+            logits = self.runner.execute(self._chunks(output))
+        except Exception as exc:
+            log.exception("forward failed on a step of %d requests", len(output.scheduled))
+            return self._fail_batch(output, exc)
+        self.scheduler.update_computed(output)
+        sampled = [
+            item for item in output.scheduled if item.request.num_computed_tokens == item.request.num_tokens
+        ]
+        states = [self._live[item.request.request_id].sampling for item in sampled]
+        result = self.sampler.sample(logits, states)
+        return [self._append(item.request, result, row) for row, item in enumerate(sampled)]
+
+    def _chunks(self, output: SchedulerOutput) -> list[ScheduledChunk]:
+        chunks = []
+        for item in output.scheduled:
+            request = item.request
+            start = request.num_computed_tokens
+            chunks.append(
+                ScheduledChunk(
+                    request.token_ids[start : start + item.num_new_tokens],
+                    start,
+                    self.kv_cache.block_table(request.request_id),
+                    item.reaches_end,
+                )
+            )
+        return chunks
+
+    def _append(self, request: Request, result: SamplerOutput, row: int) -> RequestOutput:
+        live = self._live[request.request_id]
+        token_id = result.token_ids[row]
+        request.token_ids.append(token_id)
+        live.sampling.output_token_ids.append(token_id)
+        logprobs = _logprobs(result, row, token_id) if request.params.logprobs is not None else None
+        reason, stop_reason = self._token_finish_reason(live, token_id)
+        text = ""
+        if reason is None or reason is FinishReason.LENGTH:
+            # EOS and stop token ids end the text without being part of it.
+            try:
+                text = live.detokenizer.push(token_id)
+            except Exception as exc:  # one request's decoding bug fails that request only
+                log.exception("detokenising request %s failed", request.request_id)
+                return self._finish(live, FinishReason.ERROR, "", [token_id], None, error=exc)
+            if live.detokenizer.stopped_on is not None:
+                reason, stop_reason = FinishReason.STOP, live.detokenizer.stopped_on
+        if reason is None:
+            return self._output(request, [token_id], text, logprobs, None)
+        return self._finish(live, reason, text, [token_id], logprobs, stop_reason=stop_reason)
+
+    def _token_finish_reason(self, live: _Live, token_id: int) -> tuple[FinishReason | None, int | None]:
+        request, params = live.request, live.request.params
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP, token_id
+        eos_allowed = not params.ignore_eos and request.num_output_tokens > params.min_tokens
+        if eos_allowed and token_id in self.facts.eos_token_ids:
+            return FinishReason.STOP, None
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def _finish(self, live, reason, text, token_ids, logprobs, *, stop_reason=None, error=None):
+        self.scheduler.finish(live.request, reason)
+        del self._live[live.request.request_id]
+        if reason is FinishReason.ERROR:
+            return self._output(live.request, token_ids, text, logprobs, reason, error=error)
+        tail = "" if reason is FinishReason.ABORT else live.detokenizer.flush()
+        return self._output(live.request, token_ids, text + tail, logprobs, reason, stop_reason)
+
+    def _fail_batch(self, output: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        failed = []
+        for item in output.scheduled:
+            live = self._live.get(item.request.request_id)
+            if live is not None:
+                failed.append(self._finish(live, FinishReason.ERROR, "", [], None, error=exc))
+        return failed
+
+    def _output(self, request, token_ids, text, logprobs, reason, stop_reason=None, error=None):
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=token_ids,
+            new_text=text,
+            logprobs=logprobs,
+            finish_reason=reason.value if reason is not None else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            stop_reason=stop_reason,
+            error=EngineError(f"generation failed: {error}") if error is not None else None,
+        )
+
+
+def _logprobs(result: SamplerOutput, row: int, token_id: int) -> list[TokenLogprob]:
+    top = tuple(result.top_logprobs[row]) if result.top_logprobs else ()
+    return [TokenLogprob(token_id, result.logprobs[row], top)]

@@ -1,0 +1,1 @@
+"""Loading decoder-only models through transformers' own model classes."""

@@ -1,0 +1,32 @@
+"""What the engine reports per request and step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the request's top_logprobs alternatives, best first
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """A delta for one request: the tokens and text this step added, and whether it finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    error: Exception | None = None  # set with finish_reason "error": the client raises it
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,148 @@
+"""Paged attention, registered in transformers' attention interface.
+
+transformers' model classes compute projections, rotary embeddings and MLPs; at each attention call
+they hand us the step's packed queries and new keys/values (batch 1, every sequence's new tokens
+concatenated, no padding). We write the new keys/values into the paged cache and attend each
+sequence over its own cached context. The step's layout comes from an ``AttentionBatch`` the model
+runner installs for the duration of a forward.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "inferd_attention"
+_current = threading.local()
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """A sequence with several new tokens: ``num_new`` queries at the end of ``num_ctx`` positions."""
+
+    start: int  # first token in the packed batch
+    num_new: int
+    num_ctx: int
+    ctx_slots: torch.Tensor | None  # cache slots of all num_ctx positions; None when all are new
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """The layout of one forward: where new K/V go and which context each query attends to."""
+
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (num_slots, kv_heads, head_dim) × 2
+    slot_mapping: torch.Tensor  # (num_tokens,) cache slot of each new token
+    decode_token_idx: torch.Tensor | None = None  # (num_decodes,) packed index of each one-token sequence
+    decode_ctx_slots: torch.Tensor | None = None  # (num_decodes, longest) cache slots, padded
+    decode_ctx_lens: torch.Tensor | None = None  # (num_decodes,)
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """(num_decodes, 1, 1, longest) True where a decode query may attend."""
+        key = ("decode", window)
+        if key not in self._masks:
+            positions = torch.arange(self.decode_ctx_slots.shape[1], device=self.slot_mapping.device)
+            lens = self.decode_ctx_lens[:, None]
+            mask = positions[None, :] < lens
+            if window is not None:
+                mask &= positions[None, :] >= lens - window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, span: PrefillSpan, window: int | None) -> torch.Tensor | None:
+        """(num_new, num_ctx) causal mask offset by the cached context; None when plain causal works."""
+        if span.ctx_slots is None and window is None:
+            return None
+        key = (span.start, window)
+        if key not in self._masks:
+            device = self.slot_mapping.device
+            q_pos = torch.arange(span.num_ctx - span.num_new, span.num_ctx, device=device)[:, None]
+            k_pos = torch.arange(span.num_ctx, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            self._masks[key] = mask
+        return self._masks[key]
+
+
+@contextmanager
+def attention_batch(batch: AttentionBatch):
+    _current.batch = batch
+    try:
+        yield
+    finally:
+        _current.batch = None
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention-interface entry: query (1, H, T, D), key/value (1, KVH, T, D), post-rotary."""
+    batch: AttentionBatch = _current.batch
+    k_cache, v_cache = batch.kv_caches[module.layer_idx]
+    q = query[0].transpose(0, 1)  # (T, H, D)
+    k = key[0].transpose(0, 1).to(k_cache.dtype)
+    v = value[0].transpose(0, 1).to(v_cache.dtype)
+    k_cache.index_copy_(0, batch.slot_mapping, k)
+    v_cache.index_copy_(0, batch.slot_mapping, v)
+    window = getattr(module, "sliding_window", None)
+    softcap = getattr(module.config, "attn_logit_softcapping", None)
+    out = torch.empty_like(q)
+    if batch.decode_token_idx is not None:
+        ctx_k = k_cache[batch.decode_ctx_slots].transpose(1, 2)  # (B, KVH, L, D)
+        ctx_v = v_cache[batch.decode_ctx_slots].transpose(1, 2)
+        queries = q[batch.decode_token_idx].unsqueeze(2)  # (B, H, 1, D)
+        attended = _attend(queries, ctx_k, ctx_v, batch.decode_mask(window), scaling, softcap, False)
+        out[batch.decode_token_idx] = attended.squeeze(2)
+    for span in batch.prefills:
+        end = span.start + span.num_new
+        if span.ctx_slots is None:
+            ctx_k, ctx_v = k[span.start : end], v[span.start : end]
+        else:
+            ctx_k, ctx_v = k_cache[span.ctx_slots], v_cache[span.ctx_slots]
+        mask = batch.prefill_mask(span, window)
+        attended = _attend(
+            q[span.start : end].transpose(0, 1)[None],
+            ctx_k.transpose(0, 1)[None],
+            ctx_v.transpose(0, 1)[None],
+            mask,
+            scaling,
+            softcap,
+            mask is None,
+        )
+        out[span.start : end] = attended[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _attend(q, k, v, mask, scale, softcap, is_causal):
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    # Logit soft-capping (Gemma 2) has no fused kernel here: the explicit form.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _no_mask(*args, **kwargs):
+    # Masks come from the AttentionBatch; transformers must not build a dense one.
+    return None
+
+
+def register_paged_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)

@@ -1,0 +1,114 @@
+"""ModelRunner: a scheduled batch → flat tensors → one forward → logits of the sampled positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from inferd.config.engine import LLMConfig
+from inferd.llm.models.loader import LoadedModel
+from inferd.llm.runner.attention import AttentionBatch, PrefillSpan, attention_batch
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """One sequence's share of a step: ``token_ids`` computed at positions from ``num_computed``."""
+
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+    needs_logits: bool
+
+
+class ModelRunner:
+    """Owns the KV cache tensors and runs forwards; knows nothing about requests or scheduling."""
+
+    def __init__(self, loaded: LoadedModel, config: LLMConfig, num_blocks: int) -> None:
+        self.model = loaded.model
+        self.facts = loaded.facts
+        self.block_size = config.block_size
+        self.device = config.device
+        self.num_blocks = num_blocks
+        # One slot past the blocks is kept zeroed: padding positions of a decode batch read it.
+        # Masked positions still pass through softmax(weights) @ V, where 0 × NaN is NaN, so they
+        # must never read uninitialised memory.
+        self.null_slot = num_blocks * config.block_size
+        shape = (self.null_slot + 1, self.facts.num_kv_heads, self.facts.head_dim)
+        # torch.empty: on Linux the pages are committed as blocks are first written, not up front.
+        self.kv_caches = []
+        for _ in range(self.facts.num_layers):
+            k_cache = torch.empty(shape, dtype=self.facts.dtype, device=self.device)
+            v_cache = torch.empty(shape, dtype=self.facts.dtype, device=self.device)
+            k_cache[self.null_slot].zero_()
+            v_cache[self.null_slot].zero_()
+            self.kv_caches.append((k_cache, v_cache))
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step; returns float32 logits, one row per chunk with ``needs_logits``, in order."""
+        input_ids, positions, logits_idx, batch = self.prepare_inputs(chunks)
+        with attention_batch(batch):
+            output = self.model(
+                input_ids=input_ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                logits_to_keep=logits_idx,
+            )
+        return output.logits[0].float()
+
+    def prepare_inputs(self, chunks: list[ScheduledChunk]):
+        """Flat ids, positions, the rows whose logits are needed, and the attention layout."""
+        lengths = np.array([len(c.token_ids) for c in chunks])
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=int(lengths.sum()))
+        positions = np.concatenate(
+            [np.arange(c.num_computed, c.num_computed + len(c.token_ids)) for c in chunks]
+        )
+        tables = self._padded_tables(chunks)
+        owner = np.repeat(np.arange(len(chunks)), lengths)
+        slots = tables[owner, positions // self.block_size] * self.block_size + positions % self.block_size
+        logits_idx = [
+            int(s + n - 1) for s, n, c in zip(starts, lengths, chunks, strict=True) if c.needs_logits
+        ]
+        batch = AttentionBatch(kv_caches=self.kv_caches, slot_mapping=self._tensor(slots))
+        self._add_decodes(batch, chunks, lengths, starts, tables)
+        self._add_prefills(batch, chunks, lengths, starts, tables)
+        return self._tensor(ids), self._tensor(positions), self._tensor(np.array(logits_idx)), batch
+
+    def _add_decodes(self, batch, chunks, lengths, starts, tables) -> None:
+        rows = np.flatnonzero(lengths == 1)
+        if not len(rows):
+            return
+        ctx_lens = np.array([chunks[r].num_computed + 1 for r in rows])
+        slots = self._context_slots(tables[rows], int(ctx_lens.max()))
+        slots[np.arange(slots.shape[1])[None, :] >= ctx_lens[:, None]] = self.null_slot
+        batch.decode_token_idx = self._tensor(starts[rows])
+        batch.decode_ctx_slots = self._tensor(slots)
+        batch.decode_ctx_lens = self._tensor(ctx_lens)
+
+    def _add_prefills(self, batch, chunks, lengths, starts, tables) -> None:
+        for row in np.flatnonzero(lengths > 1):
+            chunk = chunks[row]
+            num_ctx = chunk.num_computed + len(chunk.token_ids)
+            ctx_slots = None
+            if chunk.num_computed:
+                ctx_slots = self._tensor(self._context_slots(tables[row : row + 1], num_ctx)[0])
+            batch.prefills.append(PrefillSpan(int(starts[row]), int(lengths[row]), num_ctx, ctx_slots))
+
+    def _padded_tables(self, chunks: list[ScheduledChunk]) -> np.ndarray:
+        width = max(len(c.block_table) for c in chunks)
+        tables = np.zeros((len(chunks), width), dtype=np.int64)
+        for row, chunk in enumerate(chunks):
+            tables[row, : len(chunk.block_table)] = chunk.block_table
+        return tables
+
+    def _context_slots(self, tables: np.ndarray, num_positions: int) -> np.ndarray:
+        """(rows, num_positions) cache slots of positions 0.. for each block table row."""
+        offsets = np.arange(self.block_size)
+        slots = (tables[:, :, None] * self.block_size + offsets).reshape(len(tables), -1)
+        return slots[:, :num_positions]
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device)

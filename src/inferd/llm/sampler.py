@@ -1,0 +1,246 @@
+"""Next-token selection for a whole batch in one set of tensor ops.
+
+Order of work, as OpenAI and vLLM users expect: repetition penalty (prompt + output tokens), frequency
+and presence penalties (output tokens), logit bias, min_tokens blocking; then greedy rows take the
+argmax and the other rows go through temperature, top-k, top-p, min-p and a draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inferd.llm.params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class SamplingState:
+    """What the sampler needs to know about one request; the engine keeps it across steps."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # the engine appends each sampled token
+    generator: torch.Generator | None  # a CPU generator seeded from params.seed, if any
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_token_ids: list[int]) -> SamplingState:
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(params.seed)
+        return cls(params, list(prompt_token_ids), [], generator)
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """One chosen token per row, with logprobs when any row asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None  # the chosen token's logprob per row; None when no row asked
+    # Per row, params.logprobs (token id, logprob) pairs, best first; [] for rows that asked for none.
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class Sampler:
+    """Chooses the next token of every row of a batch.
+
+    Reported logprobs are ``log_softmax`` of the logits after penalties, logit bias and min_tokens
+    blocking, but before temperature, top-k, top-p and min-p. That is the model's distribution as the
+    request shaped it, independent of how adventurous the draw was, so greedy and sampled requests
+    report comparable numbers and a top-k cut does not turn alternatives into -inf.
+    """
+
+    def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+
+    def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+        """``logits``: (batch, ≥ vocab_size) float, one row per state, in the same order."""
+        logits = self.process_logits(logits, states)
+        wants_logprobs = any(state.params.logprobs is not None for state in states)
+        logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
+        token_ids = _choose_tokens(logits, states)
+        if logprobs is None:
+            return SamplerOutput(token_ids.tolist(), None, None)
+        chosen, top = _gather_logprobs(logprobs, token_ids, states)
+        return SamplerOutput(token_ids.tolist(), chosen, top)
+
+    def process_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Penalties, logit bias and min_tokens applied to a float32 copy cut to the vocabulary."""
+        assert logits.dim() == 2 and logits.shape[0] == len(states), (tuple(logits.shape), len(states))
+        assert logits.shape[1] >= self.vocab_size, (tuple(logits.shape), self.vocab_size)
+        # Columns past vocab_size belong to a padded embedding table and are never valid tokens.
+        logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)
+        _apply_repetition_penalty(logits, states)
+        _apply_frequency_presence_penalties(logits, states)
+        _apply_logit_bias(logits, states)
+        self._block_stop_tokens(logits, states)
+        return logits
+
+    def _block_stop_tokens(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, state in enumerate(states):
+            if len(state.output_token_ids) < state.params.min_tokens:
+                blocked = self.eos_token_ids.union(state.params.stop_token_ids)
+                rows.extend([row] * len(blocked))
+                cols.extend(blocked)
+        if rows:
+            index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+            logits.index_put_(index, torch.tensor(_NEG_INF, device=logits.device))
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """CTRL rule over prompt and output tokens: positive logits are divided, negative multiplied."""
+    penalties = [state.params.repetition_penalty for state in states]
+    if all(penalty == 1.0 for penalty in penalties):
+        return
+    # Rows without the penalty get no tokens, so their history is never turned into a tensor.
+    histories = [
+        state.prompt_token_ids + state.output_token_ids if penalty != 1.0 else []
+        for state, penalty in zip(states, penalties)
+    ]
+    seen = _token_counts(histories, logits.shape[1], logits.device) > 0
+    penalty = torch.tensor(penalties, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits.copy_(torch.where(seen, penalised, logits))
+
+
+def _apply_frequency_presence_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """OpenAI rule over output tokens: logit -= frequency × count + presence × (count > 0)."""
+    frequency = [state.params.frequency_penalty for state in states]
+    presence = [state.params.presence_penalty for state in states]
+    if not any(frequency) and not any(presence):
+        return
+    outputs = [state.output_token_ids if f or p else [] for state, f, p in zip(states, frequency, presence)]
+    counts = _token_counts(outputs, logits.shape[1], logits.device).to(logits.dtype)
+    frequency_t = torch.tensor(frequency, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+    presence_t = torch.tensor(presence, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+    logits -= frequency_t * counts + presence_t * (counts > 0).to(logits.dtype)
+
+
+def _apply_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for row, state in enumerate(states):
+        for token_id, bias in state.params.logit_bias.items():
+            rows.append(row)
+            cols.append(token_id)
+            values.append(bias)
+    if not rows:
+        return
+    assert max(cols) < logits.shape[1] and min(cols) >= 0, "logit_bias token ids are checked at the API"
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(rows, vocab_size) int64 occurrence counts, from one scatter over a padded id tensor."""
+    width = max(1, max(len(ids) for ids in token_ids))
+    # Padding points at an extra column that is cut off afterwards.
+    padded = torch.tensor([ids + [vocab_size] * (width - len(ids)) for ids in token_ids], device=device)
+    counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded))
+    return counts[:, :vocab_size]
+
+
+def _choose_tokens(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    random_rows = [row for row, state in enumerate(states) if not state.params.is_greedy]
+    if not random_rows:
+        return logits.argmax(dim=-1)
+    if len(random_rows) == len(states):
+        return _sample_rows(logits, states)
+    token_ids = logits.argmax(dim=-1)
+    index = torch.tensor(random_rows, device=logits.device)
+    token_ids[index] = _sample_rows(logits[index], [states[row] for row in random_rows])
+    return token_ids
+
+
+def _sample_rows(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p, then one draw per row (all rows non-greedy)."""
+    temperature = torch.tensor(
+        [state.params.temperature for state in states], dtype=logits.dtype, device=logits.device
+    )
+    logits = logits / temperature.unsqueeze(1)
+    logits = _apply_top_k_top_p(logits, states)
+    probs = _apply_min_p(torch.softmax(logits, dim=-1), states)
+    return (probs / _exponential_noise(probs, states)).argmax(dim=-1)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    vocab_size = logits.shape[1]
+    top_k = [state.params.top_k if 0 < state.params.top_k < vocab_size else vocab_size for state in states]
+    top_p = [state.params.top_p for state in states]
+    needs_k = any(k < vocab_size for k in top_k)
+    needs_p = any(p < 1.0 for p in top_p)
+    if not needs_k and not needs_p:
+        return logits
+    # One descending sort serves both filters; results are scattered back to vocabulary order.
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if needs_k:
+        ranks = torch.arange(vocab_size, device=logits.device).unsqueeze(0)
+        k = torch.tensor(top_k, device=logits.device).unsqueeze(1)
+        sorted_logits.masked_fill_(ranks >= k, _NEG_INF)
+    if needs_p:
+        sorted_logits.masked_fill_(_top_p_drop_mask(sorted_logits, top_p), _NEG_INF)
+    return torch.full_like(logits, _NEG_INF).scatter_(1, order, sorted_logits)
+
+
+def _top_p_drop_mask(sorted_logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """Keep the smallest best-first prefix whose mass reaches top_p: a token stays while the mass
+    before it is still short of top_p, so the best token always stays."""
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    p = torch.tensor(top_p, dtype=probs.dtype, device=probs.device).unsqueeze(1)
+    drop = mass_before >= p
+    drop[:, 0] = False
+    # Rounding can push a cumulative sum to 1.0 early; rows that asked for no cut must not lose tails.
+    drop &= p < 1.0
+    return drop
+
+
+def _apply_min_p(probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    min_p = [state.params.min_p for state in states]
+    if not any(min_p):
+        return probs
+    scale = torch.tensor(min_p, dtype=probs.dtype, device=probs.device).unsqueeze(1)
+    threshold = scale * probs.max(dim=-1, keepdim=True).values
+    # Renormalising is unnecessary: the exponential race only compares ratios within a row.
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _exponential_noise(probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """E ~ Exp(1) per entry; argmax(probs / E) is then a draw from probs (the exponential race).
+
+    A seeded row takes its noise from its own generator only, so its tokens do not depend on which
+    other rows share the batch or where it sits in it. Unseeded rows share one global-RNG draw.
+    """
+    seeded = [row for row, state in enumerate(states) if state.generator is not None]
+    noise = torch.empty_like(probs)
+    if len(seeded) < len(states):
+        noise.exponential_()
+    for row in seeded:
+        generator = states[row].generator
+        assert generator is not None
+        draw = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=generator)
+        noise[row] = draw.to(probs.device)
+    # Exp(1) may round to 0; a zero divisor would turn a zero probability into NaN and win the argmax.
+    return noise.clamp_(min=torch.finfo(probs.dtype).tiny)
+
+
+def _gather_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, states: list[SamplingState]
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    num_top = [min(state.params.logprobs or 0, logprobs.shape[1]) for state in states]
+    max_top = max(num_top)
+    if max_top == 0:
+        return chosen, [[] for _ in states]
+    values, indices = logprobs.topk(max_top, dim=-1)
+    values_l, indices_l = values.tolist(), indices.tolist()
+    top = [list(zip(indices_l[row][:k], values_l[row][:k])) for row, k in enumerate(num_top)]
+    return chosen, top

@@ -1,0 +1,136 @@
+"""The scheduler: one rule for prefill, chunked prefill, decode and recompute.
+
+Every request has ``num_computed_tokens`` that catches up with ``num_tokens``. Each step hands out at
+most ``max_num_batched_tokens`` new tokens: first to running requests in arrival order (a decode
+needs one, an unfinished prefill the rest of its prompt, cut to what the budget leaves), then to
+waiting requests, whose cached prefix is skipped. When blocks run out, the most recently admitted
+running request is preempted: its blocks are freed and it waits to be recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from inferd.config.engine import LLMConfig
+from inferd.llm.kv_cache.manager import KVCacheManager
+from inferd.llm.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def reaches_end(self) -> bool:
+        """Whether this chunk computes the request's last known token, so a new one is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the KV cache manager's allocations."""
+
+    def __init__(self, config: LLMConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(output, budget)
+        if not output.preempted:
+            self._schedule_waiting(output, budget)
+        return output
+
+    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self._allocate(request, num_new):
+                victim = self.running[-1]
+                self._preempt(victim, output)
+                if victim is request:
+                    return budget
+            output.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            index += 1
+        return budget
+
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached = None
+            if request.num_computed_tokens == 0:
+                cached = self.kv_cache.find_cached_prefix(request.token_ids)
+            num_computed = cached.num_tokens if cached else request.num_computed_tokens
+            num_new = min(request.num_tokens - num_computed, budget)
+            table = self.kv_cache.allocate(
+                request.request_id, request.token_ids, num_computed, num_new, cached
+            )
+            if table is None:
+                return
+            self.waiting.popleft()
+            if not request.is_prefix_checked:
+                request.num_cached_tokens = num_computed
+                request.is_prefix_checked = True
+                request.first_scheduled_time = time.monotonic()
+            request.num_computed_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            output.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+    def _allocate(self, request: Request, num_new: int) -> bool:
+        table = self.kv_cache.allocate(
+            request.request_id, request.token_ids, request.num_computed_tokens, num_new
+        )
+        return table is not None
+
+    def _preempt(self, request: Request, output: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        output.preempted.append(request)
+        self.num_preemptions += 1
+
+    def update_computed(self, output: SchedulerOutput) -> None:
+        """After a forward: advance each request and cache its newly full blocks."""
+        for item in output.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            self.kv_cache.commit(request.request_id, request.token_ids, request.num_computed_tokens)
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Remove a request wherever it is and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
