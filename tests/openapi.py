@@ -13,7 +13,20 @@ SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "specs" / "openai-o
 
 @cache
 def _components() -> dict:
-    return json.loads(SPEC_PATH.read_text())["components"]
+    return _nullable_to_null_type(json.loads(SPEC_PATH.read_text())["components"])
+
+
+def _nullable_to_null_type(node):
+    """The spec mixes OpenAPI 3.0's ``nullable: true`` into 3.1 schemas; JSON Schema ignores it, so
+    spell it as the null type it means."""
+    if isinstance(node, list):
+        return [_nullable_to_null_type(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _nullable_to_null_type(v) for k, v in node.items()}
+    if node.pop("nullable", False):
+        node = {"anyOf": [node, {"type": "null"}]}
+    return node
 
 
 def validate_openai(instance: object, schema_name: str) -> None:

@@ -49,7 +49,7 @@ def passages() -> list[str]:
 
 def test_eight_concurrent_clients_get_the_reference_embeddings(bundled_minilm):
     texts = passages()
-    settings = load_settings({"port": free_port(), "max_batch_requests": 8})
+    settings = load_settings({"model": ["all-minilm-l6-v2"], "port": free_port(), "max_batch_requests": 8})
     with live_server(settings) as url:
 
         def send(chunk: list[str]) -> list[list[float]]:

@@ -12,12 +12,12 @@ from fastapi import FastAPI
 from inferd import __version__
 from inferd.api.errors import install_error_handlers
 from inferd.api.model_table import ModelTable, load_model_table
-from inferd.api.routes import embeddings, health, models, rerank, tei
+from inferd.api.routes import embeddings, generation, health, models, rerank, tei
 from inferd.config import ServerSettings
 
 log = logging.getLogger("inferd.api")
 
-ModelLoader = Callable[[ServerSettings], ModelTable]
+ModelLoader = Callable[[ServerSettings, asyncio.AbstractEventLoop], ModelTable]
 
 
 def create_app(settings: ServerSettings, load_models: ModelLoader = load_model_table) -> FastAPI:
@@ -26,7 +26,7 @@ def create_app(settings: ServerSettings, load_models: ModelLoader = load_model_t
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading runs in a thread: torch releases the GIL and the loop stays responsive.
-        table = await asyncio.to_thread(load_models, settings)
+        table = await asyncio.to_thread(load_models, settings, asyncio.get_running_loop())
         app.state.models = table
         log.info("ready: %s", ", ".join(m.name for m in table))
         try:
@@ -44,6 +44,6 @@ def create_app(settings: ServerSettings, load_models: ModelLoader = load_model_t
     app.state.settings = settings
     app.state.models = None
     install_error_handlers(app)
-    for module in (embeddings, tei, rerank, models, health):
+    for module in (generation, embeddings, tei, rerank, models, health):
         app.include_router(module.router)
     return app

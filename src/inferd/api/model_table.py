@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from inferd.config import ModelKind, ModelSpec, ServerSettings
 from inferd.encoder.client import EncoderClient
 from inferd.errors import ModelLoadError, ModelNotFoundError, UnsupportedTaskError
 from inferd.hub.resolve import detect_kind, resolve_model
+from inferd.llm.client import LLMClient
 from inferd.protocol.models import ModelCard
 
 log = logging.getLogger("inferd.models")
@@ -24,10 +26,18 @@ class ServedModel:
     kind: ModelKind
     source: str
     path: Path
-    client: EncoderClient
+    client: EncoderClient | LLMClient
     created: int
 
     def card(self) -> ModelCard:
+        if self.kind is ModelKind.CHAT:
+            return ModelCard(
+                id=self.name,
+                created=self.created,
+                kind=self.kind.value,
+                max_model_len=self.client.max_model_len,
+                ready=self.client.is_running,
+            )
         info = self.client.info
         return ModelCard(
             id=self.name,
@@ -74,21 +84,31 @@ class ModelTable:
             client.close()
 
 
-def load_model_table(settings: ServerSettings) -> ModelTable:
+def load_model_table(settings: ServerSettings, loop: asyncio.AbstractEventLoop) -> ModelTable:
     """Resolve and load every configured model; the same weights served twice are loaded once."""
-    clients: dict[tuple, EncoderClient] = {}
+    clients: dict[tuple, EncoderClient | LLMClient] = {}
     served = []
     for spec in settings.model:
-        served.append(_load_one(spec, settings, clients))
+        served.append(_load_one(spec, settings, clients, loop))
         log.info("serving %s (%s) from %s", spec.served_name, served[-1].kind.value, served[-1].path)
     return ModelTable(served)
 
 
-def _load_one(spec: ModelSpec, settings: ServerSettings, clients: dict[tuple, EncoderClient]) -> ServedModel:
+def _load_one(spec: ModelSpec, settings: ServerSettings, clients: dict, loop) -> ServedModel:
     resolved = resolve_model(spec.source, spec.kind)
     files_kind = detect_kind(resolved.path)
-    if resolved.kind is ModelKind.CHAT or files_kind is ModelKind.CHAT:
-        raise ModelLoadError(f"{spec.source}: chat models need the LLM engine, which this build lacks")
+    if (resolved.kind is ModelKind.CHAT) != (files_kind is ModelKind.CHAT):
+        raise ModelLoadError(
+            f"{spec.source} holds a {files_kind.value} model; it cannot be served as {resolved.kind.value}"
+        )
+    if files_kind is ModelKind.CHAT:
+        llm_config = settings.llm_config(spec)
+        key = (resolved.path, files_kind, llm_config)
+        if key not in clients:
+            clients[key] = LLMClient.start(resolved.path, llm_config, loop)
+        return ServedModel(
+            spec.served_name, ModelKind.CHAT, spec.source, resolved.path, clients[key], int(time.time())
+        )
     config = settings.encoder_config(spec)
     key = (resolved.path, files_kind, config)
     if key not in clients:

@@ -21,14 +21,18 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from inferd.config.engine import EncoderConfig
+from inferd.config.engine import EncoderConfig, LLMConfig
 from inferd.config.model_spec import ModelSpec
 
 ENV_PREFIX = "INFERD_"
 
 # The bundled defaults: the embedder, and the same weights served as a cosine-similarity reranker
 # so that every route works offline on a fresh machine.
-DEFAULT_MODELS = ("all-minilm-l6-v2", "all-minilm-l6-v2=all-minilm-l6-v2-rerank,kind=rerank")
+DEFAULT_MODELS = (
+    "smollm2-135m-instruct",
+    "all-minilm-l6-v2",
+    "all-minilm-l6-v2=all-minilm-l6-v2-rerank,kind=rerank",
+)
 
 
 class ServerSettings(BaseSettings):
@@ -62,6 +66,34 @@ class ServerSettings(BaseSettings):
     )
     max_queued_items: int = Field(
         8192, ge=1, description="Encoder queue bound in inputs; past it requests get 429 at once."
+    )
+    max_num_seqs: int = Field(32, ge=1, description="LLM: most sequences running at once.")
+    max_num_batched_tokens: int = Field(
+        2048,
+        ge=1,
+        description="LLM: token budget of one engine step (longer prompts are prefilled in chunks).",
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="LLM: context length (prompt + output); default: the model's own."
+    )
+    block_size: int = Field(16, ge=1, description="LLM: tokens per KV-cache block.")
+    kv_cache_memory: int | None = Field(
+        None,
+        ge=1,
+        description="LLM: KV-cache bytes; default: kv_cache_fraction of the memory free after loading.",
+    )
+    kv_cache_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="LLM: share of free memory given to the KV cache when kv_cache_memory is unset.",
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="LLM: reuse the KV blocks of shared prompt prefixes."
+    )
+    max_n: int = Field(16, ge=1, description="LLM: most choices (n) in one request.")
+    cache_dir: str | None = Field(
+        None, description="Where converted models are kept; default: ~/.cache/inferd."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
@@ -104,6 +136,26 @@ class ServerSettings(BaseSettings):
             num_threads=self.num_threads or available_cores(),
             device=device,
             dtype=dtype,
+        )
+
+    def llm_config(self, spec: ModelSpec | None = None) -> LLMConfig:
+        device = (spec.device if spec and spec.device else None) or self.resolved_device()
+        dtype = (spec.dtype if spec and spec.dtype else None) or self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        return LLMConfig(
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            kv_cache_memory=self.kv_cache_memory,
+            kv_cache_fraction=self.kv_cache_fraction,
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_n=self.max_n,
+            num_threads=self.num_threads or available_cores(),
+            device=device,
+            dtype=dtype,
+            cache_dir=self.cache_dir,
         )
 
 

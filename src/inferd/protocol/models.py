@@ -14,6 +14,7 @@ class ModelCard(BaseModel):
     owned_by: str = "inferd"
     kind: str
     max_input_tokens: int | None = None
+    max_model_len: int | None = None
     dimensions: int | None = None
     rerank_method: str | None = None
     ready: bool = True

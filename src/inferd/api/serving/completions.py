@@ -1,0 +1,109 @@
+"""Text completions: prompts (text or token ids) × n choices, echo and integer logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.responses import Response
+
+from inferd.api.responses import FastJSONResponse
+from inferd.api.serving.generation import Choice, check_n, new_id, now, run_choices, token_text, usage
+from inferd.api.streaming import sse_response
+from inferd.errors import InvalidRequestError
+from inferd.llm.client import LLMClient
+from inferd.protocol.openai_completions import CompletionRequest
+
+
+def prepare_prompts(body: CompletionRequest, client: LLMClient) -> list[list[int]]:
+    if body.suffix:
+        raise InvalidRequestError(
+            "this model cannot fill in the middle: suffix is not supported", param="suffix"
+        )
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequestError(
+            "echo with logprobs (prompt logprobs) is not supported yet", param="logprobs"
+        )
+    prompts = body.prompts()
+    if not prompts:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    return [client.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+
+async def completion(body: CompletionRequest, model_name: str, client: LLMClient) -> Response:
+    check_n(body.n, client)
+    prompts = prepare_prompts(body, client)
+    if body.max_tokens == 0:
+        raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+    params = [body.to_sampling_params(seed_offset=i) for i in range(body.n)]
+    request_id = new_id("cmpl")
+    outputs = run_choices(client, prompts, params, request_id)
+    echoes = [client.decode(p) if body.echo else "" for p in prompts]
+    if body.stream:
+        return sse_response(_stream(body, model_name, client, request_id, outputs, echoes))
+    choices = [Choice() for _ in range(len(prompts) * body.n)]
+    async for index, output in outputs:
+        choices[index].add(output)
+    return FastJSONResponse(
+        {
+            "id": request_id,
+            "object": "text_completion",
+            "created": now(),
+            "model": model_name,
+            "choices": [
+                {
+                    "index": i,
+                    "text": echoes[i // body.n] + c.text,
+                    "logprobs": _logprobs(c, client) if body.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage(choices, len(prompts)),
+        }
+    )
+
+
+def _logprobs(choice: Choice, client: LLMClient, offset: int = 0) -> dict:
+    tokens, offsets, position = [], [], offset
+    for entry in choice.logprobs:
+        text = token_text(client, entry.token_id)
+        tokens.append(text)
+        offsets.append(position)
+        position += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in choice.logprobs],
+        "top_logprobs": [{token_text(client, t): lp for t, lp in e.top} for e in choice.logprobs],
+        "text_offset": offsets,
+    }
+
+
+async def _stream(body, model_name, client, request_id, outputs, echoes) -> AsyncIterator[dict]:
+    created = now()
+
+    def chunk(choices: list[dict], **extra) -> dict:
+        event = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": choices,
+        }
+        return event | ({"usage": None} if body.include_usage else {}) | extra
+
+    choices = [Choice() for _ in range(len(echoes) * body.n)]
+    started = set()
+    async for index, output in outputs:
+        choices[index].add(output)
+        text = output.new_text
+        if index not in started:
+            started.add(index)
+            text = echoes[index // body.n] + text
+        logprobs = None
+        if body.logprobs is not None and output.logprobs:
+            logprobs = _logprobs(Choice(logprobs=list(output.logprobs)), client)
+        yield chunk(
+            [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": output.finish_reason}]
+        )
+    if body.include_usage:
+        yield chunk([], usage=usage(choices, len(echoes)))

@@ -1,0 +1,79 @@
+"""What chat and completions share: running n choices and turning engine deltas into choices."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from inferd.api.streaming import merge
+from inferd.errors import InvalidRequestError
+from inferd.llm.client import LLMClient
+from inferd.llm.outputs import RequestOutput, TokenLogprob
+from inferd.llm.params import SamplingParams
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+@dataclass(slots=True)
+class Choice:
+    """One choice's accumulated output, for non-streamed responses and final usage."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.new_text
+        self.token_ids.extend(output.new_token_ids)
+        self.logprobs.extend(output.logprobs or ())
+        self.finish_reason = output.finish_reason or self.finish_reason
+        self.num_prompt_tokens = output.num_prompt_tokens
+        self.num_cached_tokens = output.num_cached_tokens
+
+
+def check_n(n: int, client: LLMClient) -> None:
+    limit = client.engine.config.max_n
+    if n > limit:
+        raise InvalidRequestError(f"n is {n}, more than this server's limit of {limit}", param="n")
+
+
+def run_choices(
+    client: LLMClient, prompts: list[list[int]], params: list[SamplingParams], request_id: str
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Deltas of every (prompt, choice) pair, tagged with the choice's index (prompt-major)."""
+    n = len(params)
+    for prompt in prompts:
+        client.check_request(prompt, params[0])
+    streams = [
+        client.generate(prompt, params[i], f"{request_id}-{p}-{i}")
+        for p, prompt in enumerate(prompts)
+        for i in range(n)
+    ]
+    return merge(streams)
+
+
+def usage(choices: list[Choice], num_prompts: int = 1) -> dict:
+    per_prompt = choices[:: max(1, len(choices) // max(1, num_prompts))]
+    prompt_tokens = sum(c.num_prompt_tokens for c in per_prompt)
+    completion_tokens = sum(len(c.token_ids) for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in per_prompt)},
+    }
+
+
+def token_text(client: LLMClient, token_id: int) -> str:
+    return client.tokenizer.decode([token_id])

@@ -1,0 +1,72 @@
+"""The only SSE writer: ``data: {json}`` events, an error event if the stream fails, then [DONE]."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+from starlette.responses import StreamingResponse
+
+from inferd.errors import InferdError
+
+log = logging.getLogger("inferd.api")
+
+
+def sse_response(events: AsyncIterator[dict]) -> StreamingResponse:
+    return StreamingResponse(
+        _encode(events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _encode(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield b"data: " + orjson.dumps(event) + b"\n\n"
+    except InferdError as exc:
+        # Headers are gone already: the error travels as an event in OpenAI's error shape.
+        yield (
+            b"data: "
+            + orjson.dumps(
+                {"error": {"message": exc.message, "type": "server_error", "param": exc.param, "code": None}}
+            )
+            + b"\n\n"
+        )
+    yield b"data: [DONE]\n\n"
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Items of several async iterators as they come, tagged with the iterator's index.
+    Leaving early cancels the rest, which closes them (and so aborts their engine requests)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            await queue.put((index, exc))
+            return
+        await queue.put((index, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

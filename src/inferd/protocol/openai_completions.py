@@ -1,0 +1,38 @@
+"""OpenAI ``/v1/completions``."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from inferd.llm.params import SamplingParams
+from inferd.protocol.common import EncodeInput, as_list
+from inferd.protocol.openai_chat import StreamOptions
+from inferd.protocol.openai_sampling import SamplingFields
+
+
+class CompletionRequest(SamplingFields):
+    prompt: EncodeInput
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _check_best_of(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        return as_list(self.prompt)
+
+    def to_sampling_params(self, seed_offset: int = 0) -> SamplingParams:
+        return self.sampling_params(
+            max_tokens=self.max_tokens, logprobs=self.logprobs, seed_offset=seed_offset
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)

@@ -1,0 +1,148 @@
+"""Chat and text completions over real HTTP with the official openai client (tiny llama)."""
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from inferd.config import load_settings
+from tests.conftest import free_port, live_server
+from tests.openapi import validate_openai
+
+
+@pytest.fixture(scope="module")
+def llm_server(tiny_llama, tiny_embedder):
+    settings = load_settings(
+        {
+            "model": [f"{tiny_llama}=tiny-chat", f"{tiny_embedder}=tiny-embed"],
+            "port": free_port(),
+            "num_threads": 1,
+            "kv_cache_memory": 4 * 2**20,
+            "max_n": 4,
+        }
+    )
+    with live_server(settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(llm_server):
+    return openai.OpenAI(base_url=llm_server + "/v1", api_key="unused")
+
+
+MESSAGES = [{"role": "system", "content": "the cat"}, {"role": "user", "content": "paris is the capital of"}]
+
+
+def test_chat_completion_is_valid_and_greedy_is_deterministic(client, llm_server):
+    first = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8, temperature=0)
+    second = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8, temperature=0)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert first.choices[0].finish_reason in ("stop", "length")
+    assert first.usage.completion_tokens <= 8 and first.usage.prompt_tokens > 5
+    raw = httpx.post(
+        llm_server + "/v1/chat/completions",
+        json={
+            "model": "tiny-chat",
+            "messages": MESSAGES,
+            "max_tokens": 4,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    ).json()
+    validate_openai(raw, "CreateChatCompletionResponse")
+    assert len(raw["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+
+
+def test_stream_concatenates_to_the_full_text_and_chunks_are_valid(client, llm_server):
+    kwargs = dict(model="tiny-chat", messages=MESSAGES, max_tokens=10, temperature=0)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(
+        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"] or finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    with httpx.stream(
+        "POST",
+        llm_server + "/v1/chat/completions",
+        json=kwargs | {"stream": True, "stream_options": {"include_usage": True}},
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        validate_openai(json.loads(line.removeprefix("data: ")), "CreateChatCompletionStreamResponse")
+
+
+def test_async_client_and_n_choices(llm_server):
+    async def main():
+        async_client = openai.AsyncOpenAI(base_url=llm_server + "/v1", api_key="unused")
+        result = await async_client.chat.completions.create(
+            model="tiny-chat", messages=MESSAGES, max_tokens=5, n=3, temperature=1.0, seed=7
+        )
+        again = await async_client.chat.completions.create(
+            model="tiny-chat", messages=MESSAGES, max_tokens=5, n=3, temperature=1.0, seed=7
+        )
+        return result, again
+
+    result, again = asyncio.run(main())
+    assert [c.index for c in result.choices] == [0, 1, 2]
+    assert [c.message.content for c in result.choices] == [c.message.content for c in again.choices]
+
+
+def test_completions_with_token_prompts_and_logprobs(client, llm_server):
+    result = client.completions.create(
+        model="tiny-chat", prompt=["the cat", "paris is"], max_tokens=4, temperature=0, logprobs=2, echo=False
+    )
+    assert len(result.choices) == 2
+    assert len(result.choices[0].logprobs.token_logprobs) == len(result.choices[0].logprobs.tokens)
+    raw = httpx.post(
+        llm_server + "/v1/completions",
+        json={"model": "tiny-chat", "prompt": [[10, 11, 12]], "max_tokens": 3, "echo": True},
+    ).json()
+    validate_openai(raw, "CreateCompletionResponse")
+    assert raw["choices"][0]["text"].startswith(
+        httpx.post(llm_server + "/detokenize", json={"tokens": [10, 11, 12]}).json()["prompt"]
+    )
+
+
+BAD_CHAT = [
+    ({"messages": []}, 400),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400),
+    ({"temperature": 2.5}, 400),
+    ({"temperature": -0.1}, 400),
+    ({"top_p": 0}, 400),
+    ({"top_p": 1.5}, 400),
+    ({"n": 0}, 400),
+    ({"n": 5}, 400),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400),
+    ({"max_tokens": -1}, 400),
+    ({"logit_bias": {"5": 101}}, 400),
+    ({"max_tokens": 100000}, 400),
+    ({"model": "nope"}, 404),
+    ({"model": "tiny-embed"}, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
+]
+
+
+@pytest.mark.parametrize(("patch", "status"), BAD_CHAT)
+def test_bad_chat_requests(llm_server, patch, status):
+    body = {"model": "tiny-chat", "messages": MESSAGES} | patch
+    response = httpx.post(llm_server + "/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    validate_openai(response.json(), "ErrorResponse")
+
+
+def test_context_length_error_uses_openais_code(llm_server):
+    body = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 100000}
+    error = httpx.post(llm_server + "/v1/chat/completions", json=body).json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "maximum context length is 256 tokens" in error["message"]
+
+
+def test_models_lists_the_chat_model(llm_server):
+    cards = {m["id"]: m for m in httpx.get(llm_server + "/v1/models").json()["data"]}
+    assert cards["tiny-chat"]["kind"] == "chat" and cards["tiny-chat"]["max_model_len"] == 256
