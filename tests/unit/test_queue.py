@@ -42,10 +42,21 @@ def test_similar_lengths_are_grouped_around_the_oldest(loop):
     q.put(items(loop, [50, 5, 200, 48, 6, 52, 210]))
     batch = q.next_batch(0)
     assert sorted(i.num_tokens for i in batch) == [48, 50, 52]
-    # Next the oldest left is 5: its nearest neighbours join it while the budget allows.
-    assert sorted(i.num_tokens for i in q.next_batch(0)) == [5, 6, 200]
-    assert [i.num_tokens for i in q.next_batch(0)] == [210]
+    # Next the oldest left is 5: 6 joins it, but 200 would make the batch mostly padding.
+    assert sorted(i.num_tokens for i in q.next_batch(0)) == [5, 6]
+    assert sorted(i.num_tokens for i in q.next_batch(0)) == [200, 210]
     assert q.next_batch(0) is None
+
+
+def test_batches_stay_mostly_real_tokens(loop):
+    q = queue(max_batch_requests=32, min_fill=0.85)
+    q.put(items(loop, [180, 12, 55, 180, 12, 55, 170, 60, 14] * 4))
+    while (batch := q.next_batch(0)) is not None:
+        real = sum(i.num_tokens for i in batch)
+        assert real >= 0.85 * max(i.num_tokens for i in batch) * len(batch)
+    loose = queue(max_batch_requests=32, max_batch_tokens=10_000, min_fill=0.0)
+    loose.put(items(loop, [180, 12, 55] * 4))
+    assert len(loose.next_batch(0)) == 12  # without the floor everything fits one batch
 
 
 def test_every_item_comes_out_exactly_once(loop):

@@ -25,11 +25,15 @@ class BatchQueue:
         max_batch_requests: int,
         max_queued_items: int,
         is_padded: bool = True,
+        min_fill: float = 0.85,
     ) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self.max_queued_items = max_queued_items
         self.is_padded = is_padded
+        # A padded batch stops growing before padding exceeds 1 - min_fill of its cost: on a CPU
+        # every padded position costs as much as a real one, while a batch's fixed cost is small.
+        self.min_fill = min_fill if is_padded else 0.0
         # Only this many of the oldest items are considered for one batch: bounds the sort.
         self._window = max(256, 8 * max_batch_requests)
         self._items: OrderedDict[int, Item] = OrderedDict()
@@ -96,8 +100,9 @@ class BatchQueue:
             )
             candidate = by_length[lo] if take_low else by_length[hi]
             new_longest = max(longest, candidate.num_tokens)
-            cost = new_longest * (len(chosen) + 1) if self.is_padded else total + candidate.num_tokens
-            if cost > self.max_batch_tokens:
+            useful = total + candidate.num_tokens
+            cost = new_longest * (len(chosen) + 1) if self.is_padded else useful
+            if cost > self.max_batch_tokens or useful < self.min_fill * cost:
                 # Longer neighbours only cost more: stop growing upwards; shorter ones may still fit.
                 if take_low:
                     break
