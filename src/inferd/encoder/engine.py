@@ -32,7 +32,7 @@ class EncoderEngine:
             max_batch_tokens=config.max_batch_tokens,
             max_batch_requests=config.max_batch_requests,
             max_queued_items=config.max_queued_items,
-            is_padded=True,
+            is_padded=not model.is_packed,
         )
         self._prepared: queue.Queue[PreparedBatch | None] = queue.Queue()
         self._slot = threading.Semaphore(1)
@@ -66,8 +66,11 @@ class EncoderEngine:
             if items is None:
                 self._prepared.put(None)
                 return
-            batch = prepare_batch(items, self.model.tokenizer.pad_token_id, self.model.uses_token_type_ids)
-            self._prepared.put(batch)
+            self._prepared.put(self._prepare(items))
+
+    def _prepare(self, items: list[Item]) -> PreparedBatch:
+        model = self.model
+        return prepare_batch(items, model.tokenizer.pad_token_id, model.uses_token_type_ids, model.is_packed)
 
     def _model_loop(self) -> None:
         # OpenMP's thread count is per calling thread: set it where the model runs, or a new
@@ -85,7 +88,7 @@ class EncoderEngine:
         if not keep:
             return
         if len(keep) < len(batch.items):
-            batch = batch.select(keep)
+            batch = self._prepare([batch.items[i] for i in keep])
         try:
             with torch.inference_mode():
                 outputs = self.model.forward(batch).numpy()

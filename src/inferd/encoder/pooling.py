@@ -74,3 +74,55 @@ _POOLERS = {
     "lasttoken": _last_token,
     "weightedmean": _weighted_mean,
 }
+
+
+def pool_packed(hidden: torch.Tensor, bounds: list[tuple[int, int]], modes: tuple[str, ...]) -> torch.Tensor:
+    """Pooling over a packed row: (tokens, dim) states and each sequence's (start, end) span."""
+    hidden = hidden.float()
+    outputs = [_PACKED_POOLERS[mode](hidden, bounds) for mode in modes]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+def _segments(hidden: torch.Tensor, bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([end - start for start, end in bounds], device=hidden.device)
+    segment_ids = torch.repeat_interleave(torch.arange(len(bounds), device=hidden.device), lengths)
+    return segment_ids, lengths
+
+
+def _packed_sum(hidden, bounds):
+    segment_ids, lengths = _segments(hidden, bounds)
+    total = torch.zeros(len(bounds), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    return total.index_add_(0, segment_ids, hidden), lengths.to(hidden.dtype)[:, None]
+
+
+def _packed_mean(hidden, bounds):
+    total, lengths = _packed_sum(hidden, bounds)
+    return total / lengths
+
+
+def _packed_mean_sqrt_len(hidden, bounds):
+    total, lengths = _packed_sum(hidden, bounds)
+    return total / lengths.sqrt()
+
+
+def _packed_max(hidden, bounds):
+    return torch.stack([hidden[start:end].max(dim=0).values for start, end in bounds])
+
+
+def _packed_weighted_mean(hidden, bounds):
+    return torch.stack(
+        [
+            _weighted_mean(hidden[None, start:end], torch.ones(1, end - start, 1), None)[0]
+            for start, end in bounds
+        ]
+    )
+
+
+_PACKED_POOLERS = {
+    "cls": lambda hidden, bounds: hidden[[start for start, _ in bounds]],
+    "lasttoken": lambda hidden, bounds: hidden[[end - 1 for _, end in bounds]],
+    "mean": _packed_mean,
+    "mean_sqrt_len_tokens": _packed_mean_sqrt_len,
+    "max": _packed_max,
+    "weightedmean": _packed_weighted_mean,
+}

@@ -29,21 +29,17 @@ class EncoderInfo:
 
 @dataclass(slots=True)
 class PreparedBatch:
-    """A batch as padded tensors, built by the batcher thread while the model runs the previous one."""
+    """A batch as tensors, built by the batcher thread while the model runs the previous one.
+
+    Padded: (batch, longest) ids and mask. Packed: one (1, total) row of every item's tokens, with
+    ``position_ids`` restarting at each item and ``bounds`` giving each item's (start, end)."""
 
     items: list[Item]
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     token_type_ids: torch.Tensor | None
-
-    def select(self, keep: list[int]) -> PreparedBatch:
-        index = torch.tensor(keep, dtype=torch.long)
-        return PreparedBatch(
-            items=[self.items[i] for i in keep],
-            input_ids=self.input_ids[index],
-            attention_mask=self.attention_mask[index],
-            token_type_ids=None if self.token_type_ids is None else self.token_type_ids[index],
-        )
+    position_ids: torch.Tensor | None = None
+    bounds: list[tuple[int, int]] | None = None
 
 
 class EncoderModel(Protocol):
@@ -54,12 +50,17 @@ class EncoderModel(Protocol):
     info: EncoderInfo
     tokenizer: InputTokenizer
     uses_token_type_ids: bool
+    is_packed: bool  # takes unpadded batches (prepare_batch(..., packed=True))
 
     def forward(self, batch: PreparedBatch) -> torch.Tensor: ...
 
 
-def prepare_batch(items: list[Item], pad_token_id: int, uses_token_type_ids: bool) -> PreparedBatch:
-    """Right-pad the items' ids into tensors (no side effects; runs on the batcher thread)."""
+def prepare_batch(
+    items: list[Item], pad_token_id: int, uses_token_type_ids: bool, packed: bool = False
+) -> PreparedBatch:
+    """Tensors for ``items``: right-padded, or packed into one row (no side effects)."""
+    if packed:
+        return _packed_batch(items, uses_token_type_ids)
     longest = max(item.num_tokens for item in items)
     input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
@@ -71,6 +72,21 @@ def prepare_batch(items: list[Item], pad_token_id: int, uses_token_type_ids: boo
         if token_type_ids is not None and item.token_type_ids is not None:
             token_type_ids[row, :n] = torch.tensor(item.token_type_ids, dtype=torch.long)
     return PreparedBatch(items, input_ids, attention_mask, token_type_ids)
+
+
+def _packed_batch(items: list[Item], uses_token_type_ids: bool) -> PreparedBatch:
+    ids, positions, types, bounds, start = [], [], [], [], 0
+    for item in items:
+        n = item.num_tokens
+        ids.extend(item.input_ids)
+        positions.extend(range(n))
+        types.extend(item.token_type_ids or [0] * n)
+        bounds.append((start, start + n))
+        start += n
+    row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
+    return PreparedBatch(
+        items, row(ids), None, row(types) if uses_token_type_ids else None, row(positions), bounds
+    )
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -95,10 +111,10 @@ def max_input_tokens(path: Path, config: dict) -> int:
 
 
 def model_inputs(batch: PreparedBatch, device: str) -> dict[str, torch.Tensor]:
-    inputs = {
-        "input_ids": batch.input_ids.to(device, non_blocking=True),
-        "attention_mask": batch.attention_mask.to(device, non_blocking=True),
+    named = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "token_type_ids": batch.token_type_ids,
+        "position_ids": batch.position_ids,
     }
-    if batch.token_type_ids is not None:
-        inputs["token_type_ids"] = batch.token_type_ids.to(device, non_blocking=True)
-    return inputs
+    return {name: t.to(device, non_blocking=True) for name, t in named.items() if t is not None}

@@ -29,6 +29,7 @@ class CrossEncoderModel:
             raise ModelLoadError(f"{path} has {model.config.num_labels} labels; a reranker needs exactly one")
         self.model = model.to(config.device).eval()
         self.uses_token_type_ids = getattr(model.config, "type_vocab_size", 0) > 1
+        self.is_packed = False  # the classification heads read row 0 of each padded sequence
         limit = max_input_tokens(path, model.config.to_dict())
         self.tokenizer = InputTokenizer(path, limit)
         self.info = EncoderInfo(max_input_tokens=limit, scoring="cross-encoder")

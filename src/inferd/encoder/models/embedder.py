@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from inferd.config.engine import EncoderConfig
+from inferd.encoder.attention import ATTENTION_NAME, packed_spans, register_varlen_attention
 from inferd.encoder.models.base import (
     EncoderInfo,
     PreparedBatch,
@@ -18,7 +19,7 @@ from inferd.encoder.models.base import (
     read_json,
     torch_dtype,
 )
-from inferd.encoder.pooling import pool, pooling_modes
+from inferd.encoder.pooling import pool, pool_packed, pooling_modes
 from inferd.encoder.tokenize import InputTokenizer
 from inferd.errors import ModelLoadError
 
@@ -36,7 +37,8 @@ class SentenceEmbedder:
         self.device = config.device
         modules = _read_modules(path)
         transformer_dir = path / modules.get("Transformer", "")
-        self.transformer = _load_transformer(transformer_dir, config)
+        self.is_packed = _can_pack(transformer_dir)
+        self.transformer = _load_transformer(transformer_dir, config, self.is_packed)
         hf_config = self.transformer.config
         self.uses_token_type_ids = getattr(hf_config, "type_vocab_size", 0) > 1
         pooling_dir = modules.get("Pooling")
@@ -64,8 +66,13 @@ class SentenceEmbedder:
 
     def forward(self, batch: PreparedBatch) -> torch.Tensor:
         inputs = model_inputs(batch, self.device)
-        hidden = self.transformer(**inputs).last_hidden_state
-        vectors = pool(hidden, inputs["attention_mask"], self.modes)
+        if self.is_packed:
+            with packed_spans(batch.bounds):
+                hidden = self.transformer(**inputs).last_hidden_state[0]
+            vectors = pool_packed(hidden, batch.bounds, self.modes)
+        else:
+            hidden = self.transformer(**inputs).last_hidden_state
+            vectors = pool(hidden, inputs["attention_mask"], self.modes)
         for layer in self.dense:
             vectors = layer(vectors.to(layer.linear.weight.dtype)).float()
         return vectors.cpu()
@@ -97,11 +104,28 @@ def _read_modules(path: Path) -> dict:
     return modules
 
 
-def _load_transformer(path: Path, config: EncoderConfig) -> nn.Module:
+# Families whose embeddings take plain 0-based position ids and whose attention goes through
+# transformers' attention interface, so a packed row (positions restarting per item) is exact.
+_PACKABLE_MODEL_TYPES = {"bert"}
+
+
+def _can_pack(path: Path) -> bool:
+    config = read_json(path / "config.json")
+    return (
+        config.get("model_type") in _PACKABLE_MODEL_TYPES
+        and config.get("position_embedding_type", "absolute") == "absolute"
+    )
+
+
+def _load_transformer(path: Path, config: EncoderConfig, packed: bool) -> nn.Module:
     from transformers import AutoModel
 
+    extra = {}
+    if packed:
+        register_varlen_attention()
+        extra["attn_implementation"] = ATTENTION_NAME
     try:
-        model = AutoModel.from_pretrained(str(path), dtype=torch_dtype(config.dtype))
+        model = AutoModel.from_pretrained(str(path), dtype=torch_dtype(config.dtype), **extra)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a transformer from {path}: {exc}") from None
     return model.to(config.device).eval()
