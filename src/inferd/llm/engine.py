@@ -39,6 +39,13 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.facts.max_model_len
         num_blocks = plan_num_blocks(loaded.facts, config)
+        capacity = num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            # A request that can outgrow the whole cache would preempt itself forever.
+            log.warning(
+                "the KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len
+            )
+            self.max_model_len = capacity
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv_cache)
         self.runner = ModelRunner(loaded, config, num_blocks)
@@ -121,13 +128,51 @@ class LLMEngine:
         except Exception as exc:
             log.exception("forward failed on a step of %d requests", len(output.scheduled))
             return self._fail_batch(output, exc)
+        sample_rows, prompt_rows = self._split_rows(output)
+        if prompt_rows:
+            self._collect_prompt_logprobs(logits, prompt_rows)
         self.scheduler.update_computed(output)
-        sampled = [
-            item for item in output.scheduled if item.request.num_computed_tokens == item.request.num_tokens
-        ]
+        sampled = [item for item, _ in sample_rows]
         states = [self._live[item.request.request_id].sampling for item in sampled]
-        result = self.sampler.sample(logits, states)
+        result = self.sampler.sample(logits[[row for _, row in sample_rows]], states)
         return [self._append(item.request, result, row) for row, item in enumerate(sampled)]
+
+    def _num_logits(self, item) -> int:
+        request = item.request
+        if request.wants_prompt_logprobs and request.num_computed_tokens < request.num_prompt_tokens:
+            return item.num_new_tokens
+        return 1 if item.reaches_end else 0
+
+    def _split_rows(self, output: SchedulerOutput):
+        """Which logits rows sample a next token, and which score the prompt's own tokens."""
+        sample_rows, prompt_rows, row = [], [], 0
+        for item in output.scheduled:
+            request, count = item.request, self._num_logits(item)
+            if count > 1 or (count == 1 and not item.reaches_end):
+                start = request.num_computed_tokens
+                for offset in range(count):
+                    position = start + item.num_new_tokens - count + offset
+                    already = len(request.prompt_logprobs)
+                    if position + 1 < request.num_prompt_tokens and position >= already:
+                        prompt_rows.append((request, row + offset, request.prompt_token_ids[position + 1]))
+            if item.reaches_end:
+                sample_rows.append((item, row + count - 1))
+            row += count
+        return sample_rows, prompt_rows
+
+    def _collect_prompt_logprobs(self, logits, prompt_rows) -> None:
+        import torch
+
+        rows = torch.tensor([row for _, row, _ in prompt_rows])
+        logprobs = torch.log_softmax(logits[rows, : self.facts.vocab_size], dim=-1)
+        targets = torch.tensor([target for _, _, target in prompt_rows])
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        k = max(request.params.prompt_logprobs for request, _, _ in prompt_rows)
+        top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)
+        for i, (request, _, target) in enumerate(prompt_rows):
+            n = request.params.prompt_logprobs
+            top = tuple(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist()))
+            request.prompt_logprobs.append(TokenLogprob(target, chosen[i], top))
 
     def _chunks(self, output: SchedulerOutput) -> list[ScheduledChunk]:
         chunks = []
@@ -139,7 +184,7 @@ class LLMEngine:
                     request.token_ids[start : start + item.num_new_tokens],
                     start,
                     self.kv_cache.block_table(request.request_id),
-                    item.reaches_end,
+                    self._num_logits(item),
                 )
             )
         return chunks
@@ -193,6 +238,9 @@ class LLMEngine:
         return failed
 
     def _output(self, request, token_ids, text, logprobs, reason, stop_reason=None, error=None):
+        prompt_logprobs = None
+        if request.wants_prompt_logprobs and request.num_output_tokens == len(token_ids):
+            prompt_logprobs = [None, *request.prompt_logprobs]
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=token_ids,
@@ -204,6 +252,7 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens,
             stop_reason=stop_reason,
             error=EngineError(f"generation failed: {error}") if error is not None else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
 

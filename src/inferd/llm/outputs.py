@@ -26,6 +26,9 @@ class RequestOutput:
     num_cached_tokens: int
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     error: Exception | None = None  # set with finish_reason "error": the client raises it
+    # On the first delta of a request that asked for them: one entry per prompt token, the first
+    # None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def is_finished(self) -> bool:

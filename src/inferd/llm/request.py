@@ -40,6 +40,11 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     is_prefix_checked: bool = False
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob per prompt position > 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -82,8 +82,11 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if self._shares_prefix_in_flight(request):
+                return
             cached = None
-            if request.num_computed_tokens == 0:
+            # Prompt logprobs need the logits of every prompt position: no skipping cached ones.
+            if request.num_computed_tokens == 0 and not request.wants_prompt_logprobs:
                 cached = self.kv_cache.find_cached_prefix(request.token_ids)
             num_computed = cached.num_tokens if cached else request.num_computed_tokens
             num_new = min(request.num_tokens - num_computed, budget)
@@ -102,6 +105,24 @@ class Scheduler:
             self.running.append(request)
             output.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+
+    def _shares_prefix_in_flight(self, request: Request) -> bool:
+        """Whether a running request is still prefilling a prompt that starts with the same full
+        block. Waiting one step for it turns this request's shared blocks into prefix-cache hits
+        (n > 1 choices, or many requests behind one system prompt) instead of computing them twice."""
+        size = self.kv_cache.block_size
+        if (
+            not self.config.enable_prefix_caching
+            or request.wants_prompt_logprobs
+            or request.num_computed_tokens
+            or request.num_prompt_tokens <= size
+        ):
+            return False
+        head = request.prompt_token_ids[:size]
+        return any(
+            other.num_computed_tokens < other.num_prompt_tokens and other.prompt_token_ids[:size] == head
+            for other in self.running
+        )
 
     def _allocate(self, request: Request, num_new: int) -> bool:
         table = self.kv_cache.allocate(

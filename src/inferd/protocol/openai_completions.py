@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pydantic import Field, model_validator
 
 from inferd.llm.params import SamplingParams
@@ -29,9 +31,12 @@ class CompletionRequest(SamplingFields):
         return as_list(self.prompt)
 
     def to_sampling_params(self, seed_offset: int = 0) -> SamplingParams:
-        return self.sampling_params(
+        params = self.sampling_params(
             max_tokens=self.max_tokens, logprobs=self.logprobs, seed_offset=seed_offset
         )
+        if self.echo and self.logprobs is not None:
+            params = replace(params, prompt_logprobs=self.logprobs)
+        return params
 
     @property
     def include_usage(self) -> bool:

@@ -54,8 +54,9 @@ def expected(tiny_llama):
 CONFIGS = {
     "plain": LLMConfig(kv_cache_memory=8 * 2**20),
     "chunked-prefill": LLMConfig(kv_cache_memory=8 * 2**20, max_num_batched_tokens=16),
-    # 14 blocks of 16 tokens at 512 bytes a token (2 layers × K,V × 2 heads × 16 dims × fp32)
-    "preemption": LLMConfig(kv_cache_memory=14 * 16 * 512, block_size=16),
+    # 24 blocks of 4 tokens at 512 bytes a token (2 layers × K,V × 2 heads × 16 dims × fp32):
+    # the longest request needs 21 of them, so eight at once must preempt.
+    "preemption": LLMConfig(kv_cache_memory=24 * 4 * 512, block_size=4),
     "no-prefix-cache": LLMConfig(kv_cache_memory=8 * 2**20, enable_prefix_caching=False),
 }
 

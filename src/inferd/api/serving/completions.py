@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from itertools import accumulate
 
 from starlette.responses import Response
 
@@ -11,6 +12,7 @@ from inferd.api.serving.generation import Choice, check_n, new_id, now, run_choi
 from inferd.api.streaming import sse_response
 from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
+from inferd.llm.outputs import TokenLogprob
 from inferd.protocol.openai_completions import CompletionRequest
 
 
@@ -18,10 +20,6 @@ def prepare_prompts(body: CompletionRequest, client: LLMClient) -> list[list[int
     if body.suffix:
         raise InvalidRequestError(
             "this model cannot fill in the middle: suffix is not supported", param="suffix"
-        )
-    if body.echo and body.logprobs is not None:
-        raise InvalidRequestError(
-            "echo with logprobs (prompt logprobs) is not supported yet", param="logprobs"
         )
     prompts = body.prompts()
     if not prompts:
@@ -39,7 +37,7 @@ async def completion(body: CompletionRequest, model_name: str, client: LLMClient
     outputs = run_choices(client, prompts, params, request_id)
     echoes = [client.decode(p) if body.echo else "" for p in prompts]
     if body.stream:
-        return sse_response(_stream(body, model_name, client, request_id, outputs, echoes))
+        return sse_response(_stream(body, model_name, client, request_id, outputs, prompts, echoes))
     choices = [Choice() for _ in range(len(prompts) * body.n)]
     async for index, output in outputs:
         choices[index].add(output)
@@ -53,7 +51,11 @@ async def completion(body: CompletionRequest, model_name: str, client: LLMClient
                 {
                     "index": i,
                     "text": echoes[i // body.n] + c.text,
-                    "logprobs": _logprobs(c, client) if body.logprobs is not None else None,
+                    "logprobs": (
+                        _logprobs(c, client, prompts[i // body.n] if body.echo else None)
+                        if body.logprobs is not None
+                        else None
+                    ),
                     "finish_reason": c.finish_reason,
                 }
                 for i, c in enumerate(choices)
@@ -63,22 +65,26 @@ async def completion(body: CompletionRequest, model_name: str, client: LLMClient
     )
 
 
-def _logprobs(choice: Choice, client: LLMClient, offset: int = 0) -> dict:
-    tokens, offsets, position = [], [], offset
-    for entry in choice.logprobs:
-        text = token_text(client, entry.token_id)
-        tokens.append(text)
-        offsets.append(position)
-        position += len(text)
+def _logprobs(choice: Choice, client: LLMClient, prompt_ids: list[int] | None = None) -> dict:
+    """OpenAI's legacy logprobs object; with echo (``prompt_ids``) the prompt's tokens come first,
+    the first without a logprob (nothing predicts it)."""
+    entries: list[tuple[int, TokenLogprob | None]] = []
+    if prompt_ids is not None:
+        scored = choice.prompt_logprobs or [None] * len(prompt_ids)
+        entries.extend(zip(prompt_ids, scored))
+    entries.extend((e.token_id, e) for e in choice.logprobs)
+    tokens = [token_text(client, token_id) for token_id, _ in entries]
     return {
         "tokens": tokens,
-        "token_logprobs": [e.logprob for e in choice.logprobs],
-        "top_logprobs": [{token_text(client, t): lp for t, lp in e.top} for e in choice.logprobs],
-        "text_offset": offsets,
+        "token_logprobs": [e.logprob if e is not None else None for _, e in entries],
+        "top_logprobs": [
+            {token_text(client, t): lp for t, lp in e.top} if e is not None else None for _, e in entries
+        ],
+        "text_offset": list(accumulate((len(t) for t in tokens[:-1]), initial=0)),
     }
 
 
-async def _stream(body, model_name, client, request_id, outputs, echoes) -> AsyncIterator[dict]:
+async def _stream(body, model_name, client, request_id, outputs, prompts, echoes) -> AsyncIterator[dict]:
     created = now()
 
     def chunk(choices: list[dict], **extra) -> dict:
@@ -95,13 +101,15 @@ async def _stream(body, model_name, client, request_id, outputs, echoes) -> Asyn
     started = set()
     async for index, output in outputs:
         choices[index].add(output)
-        text = output.new_text
+        text, echoed = output.new_text, None
         if index not in started:
             started.add(index)
             text = echoes[index // body.n] + text
+            echoed = prompts[index // body.n] if body.echo else None
         logprobs = None
         if body.logprobs is not None and output.logprobs:
-            logprobs = _logprobs(Choice(logprobs=list(output.logprobs)), client)
+            delta = Choice(logprobs=list(output.logprobs), prompt_logprobs=output.prompt_logprobs)
+            logprobs = _logprobs(delta, client, echoed)
         yield chunk(
             [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": output.finish_reason}]
         )

