@@ -105,3 +105,21 @@ def test_tei_rerank_names_the_overlong_text(tiny_embedder, tiny_cross_encoder, m
         if model == "cosine":
             with pytest.raises(InputTooLongError, match=r"^query has"):
                 asyncio.run(client.rerank(LONG, ["short"], RerankParams(), param="texts"))
+
+
+def test_full_queue_is_a_429_with_retry_after(tiny_embedder):
+    from inferd.config import load_settings
+    from tests.conftest import free_port, live_server
+
+    settings = load_settings(
+        {"model": [f"{tiny_embedder}=tiny"], "port": free_port(), "num_threads": 1, "max_queued_items": 2}
+    )
+    with live_server(settings) as url:
+        body = {"model": "tiny", "input": ["the cat", "the dog", "the sun"]}
+        response = httpx.post(url + "/v1/embeddings", json=body)
+        assert response.status_code == 429
+        assert int(response.headers["retry-after"]) >= 1
+        validate_openai(response.json(), "ErrorResponse")
+        tei = httpx.post(url + "/embed", json={"inputs": body["input"]})
+        assert tei.status_code == 429 and tei.json()["error_type"] == "Overloaded"
+        assert httpx.post(url + "/v1/embeddings", json=body | {"input": ["ok"]}).status_code == 200

@@ -58,3 +58,21 @@ async def test_cross_encoder_scores_match_within_1e_4(tiny_cross_encoder):
         raw = await client.rerank(query, TEXTS, RerankParams(raw_scores=True))
     np.testing.assert_allclose(out.scores, reference, atol=1e-4)
     np.testing.assert_allclose(1 / (1 + np.exp(-raw.scores)), reference, atol=1e-4)
+
+
+async def test_plain_hugging_face_encoder_uses_mean_pooling(tiny_embedder):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    plain = tiny_embedder.parent / "bert"  # a BertModel folder with no sentence-transformers files
+    tokenizer = AutoTokenizer.from_pretrained(str(plain))
+    model = AutoModel.from_pretrained(str(plain)).eval()
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    reference = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    with started(plain) as client:
+        assert client.info.normalizes is False and client.info.dimensions == 32
+        out = await client.embed(TEXTS, EmbedParams())
+    np.testing.assert_allclose(out.embeddings, reference, rtol=1e-4, atol=1e-5)
