@@ -125,16 +125,16 @@ class LLMEngine:
             return []
         try:
             logits = self.runner.execute(self._chunks(output))
-        except Exception as exc:
-            log.exception("forward failed on a step of %d requests", len(output.scheduled))
+            sample_rows, prompt_rows = self._split_rows(output)
+            if prompt_rows:
+                self._collect_prompt_logprobs(logits, prompt_rows)
+            sampled = [item for item, _ in sample_rows]
+            states = [self._live[item.request.request_id].sampling for item in sampled]
+            result = self.sampler.sample(logits[[row for _, row in sample_rows]], states)
+        except Exception as exc:  # a failed step fails its batch, not the engine
+            log.exception("a step of %d requests failed", len(output.scheduled))
             return self._fail_batch(output, exc)
-        sample_rows, prompt_rows = self._split_rows(output)
-        if prompt_rows:
-            self._collect_prompt_logprobs(logits, prompt_rows)
         self.scheduler.update_computed(output)
-        sampled = [item for item, _ in sample_rows]
-        states = [self._live[item.request.request_id].sampling for item in sampled]
-        result = self.sampler.sample(logits[[row for _, row in sample_rows]], states)
         return [self._append(item.request, result, row) for row, item in enumerate(sampled)]
 
     def _num_logits(self, item) -> int:

@@ -68,7 +68,9 @@ def _facts(model, tokenizer, config: LLMConfig, dtype: torch.dtype) -> ModelFact
         num_layers=hf.num_hidden_layers,
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
-        vocab_size=len(tokenizer),
+        # Models often pad their embedding table past the tokenizer (never sample ids nobody can
+        # decode); a tokenizer with added tokens the model lacks is bounded by the model instead.
+        vocab_size=min(len(tokenizer), hf.vocab_size),
         max_model_len=max_model_len,
         eos_token_ids=frozenset(_eos_ids(model, tokenizer)),
         dtype=dtype,

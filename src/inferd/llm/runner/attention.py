@@ -88,8 +88,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     v = value[0].transpose(0, 1).to(v_cache.dtype)
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
-    window = getattr(module, "sliding_window", None)
-    softcap = getattr(module.config, "attn_logit_softcapping", None)
+    # Models pass their window and soft cap as arguments (Mistral, Gemma 2) or keep them on the module.
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    softcap = kwargs.get("softcap", getattr(module.config, "attn_logit_softcapping", None))
     out = torch.empty_like(q)
     if batch.decode_token_idx is not None:
         ctx_k = k_cache[batch.decode_ctx_slots].transpose(1, 2)  # (B, KVH, L, D)
