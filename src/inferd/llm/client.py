@@ -7,6 +7,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from inferd.llm.params import SamplingParams
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+_STATS_INTERVAL_S = 10.0
 
 
 class _EngineLoop:
@@ -47,11 +49,15 @@ class _EngineLoop:
         import torch
 
         torch.set_num_threads(self.engine.config.num_threads)  # per thread under OpenMP
+        last_log = time.monotonic()
         try:
             while self._drain(block=not self.engine.has_work):
                 outputs = self.engine.step()
                 if outputs:
                     self._publish(outputs)
+                if time.monotonic() - last_log >= _STATS_INTERVAL_S:
+                    log.info("LLM engine: %s", self.engine.stats_line())
+                    last_log = time.monotonic()
         except BaseException as exc:  # the loop itself broke: fail everyone, say so once
             log.exception("the LLM engine loop crashed")
             self.error = exc

@@ -100,6 +100,17 @@ class LLMEngine:
         )
         self.scheduler.add(request)
 
+    def stats_line(self) -> str:
+        """One log line on the engine's state, prefix-cache hit rate included."""
+        kv = self.kv_cache
+        queried = kv.num_prefix_queries
+        hit_rate = kv.num_prefix_hits / queried if queried else 0.0
+        return (
+            f"running {len(self.scheduler.running)}, waiting {len(self.scheduler.waiting)}, "
+            f"KV cache {kv.usage:.0%} used, prefix cache hit rate {hit_rate:.1%} "
+            f"({kv.num_prefix_hits}/{queried} tokens), preemptions {self.scheduler.num_preemptions}"
+        )
+
     def failed_output(self, request_id: str, prompt_token_ids: list[int], error: Exception) -> RequestOutput:
         """The output that tells a client its request could not even start."""
         return RequestOutput(

@@ -98,3 +98,16 @@ async def test_concurrent_identical_prompts_share_their_blocks(tiny_llama):
         assert client.engine.kv_cache.num_prefix_hits == 3 * 32
     finally:
         client.close()
+
+
+async def test_stats_report_the_prefix_hit_rate(tiny_llama):
+    client = LLMClient.start(tiny_llama, LLMConfig(kv_cache_memory=4 * 2**20), asyncio.get_running_loop())
+    try:
+        prompt = list(range(10, 50))
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        await generate(client, prompt, params)
+        await generate(client, prompt, params)
+        line = client.engine.stats_line()
+        assert "prefix cache hit rate 40.0% (32/80 tokens)" in line
+    finally:
+        client.close()
