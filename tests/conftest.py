@@ -44,19 +44,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerURL(str):
+    """The base URL of a live test server, carrying its app for white-box checks."""
+
+    app: object
+
+
 @contextmanager
-def live_server(settings) -> Iterator[str]:
+def live_server(settings) -> Iterator[ServerURL]:
     """Run the real app under uvicorn in a thread; yields its base URL."""
     import uvicorn
 
     from inferd.api.app import create_app
 
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning")
-    )
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{settings.port}"
+    url = ServerURL(f"http://127.0.0.1:{settings.port}")
+    url.app = app
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if server.started:

@@ -179,3 +179,23 @@ def test_echo_with_logprobs_scores_the_prompt(llm_server, tiny_llama):
     assert all(len(top) == 2 for top in logprobs["top_logprobs"][1:])
     offsets = logprobs["text_offset"]
     assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+def test_a_disconnected_stream_is_aborted_and_frees_its_blocks(llm_server):
+    import time
+
+    engine = next(m for m in llm_server.app.state.models if m.name == "tiny-chat").client.engine
+    aborted_before = engine.scheduler.num_finished["abort"]
+    body = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", llm_server + "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert engine.scheduler.running  # generating while we read
+    # The connection is closed: within a few steps the request is gone and its blocks are free.
+    deadline = time.monotonic() + 10
+    while (engine.scheduler.running or engine.kv_cache.usage > 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine.kv_cache.usage == 0
+    assert engine.scheduler.num_finished["abort"] == aborted_before + 1

@@ -10,7 +10,7 @@ running request is preempted: its blocks are freed and it waits to be recomputed
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from inferd.config.engine import LLMConfig
@@ -48,6 +48,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_finished: Counter[str] = Counter()  # by finish reason
 
     @property
     def has_work(self) -> bool:
@@ -155,3 +156,4 @@ class Scheduler:
         self.kv_cache.free(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        self.num_finished[reason.value] += 1
