@@ -86,9 +86,17 @@ def test_async_client_and_n_choices(llm_server):
         again = await async_client.chat.completions.create(
             model="tiny-chat", messages=MESSAGES, max_tokens=5, n=3, temperature=1.0, seed=7
         )
-        return result, again
+        stream = await async_client.chat.completions.create(
+            model="tiny-chat", messages=MESSAGES, max_tokens=5, n=3, temperature=1.0, seed=7, stream=True
+        )
+        streamed = ["", "", ""]
+        async for chunk in stream:
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.delta.content or ""
+        return result, again, streamed
 
-    result, again = asyncio.run(main())
+    result, again, streamed = asyncio.run(main())
+    assert streamed == [c.message.content for c in result.choices]
     assert [c.index for c in result.choices] == [0, 1, 2]
     assert [c.message.content for c in result.choices] == [c.message.content for c in again.choices]
 

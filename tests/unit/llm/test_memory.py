@@ -8,8 +8,13 @@ from inferd.llm.models.loader import ModelFacts
 
 # SmolLM2-135M's shape: 30 layers, 3 KV heads of 64 dims, fp32 → 46,080 bytes a token.
 FACTS = ModelFacts(
-    num_layers=30, num_kv_heads=3, head_dim=64, vocab_size=49152, max_model_len=8192,
-    eos_token_ids=frozenset({2}), dtype=torch.float32,
+    num_layers=30,
+    num_kv_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    max_model_len=8192,
+    eos_token_ids=frozenset({2}),
+    dtype=torch.float32,
 )
 
 
