@@ -1,15 +1,17 @@
-"""Streaming chat throughput and latency of inferd and its LLM peers (llama.cpp, vLLM CPU, transformers serve).
+"""Streaming chat throughput and latency of inferd and LLM peers (llama.cpp, vLLM CPU, transformers serve).
 
 Every server gets the same load over HTTP from one asyncio + httpx load generator: streaming
-``POST /v1/chat/completions`` with temperature 0, ``max_tokens`` 128 and ``ignore_eos`` (so every answer is
-exactly 128 tokens long), for 64 fixed prompts (16 topics x 4 templates, from a one-line question to a
-~250-token set of notes) at concurrency 1, 8 and 32. Each level sends its prompts through C workers that
-take the next prompt as soon as their last answer ends; concurrency 1 sends only the first 16 prompts.
+``POST /v1/chat/completions`` with temperature 0, ``max_tokens`` 128 and EOS ignored (so every answer is
+exactly 128 tokens long), for 64 fixed prompts (16 topics x 4 templates, from a one-line question to four
+notes to compare: 34 to 326 tokens after the chat template, 128 on average) at concurrency 1, 8 and 32.
+Each level sends its prompts through C workers that take the next prompt as soon as their last answer
+ends; concurrency 1 sends only the first 16 prompts.
 
 Per level: output tokens/s (generated tokens over the level's wall time; tokens from the final usage
 chunk, ``stream_options.include_usage``, else one per content chunk), TTFT p50/p95 (request sent to the
 first non-empty content delta), ITL p50/p95 (gaps between a stream's content deltas, pooled), and the
-server's memory (RSS and PSS summed over its process tree, read from /proc). Per server: time to ready.
+server's memory summed over its process tree from /proc (RSS sampled every second, its peak; PSS as the
+level ends). Per server: the time from start to ready.
 
     .venv/bin/python benchmarks/llm_bench.py --quick                  # smoke test
     .venv/bin/python benchmarks/llm_bench.py --json benchmarks/out/llm.json
@@ -53,8 +55,13 @@ LLAMA_F32_GGUF = LLAMA_DIR / "models" / "SmolLM2-135M-Instruct-f32.gguf"
 
 CHAT_MODEL = "smollm2-135m-instruct"
 READY_TIMEOUT_S = 900
+# The KV cache given to the peers that size theirs up front (vLLM, transformers); inferd and llama.cpp size
+# theirs themselves (inferd: a share of free memory, touched as used; llama.cpp: -c tokens).
+KV_CACHE_GIB = 1
+TRANSFORMERS_PAGE_SIZE = 256  # tokens per block of transformers' paged cache (its default)
 REQUEST_TIMEOUT_S = 900
 MEMORY_INTERVAL_S = 1.0
+JSON_HEADERS = {"content-type": "application/json"}
 
 # (prompts, max_tokens, levels, prompts at concurrency 1)
 FULL = (64, 128, (1, 8, 32), 16)
@@ -129,8 +136,9 @@ TOPICS = (
 
 
 def build_prompts() -> list[str]:
-    """64 prompts: for each topic, a one-line question (~10 tokens), a request for an explanation (~25),
-    a note to summarise (~90) and four notes to compare (~270)."""
+    """64 prompts: for each topic, a one-line question, a request for an explanation, a note to summarise
+    and four notes to compare: about 36, 54, 116 and 308 tokens after SmolLM2's chat template (whose
+    default system prompt is 31 of them)."""
     prompts = []
     n = len(TOPICS)
     for t, (name, note) in enumerate(TOPICS):
@@ -201,6 +209,7 @@ class Setup:
     hf_dir: Path
     max_concurrency: int
     ctx_per_seq: int  # prompt + answer + slack, in tokens
+    kv_bytes_per_token: int  # keys and values of every layer, at the served dtype
 
 
 def inferd_server(s: Setup) -> Server:
@@ -229,6 +238,9 @@ def _llama_server(s: Setup, name: str, gguf: Path, note: str) -> Server:
         "-np", str(n), "-c", str(n * s.ctx_per_seq), "-t", str(s.args.threads),
         # The GGUF's own chat template (SmolLM2's, with its default system prompt), as the other servers use.
         "--jinja",
+        # No extra weight buffers: built for this CPU, ggml puts Q4_1 weights in AMX buffers and its AMX
+        # matmul segfaults on the first decode here (llama.cpp 0c1e5709, Xeon with AMX under a VM).
+        "--no-repack",
     ]
     return Server(name, cmd, f"http://127.0.0.1:{port}", "/health", CHAT_MODEL, note=note)
 
@@ -251,8 +263,9 @@ def _vllm_server(s: Setup, name: str, dtype: str, env: dict[str, str], note: str
         "--max-model-len", str(s.ctx_per_seq), "--max-num-seqs", str(s.max_concurrency),
         "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log",
     ]
-    # KV cache in GiB: 32 sequences of 512 tokens take 0.75 GiB in float32 (46 KiB a token for this model).
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **env}
+    # KV cache in GiB: 32 sequences of 512 tokens take 0.7 GiB in float32 (45 KiB a token for this model).
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           **env}
     return Server(name, cmd, f"http://127.0.0.1:{port}", "/health", CHAT_MODEL, env=env, venv=venv,
                   packages=("vllm-cpu", "torch", "transformers"), note=note)
 
@@ -278,11 +291,13 @@ def transformers_server(s: Setup) -> Server:
     port = free_port()
     dtype = "float32" if s.args.dtype == "auto" else s.args.dtype
     # The positional model is preloaded before the port opens, so /health answers only once it is loaded;
-    # requests must then name that same model (or none).
+    # requests must then name that same model (or none). Without --cb-num-blocks its paged cache takes 90%
+    # of free RAM (10 GiB resident here); with it, the same KV_CACHE_GIB as vLLM.
+    blocks = KV_CACHE_GIB * 2**30 // (TRANSFORMERS_PAGE_SIZE * s.kv_bytes_per_token)
     cmd = [
         str(venv / "bin" / "transformers"), "serve", str(s.hf_dir), "--continuous-batching",
-        "--device", "cpu", "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning",
+        "--cb-num-blocks", str(blocks), "--device", "cpu", "--dtype", dtype,
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
     ]
 
     # transformers serve rejects unknown request fields (422), ignore_eos among them. A generation config
@@ -353,41 +368,42 @@ def _kib(path: str, key: bytes) -> int | None:
     return None
 
 
-def tree_memory(root: int) -> dict[str, float | int | None]:
-    """RSS and PSS in MiB summed over the process tree (RSS counts shared pages once per process, PSS
-    splits them among their sharers)."""
-    rss = pss = 0
-    pss_ok = True
+def tree_memory(root: int, pss: bool = True) -> dict[str, float | int | None]:
+    """RSS, and PSS unless told not to, in MiB summed over the process tree (RSS counts shared pages once
+    per process, PSS splits them among their sharers). RSS is cheap to read; PSS walks every page table
+    (tens of ms of kernel time for a process of a few GiB), so it is read only now and then."""
+    rss_kib = pss_kib = 0
+    pss_ok = pss
     pids = process_tree(root)
     for pid in pids:
-        r = _kib(f"/proc/{pid}/status", b"VmRSS:")
-        rss += r or 0
-        p = _kib(f"/proc/{pid}/smaps_rollup", b"Pss:")
-        if p is None:
-            pss_ok = False
-        else:
-            pss += p
-    return {"rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1) if pss_ok else None,
+        rss_kib += _kib(f"/proc/{pid}/status", b"VmRSS:") or 0
+        if pss_ok:
+            p = _kib(f"/proc/{pid}/smaps_rollup", b"Pss:")
+            if p is None:
+                pss_ok = False
+            else:
+                pss_kib += p
+    return {"rss_mib": round(rss_kib / 1024, 1), "pss_mib": round(pss_kib / 1024, 1) if pss_ok else None,
             "processes": len(pids)}
 
 
 class MemorySampler:
-    """Samples the tree's memory every second in a thread; keeps the peaks."""
+    """Samples the tree's RSS every second in a thread and keeps its peak; PSS is read once, at the end."""
 
     def __init__(self, root: int | None):
         self.root = root
         self.peak_rss = 0.0
-        self.peak_pss: float | None = None
+        self.end_pss: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def sample(self) -> None:
+    def sample(self, pss: bool = False) -> None:
         if self.root is None:
             return
-        m = tree_memory(self.root)
+        m = tree_memory(self.root, pss=pss)
         self.peak_rss = max(self.peak_rss, m["rss_mib"] or 0.0)
-        if m["pss_mib"] is not None:
-            self.peak_pss = max(self.peak_pss or 0.0, m["pss_mib"])
+        if pss:
+            self.end_pss = m["pss_mib"]
 
     def __enter__(self) -> MemorySampler:
         if self.root is not None:
@@ -405,7 +421,7 @@ class MemorySampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.sample()
+        self.sample(pss=True)
 
 
 class Running:
@@ -506,7 +522,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: bytes) -> Stream
     s = Stream()
     t0 = time.perf_counter()
     try:
-        async with client.stream("POST", url, content=body, headers={"content-type": "application/json"}) as r:
+        async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as r:
             if r.status_code != 200:
                 s.error = f"HTTP {r.status_code}: {(await r.aread())[:300].decode(errors='replace')}"
                 return s
@@ -568,7 +584,7 @@ class LevelResult:
     e2e_p50_ms: float
     short_answers: int  # answers under max_tokens: the server stopped early (EOS not ignored)
     peak_rss_mib: float | None = None
-    peak_pss_mib: float | None = None
+    end_pss_mib: float | None = None  # read as the level ends
     client_cpu_s: float = 0.0  # the load generator's own CPU time: it shares the machine's cores
     errors: int = 0
     first_error: str | None = None
@@ -626,7 +642,7 @@ async def run_level(server: Server, prompts: list[str], concurrency: int, max_to
         itl_p50_ms=percentile(itl, 0.5), itl_p95_ms=percentile(itl, 0.95), e2e_p50_ms=percentile(e2e, 0.5),
         short_answers=sum(1 for n in counts if n < max_tokens) if from_usage else 0,
         peak_rss_mib=memory.peak_rss if memory_root is not None else None,
-        peak_pss_mib=memory.peak_pss, client_cpu_s=cpu, errors=len(errors),
+        end_pss_mib=memory.end_pss, client_cpu_s=cpu, errors=len(errors),
         first_error=errors[0] if errors else None, ttft_ms=[round(x, 2) for x in ttft],
     )
 
@@ -752,7 +768,7 @@ def render_table(report: dict) -> str:
             f"{'RSS MiB':>8} {'PSS MiB':>8} {'inferd/x':>9}")
     lines = [head, "-" * len(head)]
     for load, requests in report["levels"]:
-        labels = iter([load, f"  {requests} requests"])
+        labels = iter([f"{load} ({requests} req)"])
         base_level = ((inferd or {}).get("levels") or {}).get(load)
         base = base_level["tokens_per_s"] if base_level and not base_level["errors"] else None
         for server in servers:
@@ -776,18 +792,18 @@ def render_table(report: dict) -> str:
                 f"{label:<16} {server['name']:<14} {_fmt(r, 1):>8} {_fmt(level['ttft_p50_ms']):>9} "
                 f"{_fmt(level['ttft_p95_ms']):>7} {_fmt(level['itl_p50_ms'], 1):>8} "
                 f"{_fmt(level['itl_p95_ms'], 1):>7} {_fmt(level['peak_rss_mib']):>8} "
-                f"{_fmt(level['peak_pss_mib']):>8} {ratio:>9}{flag}".rstrip())
+                f"{_fmt(level['end_pss_mib']):>8} {ratio:>9}{flag}".rstrip())
         lines.append("")
     lines.append(f"{'server':<14} {'ready s':>8} {'RSS MiB':>8} {'PSS MiB':>8}  ignore_eos / note")
     for server in servers:
         mem = server.get("ready_memory") or {}
         note = "; ".join(x for x in (server.get("ignore_eos"), server.get("note")) if x)
-        lines.append(f"{server['name']:<14} {_fmt(server.get('ready_s'), 1):>8} {_fmt(mem.get('rss_mib')):>8} "
-                     f"{_fmt(mem.get('pss_mib')):>8}  {note}")
+        lines.append(f"{server['name']:<14} {_fmt(server.get('ready_s'), 1):>8} "
+                     f"{_fmt(mem.get('rss_mib')):>8} {_fmt(mem.get('pss_mib')):>8}  {note}")
     lines.append("")
-    lines.append("tok/s: output tokens over the level's wall time; TTFT, ITL in ms; RSS/PSS: peak over the "
-                 "level, summed over the server's processes (ready row: just after ready); inferd/x: "
-                 "inferd's tok/s over the row's")
+    lines.append("tok/s: output tokens over the level's wall time; TTFT, ITL in ms; RSS: peak over the "
+                 "level, PSS: as it ends, both summed over the server's processes (ready rows: just after "
+                 "ready); inferd/x: inferd's tok/s over the row's")
     return "\n".join(lines)
 
 
@@ -852,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     # Per-sequence context for llama.cpp's slots and vLLM's max-model-len: the longest prompt, the
     # answer and some slack, rounded up to 256.
     ctx = (max(prompt_tokens) + max_tokens + 64 + 255) // 256 * 256
-    setup = Setup(args, gguf, hf_dir, max(level_list), ctx)
+    setup = Setup(args, gguf, hf_dir, max(level_list), ctx, kv_bytes_per_token(hf_dir, args.dtype))
     print(f"prompts: {n_prompts} ({len(levels[0][1])} at concurrency {levels[0][0]}), chat-templated "
           f"lengths {min(prompt_tokens)}-{max(prompt_tokens)} tokens (mean "
           f"{sum(prompt_tokens) / len(prompt_tokens):.0f}); max_tokens {max_tokens}; levels "
@@ -892,6 +908,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if "inferd" in failed else 0
 
 
+def kv_bytes_per_token(hf_dir: Path, dtype: str) -> int:
+    config = json.loads((hf_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    itemsize = 4 if dtype in ("float32", "auto") else 2
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * itemsize
+
+
 def count_prompt_tokens(hf_dir: Path, prompts: list[str]) -> list[int]:
     """Each prompt's length after SmolLM2's chat template (default system prompt included)."""
     from transformers import AutoTokenizer
@@ -907,7 +931,8 @@ def _header(report: dict) -> str:
                 for k, vs in report["versions"].items() if vs]
     pt = report["prompt_tokens"]
     return (f"versions: {'; '.join(versions)}\n"
-            f"prompts: {pt['min']}-{pt['max']} tokens (mean {pt['mean']}), max_tokens {report['max_tokens']}, "
+            f"prompts: {pt['min']}-{pt['max']} tokens (mean {pt['mean']}), "
+            f"max_tokens {report['max_tokens']}, "
             f"ignore_eos, temperature 0, streamed; dtype {report['dtype']}; "
             f"{report['machine']['affinity']} cpus; {report['started']}"
             f"{'; QUICK' if report['quick'] else ''}\n")
