@@ -34,8 +34,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,11 +43,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from harness import OUT_DIR, ROOT, VENVS, Running, free_port, percentile, venv_versions
 
 BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-VENVS = BENCH_DIR / ".venvs"
-OUT_DIR = BENCH_DIR / "out"
 LLAMA_DIR = VENVS / "llama.cpp"
 LLAMA_F32_GGUF = LLAMA_DIR / "models" / "SmolLM2-135M-Instruct-f32.gguf"
 
@@ -177,12 +173,6 @@ class Server:
     venv: Path | None = None
     packages: tuple[str, ...] = ()
     note: str = ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bundled_gguf() -> Path:
@@ -424,66 +414,6 @@ class MemorySampler:
         self.sample(pss=True)
 
 
-class Running:
-    """A server subprocess in its own process group, its output in a log file."""
-
-    def __init__(self, server: Server, log_dir: Path):
-        self.server = server
-        self.proc: subprocess.Popen | None = None
-        self.log_path = log_dir / f"llm-{server.name}.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def __enter__(self) -> Running:
-        if self.server.command is None:
-            return self
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.server.env}
-        if self.server.venv is not None:
-            env["PATH"] = f"{self.server.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-            env["VIRTUAL_ENV"] = str(self.server.venv)
-        env.pop("PYTHONPATH", None)
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(self.server.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=ROOT)
-        log.close()
-        return self
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
-        t0 = time.perf_counter()
-        url = self.server.base_url + self.server.ready_path
-        with httpx.Client(trust_env=False, timeout=5) as client:
-            while time.perf_counter() - t0 < timeout:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.server.name} exited with {self.proc.returncode}; "
-                                       f"see {self.log_path}:\n{self.tail()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(url).status_code == 200:
-                        return time.perf_counter() - t0
-                time.sleep(0.25)
-        raise RuntimeError(f"{self.server.name} not ready after {timeout:.0f}s; see {self.log_path}")
-
-    def tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = self.proc.pid  # start_new_session: the group is this process and its children
-        for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(wait)
-                break
-        with contextlib.suppress(ProcessLookupError):  # children left behind by a server that exited
-            os.killpg(pgid, signal.SIGKILL)
-
-
 # ---------------------------------------------------------------------------------------------- load
 
 
@@ -554,17 +484,6 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: bytes) -> Stream
     if s.error is None and s.first_content_s is None:
         s.error = "no content"
     return s
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 @dataclass
@@ -650,25 +569,6 @@ async def run_level(server: Server, prompts: list[str], concurrency: int, max_to
 # ---------------------------------------------------------------------------------------------- versions
 
 
-def venv_versions(venv: Path | None, packages: tuple[str, ...]) -> dict[str, str]:
-    if venv is None or not (venv / "bin" / "python").exists() or not packages:
-        return {}
-    code = (
-        "import importlib.metadata as m, json, sys\n"
-        "out = {}\n"
-        "for p in sys.argv[1:]:\n"
-        "    try: out[p] = m.version(p)\n"
-        "    except m.PackageNotFoundError: pass\n"
-        "print(json.dumps(out))\n"
-    )
-    try:
-        done = subprocess.run([str(venv / "bin" / "python"), "-c", code, *packages], capture_output=True,
-                              text=True, timeout=60, check=True)
-        return json.loads(done.stdout)
-    except (subprocess.SubprocessError, ValueError):
-        return {}
-
-
 def llama_version() -> str | None:
     exe = LLAMA_DIR / "bin" / "llama-server"
     if not exe.exists():
@@ -719,7 +619,7 @@ def bench_server(server: Server, levels: list[tuple[int, list[str]]], max_tokens
     env = " ".join(f"{k}={v}" for k, v in server.env.items())
     print(f"\n== {server.name}: {env + ' ' if env else ''}{where}", flush=True)
     try:
-        with Running(server, log_dir) as running:
+        with Running(server, log_dir, log_prefix="llm-") as running:
             out["ready_s"] = round(running.wait_ready(), 2)
             root = running.pid
             if root is not None:

@@ -1,0 +1,121 @@
+"""What embed_bench.py and llm_bench.py share: paths, server processes, percentiles, versions.
+
+Each server runs as a subprocess in its own process group (so a server's own children go with it),
+its output in a log file under benchmarks/out/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+VENVS = BENCH_DIR / ".venvs"
+OUT_DIR = BENCH_DIR / "out"
+READY_TIMEOUT_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A server subprocess in its own process group, its output in a log file."""
+
+    def __init__(self, server, log_dir: Path, log_prefix: str = ""):
+        self.server = server
+        self.proc: subprocess.Popen | None = None
+        self.log_path = log_dir / f"{log_prefix}{server.name}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def __enter__(self) -> Running:
+        if self.server.command is None:
+            return self
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.server.env}
+        if self.server.venv is not None:
+            env["PATH"] = f"{self.server.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+            env["VIRTUAL_ENV"] = str(self.server.venv)
+        env.pop("PYTHONPATH", None)
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(self.server.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=ROOT)
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
+        t0 = time.perf_counter()
+        url = self.server.base_url + self.server.ready_path
+        with httpx.Client(trust_env=False, timeout=5) as client:
+            while time.perf_counter() - t0 < timeout:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.server.name} exited with {self.proc.returncode}; "
+                                       f"see {self.log_path}:\n{self.tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(url).status_code == 200:
+                        return time.perf_counter() - t0
+                time.sleep(0.5)
+        raise RuntimeError(f"{self.server.name} not ready after {timeout:.0f}s; see {self.log_path}")
+
+    def tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group is this process and its children
+        for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(wait)
+                break
+        with contextlib.suppress(ProcessLookupError):  # children left behind by a server that exited
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def venv_versions(venv: Path | None, packages: tuple[str, ...]) -> dict[str, str]:
+    if venv is None or not (venv / "bin" / "python").exists() or not packages:
+        return {}
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "out = {}\n"
+        "for p in sys.argv[1:]:\n"
+        "    try: out[p] = m.version(p)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        done = subprocess.run([str(venv / "bin" / "python"), "-c", code, *packages], capture_output=True,
+                              text=True, timeout=60, check=True)
+        return json.loads(done.stdout)
+    except (subprocess.SubprocessError, ValueError):
+        return {}
