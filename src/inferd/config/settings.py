@@ -123,11 +123,17 @@ class ServerSettings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def encoder_config(self, spec: ModelSpec | None = None) -> EncoderConfig:
+    def _placement(self, spec: ModelSpec | None, cuda_dtype: str) -> tuple[str, str]:
+        """(device, dtype) for one model: its spec's choice, else the server's; auto dtype is
+        float32 on the CPU and ``cuda_dtype`` on a GPU."""
         device = (spec.device if spec and spec.device else None) or self.resolved_device()
         dtype = (spec.dtype if spec and spec.dtype else None) or self.dtype
         if dtype == "auto":
-            dtype = "float16" if device == "cuda" else "float32"
+            dtype = cuda_dtype if device == "cuda" else "float32"
+        return device, dtype
+
+    def encoder_config(self, spec: ModelSpec | None = None) -> EncoderConfig:
+        device, dtype = self._placement(spec, cuda_dtype="float16")
         return EncoderConfig(
             max_batch_tokens=self.max_batch_tokens,
             max_batch_requests=self.max_batch_requests,
@@ -139,10 +145,7 @@ class ServerSettings(BaseSettings):
         )
 
     def llm_config(self, spec: ModelSpec | None = None) -> LLMConfig:
-        device = (spec.device if spec and spec.device else None) or self.resolved_device()
-        dtype = (spec.dtype if spec and spec.dtype else None) or self.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
+        device, dtype = self._placement(spec, cuda_dtype="bfloat16")
         return LLMConfig(
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,

@@ -7,7 +7,16 @@ from collections.abc import AsyncIterator
 from starlette.responses import Response
 
 from inferd.api.responses import FastJSONResponse
-from inferd.api.serving.generation import Choice, check_n, new_id, now, run_choices, token_text, usage
+from inferd.api.serving.generation import (
+    Choice,
+    check_n,
+    collect,
+    new_id,
+    now,
+    run_choices,
+    token_text,
+    usage,
+)
 from inferd.api.streaming import sse_response
 from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
@@ -42,9 +51,7 @@ async def chat_completion(body: ChatCompletionRequest, model_name: str, client: 
     outputs = run_choices(client, [prompt], params, request_id)
     if body.stream:
         return sse_response(_stream(body, model_name, client, request_id, outputs))
-    choices = [Choice() for _ in range(body.n)]
-    async for index, output in outputs:
-        choices[index].add(output)
+    choices = await collect(outputs, body.n)
     return FastJSONResponse(
         {
             "id": request_id,

@@ -8,7 +8,16 @@ from itertools import accumulate
 from starlette.responses import Response
 
 from inferd.api.responses import FastJSONResponse
-from inferd.api.serving.generation import Choice, check_n, new_id, now, run_choices, token_text, usage
+from inferd.api.serving.generation import (
+    Choice,
+    check_n,
+    collect,
+    new_id,
+    now,
+    run_choices,
+    token_text,
+    usage,
+)
 from inferd.api.streaming import sse_response
 from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
@@ -38,9 +47,7 @@ async def completion(body: CompletionRequest, model_name: str, client: LLMClient
     echoes = [client.decode(p) if body.echo else "" for p in prompts]
     if body.stream:
         return sse_response(_stream(body, model_name, client, request_id, outputs, prompts, echoes))
-    choices = [Choice() for _ in range(len(prompts) * body.n)]
-    async for index, output in outputs:
-        choices[index].add(output)
+    choices = await collect(outputs, len(prompts) * body.n)
     return FastJSONResponse(
         {
             "id": request_id,

@@ -66,6 +66,14 @@ def run_choices(
     return merge(streams)
 
 
+async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]], num_choices: int) -> list[Choice]:
+    """Every choice's whole output, for a non-streamed response."""
+    choices = [Choice() for _ in range(num_choices)]
+    async for index, output in outputs:
+        choices[index].add(output)
+    return choices
+
+
 def usage(choices: list[Choice], num_prompts: int = 1) -> dict:
     per_prompt = choices[:: max(1, len(choices) // max(1, num_prompts))]
     prompt_tokens = sum(c.num_prompt_tokens for c in per_prompt)
