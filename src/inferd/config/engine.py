@@ -45,6 +45,8 @@ class LLMConfig:
     device: str = "cpu"
     dtype: str = "float32"
     cache_dir: str | None = None  # where GGUF files are converted once; None: ~/.cache/inferd
+    max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429
+    max_prompt_chars: int | None = None  # None: bounded by the request body size only
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n", "num_threads"):

@@ -21,6 +21,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from inferd.config.access import ApiKeySpec, read_key_file
 from inferd.config.engine import EncoderConfig, LLMConfig
 from inferd.config.model_spec import ModelSpec
 
@@ -96,6 +97,60 @@ class ServerSettings(BaseSettings):
         None, description="Where converted models are kept; default: ~/.cache/inferd."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    # Access, limits, observability and lifecycle (production operation).
+    api_key: Annotated[list[ApiKeySpec], NoDecode] = Field(
+        default_factory=list,
+        description="API key clients must send (Authorization: Bearer KEY, or x-api-key); repeat for "
+        "several. In the config file an entry may be a mapping {key, name, models, requests_per_minute, "
+        "tokens_per_minute}. Without keys every route is open.",
+    )
+    api_key_file: Path | None = Field(None, description="File of API keys, one per line (# comments).")
+    public_metrics: bool = Field(False, description="Serve /metrics without a key when keys are set.")
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="Requests per minute per key (all clients together without keys)."
+    )
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Prompt + completion tokens per minute per key, counted when known."
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, description="LLM: most requests waiting for a running slot; past it 429 at once."
+    )
+    max_prompt_chars: int | None = Field(
+        None, ge=1, description="LLM: most characters in one prompt (the rendered chat included)."
+    )
+    max_request_bytes: int = Field(
+        16 * 2**20, ge=1, description="Largest request body in bytes; larger bodies get 413."
+    )
+    request_timeout: float | None = Field(
+        None, gt=0, description="Seconds a request may take (streams included) before it is aborted."
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM or SIGINT."
+    )
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (* for any); CORS is off when empty."
+    )
+    cors_allow_credentials: bool = Field(False, description="Let CORS requests carry credentials.")
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects or text.")
+    log_requests: bool = Field(
+        False, description="Put request and response bodies in the access log (prompts are private)."
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OpenTelemetry OTLP/HTTP endpoint for traces (needs the otel extra)."
+    )
+
+    @field_validator("api_key", "cors_allow_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+        return value
+
+    def api_keys(self) -> list[ApiKeySpec]:
+        """Keys from ``api_key`` and ``api_key_file`` together."""
+        from_file = read_key_file(self.api_key_file) if self.api_key_file else []
+        return [*self.api_key, *from_file]
 
     @field_validator("model", mode="before")
     @classmethod
@@ -159,6 +214,8 @@ class ServerSettings(BaseSettings):
             device=device,
             dtype=dtype,
             cache_dir=self.cache_dir,
+            max_queued_requests=self.max_queued_requests,
+            max_prompt_chars=self.max_prompt_chars,
         )
 
 
