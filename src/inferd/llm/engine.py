@@ -51,6 +51,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded, config, num_blocks)
         self.sampler = Sampler(loaded.facts.vocab_size, set(loaded.facts.eos_token_ids))
         self._live: dict[str, _Live] = {}
+        self.num_step_tokens = 0  # tokens the last step computed (for the iteration-tokens metric)
         log.info(
             "LLM KV cache: %d blocks of %d tokens (%.0f MiB)",
             num_blocks,
@@ -132,6 +133,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         output = self.scheduler.schedule()
+        self.num_step_tokens = output.num_tokens
         if not output.scheduled:
             return []
         try:
@@ -264,6 +266,8 @@ class LLMEngine:
             stop_reason=stop_reason,
             error=EngineError(f"generation failed: {error}") if error is not None else None,
             prompt_logprobs=prompt_logprobs,
+            arrival_time=request.arrival_time,
+            first_scheduled_time=request.first_scheduled_time,
         )
 
 

@@ -29,7 +29,21 @@ class RequestOutput:
     # On the first delta of a request that asked for them: one entry per prompt token, the first
     # None (nothing predicts it).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Engine clock (time.monotonic) of the request's arrival and first scheduling: its queue time.
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
 
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's load, cheap enough to take on every metrics scrape."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of KV blocks in use, 0..1
+    num_prefix_queries: int  # prompt tokens looked up in the prefix cache
+    num_prefix_hits: int  # of those, tokens found there
