@@ -55,3 +55,31 @@ class ModelLoadError(InferdError):
 
 class EngineError(InferdError):
     """The engine failed while running a request (a bug or a device fault); reported as a 500."""
+
+
+class AuthenticationError(InferdError):
+    """No API key, or one the server does not know."""
+
+
+class PermissionDeniedError(InferdError):
+    """The API key may not use what the request asks for."""
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is larger than the server accepts."""
+
+
+class RateLimitError(OverloadedError):
+    """A key used up its requests or tokens per minute; ``retry_after`` says when it may go on."""
+
+
+class ShuttingDownError(EngineUnavailableError):
+    """The server is draining before it stops: other replicas should take the request."""
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(InferdError):
+    """The request ran past the server's request timeout and was aborted."""

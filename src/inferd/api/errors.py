@@ -10,14 +10,21 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferd.api.cancellation import ClientDisconnected
+from inferd.api.context import current_request_id
 from inferd.api.responses import FastJSONResponse
 from inferd.errors import (
+    AuthenticationError,
     EngineError,
     EngineUnavailableError,
     InferdError,
     InputTooLongError,
     ModelNotFoundError,
     OverloadedError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestTimeoutError,
+    ShuttingDownError,
     UnsupportedTaskError,
 )
 
@@ -44,6 +51,12 @@ def family_of(path: str) -> Family:
 
 # (status, OpenAI type, OpenAI code, TEI error_type) per domain error; the first match wins.
 _TABLE: list[tuple[type[InferdError], int, str, str | None, str]] = [
+    (AuthenticationError, 401, "invalid_request_error", "invalid_api_key", "Unauthorized"),
+    (PermissionDeniedError, 403, "invalid_request_error", "permission_denied", "Unauthorized"),
+    (PayloadTooLargeError, 413, "invalid_request_error", "request_too_large", "Validation"),
+    (RateLimitError, 429, "rate_limit_error", "rate_limit_exceeded", "Overloaded"),
+    (ShuttingDownError, 503, "server_error", "service_unavailable", "Unhealthy"),
+    (RequestTimeoutError, 504, "server_error", "timeout", "Backend"),
     (InputTooLongError, 400, "invalid_request_error", "context_length_exceeded", "Validation"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found", "Validation"),
     (UnsupportedTaskError, 400, "invalid_request_error", "model_not_supported", "Validation"),
@@ -75,15 +88,21 @@ def error_response(
 
 
 def _domain_error(request: Request, exc: InferdError) -> FastJSONResponse:
-    family = family_of(request.url.path)
+    return domain_error_response(request.url.path, exc)
+
+
+def domain_error_response(path: str, exc: InferdError) -> FastJSONResponse:
+    """The status and body a domain error gets on ``path``'s route family."""
+    family = family_of(path)
     _, status, type_, code, tei_type = next(row for row in _TABLE if isinstance(exc, row[0]))
     if family is Family.TEI and isinstance(exc, InputTooLongError):
         status = 413  # TEI answers over-long inputs with Payload Too Large
     elif family is Family.TEI and status == 400:
         status = 422
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
-    if status >= 500:
-        log.error("request %s failed: %s", request.url.path, exc.message)
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    if status >= 500 and status != 503:
+        log.error("request %s on %s failed: %s", current_request_id(), path, exc.message)
     return error_response(
         family,
         status,
@@ -125,8 +144,7 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> FastJSONRespon
 
 
 def _unexpected_error(request: Request, exc: Exception) -> FastJSONResponse:
-    request_id = request.headers.get("x-request-id", "-")
-    log.exception("unexpected error on %s (request id %s)", request.url.path, request_id)
+    log.exception("unexpected error on %s (request id %s)", request.url.path, current_request_id())
     return error_response(
         family_of(request.url.path), 500, "internal server error", type_="server_error", tei_type="Backend"
     )

@@ -8,9 +8,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from inferd.api.context import current_context
 from inferd.config import ModelKind, ModelSpec, ServerSettings
 from inferd.encoder.client import EncoderClient
-from inferd.errors import ModelLoadError, ModelNotFoundError, UnsupportedTaskError
+from inferd.errors import ModelLoadError, ModelNotFoundError, PermissionDeniedError, UnsupportedTaskError
 from inferd.hub.resolve import detect_kind, resolve_model
 from inferd.llm.client import LLMClient
 from inferd.protocol.models import ModelCard
@@ -51,25 +52,45 @@ class ServedModel:
 
 
 class ModelTable:
-    """Lookup by name and kind; a missing name picks the first model of that kind."""
+    """Lookup by name and kind; a missing name picks the first model of that kind.
 
-    def __init__(self, models: list[ServedModel]) -> None:
+    ``visible_to`` gives the view one API key may use: other models look as if they did not exist.
+    """
+
+    def __init__(self, models: list[ServedModel], allowed: frozenset[str] | None = None) -> None:
         self._models = {m.name: m for m in models}
+        self._allowed = allowed
+
+    def visible_to(self, allowed: frozenset[str] | None) -> ModelTable:
+        return self if allowed is None else ModelTable(list(self._models.values()), allowed)
+
+    def _is_visible(self, name: str) -> bool:
+        return self._allowed is None or name in self._allowed
 
     def __iter__(self):
-        return iter(self._models.values())
+        return (m for m in self._models.values() if self._is_visible(m.name))
 
     def get(self, name: str | None, kind: ModelKind) -> ServedModel:
+        model = self._find(name, kind)
+        context = current_context()
+        if context is not None:
+            context.model = model.name
+        return model
+
+    def _find(self, name: str | None, kind: ModelKind) -> ServedModel:
         if name is None:
-            for model in self._models.values():
+            for model in self:
                 if model.kind is kind:
                     return model
+            if any(m.kind is kind for m in self._models.values()):
+                raise PermissionDeniedError(f"this API key may not use the {_ROUTE_NAMES[kind]} models")
             raise ModelNotFoundError(f"no {_ROUTE_NAMES[kind]} model is served", param="model")
         model = self._models.get(name)
-        if model is None:
-            served = ", ".join(self._models) or "none"
+        if model is None or not self._is_visible(name):
+            served = ", ".join(m.name for m in self) or "none"
+            access = "" if self._allowed is None else " or you do not have access to it"
             raise ModelNotFoundError(
-                f"the model {name!r} does not exist; served models: {served}", param="model"
+                f"the model {name!r} does not exist{access}; served models: {served}", param="model"
             )
         if model.kind is not kind:
             raise UnsupportedTaskError(

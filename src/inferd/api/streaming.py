@@ -27,15 +27,17 @@ async def _encode(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
         async for event in events:
             yield b"data: " + orjson.dumps(event) + b"\n\n"
     except InferdError as exc:
-        # Headers are gone already: the error travels as an event in OpenAI's error shape.
-        yield (
-            b"data: "
-            + orjson.dumps(
-                {"error": {"message": exc.message, "type": "server_error", "param": exc.param, "code": None}}
-            )
-            + b"\n\n"
-        )
-    yield b"data: [DONE]\n\n"
+        yield error_event(exc)
+    yield DONE
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def error_event(exc: InferdError) -> bytes:
+    """Headers are gone already: an error travels as an event in OpenAI's error shape."""
+    error = {"message": exc.message, "type": "server_error", "param": exc.param, "code": None}
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
 
 
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

@@ -3,27 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from inferd.config.engine import EncoderConfig
 from inferd.config.model_spec import ModelKind
-from inferd.encoder.engine import EncoderEngine
+from inferd.encoder.engine import BatchObserver, EncoderEngine
 from inferd.encoder.models.base import EncoderInfo
 from inferd.encoder.models.registry import load_encoder_model
 from inferd.encoder.params import EmbedOutput, EmbedParams, RerankOutput, RerankParams
 from inferd.encoder.quantize import quantize
 from inferd.encoder.request import EncodeRequest, Item
 from inferd.encoder.tokenize import Encoded
-from inferd.errors import InvalidRequestError
+from inferd.errors import EngineUnavailableError, InvalidRequestError
 
 T = TypeVar("T")
 
 # Tokenising this many characters or more moves to a worker thread, off the event loop.
 _INLINE_TOKENIZE_CHARS = 16_384
+
+
+class EncoderObserver(BatchObserver, Protocol):
+    """Told about each request's phases (on the event loop) and each batch (on the model thread)."""
+
+    def on_tokenize(self, duration_s: float) -> None: ...
+
+    def on_request(self, num_tokens: int, queue_s: float, inference_s: float) -> None:
+        """A request's items all came back: ``queue_s`` until the model began its first batch,
+        ``inference_s`` from then until its last row."""
+
+
+class _NoObserver:
+    def on_tokenize(self, duration_s: float) -> None:
+        pass
+
+    def on_request(self, num_tokens: int, queue_s: float, inference_s: float) -> None:
+        pass
+
+    def on_batch(self, num_items: int, num_tokens: int, duration_s: float) -> None:
+        pass
 
 
 class EncoderClient:
@@ -34,6 +56,7 @@ class EncoderClient:
         self._tokenizer = engine.model.tokenizer
         self.info: EncoderInfo = engine.model.info
         self.config: EncoderConfig = engine.config
+        self._observer: EncoderObserver = _NoObserver()
 
     @classmethod
     def start(cls, path: Path, files_kind: ModelKind, config: EncoderConfig) -> EncoderClient:
@@ -54,8 +77,17 @@ class EncoderClient:
         return self._engine.is_running
 
     @property
+    def has_failed(self) -> bool:
+        """An engine thread crashed: this model cannot serve until the server restarts."""
+        return self._engine.error is not None
+
+    @property
     def num_queued(self) -> int:
         return len(self._engine.queue)
+
+    def set_observer(self, observer: EncoderObserver) -> None:
+        self._observer = observer
+        self._engine.observer = observer
 
     async def embed(self, inputs: list[str] | list[list[int]], params: EmbedParams) -> EmbedOutput:
         """Embeddings of ``inputs`` (texts, or token-id lists used as the whole model input)."""
@@ -119,18 +151,28 @@ class EncoderClient:
         )
 
     async def _run(self, encoded: list[Encoded]) -> np.ndarray:
+        if self._engine.error is not None:
+            raise EngineUnavailableError("the encoder engine has crashed; the server needs a restart")
         request = EncodeRequest(asyncio.get_running_loop(), len(encoded))
         items = [Item(request, i, e.input_ids, e.token_type_ids) for i, e in enumerate(encoded)]
+        submitted = time.monotonic()
         self._engine.submit(items)
         try:
-            return await request.future
+            result = await request.future
         except asyncio.CancelledError:
             # The client went away: the queue drops these items before they reach the model.
             request.is_cancelled = True
             raise
+        started = request.started_at or submitted
+        self._observer.on_request(_num_tokens(encoded), started - submitted, time.monotonic() - started)
+        return result
 
     async def _off_loop(self, size: int, work: Callable[[], T]) -> T:
-        return work() if size < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
+        """Tokenise (``work``), on a worker thread when the input is large."""
+        start = time.monotonic()
+        result = work() if size < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
+        self._observer.on_tokenize(time.monotonic() - start)
+        return result
 
     def _finish(self, vectors: np.ndarray, params: EmbedParams) -> np.ndarray:
         if params.dimensions is not None:

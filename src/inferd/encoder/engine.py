@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -15,6 +18,17 @@ from inferd.encoder.request import Item
 from inferd.errors import EngineError
 
 log = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    """Told about each batch the model ran (on the model thread); must be quick and never raise."""
+
+    def on_batch(self, num_items: int, num_tokens: int, duration_s: float) -> None: ...
+
+
+class _NoObserver:
+    def on_batch(self, num_items: int, num_tokens: int, duration_s: float) -> None:
+        pass
 
 
 class EncoderEngine:
@@ -37,6 +51,9 @@ class EncoderEngine:
         self._prepared: queue.Queue[PreparedBatch | None] = queue.Queue()
         self._slot = threading.Semaphore(1)
         self._threads: list[threading.Thread] = []
+        self.observer: BatchObserver = _NoObserver()
+        self.error: BaseException | None = None  # set when a thread crashed
+        self._in_hand: PreparedBatch | None = None  # the batch the model thread is running
 
     @property
     def is_running(self) -> bool:
@@ -44,8 +61,10 @@ class EncoderEngine:
 
     def start(self) -> None:
         self._threads = [
-            threading.Thread(target=self._batch_loop, name="inferd-encoder-batcher", daemon=True),
-            threading.Thread(target=self._model_loop, name="inferd-encoder-model", daemon=True),
+            threading.Thread(
+                target=self._guarded(self._batch_loop), name="inferd-encoder-batcher", daemon=True
+            ),
+            threading.Thread(target=self._guarded(self._model_loop), name="inferd-encoder-model", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -54,6 +73,31 @@ class EncoderEngine:
         self.queue.close()
         for thread in self._threads:
             thread.join(timeout)
+
+    def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as exc:  # a thread died: fail what waits instead of hanging it
+                log.exception("an encoder engine thread crashed")
+                self.error = exc
+                self._fail_pending(exc)
+
+        return run
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        self.queue.close()
+        error = EngineError(f"the encoder engine crashed: {exc}")
+        batches = [self._in_hand.items] if self._in_hand is not None else []
+        while (items := self.queue.next_batch(timeout=0)) is not None:
+            batches.append(items)
+        while not self._prepared.empty():
+            prepared = self._prepared.get_nowait()
+            if prepared is not None:
+                batches.append(prepared.items)
+        self._prepared.put(None)  # the model thread, if alive, stops
+        for request in {item.request for items in batches for item in items}:
+            request.fail(error)
 
     def submit(self, items: list[Item]) -> None:
         """Queue a request's items; raises OverloadedError when the queue is full."""
@@ -81,7 +125,9 @@ class EncoderEngine:
             self._slot.release()
             if batch is None:
                 return
+            self._in_hand = batch
             self._run(batch)
+            self._in_hand = None
 
     def _run(self, batch: PreparedBatch) -> None:
         keep = [i for i, item in enumerate(batch.items) if not item.request.is_cancelled]
@@ -89,6 +135,10 @@ class EncoderEngine:
             return
         if len(keep) < len(batch.items):
             batch = self._prepare([batch.items[i] for i in keep])
+        start = time.monotonic()
+        for item in batch.items:
+            if item.request.started_at is None:
+                item.request.started_at = start
         try:
             with torch.inference_mode():
                 outputs = self.model.forward(batch).numpy()
@@ -97,5 +147,7 @@ class EncoderEngine:
             for request in {item.request for item in batch.items}:
                 request.fail(EngineError(f"the model failed on this input: {exc}"))
             return
+        num_tokens = sum(item.num_tokens for item in batch.items)
+        self.observer.on_batch(len(batch.items), num_tokens, time.monotonic() - start)
         for item, row in zip(batch.items, outputs, strict=True):
             item.request.set_output(item.index, row)

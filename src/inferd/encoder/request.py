@@ -42,6 +42,7 @@ class EncodeRequest:
         self._remaining = num_items
         self._lock = threading.Lock()
         self.is_cancelled = False
+        self.started_at: float | None = None  # when the model began its first batch (metrics)
 
     def set_output(self, index: int, value: np.ndarray) -> None:
         with self._lock:

@@ -10,17 +10,43 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 from inferd.config.engine import LLMConfig
-from inferd.errors import EngineUnavailableError, InvalidRequestError
+from inferd.errors import EngineError, EngineUnavailableError, InvalidRequestError, OverloadedError
 from inferd.llm.engine import LLMEngine
 from inferd.llm.models.loader import load_causal_lm
-from inferd.llm.outputs import RequestOutput
+from inferd.llm.outputs import EngineStats, RequestOutput
 from inferd.llm.params import SamplingParams
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
 _STATS_INTERVAL_S = 10.0
+
+
+class GenerationObserver(Protocol):
+    """Told about each output and each engine step (for metrics); must be quick and never raise."""
+
+    def on_output(self, output: RequestOutput, elapsed_s: float, gap_s: float | None) -> None:
+        """On the event loop: ``elapsed_s`` since the request was sent, ``gap_s`` since its previous
+        output (None for the first)."""
+
+    def on_abort(self, elapsed_s: float) -> None:
+        """On the event loop: the request ended before finishing (client gone, engine crashed)."""
+
+    def on_step(self, num_tokens: int) -> None:
+        """On the engine thread: a step computed ``num_tokens`` tokens."""
+
+
+class _NoObserver:
+    def on_output(self, output: RequestOutput, elapsed_s: float, gap_s: float | None) -> None:
+        pass
+
+    def on_abort(self, elapsed_s: float) -> None:
+        pass
+
+    def on_step(self, num_tokens: int) -> None:
+        pass
 
 
 class _EngineLoop:
@@ -29,6 +55,7 @@ class _EngineLoop:
     def __init__(self, engine: LLMEngine, publish) -> None:
         self.engine = engine
         self._publish = publish
+        self.observer: GenerationObserver = _NoObserver()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inferd-llm-engine", daemon=True)
         self.is_running = False
@@ -53,6 +80,8 @@ class _EngineLoop:
         try:
             while self._drain(block=not self.engine.has_work):
                 outputs = self.engine.step()
+                if self.engine.num_step_tokens:
+                    self.observer.on_step(self.engine.num_step_tokens)
                 if outputs:
                     self._publish(outputs)
                 if time.monotonic() - last_log >= _STATS_INTERVAL_S:
@@ -60,7 +89,9 @@ class _EngineLoop:
                     last_log = time.monotonic()
         except BaseException as exc:  # the loop itself broke: fail everyone, say so once
             log.exception("the LLM engine loop crashed")
+            # Set before publishing: a request registered after the failure is published sees it.
             self.error = exc
+            self.is_running = False
             self._publish(exc)
         finally:
             self.is_running = False
@@ -114,6 +145,37 @@ class LLMClient:
     def is_running(self) -> bool:
         return self._engine_loop.is_running
 
+    @property
+    def has_failed(self) -> bool:
+        """The engine loop crashed: this model cannot serve until the server restarts."""
+        return self._engine_loop.error is not None
+
+    def set_observer(self, observer: GenerationObserver) -> None:
+        self._engine_loop.observer = observer
+
+    def stats(self) -> EngineStats:
+        """The engine's load now (read across threads without a lock: a snapshot, not a fact)."""
+        kv = self.engine.kv_cache
+        num_running = len(self.engine.scheduler.running)
+        return EngineStats(
+            num_running=num_running,
+            num_waiting=max(0, len(self._collectors) - num_running),
+            kv_cache_usage=kv.usage,
+            num_prefix_queries=kv.num_prefix_queries,
+            num_prefix_hits=kv.num_prefix_hits,
+        )
+
+    def check_capacity(self, num_requests: int) -> None:
+        """Raise OverloadedError when ``num_requests`` more would overflow the waiting queue."""
+        config = self.engine.config
+        limit = config.max_num_seqs + config.max_queued_requests
+        if len(self._collectors) + num_requests > limit:
+            waiting = max(0, len(self._collectors) - config.max_num_seqs)
+            raise OverloadedError(
+                f"the LLM queue is full ({waiting} requests waiting, limit {config.max_queued_requests}); "
+                "retry later"
+            )
+
     def render_chat(
         self,
         messages: list[dict],
@@ -144,6 +206,12 @@ class LLMClient:
         return self.encode(text, add_special_tokens=False)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        limit = self.engine.config.max_prompt_chars
+        if limit is not None and len(text) > limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(text)} characters, more than this server's limit of {limit}",
+                param="prompt",
+            )
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def decode(self, token_ids: list[int]) -> str:
@@ -160,16 +228,25 @@ class LLMClient:
         if not self.is_running:
             raise EngineUnavailableError("the LLM engine is not running")
         self.check_request(prompt_token_ids, params)
+        self.check_capacity(1)
         request_id = request_id or f"req-{next(_ids)}"
         collector: asyncio.Queue = asyncio.Queue()
         self._collectors[request_id] = collector
+        if self._engine_loop.error is not None:  # crashed since the check above
+            collector.put_nowait(self._engine_loop.error)
+        observer = self._engine_loop.observer
         finished = False
+        start = time.monotonic()
+        last: float | None = None
         try:
             self._engine_loop.send("add", request_id, prompt_token_ids, params)
             while not finished:
                 output = await collector.get()
                 if isinstance(output, BaseException):
-                    raise EngineUnavailableError("the LLM engine stopped") from output
+                    raise EngineError("the LLM engine crashed; the server needs a restart") from output
+                now = time.monotonic()
+                observer.on_output(output, now - start, None if last is None else now - last)
+                last = now
                 if output.error is not None:
                     raise output.error
                 finished = output.is_finished
@@ -177,6 +254,7 @@ class LLMClient:
         finally:
             self._collectors.pop(request_id, None)
             if not finished:
+                observer.on_abort(time.monotonic() - start)
                 self._engine_loop.send("abort", request_id)
 
     def _publish_threadsafe(self, outputs) -> None:

@@ -1,30 +1,43 @@
-"""Liveness, readiness and version."""
+"""Liveness, readiness, version and metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from inferd import __version__
+from inferd.api.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 
 
 @router.get("/health")
-async def health() -> dict:
-    """Liveness: the process answers."""
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """Liveness: the process answers and no engine has crashed."""
+    table = getattr(request.app.state, "models", None)
+    failed = [m.name for m in table if m.client.has_failed] if table is not None else []
+    if failed:
+        return JSONResponse({"status": "unhealthy", "failed": failed}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: every configured model is loaded and its engine running."""
+    """Readiness: every configured model is loaded, its engine running, and the server not draining."""
     table = getattr(request.app.state, "models", None)
     models = {m.name: m.client.is_running for m in table} if table is not None else {}
+    if request.app.state.lifecycle.is_draining:
+        return JSONResponse({"status": "draining", "models": models}, status_code=503)
     is_ready = table is not None and all(models.values())
     return JSONResponse(
         {"status": "ready" if is_ready else "loading", "models": models}, status_code=200 if is_ready else 503
     )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this server's metrics."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/version")

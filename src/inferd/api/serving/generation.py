@@ -58,6 +58,7 @@ def run_choices(
     n = len(params)
     for prompt in prompts:
         client.check_request(prompt, params[0])
+    client.check_capacity(len(prompts) * n)  # a full queue refuses before a stream starts
     streams = [
         client.generate(prompt, params[i], f"{request_id}-{p}-{i}")
         for p, prompt in enumerate(prompts)

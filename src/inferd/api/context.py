@@ -1,0 +1,62 @@
+"""What one HTTP request gathers on its way (id, key, model, tokens), visible to every layer of it.
+
+The gateway middleware sets it; the model table view records the model, the engine observers add
+tokens, and the middleware reads it all back for the access log, rate limits and metrics. Tasks the
+request spawns (stream pumps) copy the context variable, so they update the same object.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+from inferd.api.auth import Principal
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    request_id: str
+    method: str
+    path: str
+    principal: Principal | None = None
+    model: str | None = None
+    status: int | None = None
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
+    is_event_stream: bool = False
+    request_body: bytes = b""  # kept only when --log-requests is set
+    response_body: bytes = b""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_completion_tokens
+
+
+_current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "inferd_request", default=None
+)
+
+
+def current_context() -> RequestContext | None:
+    return _current.get()
+
+
+def current_request_id() -> str:
+    context = _current.get()
+    return context.request_id if context is not None else "-"
+
+
+def enter(context: RequestContext) -> contextvars.Token:
+    return _current.set(context)
+
+
+def leave(token: contextvars.Token) -> None:
+    _current.reset(token)
+
+
+def add_tokens(num_prompt: int = 0, num_completion: int = 0) -> None:
+    """Count tokens against the current request (no-op outside one)."""
+    context = _current.get()
+    if context is not None:
+        context.num_prompt_tokens += num_prompt
+        context.num_completion_tokens += num_completion

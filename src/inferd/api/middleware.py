@@ -1,0 +1,247 @@
+"""The gateway every HTTP request passes: request id, drain gate, API key, rate limit, body size,
+timeout; then metrics, token accounting and one access-log line when it is done.
+
+A pure ASGI middleware (no BaseHTTPMiddleware): streams pass through untouched, and the request's
+context variable is set in the very task that runs the route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inferd.api import context as request_context
+from inferd.api.auth import KeyRing
+from inferd.api.context import RequestContext
+from inferd.api.errors import domain_error_response
+from inferd.api.lifecycle import Lifecycle
+from inferd.api.limits import RateLimiter
+from inferd.api.metrics import Metrics
+from inferd.api.streaming import DONE, error_event
+from inferd.errors import (
+    InferdError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
+
+access_log = logging.getLogger("inferd.access")
+
+_OPEN_PATHS = frozenset({"/health", "/ready"})  # no key, and answered while draining
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_REQUEST_ID = re.compile(r"^[\w.:/+=-]{1,128}$")
+_MAX_LOGGED_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayPolicy:
+    """What the gateway enforces, built once by the app factory."""
+
+    keys: KeyRing
+    limiter: RateLimiter
+    metrics: Metrics
+    lifecycle: Lifecycle
+    routes: Sequence[BaseRoute]
+    public_metrics: bool = False
+    max_request_bytes: int = 16 * 2**20
+    request_timeout: float | None = None
+    log_requests: bool = False
+
+
+class _Disconnected(Exception):
+    """The client left while its body was being read."""
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, policy: GatewayPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        context = RequestContext(_request_id(scope), scope["method"], scope["path"])
+        token = request_context.enter(context)
+        start = time.monotonic()
+        try:
+            await self._handle(scope, receive, self._watch(send, context), context)
+        finally:
+            self._finish(scope, context, time.monotonic() - start)
+            request_context.leave(token)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, context: RequestContext) -> None:
+        path = scope["path"]
+        if path in _OPEN_PATHS or (path == "/metrics" and self.policy.public_metrics):
+            await self.app(scope, receive, send)
+            return
+        try:
+            if self.policy.lifecycle.is_draining and path != "/metrics":
+                raise ShuttingDownError("the server is shutting down; retry on another replica")
+            context.principal = self.policy.keys.authenticate(scope["headers"])
+            self.policy.limiter.admit(context.principal)
+            receive = await self._read_body(scope, receive, context)
+        except InferdError as exc:
+            await self._reject(scope, receive, send, exc)
+            return
+        except _Disconnected:
+            return
+        with self.policy.lifecycle.track():
+            await self._run(scope, receive, send, context)
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, context: RequestContext) -> None:
+        timeout = self.policy.request_timeout
+        if timeout is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            # Cancelling the route cancels its engine work: generate() aborts, encoder items drop.
+            await asyncio.wait_for(self.app(scope, receive, send), timeout)
+        except asyncio.TimeoutError:
+            exc = RequestTimeoutError(f"the request took longer than {timeout:g}s and was aborted")
+            if context.status is None:
+                await self._reject(scope, receive, send, exc)
+            elif context.is_event_stream:
+                await send({"type": "http.response.body", "body": error_event(exc) + DONE})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                raise  # half a body is out: closing the connection is the only honest answer
+
+    async def _read_body(self, scope: Scope, receive: Receive, context: RequestContext) -> Receive:
+        """Read the whole body, refusing one over the limit; returns a receive that replays it."""
+        if scope["method"] not in _BODY_METHODS:
+            return receive
+        limit = self.policy.max_request_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            raise _too_large(declared, limit)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                raise _too_large(size, limit)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if self.policy.log_requests:
+            context.request_body = body[:_MAX_LOGGED_BODY]
+        return _replay(body, receive)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, exc: InferdError) -> None:
+        response = domain_error_response(scope["path"], exc)
+        if isinstance(exc, ShuttingDownError):
+            response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+    def _watch(self, send: Send, context: RequestContext) -> Send:
+        """Note the status, add X-Request-ID, and keep the body when asked to log it."""
+        keep_body = self.policy.log_requests
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                context.status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", context.request_id.encode()))
+                message["headers"] = headers
+                content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                context.is_event_stream = content_type.startswith(b"text/event-stream")
+            elif keep_body and message["type"] == "http.response.body":
+                room = _MAX_LOGGED_BODY - len(context.response_body)
+                if room > 0:
+                    context.response_body += message.get("body", b"")[:room]
+            await send(message)
+
+        return watched
+
+    def _finish(self, scope: Scope, context: RequestContext, duration_s: float) -> None:
+        status = context.status or 499  # no response: the client went away first
+        route = _route_template(scope, self.policy.routes)
+        self.policy.metrics.observe_http(context.method, route, status, duration_s)
+        if context.principal is not None:
+            self.policy.limiter.charge_tokens(context.principal, context.num_tokens)
+        _log_access(context, route, status, duration_s, self.policy.log_requests)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1").strip()
+            if _REQUEST_ID.match(text):
+                return text
+    return uuid.uuid4().hex
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the request body has {size} bytes, more than this server's limit of {limit}")
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()  # what follows the body: the disconnect
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The matched route's path template: bounded label values whatever paths clients send."""
+    route = scope.get("route")
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
+
+
+def _log_access(context: RequestContext, route: str, status: int, duration_s: float, with_bodies: bool) -> None:
+    fields = {
+        "request_id": context.request_id,
+        "method": context.method,
+        "route": route,
+        "path": context.path,
+        "status": status,
+        "latency_ms": round(duration_s * 1000, 2),
+        "model": context.model,
+        "key": context.principal.name if context.principal is not None else None,
+        "prompt_tokens": context.num_prompt_tokens,
+        "completion_tokens": context.num_completion_tokens,
+    }
+    if with_bodies:
+        fields["request_body"] = context.request_body.decode("utf-8", "replace")
+        fields["response_body"] = context.response_body.decode("utf-8", "replace")
+    access_log.info(
+        "%s %s %d %.1fms id=%s model=%s tokens=%d+%d",
+        context.method,
+        context.path,
+        status,
+        duration_s * 1000,
+        context.request_id,
+        context.model or "-",
+        context.num_prompt_tokens,
+        context.num_completion_tokens,
+        extra={"fields": fields},
+    )
