@@ -96,6 +96,16 @@ class ServerSettings(BaseSettings):
     cache_dir: str | None = Field(
         None, description="Where converted models are kept; default: ~/.cache/inferd."
     )
+    # Models and memory: fetching missing models, and the budget the memory planner splits.
+    pull: bool = Field(
+        False, description="Download models that are not on this machine before loading (as inferd pull)."
+    )
+    memory_budget: int | None = Field(
+        None,
+        ge=1,
+        description="Bytes the models may use on each device; default: the memory free at start "
+        "(RAM, or the GPU's). Serving refuses to start when the models do not fit.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     # Access, limits, observability and lifecycle (production operation).
     api_key: Annotated[list[ApiKeySpec], NoDecode] = Field(
