@@ -22,9 +22,8 @@ class Lifecycle:
         self.num_in_flight = 0
 
     def begin_drain(self) -> None:
-        if not self.is_draining:
-            log.info("draining: %d requests in flight", self.num_in_flight)
         self.is_draining = True
+        log.info("draining: %d requests in flight", self.num_in_flight)
 
     @contextmanager
     def track(self) -> Iterator[None]:

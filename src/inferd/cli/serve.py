@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import logging
 import signal
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
@@ -87,22 +86,29 @@ def run(settings: ServerSettings) -> None:
     import uvicorn
 
     from inferd.api.app import create_app
+    from inferd.api.logs import configure_logging
+    from inferd.api.server import DrainingServer
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     _quiet_libraries()
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # an unreadable key file, tracing without its packages
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a drained stop should exit 0.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_cleanly)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        log_config=None,  # our handler on the root logger formats uvicorn's lines too
+        access_log=False,  # the gateway writes one access line per request
+        timeout_graceful_shutdown=2,  # the drain before it gave requests their time already
     )
+    DrainingServer(config, app.state.lifecycle, settings.drain_timeout).run()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
