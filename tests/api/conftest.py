@@ -21,3 +21,30 @@ def server(tiny_embedder, tiny_cross_encoder):
     )
     with live_server(settings) as url:
         yield url
+
+
+KEYS = [
+    {"key": "sk-ops", "name": "ops"},
+    {"key": "sk-embed-only", "name": "embedder", "models": ["tiny-embed"]},
+    {"key": "sk-rpm", "name": "rpm", "requests_per_minute": 2},
+    {"key": "sk-tpm", "name": "tpm", "tokens_per_minute": 5},
+    {"key": "sk-logs", "name": "logs"},
+]
+
+
+@pytest.fixture(scope="session")
+def secured_server(tiny_llama, tiny_embedder, tiny_cross_encoder):
+    """Every model kind behind API keys (see KEYS), a small body limit and CORS for one origin."""
+    settings = load_settings(
+        {
+            "model": [f"{tiny_llama}=tiny-chat", f"{tiny_embedder}=tiny-embed", f"{tiny_cross_encoder}=tiny-rerank"],
+            "port": free_port(),
+            "num_threads": 1,
+            "kv_cache_memory": 4 * 2**20,
+            "api_key": KEYS,
+            "max_request_bytes": 64 * 1024,
+            "cors_allow_origins": ["https://ui.example"],
+        }
+    )
+    with live_server(settings) as url:
+        yield url

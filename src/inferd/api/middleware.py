@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from starlette.routing import BaseRoute, Match
@@ -210,11 +210,21 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 def _route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
-    """The matched route's path template: bounded label values whatever paths clients send."""
+    """The matched route's path template: bounded label values whatever paths clients send. A
+    request refused before routing is matched here against the app's routes."""
     route = scope.get("route")
     if route is None:
-        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
+        route = next((r for r in _flatten(routes) if r.matches(scope)[0] is Match.FULL), None)
     return getattr(route, "path", None) or "unmatched"
+
+
+def _flatten(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI's included routers
+        if included is not None:
+            yield from _flatten(included.routes)
+        else:
+            yield route
 
 
 def _log_access(context: RequestContext, route: str, status: int, duration_s: float, with_bodies: bool) -> None:
