@@ -53,7 +53,7 @@ class RateLimiter:
             if principal.tokens_per_minute is not None:
                 bucket = self._bucket(self._tokens, principal.name, principal.tokens_per_minute)
                 # Any positive balance admits a request: its size is known only afterwards.
-                _raise_if_waiting(bucket.seconds_until(1e-9), "tokens", principal.tokens_per_minute)
+                _raise_if_waiting(bucket.seconds_until(0), "tokens", principal.tokens_per_minute)
             if principal.requests_per_minute is not None:
                 bucket = self._bucket(self._requests, principal.name, principal.requests_per_minute)
                 _raise_if_waiting(bucket.seconds_until(1), "requests", principal.requests_per_minute)

@@ -1,0 +1,171 @@
+"""Rate limits, backpressure, request timeout and request-size limits over real HTTP."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from inferd.api.auth import Principal
+from inferd.api.limits import RateLimiter, TokenBucket
+from inferd.config import load_settings
+from inferd.errors import RateLimitError
+from tests.conftest import free_port, live_server
+from tests.openapi import validate_openai
+
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 4}
+
+
+def _key(name: str) -> dict:
+    return {"Authorization": f"Bearer {name}"}
+
+
+def test_requests_per_minute_per_key(secured_server):
+    for _ in range(2):
+        assert httpx.get(secured_server + "/v1/models", headers=_key("sk-rpm")).status_code == 200
+    refused = httpx.get(secured_server + "/v1/models", headers=_key("sk-rpm"))
+    assert refused.status_code == 429
+    validate_openai(refused.json(), "ErrorResponse")
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["retry-after"]) <= 30
+    tei = httpx.post(secured_server + "/embed", headers=_key("sk-rpm"), json={"inputs": "x"})
+    assert tei.status_code == 429 and tei.json()["error_type"] == "Overloaded"
+    # Another key is not affected.
+    assert httpx.get(secured_server + "/v1/models", headers=_key("sk-ops")).status_code == 200
+
+
+def test_tokens_per_minute_are_charged_when_known(secured_server):
+    first = httpx.post(
+        secured_server + "/v1/embeddings",
+        headers=_key("sk-tpm"),
+        json={"model": "tiny-embed", "input": "the cat and the dog"},
+    )
+    assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] > 5
+    refused = httpx.post(
+        secured_server + "/v1/embeddings", headers=_key("sk-tpm"), json={"model": "tiny-embed", "input": "x"}
+    )
+    assert refused.status_code == 429
+    assert "tokens per minute" in refused.json()["error"]["message"]
+
+
+def test_token_bucket_refills_over_time():
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    who = Principal("p", requests_per_minute=60, tokens_per_minute=600)
+    limiter.admit(who)
+    limiter.charge_tokens(who, 1200)  # overdraft: 600 tokens behind
+    with pytest.raises(RateLimitError) as refused:
+        limiter.admit(who)
+    assert refused.value.retry_after == 60
+    now[0] = 61.0
+    limiter.admit(who)
+    bucket = TokenBucket(60, clock=lambda: now[0])
+    bucket.take(60)
+    assert bucket.seconds_until(1) == pytest.approx(1.0)
+
+
+def test_body_size_limit_in_each_family_shape(secured_server):
+    big = "x" * (100 * 1024)
+    openai_error = httpx.post(
+        secured_server + "/v1/embeddings", headers=_key("sk-ops"), json={"model": "tiny-embed", "input": big}
+    )
+    assert openai_error.status_code == 413
+    validate_openai(openai_error.json(), "ErrorResponse")
+    tei = httpx.post(secured_server + "/embed", headers=_key("sk-ops"), json={"inputs": big})
+    assert tei.status_code == 413 and tei.json()["error_type"] == "Validation"
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(100):
+            yield b"x" * 1024
+
+    chunked = httpx.post(
+        secured_server + "/v1/rerank",
+        headers=_key("sk-ops") | {"content-type": "application/json"},
+        content=chunks(),
+    )
+    assert chunked.status_code == 413 and set(chunked.json()) == {"message"}
+
+
+@pytest.fixture(scope="module")
+def gated(tiny_llama):
+    """A chat server whose engine steps only while the gate is open; one running slot, one waiting."""
+    settings = load_settings(
+        {
+            "model": [f"{tiny_llama}=tiny-chat"],
+            "port": free_port(),
+            "num_threads": 1,
+            "kv_cache_memory": 4 * 2**20,
+            "max_num_seqs": 1,
+            "max_queued_requests": 1,
+            "request_timeout": 2.0,
+            "max_prompt_chars": 500,
+        }
+    )
+    with live_server(settings) as url:
+        client = next(iter(url.app.state.models)).client
+        gate = threading.Event()
+        gate.set()
+        step = client.engine.step
+
+        def gated_step():
+            gate.wait(30)
+            return step()
+
+        client.engine.step = gated_step
+        yield url, client, gate
+        gate.set()
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_a_full_llm_queue_refuses_at_once(gated):
+    url, client, gate = gated
+    gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        held = [
+            pool.submit(httpx.post, url + "/v1/chat/completions", json=CHAT, timeout=30) for _ in range(2)
+        ]
+        _wait_for(lambda: client.stats().num_waiting == 2)
+        start = time.monotonic()
+        refused = httpx.post(url + "/v1/chat/completions", json=CHAT)
+        assert time.monotonic() - start < 0.5
+        gate.set()
+        assert [f.result().status_code for f in held] == [200, 200]
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "server_overloaded"
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_request_timeout_aborts_the_engine_request(gated):
+    url, client, gate = gated
+    gate.clear()
+    try:
+        timed_out = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
+        assert timed_out.status_code == 504
+        assert timed_out.json()["error"]["code"] == "timeout"
+        assert client.stats().num_waiting == 0  # the client side let go of it
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=CHAT | {"stream": True}, timeout=30
+        ) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200
+        assert "took longer than 2s" in lines[-2] and lines[-1] == "data: [DONE]"
+    finally:
+        gate.set()
+    _wait_for(lambda: not client.engine.has_work)  # the aborts reached the engine; blocks are free
+    assert client.engine.kv_cache.usage == 0
+
+
+def test_prompt_character_limit(gated):
+    url, _, _ = gated
+    response = httpx.post(
+        url + "/v1/completions", json={"model": "tiny-chat", "prompt": "the cat " * 100, "max_tokens": 2}
+    )
+    assert response.status_code == 400
+    assert "800 characters" in response.json()["error"]["message"]
