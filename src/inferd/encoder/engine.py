@@ -96,6 +96,7 @@ class EncoderEngine:
             if prepared is not None:
                 batches.append(prepared.items)
         self._prepared.put(None)  # the model thread, if alive, stops
+        self._slot.release()  # the batcher, if alive, wakes up to a closed queue and stops
         for request in {item.request for items in batches for item in items}:
             request.fail(error)
 
