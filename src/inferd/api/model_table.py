@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from inferd.api.context import current_context
@@ -14,6 +14,8 @@ from inferd.encoder.client import EncoderClient
 from inferd.errors import ModelLoadError, ModelNotFoundError, PermissionDeniedError, UnsupportedTaskError
 from inferd.hub.resolve import detect_kind, resolve_model
 from inferd.llm.client import LLMClient
+from inferd.memory.plan import describe
+from inferd.memory.server import check_plans, plan_server
 from inferd.protocol.models import ModelCard
 
 log = logging.getLogger("inferd.models")
@@ -106,17 +108,27 @@ class ModelTable:
 
 
 def load_model_table(settings: ServerSettings, loop: asyncio.AbstractEventLoop) -> ModelTable:
-    """Resolve and load every configured model; the same weights served twice are loaded once."""
+    """Resolve and load every configured model; the same weights served twice are loaded once.
+
+    The memory plan comes first: nothing loads when the models do not fit, and the LLM's KV cache
+    gets the planned share (checked again against what is free after its weights load)."""
+    plans = plan_server(settings)
+    for line in describe(plans):
+        log.info("%s", line)
+    check_plans(plans)
+    planned_kv = {plan.device: plan.kv_cache_bytes for plan in plans}
     clients: dict[tuple, EncoderClient | LLMClient] = {}
     served = []
     for spec in settings.model:
-        served.append(_load_one(spec, settings, clients, loop))
+        served.append(_load_one(spec, settings, clients, loop, planned_kv))
         log.info("serving %s (%s) from %s", spec.served_name, served[-1].kind.value, served[-1].path)
     return ModelTable(served)
 
 
-def _load_one(spec: ModelSpec, settings: ServerSettings, clients: dict, loop) -> ServedModel:
-    resolved = resolve_model(spec.source, spec.kind)
+def _load_one(
+    spec: ModelSpec, settings: ServerSettings, clients: dict, loop, planned_kv: dict[str, int]
+) -> ServedModel:
+    resolved = resolve_model(spec.source, spec.kind, cache_dir=settings.cache_dir)
     files_kind = detect_kind(resolved.path)
     if (resolved.kind is ModelKind.CHAT) != (files_kind is ModelKind.CHAT):
         raise ModelLoadError(
@@ -124,6 +136,7 @@ def _load_one(spec: ModelSpec, settings: ServerSettings, clients: dict, loop) ->
         )
     if files_kind is ModelKind.CHAT:
         llm_config = settings.llm_config(spec)
+        llm_config = replace(llm_config, kv_cache_memory=planned_kv.get(llm_config.device))
         key = (resolved.path, files_kind, llm_config)
         if key not in clients:
             clients[key] = LLMClient.start(resolved.path, llm_config, loop)

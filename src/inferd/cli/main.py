@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from inferd import __version__
-from inferd.cli import serve
+from inferd.cli import estimate, models, serve
 
 app = typer.Typer(
     name="inferd",
@@ -15,6 +15,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("serve", help=serve.HELP)(serve.serve_command())
+models.register(app)
+app.command("estimate")(estimate.estimate)
 
 
 @app.command("version")

