@@ -58,6 +58,8 @@ CONFIGS = {
     # the longest request needs 21 of them, so eight at once must preempt.
     "preemption": LLMConfig(kv_cache_memory=24 * 4 * 512, block_size=4),
     "no-prefix-cache": LLMConfig(kv_cache_memory=8 * 2**20, enable_prefix_caching=False),
+    # transformers' own Llama classes with our paged attention, instead of inferd's forward.
+    "transformers-impl": LLMConfig(kv_cache_memory=8 * 2**20, model_impl="transformers"),
 }
 
 
@@ -66,6 +68,7 @@ async def test_concurrent_greedy_equals_generate(tiny_llama, expected, name):
     prompt_ids, reference_ids = expected
     client = LLMClient.start(tiny_llama, CONFIGS[name], asyncio.get_running_loop())
     try:
+        assert (client.engine.runner.decoder is None) == (name == "transformers-impl")
         got = await run_all(client, prompt_ids)
         assert got == reference_ids
         if name == "preemption":

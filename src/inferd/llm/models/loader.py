@@ -10,6 +10,7 @@ import torch
 from inferd.config.engine import LLMConfig
 from inferd.errors import ModelLoadError
 from inferd.hub.gguf import converted_gguf
+from inferd.llm.models.decoder import Decoder, build_decoder
 from inferd.llm.runner.attention import ATTENTION_NAME, register_paged_attention
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +35,7 @@ class ModelFacts:
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
     model: torch.nn.Module
+    decoder: Decoder | None  # inferd's own forward over the same weights, when it has one
     tokenizer: object
     facts: ModelFacts
     path: Path
@@ -55,7 +57,9 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from None
     model = model.to(config.device).eval()
-    return LoadedModel(model, tokenizer, _facts(model, tokenizer, config, dtype), path)
+    facts = _facts(model, tokenizer, config, dtype)
+    decoder = build_decoder(model) if config.model_impl == "auto" else None
+    return LoadedModel(model, decoder, tokenizer, facts, path)
 
 
 def _facts(model, tokenizer, config: LLMConfig, dtype: torch.dtype) -> ModelFacts:

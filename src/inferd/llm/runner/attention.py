@@ -81,16 +81,30 @@ def attention_batch(batch: AttentionBatch):
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention-interface entry: query (1, H, T, D), key/value (1, KVH, T, D), post-rotary."""
-    batch: AttentionBatch = _current.batch
-    k_cache, v_cache = batch.kv_caches[module.layer_idx]
-    q = query[0].transpose(0, 1)  # (T, H, D)
-    k = key[0].transpose(0, 1).to(k_cache.dtype)
-    v = value[0].transpose(0, 1).to(v_cache.dtype)
-    k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
     # Models pass their window and soft cap as arguments (Mistral, Gemma 2) or keep them on the module.
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     softcap = kwargs.get("softcap", getattr(module.config, "attn_logit_softcapping", None))
+    out = attend_paged(
+        module.layer_idx,
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        scaling,
+        window,
+        softcap,
+    )
+    return out.unsqueeze(0), None
+
+
+def attend_paged(layer_idx, q, k, v, scaling=None, window=None, softcap=None) -> torch.Tensor:
+    """Store the step's new keys/values in layer ``layer_idx``'s cache and attend every query to its
+    own sequence's context. q (T, H, D), k/v (T, KVH, D) packed; returns (T, H, D)."""
+    batch: AttentionBatch = _current.batch
+    k_cache, v_cache = batch.kv_caches[layer_idx]
+    k = k.to(k_cache.dtype)
+    v = v.to(v_cache.dtype)
+    k_cache.index_copy_(0, batch.slot_mapping, k)
+    v_cache.index_copy_(0, batch.slot_mapping, v)
     out = torch.empty_like(q)
     if batch.decode_token_idx is not None:
         ctx_k = k_cache[batch.decode_ctx_slots].transpose(1, 2)  # (B, KVH, L, D)
@@ -115,7 +129,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             mask is None,
         )
         out[span.start : end] = attended[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+    return out
 
 
 def _attend(q, k, v, mask, scale, softcap, is_causal):

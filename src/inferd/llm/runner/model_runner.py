@@ -29,6 +29,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, config: LLMConfig, num_blocks: int) -> None:
         self.model = loaded.model
+        self.decoder = loaded.decoder
         self.facts = loaded.facts
         self.block_size = config.block_size
         self.device = config.device
@@ -52,6 +53,8 @@ class ModelRunner:
         """Run one step; returns float32 logits: each chunk's ``num_logits`` rows, in order."""
         input_ids, positions, logits_idx, batch = self.prepare_inputs(chunks)
         with attention_batch(batch):
+            if self.decoder is not None:
+                return self.decoder(input_ids, positions, logits_idx).float()
             output = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],

@@ -1,0 +1,117 @@
+"""inferd's own forward for the Llama family (llama, mistral, qwen2, qwen3).
+
+transformers' classes run every architecture; for the hottest family we rebuild the layers from
+the loaded model's weights with fewer, larger operations: q/k/v in one matrix product, gate/up in
+another, no attention-interface or mask plumbing, rotary tables computed once per step and shared
+by every layer. The weights are taken over (fused copies, originals released), so the model costs
+no extra memory. ``model_runner`` uses it whenever ``build_decoder`` returns one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferd.llm.runner.attention import attend_paged
+
+FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_layer, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.layer_idx = attn.layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scaling = attn.scaling
+        self.window = getattr(attn, "sliding_window", None) or getattr(attn.config, "sliding_window", None)
+        if attn.config.model_type in ("qwen2", "qwen3"):
+            self.window = getattr(attn, "sliding_window", None)
+        self.eps = hf_layer.input_layernorm.variance_epsilon
+        self.input_norm = hf_layer.input_layernorm.weight
+        self.post_norm = hf_layer.post_attention_layernorm.weight
+        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o_proj = attn.o_proj
+        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj)
+        self.down = mlp.down_proj
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        self.split = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        x = _rms_norm(hidden, self.input_norm, self.eps)
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        attended = attend_paged(self.layer_idx, q, k, v, self.scaling, self.window)
+        hidden = hidden + self.o_proj(attended.view(tokens, -1))
+        x = _rms_norm(hidden, self.post_norm, self.eps)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return hidden + self.down(F.silu(gate) * up)
+
+
+class Decoder(nn.Module):
+    """Packed forward: (T,) ids and positions → logits of the rows in ``logits_idx``."""
+
+    def __init__(self, hf_model) -> None:
+        super().__init__()
+        text = hf_model.config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        inner = hf_model.model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm
+        self.lm_head = hf_model.lm_head
+        self.layers = nn.ModuleList(DecoderLayer(layer, heads, kv_heads, head_dim) for layer in inner.layers)
+        # The transformers layers' q/k/v and gate/up now live fused above; drop the originals.
+        inner.layers = nn.ModuleList()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_idx: torch.Tensor):
+        hidden = self.embed(input_ids)
+        cos, sin = self.rotary(hidden, positions[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (T, 1, D): broadcast over heads
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin)
+        hidden = self.norm(hidden[logits_idx])
+        return self.lm_head(hidden)
+
+
+def build_decoder(hf_model) -> Decoder | None:
+    """inferd's forward for ``hf_model`` when its family is supported and plain, else None."""
+    config = hf_model.config
+    if config.model_type not in FAMILY:
+        return None
+    if getattr(config, "mlp_bias", False) or getattr(config, "hidden_act", "silu") != "silu":
+        return None
+    return Decoder(hf_model)
+
+
+def _fused(*linears: nn.Linear) -> nn.Linear:
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    biases = [lin.bias for lin in linears]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if biases[0] is not None:
+        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+    return fused
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' Llama RMSNorm: normalise in float32, scale in the model's dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
