@@ -129,9 +129,16 @@ def pooling_and_dimensions(path: Path) -> tuple[str | None, int | None]:
             continue
         data = json.loads(module_config.read_text())
         if module.get("type", "").endswith("Pooling"):
-            modes = [k.removeprefix("pooling_mode_") for k, v in data.items() if k.startswith("pooling_mode_") and v]
-            pooling = ",".join(m.removesuffix("_tokens") for m in modes) or None
-            dims = data.get("word_embedding_dimension", dims)
+            pooling = _pooling_mode(data)
+            dims = data.get("word_embedding_dimension") or data.get("embedding_dimension") or dims
         elif module.get("type", "").endswith("Dense"):
             dims = data.get("out_features", dims)
     return pooling, dims
+
+
+def _pooling_mode(data: dict) -> str | None:
+    """sentence-transformers v6 writes ``pooling_mode``; earlier versions one flag per mode."""
+    if isinstance(data.get("pooling_mode"), str):
+        return data["pooling_mode"]
+    modes = [k.removeprefix("pooling_mode_") for k, v in data.items() if k.startswith("pooling_mode_") and v]
+    return ",".join(m.removesuffix("_tokens") for m in modes) or None
