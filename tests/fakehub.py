@@ -186,3 +186,56 @@ class FakeHubServer:
         for server in self._servers:
             server.shutdown()
             server.server_close()
+
+
+class FakeModelScope:
+    """The ModelScope endpoints its client calls for a download (point MODELSCOPE_ENDPOINT here):
+    ``GET /api/v1/models/{repo}/repo/files`` (listing with sizes and sha256) and
+    ``GET /api/v1/models/{repo}/repo?FilePath=...`` (a file); anything else is 404."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]) -> None:
+        self.repos = repos
+        self.requests: list[str] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> FakeModelScope:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _body(self, path: str, query: dict) -> bytes | None:
+        repo_id, _, rest = path.removeprefix("/api/v1/models/").rpartition("/repo")
+        files = self.repos.get(repo_id)
+        if files is None:
+            return None
+        if rest == "/files":
+            listing = [{"Path": n, "Name": n, "Type": "blob", "Size": len(d), "Sha256": hashlib.sha256(d).hexdigest()}
+                       for n, d in files.items()]  # fmt: skip
+            return json.dumps({"Code": 200, "Success": True, "Data": {"Files": listing}}).encode()
+        return files.get(query.get("FilePath", [""])[0]) if rest == "" else None
+
+    def _handler(self):
+        from urllib.parse import parse_qs
+
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                return None
+
+            def do_GET(self) -> None:
+                parsed = urlparse(self.path)
+                fake.requests.append(self.path)
+                body = fake._body(parsed.path, parse_qs(parsed.query))
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+        return Handler
