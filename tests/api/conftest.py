@@ -37,7 +37,11 @@ def secured_server(tiny_llama, tiny_embedder, tiny_cross_encoder):
     """Every model kind behind API keys (see KEYS), a small body limit and CORS for one origin."""
     settings = load_settings(
         {
-            "model": [f"{tiny_llama}=tiny-chat", f"{tiny_embedder}=tiny-embed", f"{tiny_cross_encoder}=tiny-rerank"],
+            "model": [
+                f"{tiny_llama}=tiny-chat",
+                f"{tiny_embedder}=tiny-embed",
+                f"{tiny_cross_encoder}=tiny-rerank",
+            ],
             "port": free_port(),
             "num_threads": 1,
             "kv_cache_memory": 4 * 2**20,

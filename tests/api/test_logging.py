@@ -116,3 +116,21 @@ def test_text_and_json_formats(capsys):
         assert capsys.readouterr().err.strip().endswith("INFO inferd.test: plain")
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
+
+
+def test_a_bug_is_one_500_logged_with_its_request_id(secured_server, monkeypatch):
+    client = next(m.client for m in secured_server.app.state.models if m.name == "tiny-embed")
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client, "embed", broken)
+    with captured() as log:
+        response = httpx.post(
+            secured_server + "/embed", headers=KEY | {"X-Request-ID": "bug-1"}, json={"inputs": "x"}
+        )
+    assert response.status_code == 500 and response.json()["error_type"] == "Backend"
+    assert response.headers["x-request-id"] == "bug-1"
+    errors = [json.loads(line) for line in log.lines if '"level":"error"' in line]
+    assert len(errors) == 1 and "bug-1" in errors[0]["message"] and "RuntimeError" in errors[0]["exception"]
+    assert _access(log.lines, "bug-1")["status"] == 500

@@ -144,9 +144,14 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> FastJSONRespon
 
 
 def _unexpected_error(request: Request, exc: Exception) -> FastJSONResponse:
-    log.exception("unexpected error on %s (request id %s)", request.url.path, current_request_id())
+    return unexpected_error_response(request.url.path, exc)
+
+
+def unexpected_error_response(path: str, exc: BaseException) -> FastJSONResponse:
+    """A bug: logged once with its traceback and request id, answered with one 500."""
+    log.error("unexpected error on %s (request id %s)", path, current_request_id(), exc_info=exc)
     return error_response(
-        family_of(request.url.path), 500, "internal server error", type_="server_error", tei_type="Backend"
+        family_of(path), 500, "internal server error", type_="server_error", tei_type="Backend"
     )
 
 

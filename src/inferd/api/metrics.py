@@ -187,10 +187,14 @@ class _SnapshotCollector(Collector):
                 PREFIX + "num_requests_waiting", "LLM requests waiting to run.", labels=["model"]
             ),
             "kv": GaugeMetricFamily(
-                PREFIX + "kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = full).", labels=["model"]
+                PREFIX + "kv_cache_usage_perc",
+                "Share of KV-cache blocks in use (1 = full).",
+                labels=["model"],
             ),
             "queries": CounterMetricFamily(
-                PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=["model"]
+                PREFIX + "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                labels=["model"],
             ),
             "hits": CounterMetricFamily(
                 PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=["model"]

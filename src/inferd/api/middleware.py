@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from inferd.api import context as request_context
 from inferd.api.auth import KeyRing
 from inferd.api.context import RequestContext
-from inferd.api.errors import domain_error_response
+from inferd.api.errors import domain_error_response, unexpected_error_response
 from inferd.api.lifecycle import Lifecycle
 from inferd.api.limits import RateLimiter
 from inferd.api.metrics import Metrics
@@ -72,8 +72,14 @@ class GatewayMiddleware:
         context = RequestContext(_request_id(scope), scope["method"], scope["path"])
         token = request_context.enter(context)
         start = time.monotonic()
+        send = self._watch(send, context)
         try:
-            await self._handle(scope, receive, self._watch(send, context), context)
+            await self._handle(scope, receive, send, context)
+        except Exception as exc:
+            if context.status is not None:
+                raise  # the response has begun: only closing the connection is left
+            # Answered here, inside the request's context, so the log line names its request id.
+            await unexpected_error_response(scope["path"], exc)(scope, receive, send)
         finally:
             self._finish(scope, context, time.monotonic() - start)
             request_context.leave(token)
@@ -193,7 +199,9 @@ def _content_length(scope: Scope) -> int | None:
 
 
 def _too_large(size: int, limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"the request body has {size} bytes, more than this server's limit of {limit}")
+    return PayloadTooLargeError(
+        f"the request body has {size} bytes, more than this server's limit of {limit}"
+    )
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -227,7 +235,9 @@ def _flatten(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
             yield route
 
 
-def _log_access(context: RequestContext, route: str, status: int, duration_s: float, with_bodies: bool) -> None:
+def _log_access(
+    context: RequestContext, route: str, status: int, duration_s: float, with_bodies: bool
+) -> None:
     fields = {
         "request_id": context.request_id,
         "method": context.method,
