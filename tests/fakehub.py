@@ -9,7 +9,9 @@
 
 ``drop_once`` names files whose first GET sends half the body and then drops the connection.
 ``stall`` names files whose GET sends a first MiB, sets ``stalled`` and waits for ``release``
-(a download in progress, for interrupting). ``requests`` records (method, path, Range header).
+(a download in progress, for interrupting). ``corrupt`` names files served with other bytes of the
+same length. ``requests`` records (method, path, Range header), ``authorizations`` each request's
+Authorization header.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class FakeHub:
     commits: dict[str, str] = field(default_factory=dict)
     drop_once: set[str] = field(default_factory=set)
     stall: set[str] = field(default_factory=set)
+    corrupt: set[str] = field(default_factory=set)
+    authorizations: list[str | None] = field(default_factory=list)
     stalled: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -79,6 +83,7 @@ def _handler(hub: FakeHub):
         def _route(self, head: bool) -> None:
             path = unquote(urlparse(self.path).path)
             hub.requests.append(("HEAD" if head else "GET", path, self.headers.get("Range")))
+            hub.authorizations.append(self.headers.get("Authorization"))
             if path.startswith("/api/models/"):
                 return self._info(path.removeprefix("/api/models/"))
             if path.startswith("/cdn/"):
@@ -131,6 +136,8 @@ def _handler(hub: FakeHub):
                 return self._drop(data)
             if not head and key in hub.stall:
                 return self._stall(data)
+            if key in hub.corrupt:
+                data = bytes(b ^ 0xFF for b in data)
             status = 206 if start else 200
             headers = {"Content-Length": str(len(data) - start), "ETag": f'"{sha}"', "Accept-Ranges": "bytes"}
             if start:

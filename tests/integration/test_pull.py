@@ -98,8 +98,11 @@ def test_an_interrupted_transfer_resumes_and_the_file_is_verified(hub, env, tmp_
     assert "total" in result.stderr and "model.safetensors" in result.stderr  # the progress bars
 
 
-def test_list_show_and_rm_of_a_pulled_model(env, tmp_path):
-    assert inferd(env, "pull", "acme/tiny-llama", "--quiet").returncode == 0
+def test_list_show_and_rm_of_a_pulled_model(hub, env, tmp_path):
+    result = inferd(env | {"HF_TOKEN": "hf_secret"}, "pull", "acme/tiny-llama", "--quiet", "--exclude", "generation_*")
+    assert result.returncode == 0, result.stderr
+    assert hub.fetched("generation_config.json") == [] and hub.fetched("/config.json") != []
+    assert "Bearer hf_secret" in hub.authorizations
     rows = {row["name"]: row for row in json.loads(inferd(env, "list", "--json").stdout)}
     pulled = rows["acme/tiny-llama"]
     assert (pulled["kind"], pulled["architecture"], pulled["origin"]) == ("chat", "LlamaForCausalLM", "huggingface")
@@ -154,6 +157,18 @@ def test_a_quantisation_tag_picks_one_gguf_file(hub, env):
     assert missing.returncode == 1
     assert "no GGUF file in acme/tiny-GGUF matches 'Q2_K'; GGUF files: tiny.Q4_K_M.gguf, tiny.Q8_0.gguf" in missing.stderr
     assert registered(env) == ["acme/tiny-GGUF:q4_k_m"]
+
+
+def test_a_file_whose_hash_differs_from_the_hub_listing_is_removed(hub, env, tmp_path):
+    hub.corrupt.add("tiny.Q8_0.gguf")
+    try:
+        result = inferd(env, "pull", "acme/tiny-GGUF:tiny.Q8_0.gguf", "--quiet")
+    finally:
+        hub.corrupt.clear()
+    assert result.returncode == 1
+    assert "downloaded tiny.Q8_0.gguf is corrupt (its sha256 differs from the hub's); it was removed" in result.stderr
+    assert list((tmp_path / "inferd" / "hub" / "models--acme--tiny-GGUF" / "blobs").iterdir()) == []
+    assert registered(env) == []
 
 
 def test_malformed_name_is_refused(env):

@@ -74,7 +74,7 @@ def estimate_report(
         shape, num_params=num_params, dtype=dtype, kv_dtype=kv_dtype, context=context, batch=batch,
         device=device, weight_bytes_on_disk=source.gguf_bytes if as_gguf else None,
     )  # fmt: skip
-    free = free_memory(device)
+    free = _free_on(device)
     max_tokens = result.max_tokens(free)
     return {
         "model": model, "architecture": shape.architecture, "device": device,
@@ -93,3 +93,12 @@ def estimate_report(
         "max_context_at_batch": min(max_tokens // batch, shape.max_position_embeddings),
         "max_batch_at_context": max_tokens // result.context,
     }  # fmt: skip
+
+
+def _free_on(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: no CUDA device is visible to torch on this machine")
+    return free_memory(device)
