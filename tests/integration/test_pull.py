@@ -110,7 +110,7 @@ def test_list_show_and_rm_of_a_pulled_model(hub, env, tmp_path):
     assert "all-minilm-l6-v2" in rows  # bundled models are listed too
     shown = json.loads(inferd(env, "show", "acme/tiny-llama", "--json").stdout)
     assert (shown["layers"], shown["kv_heads"], shown["chat_template"]) == (2, 2, True)
-    repo = tmp_path / "inferd" / "hub" / "models--acme--tiny-llama"
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-llama"
     assert any((repo / "blobs").iterdir())
     assert inferd(env, "rm", "acme/tiny-llama").returncode == 1  # no --yes, no terminal to confirm
     assert registered(env) == ["acme/tiny-llama"]
@@ -167,7 +167,7 @@ def test_a_file_whose_hash_differs_from_the_hub_listing_is_removed(hub, env, tmp
         hub.corrupt.clear()
     assert result.returncode == 1
     assert "downloaded tiny.Q8_0.gguf is corrupt (its sha256 differs from the hub's); it was removed" in result.stderr
-    assert list((tmp_path / "inferd" / "hub" / "models--acme--tiny-GGUF" / "blobs").iterdir()) == []
+    assert list((tmp_path / "hf" / "hub" / "models--acme--tiny-GGUF" / "blobs").iterdir()) == []
     assert registered(env) == []
 
 
@@ -197,7 +197,7 @@ def test_a_full_disk_fails_cleanly_and_removes_the_partial_file(env, tmp_path):
     assert result.returncode == 1
     assert "no space left to download acme/big (File too large); the partial file was removed" in result.stderr
     assert leftovers(tmp_path) == []
-    blobs = tmp_path / "inferd" / "hub" / "models--acme--big" / "blobs"
+    blobs = tmp_path / "hf" / "hub" / "models--acme--big" / "blobs"
     assert all(p.stat().st_size < limit for p in blobs.iterdir())
     assert registered(env) == []
 

@@ -4,6 +4,8 @@ Hugging Face downloads go through huggingface_hub (so HF_ENDPOINT, HF_TOKEN and 
 apply), one file at a time with our progress bars. A dropped connection resumes with a Range
 request; files finished before an interruption stay in the cache and are not fetched again;
 huggingface_hub deletes the unfinished file. Sizes and hashes the hub lists are checked afterwards.
+Files go into the Hugging Face cache (HF_HOME / HF_HUB_CACHE), shared with transformers; inferd's
+own cache directory holds the registry, GGUF conversions and ModelScope downloads.
 """
 
 from __future__ import annotations
@@ -37,12 +39,6 @@ class RemoteFile:
     git_sha1: str | None  # regular files: the git blob id
 
 
-def hub_cache_dir(cache_dir: str | None) -> Path | None:
-    """Where hub downloads go: ``<cache_dir>/hub`` when a cache directory is set, else the Hugging
-    Face cache (HF_HUB_CACHE / HF_HOME), shared with transformers."""
-    return Path(cache_dir).expanduser() / "hub" if cache_dir else None
-
-
 def pull(
     ref: ModelRef,
     *,
@@ -61,7 +57,7 @@ def pull(
 
         entry = pull_modelscope(ref, inferd_cache_dir(cache_dir) / "modelscope", include, exclude)
     elif ref.origin is Origin.HUGGINGFACE:
-        entry = _pull_huggingface(ref, hub_cache_dir(cache_dir), include, exclude, show_progress)
+        entry = _pull_huggingface(ref, include, exclude, show_progress)
     else:
         raise ModelLoadError(f"{ref.name} is bundled with inferd; there is nothing to pull")
     registry.add(entry)
@@ -78,18 +74,18 @@ def _local_entry(ref: ModelRef, name: str | None) -> RegistryEntry:
 
 
 def _pull_huggingface(
-    ref: ModelRef, cache: Path | None, include: list[str] | None, exclude: list[str] | None, show: bool
+    ref: ModelRef, include: list[str] | None, exclude: list[str] | None, show: bool
 ) -> RegistryEntry:
     from huggingface_hub import HfApi, constants
 
     assert ref.repo_id is not None
     with hub_errors(ref):
         if constants.is_offline_mode():
-            return _cached_entry(ref, cache)
+            return _cached_entry(ref)
         info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
         remote = [_remote_file(s) for s in info.siblings or []]
         files = select_files(ref, remote, include, exclude)
-        folder = _download(ref.repo_id, info.sha, files, cache, show)
+        folder = _download(ref.repo_id, info.sha, files, show)
     verify_files(folder, files)
     path = folder / files[0].name if ref.is_gguf else folder
     return RegistryEntry(
@@ -145,15 +141,14 @@ def pick_gguf(ref: ModelRef, remote: list[RemoteFile]) -> RemoteFile:
     raise ModelLoadError(f"{ref.file!r} matches several files in {ref.repo_id}: {available}; name one file")
 
 
-def _download(repo_id: str, commit: str, files: list[RemoteFile], cache: Path | None, show: bool) -> Path:
+def _download(repo_id: str, commit: str, files: list[RemoteFile], show: bool) -> Path:
     from huggingface_hub import hf_hub_download
 
     folder = None
     with DownloadProgress([f.size or 0 for f in files], enabled=show) as progress:
         for file in files:
             local = hf_hub_download(
-                repo_id, file.name, revision=commit, cache_dir=cache,
-                tqdm_class=progress.file_bar(file.name, file.size or 0),
+                repo_id, file.name, revision=commit, tqdm_class=progress.file_bar(file.name, file.size or 0),
             )  # fmt: skip
             progress.finish_file(file.name)
             folder = Path(local[: -len(file.name)])
@@ -186,12 +181,12 @@ def _digest(path: Path, hasher) -> str:
     return hasher.hexdigest()
 
 
-def _cached_entry(ref: ModelRef, cache: Path | None) -> RegistryEntry:
+def _cached_entry(ref: ModelRef) -> RegistryEntry:
     """HF_HUB_OFFLINE: register what the cache already holds, or say that it holds nothing."""
     from huggingface_hub import snapshot_download
 
     assert ref.repo_id is not None
-    folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache, local_files_only=True))
+    folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, local_files_only=True))
     path = folder
     if ref.is_gguf:
         remote = [RemoteFile(str(p.relative_to(folder)), None, None, None) for p in folder.rglob("*.gguf")]
@@ -243,7 +238,7 @@ def map_hub_error(ref: ModelRef, exc: BaseException) -> Exception | None:
     return None
 
 
-def fetch_config(ref: ModelRef, cache_dir: str | None = None) -> tuple[dict, dict | None]:
+def fetch_config(ref: ModelRef) -> tuple[dict, dict | None]:
     """config.json and the safetensors index of a hub repo, fetching nothing else (no weights)."""
     import json
 
@@ -251,13 +246,10 @@ def fetch_config(ref: ModelRef, cache_dir: str | None = None) -> tuple[dict, dic
     from huggingface_hub.errors import EntryNotFoundError
 
     assert ref.repo_id is not None
-    cache = hub_cache_dir(cache_dir)
     with hub_errors(ref):
-        config_file = hf_hub_download(ref.repo_id, "config.json", revision=ref.revision, cache_dir=cache)
+        config_file = hf_hub_download(ref.repo_id, "config.json", revision=ref.revision)
         try:
-            index_file = hf_hub_download(
-                ref.repo_id, "model.safetensors.index.json", revision=ref.revision, cache_dir=cache
-            )
+            index_file = hf_hub_download(ref.repo_id, "model.safetensors.index.json", revision=ref.revision)
         except EntryNotFoundError:
             index_file = None
     try:

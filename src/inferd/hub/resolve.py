@@ -48,7 +48,7 @@ def locate_model(source: str, cache_dir: str | None = None) -> Path:
             f"model {source!r} is neither a bundled name ({', '.join(BUNDLED_MODELS)}), "
             "an existing path, nor a Hugging Face id (ORG/NAME)"
         )
-    cached = _cached_hub_path(ref, cache_dir)
+    cached = _cached_hub_path(ref)
     if cached is not None:
         return cached
     raise ModelLoadError(_not_downloaded_message(source))
@@ -62,22 +62,18 @@ def _bundled_path(source: str) -> Path:
     return path
 
 
-def _cached_hub_path(ref, cache_dir: str | None) -> Path | None:
+def _cached_hub_path(ref) -> Path | None:
     """The snapshot (or GGUF file) of a Hugging Face ref already in the cache; None if absent."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from inferd.hub.download import RemoteFile, hub_cache_dir, pick_gguf
+    from inferd.hub.download import RemoteFile, pick_gguf
     from inferd.hub.names import Origin
 
     if ref.origin is not Origin.HUGGINGFACE:
         return None
     try:
-        folder = Path(
-            snapshot_download(
-                ref.repo_id, revision=ref.revision, cache_dir=hub_cache_dir(cache_dir), local_files_only=True
-            )
-        )
+        folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
     if not ref.is_gguf:

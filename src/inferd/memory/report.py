@@ -43,7 +43,7 @@ def load_config_source(model: str, cache_dir: str | None) -> ConfigSource:
             raise
         from inferd.hub.download import fetch_config
 
-        config, index = fetch_config(ref, cache_dir)
+        config, index = fetch_config(ref)
         stored = _stored_dtype(config.get("torch_dtype") or config.get("dtype"))
         num_params = params_from_index(index, stored) if index else None
         return ConfigSource(config, num_params, "safetensors index" if num_params else "config", stored, None)
