@@ -83,12 +83,12 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if self._shares_prefix_in_flight(request):
-                return
             cached = None
             # Prompt logprobs need the logits of every prompt position: no skipping cached ones.
             if request.num_computed_tokens == 0 and not request.wants_prompt_logprobs:
                 cached = self.kv_cache.find_cached_prefix(request.token_ids)
+                if self._prefix_in_flight(request, cached.num_tokens):
+                    return
             num_computed = cached.num_tokens if cached else request.num_computed_tokens
             num_new = min(request.num_tokens - num_computed, budget)
             table = self.kv_cache.allocate(
@@ -107,23 +107,22 @@ class Scheduler:
             output.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
-    def _shares_prefix_in_flight(self, request: Request) -> bool:
-        """Whether a running request is still prefilling a prompt that starts with the same full
-        block. Waiting one step for it turns this request's shared blocks into prefix-cache hits
-        (n > 1 choices, or many requests behind one system prompt) instead of computing them twice."""
-        size = self.kv_cache.block_size
-        if (
-            not self.config.enable_prefix_caching
-            or request.wants_prompt_logprobs
-            or request.num_computed_tokens
-            or request.num_prompt_tokens <= size
-        ):
+    def _prefix_in_flight(self, request: Request, num_cached: int) -> bool:
+        """Whether a running request still prefilling shares more full prompt blocks with this one
+        than the cache already holds. Waiting one step for it turns those blocks into prefix-cache
+        hits (n > 1 choices, many requests behind one system prompt) instead of computing them
+        twice; requests whose shared part is already cached are admitted at once."""
+        if not self.config.enable_prefix_caching:
             return False
-        head = request.prompt_token_ids[:size]
-        return any(
-            other.num_computed_tokens < other.num_prompt_tokens and other.prompt_token_ids[:size] == head
-            for other in self.running
-        )
+        size = self.kv_cache.block_size
+        prompt = request.prompt_token_ids
+        for other in self.running:
+            if other.num_computed_tokens >= other.num_prompt_tokens:
+                continue
+            shared = _shared_full_blocks(prompt, other.prompt_token_ids, size, len(prompt) - 1)
+            if shared * size > num_cached:
+                return True
+        return False
 
     def _allocate(self, request: Request, num_new: int) -> bool:
         table = self.kv_cache.allocate(
@@ -157,3 +156,12 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.num_finished[reason.value] += 1
+
+
+def _shared_full_blocks(a: list[int], b: list[int], size: int, limit: int) -> int:
+    """How many leading full blocks of ``size`` tokens ``a`` and ``b`` share, within ``limit`` tokens."""
+    count = 0
+    end = min(len(a), len(b), limit)
+    while (count + 1) * size <= end and a[count * size : (count + 1) * size] == b[count * size : (count + 1) * size]:
+        count += 1
+    return count

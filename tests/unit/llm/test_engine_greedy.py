@@ -60,6 +60,8 @@ CONFIGS = {
     "no-prefix-cache": LLMConfig(kv_cache_memory=8 * 2**20, enable_prefix_caching=False),
     # transformers' own Llama classes with our paged attention, instead of inferd's forward.
     "transformers-impl": LLMConfig(kv_cache_memory=8 * 2**20, model_impl="transformers"),
+    # Decode attention through torch's gather + SDPA instead of the native kernel.
+    "torch-attention": LLMConfig(kv_cache_memory=8 * 2**20, native_kernels=False),
 }
 
 
@@ -68,7 +70,9 @@ async def test_concurrent_greedy_equals_generate(tiny_llama, expected, name):
     prompt_ids, reference_ids = expected
     client = LLMClient.start(tiny_llama, CONFIGS[name], asyncio.get_running_loop())
     try:
-        assert (client.engine.runner.decoder is None) == (name == "transformers-impl")
+        runner = client.engine.runner
+        assert (runner.decoder is None) == (name == "transformers-impl")
+        assert (runner.decode_kernel is None) == (name == "torch-attention")
         got = await run_all(client, prompt_ids)
         assert got == reference_ids
         if name == "preemption":

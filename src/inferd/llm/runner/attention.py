@@ -36,9 +36,12 @@ class AttentionBatch:
 
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (num_slots, kv_heads, head_dim) × 2
     slot_mapping: torch.Tensor  # (num_tokens,) cache slot of each new token
+    block_size: int = 16
     decode_token_idx: torch.Tensor | None = None  # (num_decodes,) packed index of each one-token sequence
     decode_ctx_slots: torch.Tensor | None = None  # (num_decodes, longest) cache slots, padded
     decode_ctx_lens: torch.Tensor | None = None  # (num_decodes,)
+    decode_tables: torch.Tensor | None = None  # (num_decodes, width) block tables, for the kernel
+    decode_kernel: object = None  # the native paged-decode function, when it runs this step
     prefills: list[PrefillSpan] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
 
@@ -106,7 +109,9 @@ def attend_paged(layer_idx, q, k, v, scaling=None, window=None, softcap=None) ->
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
     out = torch.empty_like(q)
-    if batch.decode_token_idx is not None:
+    if batch.decode_kernel is not None:
+        out[batch.decode_token_idx] = _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap)
+    elif batch.decode_token_idx is not None:
         ctx_k = k_cache[batch.decode_ctx_slots].transpose(1, 2)  # (B, KVH, L, D)
         ctx_v = v_cache[batch.decode_ctx_slots].transpose(1, 2)
         queries = q[batch.decode_token_idx].unsqueeze(2)  # (B, H, 1, D)
@@ -130,6 +135,35 @@ def attend_paged(layer_idx, q, k, v, scaling=None, window=None, softcap=None) ->
         )
         out[span.start : end] = attended[0].transpose(0, 1)
     return out
+
+
+def _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torch.Tensor:
+    """The decode queries attended in place over the paged cache by the native kernel."""
+    queries = q[batch.decode_token_idx].float().contiguous()  # (B, H, D)
+    out = torch.empty_like(queries)
+    num_seqs, num_heads, head_dim = queries.shape
+    tables = batch.decode_tables
+    status = batch.decode_kernel(
+        queries.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        int(k_cache.dtype == torch.bfloat16),
+        tables.data_ptr(),
+        tables.shape[1],
+        batch.decode_ctx_lens.data_ptr(),
+        num_seqs,
+        num_heads,
+        k_cache.shape[1],
+        head_dim,
+        batch.block_size,
+        scaling if scaling is not None else head_dim**-0.5,
+        window or 0,
+        softcap or 0.0,
+        out.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError("the decode-attention kernel could not allocate its scratch memory")
+    return out.to(q.dtype)
 
 
 def _attend(q, k, v, mask, scale, softcap, is_causal):

@@ -10,6 +10,7 @@ import torch
 from inferd.config.engine import LLMConfig
 from inferd.llm.models.loader import LoadedModel
 from inferd.llm.runner.attention import AttentionBatch, PrefillSpan, attention_batch
+from inferd.llm.runner.kernels import paged_decode_kernel
 
 
 @dataclass(slots=True)
@@ -30,6 +31,11 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: LLMConfig, num_blocks: int) -> None:
         self.model = loaded.model
         self.decoder = loaded.decoder
+        # Decodes attend in place over the paged cache when the native kernel builds (CPU, fp32/bf16).
+        self.decode_kernel = None
+        native = config.native_kernels and config.device == "cpu"
+        if native and loaded.facts.dtype in (torch.float32, torch.bfloat16):
+            self.decode_kernel = paged_decode_kernel(config.cache_dir)
         self.facts = loaded.facts
         self.block_size = config.block_size
         self.device = config.device
@@ -79,7 +85,9 @@ class ModelRunner:
             for s, n, c in zip(starts, lengths, chunks, strict=True)
             for i in range(s + n - c.num_logits, s + n)
         ]
-        batch = AttentionBatch(kv_caches=self.kv_caches, slot_mapping=self._tensor(slots))
+        batch = AttentionBatch(
+            kv_caches=self.kv_caches, slot_mapping=self._tensor(slots), block_size=self.block_size
+        )
         self._add_decodes(batch, chunks, lengths, starts, tables)
         self._add_prefills(batch, chunks, lengths, starts, tables)
         return self._tensor(ids), self._tensor(positions), self._tensor(np.array(logits_idx)), batch
@@ -89,11 +97,15 @@ class ModelRunner:
         if not len(rows):
             return
         ctx_lens = np.array([chunks[r].num_computed + 1 for r in rows])
+        batch.decode_token_idx = self._tensor(starts[rows])
+        batch.decode_ctx_lens = self._tensor(ctx_lens)
+        if self.decode_kernel is not None:
+            batch.decode_kernel = self.decode_kernel
+            batch.decode_tables = self._tensor(tables[rows])
+            return
         slots = self._context_slots(tables[rows], int(ctx_lens.max()))
         slots[np.arange(slots.shape[1])[None, :] >= ctx_lens[:, None]] = self.null_slot
-        batch.decode_token_idx = self._tensor(starts[rows])
         batch.decode_ctx_slots = self._tensor(slots)
-        batch.decode_ctx_lens = self._tensor(ctx_lens)
 
     def _add_prefills(self, batch, chunks, lengths, starts, tables) -> None:
         for row in np.flatnonzero(lengths > 1):

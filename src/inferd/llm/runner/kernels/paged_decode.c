@@ -1,0 +1,117 @@
+/* Paged decode attention for the CPU: one query token per sequence, attending over that
+ * sequence's cached keys and values read in place from the paged cache (no gather copy).
+ *
+ * Cache layout: (num_slots, num_kv_heads, head_dim), slot = block * block_size + offset.
+ * Query heads are grouped over kv heads as transformers' repeat_kv does: kv head j serves query
+ * heads j * group .. (j + 1) * group - 1. Work is split over (sequence, kv head) pairs with
+ * OpenMP; torch ships libgomp.so.1, so this library shares torch's thread pool.
+ *
+ * Built on first use by inferd/llm/runner/kernels/__init__.py (gcc -O3 -march=native -fopenmp).
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = ((uint32_t)v) << 16;
+    float out;
+    memcpy(&out, &bits, sizeof(out));
+    return out;
+}
+
+/* One cache row of head_dim values as floats: a plain pointer for fp32 caches, converted into
+ * `scratch` for bf16 caches. */
+static inline const float *cache_row(const void *cache, int is_bf16, int64_t offset, int head_dim,
+                                     float *scratch) {
+    if (!is_bf16) return (const float *)cache + offset;
+    const uint16_t *src = (const uint16_t *)cache + offset;
+#pragma omp simd
+    for (int d = 0; d < head_dim; d++) scratch[d] = bf16_to_float(src[d]);
+    return scratch;
+}
+
+/* Query heads [h0, h1) of one sequence (whole kv-head groups); scores: (h1 - h0) x span. */
+static void attend_heads(const float *q, const void *k_cache, const void *v_cache, int is_bf16,
+                         const int64_t *table, int ctx_len, int start, int h0, int h1,
+                         int num_kv_heads, int head_dim, int group, int block_size, float scale,
+                         float softcap, float *scores, float *row, float *out) {
+    const int span = ctx_len - start, kv0 = h0 / group, kv1 = h1 / group;
+    const int row_width = (kv1 - kv0) * head_dim;
+    for (int l = 0; l < span; l++) {
+        const int pos = start + l;
+        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+        const int64_t offset = (slot * num_kv_heads + kv0) * head_dim;
+        const float *k = cache_row(k_cache, is_bf16, offset, row_width, row);
+        for (int h = h0; h < h1; h++) {
+            const float *qh = q + (int64_t)h * head_dim, *kh = k + (h / group - kv0) * head_dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < head_dim; d++) dot += qh[d] * kh[d];
+            dot *= scale;
+            if (softcap > 0.f) dot = tanhf(dot / softcap) * softcap;
+            scores[(int64_t)(h - h0) * span + l] = dot;
+        }
+    }
+    for (int h = h0; h < h1; h++) {
+        float *s = scores + (int64_t)(h - h0) * span;
+        float peak = -INFINITY, total = 0.f;
+        for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
+        for (int l = 0; l < span; l++) {
+            s[l] = expf(s[l] - peak);
+            total += s[l];
+        }
+        const float inv = 1.f / total;
+        for (int l = 0; l < span; l++) s[l] *= inv;
+        memset(out + (int64_t)h * head_dim, 0, sizeof(float) * head_dim);
+    }
+    for (int l = 0; l < span; l++) {
+        const int pos = start + l;
+        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+        const int64_t offset = (slot * num_kv_heads + kv0) * head_dim;
+        const float *v = cache_row(v_cache, is_bf16, offset, row_width, row);
+        for (int h = h0; h < h1; h++) {
+            const float p = scores[(int64_t)(h - h0) * span + l];
+            const float *vh = v + (h / group - kv0) * head_dim;
+            float *o = out + (int64_t)h * head_dim;
+#pragma omp simd
+            for (int d = 0; d < head_dim; d++) o[d] += p * vh[d];
+        }
+    }
+}
+
+/* q: (num_seqs, num_heads, head_dim) fp32; out: the same shape, fp32.
+ * block_tables: (num_seqs, table_width); ctx_lens: (num_seqs,) positions 0..len-1 are attended.
+ * window > 0 limits attention to the last `window` positions; softcap > 0 applies tanh capping.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, int is_bf16,
+                           const int64_t *block_tables, int table_width, const int64_t *ctx_lens,
+                           int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                           int block_size, float scale, int window, float softcap, float *out) {
+    const int group = num_heads / num_kv_heads;
+    const int threads = omp_get_max_threads();
+    /* Whole sequences per task read each cache row once; split by kv head only when there are
+     * too few sequences to keep every thread busy. */
+    const int splits = num_seqs >= 2 * threads ? 1 : num_kv_heads;
+    const int heads_per_task = num_heads / splits;
+    int64_t longest = 1;
+    for (int b = 0; b < num_seqs; b++) longest = ctx_lens[b] > longest ? ctx_lens[b] : longest;
+    const size_t per_thread = (size_t)(heads_per_task * longest + num_kv_heads * head_dim);
+    float *scratch = malloc(sizeof(float) * per_thread * (size_t)threads);
+    if (!scratch) return -1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int task = 0; task < num_seqs * splits; task++) {
+        float *scores = scratch + per_thread * (size_t)omp_get_thread_num();
+        float *row = scores + heads_per_task * longest;
+        const int b = task / splits, h0 = (task % splits) * heads_per_task;
+        const int ctx_len = (int)ctx_lens[b];
+        const int start = (window > 0 && ctx_len > window) ? ctx_len - window : 0;
+        const int64_t seq = (int64_t)b * num_heads * head_dim;
+        attend_heads(q + seq, k_cache, v_cache, is_bf16, block_tables + (int64_t)b * table_width,
+                     ctx_len, start, h0, h0 + heads_per_task, num_kv_heads, head_dim, group,
+                     block_size, scale, softcap, scores, row, out + seq);
+    }
+    free(scratch);
+    return 0;
+}

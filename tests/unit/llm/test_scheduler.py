@@ -1,0 +1,72 @@
+"""Scheduler admission: shared prompt prefixes are computed once without serialising admission."""
+
+from inferd.config.engine import LLMConfig
+from inferd.llm.kv_cache.manager import KVCacheManager
+from inferd.llm.params import SamplingParams
+from inferd.llm.request import Request
+from inferd.llm.scheduler import Scheduler
+
+SYSTEM = list(range(100, 148))  # three full blocks of 16 tokens shared by every prompt
+
+
+def make_scheduler(**config) -> Scheduler:
+    config = LLMConfig(**({"max_num_batched_tokens": 4096} | config))
+    return Scheduler(config, KVCacheManager(512, config.block_size, config.enable_prefix_caching))
+
+
+def step(scheduler: Scheduler) -> list[Request]:
+    """Schedule, pretend the forward ran and sampled one token for each chunk that reached the end."""
+    output = scheduler.schedule()
+    scheduler.update_computed(output)
+    for item in output.scheduled:
+        if item.request.num_computed_tokens == item.request.num_tokens:
+            item.request.token_ids.append(7)
+    return [item.request for item in output.scheduled]
+
+
+def request(index: int, prompt: list[int]) -> Request:
+    return Request(str(index), prompt, SamplingParams(max_tokens=8), 8)
+
+
+def test_requests_behind_one_system_prompt_are_admitted_in_two_steps():
+    scheduler = make_scheduler()
+    requests = [request(i, [*SYSTEM, 1000 + i, 2000 + i]) for i in range(32)]
+    for r in requests:
+        scheduler.add(r)
+    first = step(scheduler)
+    assert first == requests[:1]  # the others wait one step for the shared blocks
+    second = step(scheduler)
+    assert len(second) == 32 and not scheduler.waiting
+    # Each later request computed only its own two tokens: the system prompt came from the cache.
+    assert all(r.num_cached_tokens == len(SYSTEM) for r in requests[1:])
+
+
+def test_cached_prefix_admits_without_waiting():
+    scheduler = make_scheduler()
+    warm = request(0, [*SYSTEM, 5, 6])
+    scheduler.add(warm)
+    step(scheduler)
+    scheduler.add(request(1, [*SYSTEM, 8, 9, 10]))
+    scheduler.add(request(2, [*SYSTEM, 11, 12, 13]))
+    admitted = step(scheduler)
+    assert {r.request_id for r in admitted} == {"0", "1", "2"}
+
+
+def test_longer_in_flight_prefix_is_awaited_even_when_a_shorter_one_is_cached():
+    scheduler = make_scheduler()
+    scheduler.add(request(0, [*SYSTEM[:16], 3, 4]))  # caches only the first block
+    step(scheduler)
+    long_prompt = [*SYSTEM, *range(500, 564)]
+    scheduler.add(request(1, [*long_prompt, 1]))
+    scheduler.add(request(2, [*long_prompt, 2]))  # shares 7 full blocks with request 1
+    assert [r.request_id for r in step(scheduler)] == ["0", "1"]
+    third = step(scheduler)
+    assert "2" in {r.request_id for r in third}
+    assert scheduler.running[-1].num_cached_tokens == 112
+
+
+def test_no_waiting_without_prefix_caching():
+    scheduler = make_scheduler(enable_prefix_caching=False)
+    for i in range(4):
+        scheduler.add(request(i, [*SYSTEM, i]))
+    assert len(step(scheduler)) == 4
