@@ -1,22 +1,32 @@
-"""`inferd pull PATH / list / show / rm` on local models, and `serve`'s memory plan (--check, refusal)."""
+"""`inferd pull PATH / list / show / rm` on local models, and `serve`'s memory plan (--check, refusal).
+
+No network is involved, so the commands run in-process (typer's runner) with their own cache dir.
+"""
 
 import json
-import os
-import subprocess
-import sys
+from dataclasses import dataclass
 
 import pytest
+from typer.testing import CliRunner
 
-INFERD = [sys.executable, "-m", "inferd"]
+from inferd.cli.main import app
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture
 def env(tmp_path):
-    return os.environ | {"INFERD_CACHE_DIR": str(tmp_path / "inferd"), "HF_HOME": str(tmp_path / "hf"), "COLUMNS": "200"}
+    return {"INFERD_CACHE_DIR": str(tmp_path / "inferd"), "COLUMNS": "200"}
 
 
-def inferd(env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([*INFERD, *args], env=env, capture_output=True, text=True, timeout=120)
+def inferd(env, *args) -> Result:
+    result = CliRunner().invoke(app, list(args), env=env)
+    return Result(result.exit_code, result.stdout, result.stderr)
 
 
 def test_a_local_folder_is_registered_in_place_and_rm_keeps_its_files(env, tiny_embedder):
@@ -37,6 +47,7 @@ def test_a_local_folder_is_registered_in_place_and_rm_keeps_its_files(env, tiny_
 
 
 def test_show_bundled_models(env):
+    assert inferd(env, "pull", "all-minilm-l6-v2").stdout.strip() == "all-minilm-l6-v2 is bundled with inferd; nothing to pull"
     minilm = json.loads(inferd(env, "show", "all-minilm-l6-v2", "--json").stdout)
     assert (minilm["kind"], minilm["pooling"], minilm["dimensions"], minilm["parameters"]) == (
         "embedding", "mean", 384, 22_713_216,

@@ -22,12 +22,9 @@ def test_pull_from_a_modelscope_endpoint(tiny_embedder, tmp_path):
         env = os.environ | {"MODELSCOPE_ENDPOINT": fake.url, "INFERD_CACHE_DIR": str(tmp_path / "inferd"),
                             "MODELSCOPE_CACHE": str(tmp_path / "ms"), "HOME": str(tmp_path / "home")}  # fmt: skip
         result = subprocess.run([*INFERD, "pull", "modelscope:acme/tiny", "-q"], env=env, capture_output=True, text=True, timeout=120)
-        missing = subprocess.run([*INFERD, "pull", "modelscope:acme/none"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     registry = json.loads((tmp_path / "inferd" / "models.json").read_text())["models"]
     assert [(m["name"], m["origin"], m["kind"]) for m in registry] == [("modelscope:acme/tiny", "modelscope", "embedding")]
     folder = tmp_path / "inferd" / "modelscope"
     assert (next(folder.rglob("model.safetensors"))).read_bytes() == files["model.safetensors"]
     assert any("FilePath=model.safetensors" in r for r in fake.requests)
-    assert missing.returncode == 1
-    assert "could not fetch modelscope:acme/none from ModelScope" in missing.stderr

@@ -41,11 +41,15 @@ def pull(
 ) -> None:
     """Download a model (or register a local folder in place) so `serve --model` can use its name."""
     from inferd.hub.download import pull as pull_model
-    from inferd.hub.names import parse_model_name
+    from inferd.hub.names import Origin, parse_model_name
 
     try:
+        ref = parse_model_name(model)
+        if ref.origin is Origin.BUNDLED:
+            typer.echo(f"{ref.name} is bundled with inferd; nothing to pull")
+            return
         entry = pull_model(
-            parse_model_name(model), cache_dir=cache_dir_setting(cache_dir), include=include,
+            ref, cache_dir=cache_dir_setting(cache_dir), include=include,
             exclude=exclude, show_progress=not quiet, name=name,
         )  # fmt: skip
     except InferdError as exc:
