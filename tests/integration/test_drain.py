@@ -27,17 +27,31 @@ def _start(tiny_llama: Path, port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def _wait_ready(url: str, process: subprocess.Popen) -> None:
+def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> bool:
+    """True once ready; False if the port was taken meanwhile (the server exits, the caller retries)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        assert process.poll() is None, "the server exited while starting"
+        if process.poll() is not None:
+            text = log.read_text()
+            assert "address already in use" in text, f"the server exited while starting:\n{text[-3000:]}"
+            return False
         try:
             if httpx.get(url + "/ready").status_code == 200:
-                return
+                return True
         except httpx.TransportError:
             pass
         time.sleep(0.1)
     raise AssertionError("the server did not get ready")
+
+
+def _serve(tiny_llama: Path, log: Path) -> tuple[str, subprocess.Popen]:
+    # The port is free when picked, but an outgoing connection may take it before the server binds.
+    for _ in range(3):
+        port = free_port()
+        process = _start(tiny_llama, port, log)
+        if _wait_ready(f"http://127.0.0.1:{port}", process, log):
+            return f"http://127.0.0.1:{port}", process
+    raise AssertionError("no free port three times in a row")
 
 
 async def _stream(client: httpx.AsyncClient, accepted: asyncio.Event) -> tuple[int, list[str]]:
@@ -67,12 +81,9 @@ async def _drain_scenario(url: str, process: subprocess.Popen):
 
 
 def test_sigterm_drains_streams_then_exits_cleanly(tiny_llama: Path, tmp_path: Path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    process = _start(tiny_llama, port, log)
+    url, process = _serve(tiny_llama, log)
     try:
-        _wait_ready(url, process)
         results, late, in_flight = asyncio.run(_drain_scenario(url, process))
         assert process.wait(timeout=60) == 0, log.read_text()
     finally:
