@@ -169,3 +169,9 @@ def test_prompt_character_limit(gated):
     )
     assert response.status_code == 400
     assert "800 characters" in response.json()["error"]["message"]
+
+
+def test_more_sequences_than_the_server_holds_is_a_400(gated):
+    url, _, _ = gated
+    response = httpx.post(url + "/v1/completions", json={"model": "tiny-chat", "prompt": ["a", "b", "c"]})
+    assert response.status_code == 400 and "3 sequences" in response.json()["error"]["message"]

@@ -169,6 +169,12 @@ class LLMClient:
         """Raise OverloadedError when ``num_requests`` more would overflow the waiting queue."""
         config = self.engine.config
         limit = config.max_num_seqs + config.max_queued_requests
+        if num_requests > limit:  # never fits, however long the client waits
+            raise InvalidRequestError(
+                f"the request needs {num_requests} sequences (prompts × n), more than this server "
+                f"holds at once ({limit})",
+                param="n",
+            )
         if len(self._collectors) + num_requests > limit:
             waiting = max(0, len(self._collectors) - config.max_num_seqs)
             raise OverloadedError(
