@@ -36,6 +36,7 @@ from inferd.errors import (
 access_log = logging.getLogger("inferd.access")
 
 _OPEN_PATHS = frozenset({"/health", "/ready"})  # no key, and answered while draining
+_ROUTINE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID = re.compile(r"^[\w.:/+=-]{1,128}$")
 _MAX_LOGGED_BODY = 64 * 1024
@@ -176,7 +177,9 @@ class GatewayMiddleware:
         self.policy.metrics.observe_http(context.method, route, status, duration_s)
         if context.principal is not None:
             self.policy.limiter.charge_tokens(context.principal, context.num_tokens)
-        _log_access(context, route, status, duration_s, self.policy.log_requests)
+        # Probes and scrapes arrive every few seconds: their successes only at debug level.
+        is_routine = context.path in _ROUTINE_PATHS and status < 400
+        _log_access(context, route, status, duration_s, self.policy.log_requests, is_routine)
 
 
 def _request_id(scope: Scope) -> str:
@@ -236,7 +239,7 @@ def _flatten(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
 
 
 def _log_access(
-    context: RequestContext, route: str, status: int, duration_s: float, with_bodies: bool
+    context: RequestContext, route: str, status: int, duration_s: float, with_bodies: bool, is_routine: bool
 ) -> None:
     fields = {
         "request_id": context.request_id,
@@ -253,7 +256,8 @@ def _log_access(
     if with_bodies:
         fields["request_body"] = context.request_body.decode("utf-8", "replace")
         fields["response_body"] = context.response_body.decode("utf-8", "replace")
-    access_log.info(
+    access_log.log(
+        logging.DEBUG if is_routine else logging.INFO,
         "%s %s %d %.1fms id=%s model=%s tokens=%d+%d",
         context.method,
         context.path,
