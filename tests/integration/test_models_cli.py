@@ -73,14 +73,15 @@ def test_bad_names_and_missing_models_exit_1(env, tmp_path):
 def test_serve_refuses_with_exit_2_when_the_budget_is_too_small(env, tiny_llama, tiny_embedder):
     result = inferd(
         env, "serve", "--model", f"{tiny_llama}=chat", "--model", f"{tiny_embedder}=embed",
-        "--device", "cpu", "--memory-budget", str(100 * 2**20),
+        "--device", "cpu", "--dtype", "float32", "--memory-budget", str(100 * 2**20),
     )  # fmt: skip
     assert result.returncode == 2
     assert "the models do not fit in memory" in result.stderr
     assert "but the budget is 100.0 MiB" in result.stderr
     assert "without embed" in result.stderr and "--dtype bfloat16" in result.stderr
     short = inferd(
-        env, "serve", "--model", str(tiny_llama), "--device", "cpu", "--kv-cache-memory", str(16 * 512),
+        env, "serve", "--model", str(tiny_llama), "--device", "cpu", "--dtype", "float32",
+        "--kv-cache-memory", str(16 * 512),
     )  # fmt: skip
     assert short.returncode == 2
     assert "less than one sequence of --max-model-len 256" in short.stderr

@@ -83,7 +83,8 @@ def test_devices_are_planned_separately():
 
 def test_server_plan_reads_every_model_and_counts_shared_weights_once(tiny_llama, tiny_embedder):
     settings = load_settings(
-        {"model": [str(tiny_llama), f"{tiny_embedder}=e", f"{tiny_embedder}=r,kind=rerank"], "device": "cpu"}
+        {"model": [str(tiny_llama), f"{tiny_embedder}=e", f"{tiny_embedder}=r,kind=rerank"],
+         "device": "cpu", "dtype": "float32"}
     )
     (plan,) = plan_server(settings, {"cpu": 4 * GiB})
     assert [n.name for n in plan.needs] == [str(tiny_llama), "e, r"]
