@@ -21,6 +21,8 @@ def llm_server(tiny_llama, tiny_embedder):
             "num_threads": 1,
             "kv_cache_memory": 4 * 2**20,
             "max_n": 4,
+            # fp32: the logprob checks compare with transformers' fp32 forward.
+            "dtype": "float32",
         }
     )
     with live_server(settings) as url:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferd.config.settings import cpu_has_native_bf16
 from inferd.llm.runner.attention import attend_paged
 
 FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -102,6 +103,37 @@ def _fused(*linears: nn.Linear) -> nn.Linear:
     if biases[0] is not None:
         fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
     return fused
+
+
+class PackedLinear(nn.Module):
+    """A bf16 linear layer on the CPU with its weight reordered once into oneDNN's blocked layout
+    (what torch.compile's freezing does): the AMX/AVX-512 kernels then skip the per-call reorder,
+    1.3-3.6x faster than ``F.linear`` on bf16 from 1 to 300 rows on this project's CPUs."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        self.out_features = weight.shape[0]
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def pack_for_cpu(decoder: Decoder) -> None:
+    """Swap every bf16 linear layer of a CPU decoder for a prepacked one, where oneDNN can."""
+    if not _can_pack():
+        return
+    for layer in decoder.layers:
+        for name in ("qkv", "o_proj", "gate_up", "down"):
+            setattr(layer, name, PackedLinear(getattr(layer, name)))
+    # With tied embeddings the lookup keeps the plain table and the head gets a packed copy.
+    decoder.lm_head = PackedLinear(decoder.lm_head)
+
+
+def _can_pack() -> bool:
+    return torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

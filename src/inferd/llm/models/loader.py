@@ -10,7 +10,7 @@ import torch
 from inferd.config.engine import LLMConfig
 from inferd.errors import ModelLoadError
 from inferd.hub.gguf import converted_gguf
-from inferd.llm.models.decoder import Decoder, build_decoder
+from inferd.llm.models.decoder import Decoder, build_decoder, pack_for_cpu
 from inferd.llm.runner.attention import ATTENTION_NAME, register_paged_attention
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +59,8 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     model = model.to(config.device).eval()
     facts = _facts(model, tokenizer, config, dtype)
     decoder = build_decoder(model) if config.model_impl == "auto" else None
+    if decoder is not None and config.device == "cpu" and dtype == torch.bfloat16:
+        pack_for_cpu(decoder)
     return LoadedModel(model, decoder, tokenizer, facts, path)
 
 

@@ -21,6 +21,28 @@ static inline float bf16_to_float(uint16_t v) {
     return out;
 }
 
+/* exp(x) for x <= 0 (softmax after subtracting the peak): 2^(x log2 e) split into an integer
+ * power built in the exponent bits and a degree-6 polynomial of the fraction; relative error
+ * about 2e-7. Plain arithmetic, so loops over it vectorise (libm's expf does not without
+ * -ffast-math, which would also flush denormals for the whole process). */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float t = x * 1.44269504088896341f;
+    const float whole = floorf(t);
+    const float f = (t - whole) * 0.69314718055994531f;
+    float p = 1.f / 720.f;
+    p = p * f + 1.f / 120.f;
+    p = p * f + 1.f / 24.f;
+    p = p * f + 1.f / 6.f;
+    p = p * f + 0.5f;
+    p = p * f + 1.f;
+    p = p * f + 1.f;
+    const int32_t bits = ((int32_t)whole + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
 /* One cache row of head_dim values as floats: a plain pointer for fp32 caches, converted into
  * `scratch` for bf16 caches. */
 static inline const float *cache_row(const void *cache, int is_bf16, int64_t offset, int head_dim,
@@ -57,12 +79,15 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
     for (int h = h0; h < h1; h++) {
         float *s = scores + (int64_t)(h - h0) * span;
         float peak = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : peak)
         for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
+#pragma omp simd reduction(+ : total)
         for (int l = 0; l < span; l++) {
-            s[l] = expf(s[l] - peak);
+            s[l] = exp_nonpositive(s[l] - peak);
             total += s[l];
         }
         const float inv = 1.f / total;
+#pragma omp simd
         for (int l = 0; l < span; l++) s[l] *= inv;
         memset(out + (int64_t)h * head_dim, 0, sizeof(float) * head_dim);
     }
