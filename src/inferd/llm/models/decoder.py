@@ -43,13 +43,17 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         tokens = hidden.shape[0]
         x = _rms_norm(hidden, self.input_norm, self.eps)
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        qkv = self.qkv(x)
+        v = qkv[:, self.split[0] + self.split[1] :].view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:
+            # q and k rotate together: one set of element-wise ops for both.
+            qk = _rotate(qkv[:, : self.split[0] + self.split[1]].view(tokens, -1, self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q, k, _ = qkv.split(self.split, dim=-1)
+            q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         attended = attend_paged(self.layer_idx, q, k, v, self.scaling, self.window)
         hidden = hidden + self.o_proj(attended.view(tokens, -1))
         x = _rms_norm(hidden, self.post_norm, self.eps)
@@ -138,9 +142,9 @@ def _can_pack() -> bool:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As transformers' Llama RMSNorm: normalise in float32, scale in the model's dtype.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

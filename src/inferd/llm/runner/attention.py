@@ -42,6 +42,7 @@ class AttentionBatch:
     decode_ctx_lens: torch.Tensor | None = None  # (num_decodes,)
     decode_tables: torch.Tensor | None = None  # (num_decodes, width) block tables, for the kernel
     decode_kernel: object = None  # the native paged-decode function, when it runs this step
+    only_decodes: bool = False  # every sequence has one new token: decode rows are the whole batch
     prefills: list[PrefillSpan] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
 
@@ -108,6 +109,8 @@ def attend_paged(layer_idx, q, k, v, scaling=None, window=None, softcap=None) ->
     v = v.to(v_cache.dtype)
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
+    if batch.decode_kernel is not None and batch.only_decodes:
+        return _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap)
     out = torch.empty_like(q)
     if batch.decode_kernel is not None:
         out[batch.decode_token_idx] = _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap)
@@ -139,7 +142,8 @@ def attend_paged(layer_idx, q, k, v, scaling=None, window=None, softcap=None) ->
 
 def _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torch.Tensor:
     """The decode queries attended in place over the paged cache by the native kernel."""
-    queries = q[batch.decode_token_idx].float().contiguous()  # (B, H, D)
+    queries = q if batch.only_decodes else q[batch.decode_token_idx]
+    queries = queries.float().contiguous()  # (B, H, D)
     out = torch.empty_like(queries)
     num_seqs, num_heads, head_dim = queries.shape
     tables = batch.decode_tables

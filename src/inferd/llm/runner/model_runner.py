@@ -101,6 +101,7 @@ class ModelRunner:
         batch.decode_ctx_lens = self._tensor(ctx_lens)
         if self.decode_kernel is not None:
             batch.decode_kernel = self.decode_kernel
+            batch.only_decodes = len(rows) == len(chunks)
             batch.decode_tables = self._tensor(tables[rows])
             return
         slots = self._context_slots(tables[rows], int(ctx_lens.max()))
