@@ -95,6 +95,16 @@ class ServerSettings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True, description="LLM: reuse the KV blocks of shared prompt prefixes."
     )
+    model_impl: Literal["auto", "transformers"] = Field(
+        "auto",
+        description="LLM: auto runs llama/mistral/qwen2/qwen3 on inferd's own fused forward and other "
+        "architectures on transformers' classes; transformers uses transformers' classes for all.",
+    )
+    native_kernels: bool = Field(
+        True,
+        description="LLM: on the CPU, build the C decode-attention kernel with the system compiler on "
+        "first use (falls back to torch when none is found).",
+    )
     max_n: int = Field(16, ge=1, description="LLM: most choices (n) in one request.")
     cache_dir: str | None = Field(
         None, description="Where converted models are kept; default: ~/.cache/inferd."
@@ -225,6 +235,8 @@ class ServerSettings(BaseSettings):
             kv_cache_memory=self.kv_cache_memory,
             kv_cache_fraction=self.kv_cache_fraction,
             enable_prefix_caching=self.enable_prefix_caching,
+            model_impl=self.model_impl,
+            native_kernels=self.native_kernels,
             max_n=self.max_n,
             num_threads=self.num_threads or available_cores(),
             device=device,
