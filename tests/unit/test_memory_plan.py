@@ -20,8 +20,9 @@ EMBEDDER = ModelNeed("embed", "cpu", "float32", 90 * MiB, 400 * MiB, 128 * MiB)
 
 
 def test_encoders_get_what_they_need_and_the_llm_a_share_of_the_rest():
-    plan = plan_device([LLM, EMBEDDER], 3 * GiB, KVPolicy(kv_cache_fraction=0.5), "cpu")
-    rest = 3 * GiB - LLM.fixed_bytes - EMBEDDER.fixed_bytes
+    plan = plan_device([LLM, EMBEDDER], 2 * GiB, KVPolicy(kv_cache_fraction=0.5), "cpu")
+    rest = 2 * GiB - LLM.fixed_bytes - EMBEDDER.fixed_bytes
+    assert rest // 2 < CPU_DEFAULT_KV_CACHE_BYTES  # the share, not the CPU cap, decides here
     assert plan.fits and plan.problems == ()
     assert plan.kv_cache_bytes == rest // 2
     assert plan.kv_tokens(LLM) == rest // 2 // 46_080
@@ -31,6 +32,9 @@ def test_encoders_get_what_they_need_and_the_llm_a_share_of_the_rest():
 def test_cpu_cache_is_capped_and_never_larger_than_every_sequence_can_use():
     roomy = plan_device([LLM], 64 * GiB, KVPolicy(), "cpu")
     assert roomy.kv_cache_bytes == CPU_DEFAULT_KV_CACHE_BYTES
+    # A context longer than the cap holds still gets one full-length sequence by default.
+    long_context = ModelNeed("chat", "cpu", "float32", 500 * MiB, 70 * MiB, 128 * MiB, 46_080, 32_768)
+    assert plan_device([long_context], 64 * GiB, KVPolicy(), "cpu").kv_cache_bytes == 32_768 * 46_080
     gpu = plan_device([LLM], 64 * GiB, KVPolicy(max_num_seqs=2), "cuda")
     assert gpu.kv_cache_bytes == 2 * 8192 * 46_080  # two full-length sequences
 

@@ -12,9 +12,12 @@ import math
 from dataclasses import dataclass, replace
 
 # On the CPU the cache shares RAM with everything else; without an explicit size it takes at most
-# this much (vLLM's CPU build defaults to 4 GiB): enough for 32 streams of ~1,400 tokens of a
-# 135M model in fp32, and the pages are committed only as blocks are first used.
-CPU_DEFAULT_KV_CACHE_BYTES = 2 * 2**30
+# this much: 23k tokens of a 135M model in bf16 (32 streams of ~730 tokens), about what
+# llama-server's -c 24576 holds. Pages are committed as blocks are first used, but the block pool
+# hands out its least recently freed block (to keep prefix-cache entries longest), so sustained
+# load touches every block: this budget is the cache's resident memory. Raise --kv-cache-memory
+# for long contexts at high concurrency.
+CPU_DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,9 @@ def kv_cache_budget(rest_bytes: int, policy: KVPolicy, device: str, most_useful_
         return policy.kv_cache_memory
     budget = int(max(rest_bytes, 0) * policy.kv_cache_fraction)
     if not device.startswith("cuda"):
-        budget = min(budget, CPU_DEFAULT_KV_CACHE_BYTES)
+        # ... but always room for one sequence at full length, as the planner requires.
+        one_sequence = most_useful_bytes // max(policy.max_num_seqs, 1)
+        budget = min(budget, max(CPU_DEFAULT_KV_CACHE_BYTES, one_sequence))
     return min(budget, most_useful_bytes)
 
 
