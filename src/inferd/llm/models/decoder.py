@@ -141,10 +141,10 @@ def _can_pack() -> bool:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As transformers' Llama RMSNorm: normalise in float32, scale in the model's dtype.
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight
+    # One fused op. In float32 it is bit-identical to transformers' Llama RMSNorm; in bf16 torch
+    # accumulates in float32 too and differs from transformers' (normalise in float32, round, then
+    # scale) only by the rounding of the final product — which saved 10% of a one-stream step.
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
