@@ -65,7 +65,15 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str, library: Path) -> bool:
-    library.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        return _compile(compiler, library)
+    except OSError as exc:  # a read-only or full cache directory: run without the kernel
+        log.warning("cannot build the decode-attention kernel in %s (%s); using the torch path", library.parent, exc)
+        return False
+
+
+def _compile(compiler: str, library: Path) -> bool:
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         target = Path(tmp) / library.name
         result = subprocess.run(
