@@ -26,9 +26,12 @@ class DecoderLayer(nn.Module):
         self.layer_idx = attn.layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = attn.scaling
-        self.window = getattr(attn, "sliding_window", None) or getattr(attn.config, "sliding_window", None)
-        if attn.config.model_type in ("qwen2", "qwen3"):
-            self.window = getattr(attn, "sliding_window", None)
+        # Qwen keeps each layer's window on its module (None on full-attention layers); Mistral's
+        # is in the config.
+        if hasattr(attn, "sliding_window"):
+            self.window = attn.sliding_window
+        else:
+            self.window = getattr(attn.config, "sliding_window", None)
         self.eps = hf_layer.input_layernorm.variance_epsilon
         self.input_norm = hf_layer.input_layernorm.weight
         self.post_norm = hf_layer.post_attention_layernorm.weight

@@ -17,7 +17,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-import torch
+import torch  # noqa: F401  (loaded first: the library then binds to torch's libgomp.so.1)
 
 log = logging.getLogger("inferd.llm.kernels")
 _SOURCE = Path(__file__).with_name("paged_decode.c")
@@ -35,7 +35,6 @@ def paged_decode_kernel(cache_dir: str | None = None):
     library = root / "kernels" / f"paged_decode-{_build_key(compiler)}.so"
     if not library.exists() and not _build(compiler, library):
         return None
-    torch.set_num_threads(torch.get_num_threads())  # torch's OpenMP runtime is loaded: share it
     function = ctypes.CDLL(str(library)).paged_decode_attention
     function.restype = ctypes.c_int
     function.argtypes = [
