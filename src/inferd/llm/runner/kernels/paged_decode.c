@@ -106,6 +106,104 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_BF16_PATH 1
+#define MAX_HEADS 64
+#define MAX_CHUNKS 16 /* head_dim up to 256 */
+
+/* The bf16-cache path with AVX512-BF16: q . k as bf16 pair dot products accumulated in fp32
+ * (vdpbf16ps, 32 products per instruction, read straight from the cache), and p . v with each
+ * value row widened to fp32 once and added into every query head of its group. The cache is
+ * walked one slot at a time over all the task's kv heads, so each block is read as one contiguous
+ * run, and the same slot of the next block is prefetched a block ahead (the jump between blocks is
+ * what the hardware prefetcher cannot guess). head_dim must be a multiple of 32 and a task at most
+ * MAX_HEADS query heads; the portable path takes the rest. */
+static inline void prefetch_row(const uint16_t *row, int bytes) {
+    for (int b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T0);
+}
+
+static void attend_heads_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                              const int64_t *table, int ctx_len, int start, int h0, int h1,
+                              int num_kv_heads, int head_dim, int group, int block_size,
+                              float scale, float softcap, float *scores, float *out) {
+    const int span = ctx_len - start, pairs = head_dim / 32, wide = head_dim / 16;
+    const int heads = h1 - h0, kv0 = h0 / group, kv_count = heads / group;
+    const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
+    const int row_bytes = kv_count * head_dim * 2;
+    __m512bh qv[MAX_HEADS * MAX_CHUNKS / 2];
+    for (int h = 0; h < heads; h++)
+        for (int c = 0; c < pairs; c++) {
+            const float *qh = q + (int64_t)(h0 + h) * head_dim + 32 * c;
+            qv[h * pairs + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qh + 16), _mm512_loadu_ps(qh));
+        }
+    for (int l = 0; l < span;) {
+        const int pos = start + l, in_block = pos % block_size, blk = pos / block_size;
+        const int run = block_size - in_block < span - l ? block_size - in_block : span - l;
+        const uint16_t *base = k_cache + ((table[blk] * block_size + in_block) * slot_stride + (int64_t)kv0 * head_dim);
+        const int has_next = (int64_t)(blk + 1) * block_size < ctx_len;
+        const uint16_t *next = has_next ? k_cache + ((table[blk + 1] * block_size + in_block) * slot_stride + (int64_t)kv0 * head_dim) : 0;
+        for (int i = 0; i < run; i++) {
+            const uint16_t *row = base + i * slot_stride;
+            if (has_next) prefetch_row(next + i * slot_stride, row_bytes);
+            for (int h = 0; h < heads; h++) {
+                const uint16_t *k = row + (h / group) * head_dim;
+                __m512 acc = _mm512_setzero_ps();
+                for (int c = 0; c < pairs; c++)
+                    acc = _mm512_dpbf16_ps(acc, qv[h * pairs + c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+                float dot = _mm512_reduce_add_ps(acc) * scale;
+                if (softcap > 0.f) dot = tanhf(dot / softcap) * softcap;
+                scores[(int64_t)h * span + l + i] = dot;
+            }
+        }
+        l += run;
+    }
+    for (int h = 0; h < heads; h++) {
+        float *s = scores + (int64_t)h * span;
+        float peak = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : peak)
+        for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
+#pragma omp simd reduction(+ : total)
+        for (int l = 0; l < span; l++) {
+            s[l] = exp_nonpositive(s[l] - peak);
+            total += s[l];
+        }
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int l = 0; l < span; l++) s[l] *= inv;
+    }
+    __m512 acc[MAX_HEADS * MAX_CHUNKS];
+    for (int i = 0; i < heads * wide; i++) acc[i] = _mm512_setzero_ps();
+    for (int l = 0; l < span;) {
+        const int pos = start + l, in_block = pos % block_size, blk = pos / block_size;
+        const int run = block_size - in_block < span - l ? block_size - in_block : span - l;
+        const uint16_t *base = v_cache + ((table[blk] * block_size + in_block) * slot_stride + (int64_t)kv0 * head_dim);
+        const int has_next = (int64_t)(blk + 1) * block_size < ctx_len;
+        const uint16_t *next = has_next ? v_cache + ((table[blk + 1] * block_size + in_block) * slot_stride + (int64_t)kv0 * head_dim) : 0;
+        for (int i = 0; i < run; i++) {
+            const uint16_t *row = base + i * slot_stride;
+            if (has_next) prefetch_row(next + i * slot_stride, row_bytes);
+            for (int kv = 0; kv < kv_count; kv++) {
+                const uint16_t *v = row + kv * head_dim;
+                for (int c = 0; c < wide; c++) {
+                    const __m512 vc = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + 16 * c))), 16));
+                    for (int g = 0; g < group; g++) {
+                        const int h = kv * group + g;
+                        acc[h * wide + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(int64_t)h * span + l + i]), vc,
+                                                            acc[h * wide + c]);
+                    }
+                }
+            }
+        }
+        l += run;
+    }
+    for (int h = 0; h < heads; h++)
+        for (int c = 0; c < wide; c++)
+            _mm512_storeu_ps(out + (int64_t)(h0 + h) * head_dim + 16 * c, acc[h * wide + c]);
+}
+#endif
+
 /* q: (num_seqs, num_heads, head_dim) fp32; out: the same shape, fp32.
  * block_tables: (num_seqs, table_width); ctx_lens: (num_seqs,) positions 0..len-1 are attended.
  * window > 0 limits attention to the last `window` positions; softcap > 0 applies tanh capping.
@@ -124,6 +222,9 @@ int paged_decode_attention(const float *q, const void *k_cache, const void *v_ca
     for (int b = 0; b < num_seqs; b++) longest = ctx_lens[b] > longest ? ctx_lens[b] : longest;
     const size_t per_thread = (size_t)(heads_per_task * longest + num_kv_heads * head_dim);
     float *scratch = malloc(sizeof(float) * per_thread * (size_t)threads);
+#ifdef HAVE_BF16_PATH
+    const int fast = is_bf16 && head_dim % 32 == 0 && head_dim <= 16 * MAX_CHUNKS && heads_per_task <= MAX_HEADS;
+#endif
     if (!scratch) return -1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int task = 0; task < num_seqs * splits; task++) {
@@ -133,6 +234,14 @@ int paged_decode_attention(const float *q, const void *k_cache, const void *v_ca
         const int ctx_len = (int)ctx_lens[b];
         const int start = (window > 0 && ctx_len > window) ? ctx_len - window : 0;
         const int64_t seq = (int64_t)b * num_heads * head_dim;
+#ifdef HAVE_BF16_PATH
+        if (fast) {
+            attend_heads_bf16(q + seq, k_cache, v_cache, block_tables + (int64_t)b * table_width, ctx_len,
+                              start, h0, h0 + heads_per_task, num_kv_heads, head_dim, group, block_size,
+                              scale, softcap, scores, out + seq);
+            continue;
+        }
+#endif
         attend_heads(q + seq, k_cache, v_cache, is_bf16, block_tables + (int64_t)b * table_width,
                      ctx_len, start, h0, h0 + heads_per_task, num_kv_heads, head_dim, group,
                      block_size, scale, softcap, scores, row, out + seq);
