@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from inferd.config.engine import LLMConfig
 from inferd.config.settings import cpu_has_native_bf16
-from inferd.llm.models.decoder import PackedLinear
+from inferd.llm.models.decoder import AmxLinear, PackedLinear
 from inferd.llm.models.loader import load_causal_lm
+from inferd.llm.runner.kernels import native_ops
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
 
 pytestmark = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
@@ -25,11 +26,27 @@ def test_packed_linear_matches_linear(rows):
     torch.testing.assert_close(got, expected, atol=0.03, rtol=0.02)
 
 
-def logits_of(path, dtype, prompts):
-    config = LLMConfig(dtype=dtype, kv_cache_memory=2**20, block_size=4)
+needs_amx = pytest.mark.skipif(native_ops() is None or not native_ops().amx, reason="no AMX or no native kernels")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_linear_matches_linear(rows, bias):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(96, 200, bias=bias).to(torch.bfloat16)  # 200 outputs: a partial column block
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    got = AmxLinear(linear, native_ops())(x)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected, atol=0.03, rtol=0.02)
+
+
+def logits_of(path, dtype, prompts, native=True):
+    config = LLMConfig(dtype=dtype, kv_cache_memory=2**20, block_size=4, native_kernels=native)
     loaded = load_causal_lm(path, config)
     runner = ModelRunner(loaded, config, num_blocks=64)
-    assert runner.decoder is not None and runner.decode_kernel is not None
+    assert runner.decoder is not None and (runner.native is not None) == native
     chunks, tables = [], []
     for index, ids in enumerate(prompts):
         tables.append(list(range(index * 8, index * 8 + 8)))
@@ -40,11 +57,15 @@ def logits_of(path, dtype, prompts):
     return first, runner.execute(decodes), runner
 
 
-def test_bf16_engine_logits_follow_fp32(tiny_llama):
+@pytest.mark.parametrize("native", [True, False], ids=["native-kernels", "torch-ops"])
+def test_bf16_engine_logits_follow_fp32(tiny_llama, native):
+    """bf16 through the native path (AMX linears where the CPU has AMX, fused element-wise steps,
+    bf16 decode kernel) and through torch ops with oneDNN-prepacked linears, against fp32."""
     prompts = [[5, 17, 33, 9, 60, 71, 12], [8, 9, 10], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
     ref_prefill, ref_decode, _ = logits_of(tiny_llama, "float32", prompts)
-    prefill, decode, runner = logits_of(tiny_llama, "bfloat16", prompts)
-    assert isinstance(runner.decoder.layers[0].qkv, PackedLinear)
+    prefill, decode, runner = logits_of(tiny_llama, "bfloat16", prompts, native)
+    expected = AmxLinear if native and runner.native.amx else PackedLinear
+    assert isinstance(runner.decoder.layers[0].qkv, expected)
     assert runner.kv_caches[0][0].dtype == torch.bfloat16
     for got, ref in ((prefill, ref_prefill), (decode, ref_decode)):
         cosine = F.cosine_similarity(got, ref, dim=-1)

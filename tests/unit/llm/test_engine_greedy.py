@@ -72,7 +72,7 @@ async def test_concurrent_greedy_equals_generate(tiny_llama, expected, name):
     try:
         runner = client.engine.runner
         assert (runner.decoder is None) == (name == "transformers-impl")
-        assert (runner.decode_kernel is None) == (name == "torch-attention")
+        assert (runner.native is None) == (name == "torch-attention")
         got = await run_all(client, prompt_ids)
         assert got == reference_ids
         if name == "preemption":

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from inferd.llm.runner import kernels
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
 
 
 @pytest.mark.parametrize(
@@ -24,10 +26,12 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
         (torch.bfloat16, 4, 2, 48, 8, [7, 33], 0),
     ],
 )
-def test_kernel_matches_sdpa_over_a_paged_cache(tmp_path, dtype, heads, kv_heads, head_dim, block, lens, window):
-    kernels.paged_decode_kernel.cache_clear()
-    kernel = kernels.paged_decode_kernel(str(tmp_path))
-    assert kernel is not None and list((tmp_path / "kernels").glob("paged_decode-*.so"))
+def test_kernel_matches_sdpa_over_a_paged_cache(
+    tmp_path, dtype, heads, kv_heads, head_dim, block, lens, window
+):
+    kernels.native_ops.cache_clear()
+    ops = kernels.native_ops(str(tmp_path))
+    assert ops is not None and list((tmp_path / "kernels").glob("inferd_cpu-*.so"))
     torch.manual_seed(0)
     num_seqs, width = len(lens), max(lens) // block + 1
     num_blocks = 2 * num_seqs * width
@@ -36,9 +40,28 @@ def test_kernel_matches_sdpa_over_a_paged_cache(tmp_path, dtype, heads, kv_heads
     ctx_lens = torch.tensor(lens)
     q = torch.randn(num_seqs, heads, head_dim).to(dtype).float()  # bf16 models hand the kernel bf16 values
     out = torch.empty_like(q)
-    status = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(dtype == torch.bfloat16),
-                    tables.data_ptr(), width, ctx_lens.data_ptr(), num_seqs, heads, kv_heads, head_dim, block,
-                    0.2, window, 0.0, out.data_ptr())
+    status = ops.paged_decode(
+        q.data_ptr(),
+        0,
+        heads * head_dim,
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        int(dtype == torch.bfloat16),
+        tables.data_ptr(),
+        width,
+        ctx_lens.data_ptr(),
+        num_seqs,
+        heads,
+        kv_heads,
+        head_dim,
+        block,
+        0.2,
+        window,
+        0.0,
+        out.data_ptr(),
+        0,
+        heads * head_dim,
+    )
     assert status == 0
     for row in range(num_seqs):
         slots = (tables[row, :, None] * block + torch.arange(block)).flatten()[: lens[row]]
@@ -52,8 +75,112 @@ def test_kernel_matches_sdpa_over_a_paged_cache(tmp_path, dtype, heads, kv_heads
 def test_unwritable_cache_directory_means_no_kernel(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    kernels.paged_decode_kernel.cache_clear()
+    kernels.native_ops.cache_clear()
     try:
-        assert kernels.paged_decode_kernel(str(blocker)) is None
+        assert kernels.native_ops(str(blocker)) is None
     finally:
-        kernels.paged_decode_kernel.cache_clear()
+        kernels.native_ops.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    kernels.native_ops.cache_clear()
+    built = kernels.native_ops(str(tmp_path_factory.mktemp("ops")))
+    assert built is not None
+    yield built
+    kernels.native_ops.cache_clear()
+
+
+def bf16_close(got, expected):
+    # One rounding to bf16 at the end: within a unit in the last place of bf16 (2^-8 relative).
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-2, rtol=8e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_add_rms_norm_matches_torch(ops, rows):
+    torch.manual_seed(rows)
+    residual = torch.randn(rows, 576).bfloat16()
+    delta = torch.randn(rows, 576).bfloat16()
+    weight = (torch.rand(576) + 0.5).bfloat16()
+    summed = residual + delta  # torch's bf16 add: the residual stream as the unfused layer keeps it
+    out = ops.add_rms_norm(residual, delta, weight, 1e-5)
+    assert torch.equal(residual, summed)
+    bf16_close(out, F.rms_norm(summed.float(), (576,), weight.float(), 1e-5))
+    plain = ops.add_rms_norm(residual, None, weight, 1e-5)  # no delta: the residual is left alone
+    assert torch.equal(residual, summed)
+    bf16_close(plain, F.rms_norm(summed.float(), (576,), weight.float(), 1e-5))
+
+
+@pytest.mark.parametrize("rows, width", [(1, 1536), (33, 300)])
+def test_silu_mul_matches_torch(ops, rows, width):
+    torch.manual_seed(0)
+    gate_up = (torch.randn(rows, 2 * width) * 4).bfloat16()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    bf16_close(ops.silu_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_rope_and_cache_rotates_in_place_and_stores_k_and_v(ops, tokens):
+    torch.manual_seed(0)
+    heads, kv_heads, dim = 9, 3, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).bfloat16()
+    original = qkv.float().view(tokens, -1, dim)
+    angles = torch.rand(tokens, dim // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    slots = torch.randperm(64)[:tokens]
+    k_cache, v_cache = torch.zeros(2, 64, kv_heads, dim).bfloat16().unbind(0)
+    ops.rope_and_cache(qkv, heads, kv_heads, dim, cos, sin, slots, k_cache, v_cache)
+    x = original[:, : heads + kv_heads]
+    rotated = torch.cat((-x[..., dim // 2 :], x[..., : dim // 2]), -1)
+    expected = x * cos[:, None] + rotated * sin[:, None]
+    got = qkv.view(tokens, -1, dim)
+    bf16_close(got[:, : heads + kv_heads], expected)
+    assert torch.equal(got[:, heads + kv_heads :].float(), original[:, heads + kv_heads :])  # v untouched
+    assert torch.equal(k_cache[slots], got[:, heads : heads + kv_heads])
+    assert torch.equal(v_cache[slots], got[:, heads + kv_heads :])
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+def test_decode_reads_strided_bf16_queries_and_writes_bf16(ops):
+    """The fused bf16 layer hands the kernel q as rows of the qkv output and takes bf16 back."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block, lens = 9, 3, 64, 16, [3, 40, 17]
+    seqs, width = len(lens), 4
+    k_cache, v_cache = torch.randn(2, 16 * block, kv_heads, dim).bfloat16().unbind(0)
+    tables = torch.randperm(16)[: seqs * width].view(seqs, width).contiguous()
+    qkv = torch.randn(seqs, (heads + 2 * kv_heads) * dim).bfloat16()
+    out = torch.empty(seqs, heads * dim, dtype=torch.bfloat16)
+    ctx_lens = torch.tensor(lens)
+    assert (
+        ops.paged_decode(
+            qkv.data_ptr(),
+            1,
+            qkv.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            1,
+            tables.data_ptr(),
+            width,
+            ctx_lens.data_ptr(),
+            seqs,
+            heads,
+            kv_heads,
+            dim,
+            block,
+            0.125,
+            0,
+            0.0,
+            out.data_ptr(),
+            1,
+            out.stride(0),
+        )
+        == 0
+    )
+    for row in range(seqs):
+        slots = (tables[row, :, None] * block + torch.arange(block)).flatten()[: lens[row]]
+        k, v = k_cache[slots].float().transpose(0, 1), v_cache[slots].float().transpose(0, 1)
+        q = qkv[row, : heads * dim].float().view(heads, 1, dim)
+        expected = F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)[:, 0]
+        bf16_close(out[row].view(heads, dim), expected)

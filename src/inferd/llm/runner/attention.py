@@ -41,7 +41,7 @@ class AttentionBatch:
     decode_ctx_slots: torch.Tensor | None = None  # (num_decodes, longest) cache slots, padded
     decode_ctx_lens: torch.Tensor | None = None  # (num_decodes,)
     decode_tables: torch.Tensor | None = None  # (num_decodes, width) block tables, for the kernel
-    decode_kernel: object = None  # the native paged-decode function, when it runs this step
+    native: object = None  # the native kernels (NativeOps) when the runner has them: decodes use them
     only_decodes: bool = False  # every sequence has one new token: decode rows are the whole batch
     prefills: list[PrefillSpan] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
@@ -109,10 +109,37 @@ def attend_paged(layer_idx, q, k, v, scaling=None, window=None, softcap=None) ->
     v = v.to(v_cache.dtype)
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
-    if batch.decode_kernel is not None and batch.only_decodes:
+    return _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap)
+
+
+def attend_fused_qkv(
+    layer_idx, qkv, num_heads, num_kv_heads, head_dim, cos, sin, scaling, window
+) -> torch.Tensor:
+    """The native path of a bf16 decoder layer: rotary embedding and the cache store in one pass over
+    the fused qkv rows (T, (H + 2 KVH) D), then attention reading q where it lies; returns (T, H, D)."""
+    batch: AttentionBatch = _current.batch
+    k_cache, v_cache = batch.kv_caches[layer_idx]
+    batch.native.rope_and_cache(
+        qkv, num_heads, num_kv_heads, head_dim, cos, sin, batch.slot_mapping, k_cache, v_cache
+    )
+    tokens, q_width, kv_width = qkv.shape[0], num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_width].view(tokens, num_heads, head_dim)
+    k = qkv[:, q_width : q_width + kv_width].view(tokens, num_kv_heads, head_dim)
+    v = qkv[:, q_width + kv_width :].view(tokens, num_kv_heads, head_dim)
+    return _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, None)
+
+
+def current_batch() -> AttentionBatch | None:
+    return getattr(_current, "batch", None)
+
+
+def _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap) -> torch.Tensor:
+    """Attention once the step's keys and values are in the cache (and in k, v for prefills)."""
+    native = batch.native is not None and batch.decode_token_idx is not None
+    if native and batch.only_decodes:
         return _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap)
-    out = torch.empty_like(q)
-    if batch.decode_kernel is not None:
+    out = q.new_empty(q.shape)
+    if native:
         out[batch.decode_token_idx] = _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap)
     elif batch.decode_token_idx is not None:
         ctx_k = k_cache[batch.decode_ctx_slots].transpose(1, 2)  # (B, KVH, L, D)
@@ -141,17 +168,24 @@ def attend_paged(layer_idx, q, k, v, scaling=None, window=None, softcap=None) ->
 
 
 def _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torch.Tensor:
-    """The decode queries attended in place over the paged cache by the native kernel."""
-    queries = q if batch.only_decodes else q[batch.decode_token_idx]
-    queries = queries.float().contiguous()  # (B, H, D)
-    out = torch.empty_like(queries)
+    """The decode queries attended in place over the paged cache by the native kernel. q may be a
+    strided view (rows of a fused qkv output) as long as each row's heads are contiguous."""
+    queries = q if batch.only_decodes else q[batch.decode_token_idx]  # (B, H, D)
     num_seqs, num_heads, head_dim = queries.shape
+    if queries.dtype not in (torch.float32, torch.bfloat16):
+        queries = queries.float()
+    if queries.stride(2) != 1 or queries.stride(1) != head_dim:
+        queries = queries.contiguous()
+    out = queries.new_empty(queries.shape)
     tables = batch.decode_tables
-    status = batch.decode_kernel(
+    bf16 = torch.bfloat16
+    status = batch.native.paged_decode(
         queries.data_ptr(),
+        int(queries.dtype == bf16),
+        queries.stride(0),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
-        int(k_cache.dtype == torch.bfloat16),
+        int(k_cache.dtype == bf16),
         tables.data_ptr(),
         tables.shape[1],
         batch.decode_ctx_lens.data_ptr(),
@@ -164,6 +198,8 @@ def _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torc
         window or 0,
         softcap or 0.0,
         out.data_ptr(),
+        int(out.dtype == bf16),
+        out.stride(0),
     )
     if status != 0:
         raise MemoryError("the decode-attention kernel could not allocate its scratch memory")

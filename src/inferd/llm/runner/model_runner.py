@@ -10,7 +10,7 @@ import torch
 from inferd.config.engine import LLMConfig
 from inferd.llm.models.loader import LoadedModel
 from inferd.llm.runner.attention import AttentionBatch, PrefillSpan, attention_batch
-from inferd.llm.runner.kernels import paged_decode_kernel
+from inferd.llm.runner.kernels import native_ops
 
 
 @dataclass(slots=True)
@@ -31,11 +31,12 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: LLMConfig, num_blocks: int) -> None:
         self.model = loaded.model
         self.decoder = loaded.decoder
-        # Decodes attend in place over the paged cache when the native kernel builds (CPU, fp32/bf16).
-        self.decode_kernel = None
+        # Decodes attend in place over the paged cache when the native kernels build (CPU, fp32/bf16);
+        # a bf16 decoder also runs its element-wise steps through them.
+        self.native = None
         native = config.native_kernels and config.device == "cpu"
         if native and loaded.facts.dtype in (torch.float32, torch.bfloat16):
-            self.decode_kernel = paged_decode_kernel(config.cache_dir)
+            self.native = native_ops(config.cache_dir)
         self.facts = loaded.facts
         self.block_size = config.block_size
         self.device = config.device
@@ -86,7 +87,10 @@ class ModelRunner:
             for i in range(s + n - c.num_logits, s + n)
         ]
         batch = AttentionBatch(
-            kv_caches=self.kv_caches, slot_mapping=self._tensor(slots), block_size=self.block_size
+            kv_caches=self.kv_caches,
+            slot_mapping=self._tensor(slots),
+            block_size=self.block_size,
+            native=self.native,
         )
         self._add_decodes(batch, chunks, lengths, starts, tables)
         self._add_prefills(batch, chunks, lengths, starts, tables)
@@ -99,8 +103,7 @@ class ModelRunner:
         ctx_lens = np.array([chunks[r].num_computed + 1 for r in rows])
         batch.decode_token_idx = self._tensor(starts[rows])
         batch.decode_ctx_lens = self._tensor(ctx_lens)
-        if self.decode_kernel is not None:
-            batch.decode_kernel = self.decode_kernel
+        if self.native is not None:
             batch.only_decodes = len(rows) == len(chunks)
             batch.decode_tables = self._tensor(tables[rows])
             return

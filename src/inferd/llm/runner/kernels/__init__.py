@@ -2,7 +2,7 @@
 
 The source ships with the package; the shared library is built once per source, compiler and CPU
 into the cache directory and reused by later starts. Where no compiler is found or the build fails,
-``paged_decode_kernel`` returns None and the runner keeps its pure-torch attention.
+``native_ops`` returns None and the runner keeps its pure-torch paths.
 """
 
 from __future__ import annotations
@@ -17,42 +17,153 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-import torch  # noqa: F401  (loaded first: the library then binds to torch's libgomp.so.1)
+import torch
 
 log = logging.getLogger("inferd.llm.kernels")
-_SOURCE = Path(__file__).with_name("paged_decode.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_HERE = Path(__file__).parent
+_SOURCES = (_HERE / "paged_decode.c", _HERE / "fused.c", _HERE / "amx_linear.c")
+_HEADERS = (_HERE / "common.h",)
+# -fno-trapping-math lets gcc vectorise floorf (the exp in softmax and SiLU); values are unchanged.
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-shared", "-fPIC")
+_P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+class NativeOps:
+    """The loaded library: the paged decode-attention kernel (fp32 or bf16 caches), the fused bf16
+    element-wise steps of a decoder layer and, on CPUs with AMX, bf16 linear layers; thin wrappers
+    over tensors."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self.paged_decode = _bind(
+            library.paged_decode_attention,
+            _P,
+            _I,
+            _I64,  # q, q_bf16, q_stride
+            _P,
+            _P,
+            _I,  # k_cache, v_cache, is_bf16
+            _P,
+            _I,
+            _P,  # block_tables, table_width, ctx_lens
+            _I,
+            _I,
+            _I,
+            _I,
+            _I,  # num_seqs, num_heads, num_kv_heads, head_dim, block_size
+            _F,
+            _I,
+            _F,  # scale, window, softcap
+            _P,
+            _I,
+            _I64,  # out, out_bf16, out_stride
+        )
+        self._add_rms_norm = _bind(library.add_rms_norm_bf16, _P, _P, _P, _F, _I, _I, _P, restype=None)
+        self._silu_mul = _bind(library.silu_mul_bf16, _P, _I, _I, _P, restype=None)
+        self._amx_linear = _bind(
+            library.amx_linear_bf16, _P, _I64, _I, _I, _P, _I, _P, _P, _I64, restype=None
+        )
+        # Linux grants AMX tile state per process on request; a kernel built without AMX says no.
+        self.amx = _cpu_has("amx_bf16") and bool(library.amx_init())
+        self._rope_and_cache = _bind(
+            library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, restype=None
+        )
+
+    def add_rms_norm(
+        self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ):
+        """residual += delta (in place, when given), then RMSNorm(residual) * weight as a new tensor."""
+        out = torch.empty_like(residual)
+        rows, dim = residual.shape
+        delta_ptr = None if delta is None else delta.data_ptr()
+        self._add_rms_norm(residual.data_ptr(), delta_ptr, weight.data_ptr(), eps, rows, dim, out.data_ptr())
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for rows laid out [gate | up]."""
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        out = gate_up.new_empty(rows, width)
+        self._silu_mul(gate_up.data_ptr(), rows, width, out.data_ptr())
+        return out
+
+    def rope_and_cache(
+        self, qkv, num_heads, num_kv_heads, head_dim, cos, sin, slots, k_cache, v_cache
+    ) -> None:
+        """Rotate q and k in place in the fused qkv rows; store k and v at each token's slot."""
+        self._rope_and_cache(
+            qkv.data_ptr(),
+            qkv.shape[0],
+            qkv.stride(0),
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+        )
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None):
+        """x (rows, K) bf16 with unit column stride, times a weight from ``pack_amx_weight``."""
+        out = x.new_empty(x.shape[0], out_features)
+        bias_ptr = None if bias is None else bias.data_ptr()
+        self._amx_linear(
+            x.data_ptr(),
+            x.stride(0),
+            x.shape[0],
+            x.shape[1],
+            packed.data_ptr(),
+            out_features,
+            bias_ptr,
+            out.data_ptr(),
+            out_features,
+        )
+        return out
+
+
+def pack_amx_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A (N, K) bf16 weight in the tile order amx_linear.c reads: N padded to a multiple of 32,
+    then [N/32][K/32][2][16][16][2] (pairs of 16-column blocks, VNNI pairs of K). K % 32 == 0."""
+    n, k = weight.shape
+    padded = -(-n // 32) * 32
+    if padded != n:
+        weight = torch.cat([weight, weight.new_zeros(padded - n, k)])
+    return weight.reshape(padded // 32, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
 
 
 @cache
-def paged_decode_kernel(cache_dir: str | None = None):
-    """The loaded ``paged_decode_attention`` function, or None when it cannot be built here."""
+def native_ops(cache_dir: str | None = None) -> NativeOps | None:
+    """The native library, built on first use; None when it cannot be built here."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("no C compiler found: decode attention uses the torch path")
+        log.info("no C compiler found: the runner uses its torch paths")
         return None
     root = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "inferd"
-    library = root / "kernels" / f"paged_decode-{_build_key(compiler)}.so"
+    library = root / "kernels" / f"inferd_cpu-{_build_key(compiler)}.so"
     if not library.exists() and not _build(compiler, library):
         return None
-    function = ctypes.CDLL(str(library)).paged_decode_attention
-    function.restype = ctypes.c_int
-    function.argtypes = [
-        *(ctypes.c_void_p,) * 3, ctypes.c_int,  # q, k_cache, v_cache, is_bf16
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,  # block_tables, table_width, ctx_lens
-        *(ctypes.c_int,) * 5,  # num_seqs, num_heads, num_kv_heads, head_dim, block_size
-        ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_void_p,  # scale, window, softcap, out
-    ]
+    return NativeOps(ctypes.CDLL(str(library)))
+
+
+def _bind(function, *argtypes, restype=ctypes.c_int):
+    function.argtypes = list(argtypes)
+    function.restype = restype
     return function
 
 
 def _build_key(compiler: str) -> str:
-    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in (*_SOURCES, *_HEADERS):
+        digest.update(source.read_bytes())
     digest.update(" ".join(_FLAGS).encode())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False)
     digest.update(version.stdout.encode())
     digest.update(_cpu_flags().encode())  # -march=native: a library is only valid on its own CPU
     return digest.hexdigest()[:16]
+
+
+def _cpu_has(flag: str) -> bool:
+    return flag in _cpu_flags().split()
 
 
 def _cpu_flags() -> str:
@@ -68,7 +179,7 @@ def _build(compiler: str, library: Path) -> bool:
         library.parent.mkdir(parents=True, exist_ok=True)
         return _compile(compiler, library)
     except OSError as exc:  # a read-only or full cache directory: run without the kernel
-        log.warning("cannot build the decode-attention kernel in %s (%s); using the torch path", library.parent, exc)
+        log.warning("cannot build the native kernels in %s (%s); using the torch paths", library.parent, exc)
         return False
 
 
@@ -76,13 +187,13 @@ def _compile(compiler: str, library: Path) -> bool:
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         target = Path(tmp) / library.name
         result = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", str(target), "-lm"],
+            [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(target), "-lm"],
             capture_output=True,
             text=True,
             check=False,
         )
         if result.returncode != 0:
-            log.warning("building the decode-attention kernel failed; using the torch path:\n%s", result.stderr)
+            log.warning("building the native kernels failed; using the torch paths:\n%s", result.stderr)
             return False
         os.replace(target, library)  # atomic: a concurrent start sees no half-written library
     return True

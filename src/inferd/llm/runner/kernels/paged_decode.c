@@ -7,41 +7,12 @@
  * OpenMP; torch ships libgomp.so.1, so this library shares torch's thread pool.
  *
  * Built on first use by inferd/llm/runner/kernels/__init__.py (gcc -O3 -march=native -fopenmp).
+ * q may be fp32 or bf16 and strided (rows of a fused qkv output); out fp32 or bf16.
  */
-#include <math.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-static inline float bf16_to_float(uint16_t v) {
-    uint32_t bits = ((uint32_t)v) << 16;
-    float out;
-    memcpy(&out, &bits, sizeof(out));
-    return out;
-}
-
-/* exp(x) for x <= 0 (softmax after subtracting the peak): 2^(x log2 e) split into an integer
- * power built in the exponent bits and a degree-6 polynomial of the fraction; relative error
- * about 2e-7. Plain arithmetic, so loops over it vectorise (libm's expf does not without
- * -ffast-math, which would also flush denormals for the whole process). */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float t = x * 1.44269504088896341f;
-    const float whole = floorf(t);
-    const float f = (t - whole) * 0.69314718055994531f;
-    float p = 1.f / 720.f;
-    p = p * f + 1.f / 120.f;
-    p = p * f + 1.f / 24.f;
-    p = p * f + 1.f / 6.f;
-    p = p * f + 0.5f;
-    p = p * f + 1.f;
-    p = p * f + 1.f;
-    const int32_t bits = ((int32_t)whole + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
+#include "common.h"
 
 /* One cache row of head_dim values as floats: a plain pointer for fp32 caches, converted into
  * `scratch` for bf16 caches. */
@@ -204,15 +175,17 @@ static void attend_heads_bf16(const float *q, const uint16_t *k_cache, const uin
 }
 #endif
 
-/* q: (num_seqs, num_heads, head_dim) fp32; out: the same shape, fp32.
+/* q: (num_seqs, num_heads * head_dim) rows q_stride elements apart, fp32 or bf16 (q_bf16);
+ * out: rows out_stride elements apart, fp32 or bf16 (out_bf16).
  * block_tables: (num_seqs, table_width); ctx_lens: (num_seqs,) positions 0..len-1 are attended.
  * window > 0 limits attention to the last `window` positions; softcap > 0 applies tanh capping.
  * Returns 0, or -1 when scratch memory could not be allocated. */
-int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, int is_bf16,
-                           const int64_t *block_tables, int table_width, const int64_t *ctx_lens,
-                           int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                           int block_size, float scale, int window, float softcap, float *out) {
-    const int group = num_heads / num_kv_heads;
+int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const void *k_cache,
+                           const void *v_cache, int is_bf16, const int64_t *block_tables,
+                           int table_width, const int64_t *ctx_lens, int num_seqs, int num_heads,
+                           int num_kv_heads, int head_dim, int block_size, float scale, int window,
+                           float softcap, void *out, int out_bf16, int64_t out_stride) {
+    const int group = num_heads / num_kv_heads, width = num_heads * head_dim;
     const int threads = omp_get_max_threads();
     /* Whole sequences per task read each cache row once; split by kv head only when there are
      * too few sequences to keep every thread busy. */
@@ -220,31 +193,45 @@ int paged_decode_attention(const float *q, const void *k_cache, const void *v_ca
     const int heads_per_task = num_heads / splits;
     int64_t longest = 1;
     for (int b = 0; b < num_seqs; b++) longest = ctx_lens[b] > longest ? ctx_lens[b] : longest;
-    const size_t per_thread = (size_t)(heads_per_task * longest + num_kv_heads * head_dim);
+    /* per thread: scores, one widened cache row, and the task's queries and outputs in fp32 */
+    const size_t per_thread = (size_t)(heads_per_task * longest + num_kv_heads * head_dim + 2 * width);
     float *scratch = malloc(sizeof(float) * per_thread * (size_t)threads);
+    if (!scratch) return -1;
 #ifdef HAVE_BF16_PATH
     const int fast = is_bf16 && head_dim % 32 == 0 && head_dim <= 16 * MAX_CHUNKS && heads_per_task <= MAX_HEADS;
 #endif
-    if (!scratch) return -1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int task = 0; task < num_seqs * splits; task++) {
         float *scores = scratch + per_thread * (size_t)omp_get_thread_num();
         float *row = scores + heads_per_task * longest;
+        float *qf = row + num_kv_heads * head_dim, *of = qf + width;
         const int b = task / splits, h0 = (task % splits) * heads_per_task;
+        const int first = h0 * head_dim, count = heads_per_task * head_dim;
+        if (q_bf16) {
+            const uint16_t *src = (const uint16_t *)q + b * q_stride;
+#pragma omp simd
+            for (int i = first; i < first + count; i++) qf[i] = bf16_to_float(src[i]);
+        } else {
+            memcpy(qf + first, (const float *)q + b * q_stride + first, sizeof(float) * count);
+        }
         const int ctx_len = (int)ctx_lens[b];
         const int start = (window > 0 && ctx_len > window) ? ctx_len - window : 0;
-        const int64_t seq = (int64_t)b * num_heads * head_dim;
+        const int64_t *table = block_tables + (int64_t)b * table_width;
 #ifdef HAVE_BF16_PATH
-        if (fast) {
-            attend_heads_bf16(q + seq, k_cache, v_cache, block_tables + (int64_t)b * table_width, ctx_len,
-                              start, h0, h0 + heads_per_task, num_kv_heads, head_dim, group, block_size,
-                              scale, softcap, scores, out + seq);
-            continue;
-        }
+        if (fast)
+            attend_heads_bf16(qf, k_cache, v_cache, table, ctx_len, start, h0, h0 + heads_per_task, num_kv_heads,
+                              head_dim, group, block_size, scale, softcap, scores, of);
+        else
 #endif
-        attend_heads(q + seq, k_cache, v_cache, is_bf16, block_tables + (int64_t)b * table_width,
-                     ctx_len, start, h0, h0 + heads_per_task, num_kv_heads, head_dim, group,
-                     block_size, scale, softcap, scores, row, out + seq);
+            attend_heads(qf, k_cache, v_cache, is_bf16, table, ctx_len, start, h0, h0 + heads_per_task,
+                         num_kv_heads, head_dim, group, block_size, scale, softcap, scores, row, of);
+        if (out_bf16) {
+            uint16_t *dst = (uint16_t *)out + b * out_stride;
+#pragma omp simd
+            for (int i = first; i < first + count; i++) dst[i] = float_to_bf16(of[i]);
+        } else {
+            memcpy((float *)out + b * out_stride + first, of + first, sizeof(float) * count);
+        }
     }
     free(scratch);
     return 0;
