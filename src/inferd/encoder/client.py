@@ -10,6 +10,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from inferd.compute import compute
 from inferd.config.engine import EncoderConfig
 from inferd.config.model_spec import ModelKind
 from inferd.encoder.engine import BatchObserver, EncoderEngine
@@ -61,7 +62,8 @@ class EncoderClient:
     @classmethod
     def start(cls, path: Path, files_kind: ModelKind, config: EncoderConfig) -> EncoderClient:
         """Load the model at ``path`` and start its engine (blocking: call it off the event loop)."""
-        engine = EncoderEngine(load_encoder_model(path, files_kind, config), config)
+        model = compute.run(load_encoder_model, path, files_kind, config, num_threads=config.num_threads)
+        engine = EncoderEngine(model, config)
         engine.start()
         return cls(engine)
 

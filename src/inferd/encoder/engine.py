@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from inferd.compute import compute
 from inferd.config.engine import EncoderConfig
 from inferd.encoder.models.base import EncoderModel, PreparedBatch, prepare_batch
 from inferd.encoder.queue import BatchQueue
@@ -118,16 +119,15 @@ class EncoderEngine:
         return prepare_batch(items, model.tokenizer.pad_token_id, model.uses_token_type_ids, model.is_packed)
 
     def _model_loop(self) -> None:
-        # OpenMP's thread count is per calling thread: set it where the model runs, or a new
-        # thread runs with the library default (seen here: up to half the main thread's speed).
-        torch.set_num_threads(self.config.num_threads)
         while True:
             batch = self._prepared.get()
             self._slot.release()
             if batch is None:
                 return
             self._in_hand = batch
-            self._run(batch)
+            # Forwards run on the process's one compute thread (see inferd.compute), which also
+            # sets torch's thread count there.
+            compute.run(self._run, batch, num_threads=self.config.num_threads)
             self._in_hand = None
 
     def _run(self, batch: PreparedBatch) -> None:

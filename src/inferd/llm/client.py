@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
+from inferd.compute import compute
 from inferd.config.engine import LLMConfig
 from inferd.errors import EngineError, EngineUnavailableError, InvalidRequestError, OverloadedError
 from inferd.llm.engine import LLMEngine
@@ -73,13 +74,12 @@ class _EngineLoop:
         self._inbox.put(message)
 
     def _run(self) -> None:
-        import torch
-
-        torch.set_num_threads(self.engine.config.num_threads)  # per thread under OpenMP
+        num_threads = self.engine.config.num_threads
         last_log = time.monotonic()
         try:
             while self._drain(block=not self.engine.has_work):
-                outputs = self.engine.step()
+                # The step's tensor work runs on the process's one compute thread (see inferd.compute).
+                outputs = compute.run(self.engine.step, num_threads=num_threads)
                 if self.engine.num_step_tokens:
                     self.observer.on_step(self.engine.num_step_tokens)
                 if outputs:
@@ -134,7 +134,8 @@ class LLMClient:
     @classmethod
     def start(cls, path: Path, config: LLMConfig, loop: asyncio.AbstractEventLoop) -> LLMClient:
         """Load the model and start the engine loop (blocking: call it off the event loop)."""
-        client = cls(LLMEngine(load_causal_lm(path, config), config), loop)
+        engine = compute.run(_load_engine, path, config, num_threads=config.num_threads)
+        client = cls(engine, loop)
         client._engine_loop.start()
         return client
 
@@ -275,3 +276,7 @@ class LLMClient:
             collector = self._collectors.get(output.request_id)
             if collector is not None:
                 collector.put_nowait(output)
+
+
+def _load_engine(path: Path, config: LLMConfig) -> LLMEngine:
+    return LLMEngine(load_causal_lm(path, config), config)
