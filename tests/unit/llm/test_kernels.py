@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(
         (torch.bfloat16, 6, 2, 32, 4, [5, 17, 32, 3, 9], 0),
         (torch.bfloat16, 8, 8, 128, 16, [50, 3], 0),
         (torch.bfloat16, 9, 3, 64, 16, [40, 300], 24),
+        (torch.bfloat16, 9, 3, 64, 32, [31, 33, 100], 0),  # blocks of 32 slots
         # head_dim 48 is not a multiple of 32: the portable path, also over bf16.
         (torch.bfloat16, 4, 2, 48, 8, [7, 33], 0),
     ],
