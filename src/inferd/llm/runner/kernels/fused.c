@@ -2,65 +2,142 @@
  * (and their intermediate tensors and thread-pool round trips) with one pass over the rows, and
  * computes in float32 with one rounding to bf16 at the end.
  *
- * Rows are split over OpenMP threads only when there are enough of them to pay for the fork. */
+ * Each step is written per row twice: with AVX-512 intrinsics (16 lanes, masked tails, bf16
+ * rounding by vcvtneps2bf16) where the CPU has AVX512-BF16, and as portable loops elsewhere.
+ * Rows are split over OpenMP threads only when there is enough work to pay for the fork. */
 #include <omp.h>
 
 #include "common.h"
 
-#define PARALLEL_ROWS 16
+#define PARALLEL_ELEMENTS 32768
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+static inline __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __m256bh round_bf16(__m512 v) { return _mm512_cvtneps_pbh(v); }
+
+static inline void store_bf16(uint16_t *p, __mmask16 m, __m256bh v) { _mm256_mask_storeu_epi16(p, m, (__m256i)v); }
+
+/* exp(y) for y <= 0, as exp_nonpositive in common.h: 2^n by vscalefps, the fraction by polynomial. */
+static inline __m512 exp_nonpositive16(__m512 y) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(-87.f));
+    const __m512 t = _mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, whole);
+}
+
+static void rms_row(uint16_t *x, const uint16_t *d, const uint16_t *weight, float eps, int dim, uint16_t *out) {
+    __m512 squares = _mm512_setzero_ps();
+    for (int i = 0; i < dim; i += 16) {
+        const __mmask16 m = lanes(dim - i);
+        __m512 v = load_bf16(x + i, m);
+        if (d) {
+            const __m256bh sum = round_bf16(_mm512_add_ps(v, load_bf16(d + i, m)));
+            store_bf16(x + i, m, sum);
+            v = _mm512_cvtpbh_ps(sum);
+        }
+        squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    const __m512 scale = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
+    for (int i = 0; i < dim; i += 16) {
+        const __mmask16 m = lanes(dim - i);
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load_bf16(x + i, m), scale), load_bf16(weight + i, m));
+        store_bf16(out + i, m, round_bf16(v));
+    }
+}
+
+static void silu_mul_row(const uint16_t *gate, const uint16_t *up, uint16_t *out, int width) {
+    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+    for (int i = 0; i < width; i += 16) {
+        const __mmask16 m = lanes(width - i);
+        const __m512 x = load_bf16(gate + i, m);
+        const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x))); /* exp(-|x|) */
+        const __m512 denom = _mm512_add_ps(one, e);
+        __m512 inv = _mm512_rcp14_ps(denom);
+        inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(denom, inv, two)); /* one Newton step: ~23 bits */
+        const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 sigmoid = _mm512_mul_ps(_mm512_mask_blend_ps(positive, e, one), inv);
+        store_bf16(out + i, m, round_bf16(_mm512_mul_ps(_mm512_mul_ps(x, sigmoid), load_bf16(up + i, m))));
+    }
+}
+
+static void rope_row(uint16_t *row, int heads, int head_dim, const float *c, const float *s) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < heads; h++) {
+        uint16_t *x = row + (int64_t)h * head_dim;
+        for (int i = 0; i < half; i += 16) {
+            const __mmask16 m = lanes(half - i);
+            const __m512 a = load_bf16(x + i, m), b = load_bf16(x + i + half, m);
+            const __m512 c1 = _mm512_maskz_loadu_ps(m, c + i), s1 = _mm512_maskz_loadu_ps(m, s + i);
+            const __m512 c2 = _mm512_maskz_loadu_ps(m, c + i + half), s2 = _mm512_maskz_loadu_ps(m, s + i + half);
+            store_bf16(x + i, m, round_bf16(_mm512_fmsub_ps(a, c1, _mm512_mul_ps(b, s1))));
+            store_bf16(x + i + half, m, round_bf16(_mm512_fmadd_ps(b, c2, _mm512_mul_ps(a, s2))));
+        }
+    }
+}
+
+#else /* portable loops */
+
+static void rms_row(uint16_t *x, const uint16_t *d, const uint16_t *weight, float eps, int dim, uint16_t *out) {
+    float total = 0.f;
+    for (int i = 0; i < dim; i++) {
+        if (d) x[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(d[i]));
+        const float v = bf16_to_float(x[i]);
+        total += v * v;
+    }
+    const float scale = 1.f / sqrtf(total / (float)dim + eps);
+    for (int i = 0; i < dim; i++) out[i] = float_to_bf16(bf16_to_float(x[i]) * scale * bf16_to_float(weight[i]));
+}
+
+static void silu_mul_row(const uint16_t *gate, const uint16_t *up, uint16_t *out, int width) {
+    for (int i = 0; i < width; i++) {
+        const float x = bf16_to_float(gate[i]);
+        const float e = exp_nonpositive(x > 0.f ? -x : x); /* exp(-|x|) */
+        const float sigmoid = (x > 0.f ? 1.f : e) / (1.f + e);
+        out[i] = float_to_bf16(x * sigmoid * bf16_to_float(up[i]));
+    }
+}
+
+static void rope_row(uint16_t *row, int heads, int head_dim, const float *c, const float *s) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < heads; h++) {
+        uint16_t *x = row + (int64_t)h * head_dim;
+        for (int i = 0; i < half; i++) {
+            const float a = bf16_to_float(x[i]), b = bf16_to_float(x[i + half]);
+            x[i] = float_to_bf16(a * c[i] - b * s[i]);
+            x[i + half] = float_to_bf16(b * c[i + half] + a * s[i + half]);
+        }
+    }
+}
+#endif
 
 /* residual += delta (rounded to bf16, as the unfused residual add) when delta is given; then
  * out = residual * rsqrt(mean(residual^2) + eps) * weight. All (rows, dim), contiguous. */
 void add_rms_norm_bf16(uint16_t *residual, const uint16_t *delta, const uint16_t *weight, float eps,
                        int rows, int dim, uint16_t *out) {
-#pragma omp parallel for if (rows >= PARALLEL_ROWS) schedule(static)
-    for (int r = 0; r < rows; r++) {
-        uint16_t *x = residual + (int64_t)r * dim;
-        const uint16_t *d = delta ? delta + (int64_t)r * dim : 0;
-        float total = 0.f;
-        if (d) {
-#pragma omp simd reduction(+ : total)
-            for (int i = 0; i < dim; i++) {
-                const uint16_t sum = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(d[i]));
-                x[i] = sum;
-                const float v = bf16_to_float(sum);
-                total += v * v;
-            }
-        } else {
-#pragma omp simd reduction(+ : total)
-            for (int i = 0; i < dim; i++) {
-                const float v = bf16_to_float(x[i]);
-                total += v * v;
-            }
-        }
-        const float scale = 1.f / sqrtf(total / (float)dim + eps);
-        uint16_t *o = out + (int64_t)r * dim;
-#pragma omp simd
-        for (int i = 0; i < dim; i++) o[i] = float_to_bf16(bf16_to_float(x[i]) * scale * bf16_to_float(weight[i]));
-    }
-}
-
-/* In chunks through a float buffer: gcc vectorises exp_nonpositive only in loops of float alone. */
-static void silu_mul_row(const uint16_t *restrict gate, const uint16_t *restrict up, uint16_t *restrict out,
-                         int width) {
-    float x[256], s[256];
-    for (int at = 0; at < width; at += 256) {
-        const int n = width - at < 256 ? width - at : 256;
-#pragma omp simd
-        for (int i = 0; i < n; i++) x[i] = bf16_to_float(gate[at + i]);
-#pragma omp simd
-        for (int i = 0; i < n; i++) {
-            const float e = exp_nonpositive(x[i] > 0.f ? -x[i] : x[i]); /* exp(-|x|) */
-            s[i] = x[i] * (x[i] > 0.f ? 1.f : e) / (1.f + e);            /* x * sigmoid(x) */
-        }
-#pragma omp simd
-        for (int i = 0; i < n; i++) out[at + i] = float_to_bf16(s[i] * bf16_to_float(up[at + i]));
-    }
+#pragma omp parallel for if ((int64_t)rows * dim >= PARALLEL_ELEMENTS) schedule(static)
+    for (int r = 0; r < rows; r++)
+        rms_row(residual + (int64_t)r * dim, delta ? delta + (int64_t)r * dim : 0, weight, eps, dim,
+                out + (int64_t)r * dim);
 }
 
 /* out = silu(gate) * up for gate_up rows laid out [gate (width) | up (width)]. */
 void silu_mul_bf16(const uint16_t *gate_up, int rows, int width, uint16_t *out) {
-#pragma omp parallel for if (rows >= PARALLEL_ROWS) schedule(static)
+#pragma omp parallel for if ((int64_t)rows * width >= PARALLEL_ELEMENTS) schedule(static)
     for (int r = 0; r < rows; r++) {
         const uint16_t *gate = gate_up + (int64_t)r * 2 * width;
         silu_mul_row(gate, gate + width, out + (int64_t)r * width, width);
@@ -74,21 +151,12 @@ void silu_mul_bf16(const uint16_t *gate_up, int rows, int width, uint16_t *out) 
 void rope_and_cache_bf16(uint16_t *qkv, int tokens, int qkv_stride, int num_heads, int num_kv_heads,
                          int head_dim, const float *cos, const float *sin, const int64_t *slots,
                          uint16_t *k_cache, uint16_t *v_cache) {
-    const int half = head_dim / 2, rotated = num_heads + num_kv_heads;
-#pragma omp parallel for if (tokens >= PARALLEL_ROWS) schedule(static)
+    const int rotated = num_heads + num_kv_heads;
+    const int64_t kv_row = (int64_t)num_kv_heads * head_dim;
+#pragma omp parallel for if ((int64_t)tokens * qkv_stride >= PARALLEL_ELEMENTS) schedule(static)
     for (int t = 0; t < tokens; t++) {
         uint16_t *row = qkv + (int64_t)t * qkv_stride;
-        const float *c = cos + (int64_t)t * head_dim, *s = sin + (int64_t)t * head_dim;
-        for (int h = 0; h < rotated; h++) {
-            uint16_t *x = row + (int64_t)h * head_dim;
-#pragma omp simd
-            for (int i = 0; i < half; i++) {
-                const float a = bf16_to_float(x[i]), b = bf16_to_float(x[i + half]);
-                x[i] = float_to_bf16(a * c[i] - b * s[i]);
-                x[i + half] = float_to_bf16(b * c[i + half] + a * s[i + half]);
-            }
-        }
-        const int64_t kv_row = (int64_t)num_kv_heads * head_dim;
+        rope_row(row, rotated, head_dim, cos + (int64_t)t * head_dim, sin + (int64_t)t * head_dim);
         memcpy(k_cache + slots[t] * kv_row, row + (int64_t)num_heads * head_dim, sizeof(uint16_t) * kv_row);
         memcpy(v_cache + slots[t] * kv_row, row + (int64_t)rotated * head_dim, sizeof(uint16_t) * kv_row);
     }
