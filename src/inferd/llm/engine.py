@@ -49,7 +49,10 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv_cache)
         self.runner = ModelRunner(loaded, config, num_blocks)
-        self.sampler = Sampler(loaded.facts.vocab_size, set(loaded.facts.eos_token_ids))
+        native = self.runner.native
+        self.sampler = Sampler(
+            loaded.facts.vocab_size, set(loaded.facts.eos_token_ids), argmax=native.argmax if native else None
+        )
         self._live: dict[str, _Live] = {}
         self.num_step_tokens = 0  # tokens the last step computed (for the iteration-tokens metric)
         log.info(

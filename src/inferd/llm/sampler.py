@@ -53,27 +53,39 @@ class Sampler:
     report comparable numbers and a top-k cut does not turn alternatives into -inf.
     """
 
-    def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
+    def __init__(self, vocab_size: int, eos_token_ids: set[int], argmax=None) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
+        # A faster argmax over CPU float32 rows (the native kernels'), when the runner has one.
+        self._argmax = argmax
 
     def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
         """``logits``: (batch, ≥ vocab_size) float, one row per state, in the same order."""
         logits = self.process_logits(logits, states)
         wants_logprobs = any(state.params.logprobs is not None for state in states)
         logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        token_ids = _choose_tokens(logits, states)
+        token_ids = _choose_tokens(logits, states, self._argmax_of)
         if logprobs is None:
             return SamplerOutput(token_ids.tolist(), None, None)
         chosen, top = _gather_logprobs(logprobs, token_ids, states)
         return SamplerOutput(token_ids.tolist(), chosen, top)
 
+    def _argmax_of(self, logits: torch.Tensor) -> torch.Tensor:
+        cpu_rows = logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.stride(-1) == 1
+        if self._argmax is not None and cpu_rows:
+            return self._argmax(logits)
+        return logits.argmax(dim=-1)
+
     def process_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Penalties, logit bias and min_tokens applied to a float32 copy cut to the vocabulary."""
+        """Penalties, logit bias and min_tokens applied to a float32 copy cut to the vocabulary
+        (no copy when nothing applies: the caller's rows are then returned, cut, as they are)."""
         assert logits.dim() == 2 and logits.shape[0] == len(states), (tuple(logits.shape), len(states))
         assert logits.shape[1] >= self.vocab_size, (tuple(logits.shape), self.vocab_size)
         # Columns past vocab_size belong to a padded embedding table and are never valid tokens.
-        logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)
+        logits = logits[:, : self.vocab_size]
+        if not any(_edits_logits(state) for state in states):
+            return logits.float()
+        logits = logits.to(torch.float32, copy=True)
         _apply_repetition_penalty(logits, states)
         _apply_frequency_presence_penalties(logits, states)
         _apply_logit_bias(logits, states)
@@ -148,13 +160,25 @@ def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.dev
     return counts[:, :vocab_size]
 
 
-def _choose_tokens(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+def _edits_logits(state: SamplingState) -> bool:
+    """Whether process_logits changes this row (else it may skip its copy)."""
+    params = state.params
+    return bool(
+        params.repetition_penalty != 1.0
+        or params.frequency_penalty
+        or params.presence_penalty
+        or params.logit_bias
+        or len(state.output_token_ids) < params.min_tokens
+    )
+
+
+def _choose_tokens(logits: torch.Tensor, states: list[SamplingState], argmax) -> torch.Tensor:
     random_rows = [row for row, state in enumerate(states) if not state.params.is_greedy]
     if not random_rows:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     if len(random_rows) == len(states):
         return _sample_rows(logits, states)
-    token_ids = logits.argmax(dim=-1)
+    token_ids = argmax(logits)
     index = torch.tensor(random_rows, device=logits.device)
     token_ids[index] = _sample_rows(logits[index], [states[row] for row in random_rows])
     return token_ids

@@ -185,3 +185,28 @@ def test_decode_reads_strided_bf16_queries_and_writes_bf16(ops):
         q = qkv[row, : heads * dim].float().view(heads, 1, dim)
         expected = F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)[:, 0]
         bf16_close(out[row].view(heads, dim), expected)
+
+
+def test_argmax_matches_torch_on_ties_infinities_nans_and_cut_rows(ops):
+    torch.manual_seed(0)
+    logits = torch.randn(7, 1003)
+    logits[1, [5, 700]] = 50.0  # a tie: the first one wins
+    logits[2] = float("-inf")
+    logits[3, 998] = float("inf")
+    logits[4, [10, 20]] = float("nan")  # NaN counts as the largest, first NaN wins
+    logits[5, 1000:] = 99.0  # past the cut below: never chosen
+    logits[6] = logits[6].round()  # many ties
+    for rows in (logits, logits[:, :1000]):
+        assert torch.equal(ops.argmax(rows), rows.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("rows", [1, 33])
+def test_amx_linear_can_write_float32(ops, rows):
+    if not ops.amx:
+        pytest.skip("no AMX here")
+    torch.manual_seed(0)
+    weight = torch.randn(100, 64).bfloat16()
+    x = torch.randn(rows, 64).bfloat16()
+    got = ops.linear(x, kernels.pack_amx_weight(weight), 100, None, fp32_out=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x.float() @ weight.float().T, atol=1e-4, rtol=1e-4)

@@ -210,3 +210,18 @@ def test_a_seed_gives_the_same_tokens_whatever_else_is_in_the_batch():
     assert batch_a[-1].output_token_ids == batch_b[-2].output_token_ids  # seed 8 agrees too
     assert batch_a[-1].output_token_ids != alone, "different seeds should give different text"
     assert len(set(alone)) > 3, "the toy model must make the draws non-trivial"
+
+
+def test_a_custom_argmax_serves_greedy_rows_and_nothing_else():
+    calls = []
+
+    def argmax(rows):
+        calls.append(rows.shape)
+        return rows.argmax(dim=-1)
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, VOCAB)
+    greedy = Sampler(VOCAB, {EOS}, argmax=argmax).sample(logits, [state(temperature=0.0) for _ in range(3)])
+    assert greedy.token_ids == logits.argmax(dim=-1).tolist() and calls == [(3, VOCAB)]
+    Sampler(VOCAB, {EOS}, argmax=argmax).sample(logits, [state(temperature=1.0, seed=1) for _ in range(3)])
+    assert len(calls) == 1  # all rows sampled: no argmax over raw logits

@@ -172,18 +172,19 @@ class AmxLinear(nn.Module):
     into tile order; at 1-32 rows (decode batches) 1.3-1.8x faster than oneDNN's prepacked AMX
     matmul on this project's matrix shapes, and level with it on prefill batches."""
 
-    def __init__(self, linear: nn.Linear, native) -> None:
+    def __init__(self, linear: nn.Linear, native, fp32_out: bool = False) -> None:
         super().__init__()
         weight = linear.weight.detach()
         self.out_features = weight.shape[0]
         self.weight = pack_amx_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.native = native
+        self.fp32_out = fp32_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
-        return self.native.linear(x, self.weight, self.out_features, self.bias)
+        return self.native.linear(x, self.weight, self.out_features, self.bias, self.fp32_out)
 
 
 def pack_for_cpu(decoder: Decoder, native=None) -> None:
@@ -192,16 +193,17 @@ def pack_for_cpu(decoder: Decoder, native=None) -> None:
     oneDNN-prepacked one where oneDNN has native bf16."""
     amx = native is not None and native.amx
 
-    def packed(linear: nn.Linear) -> nn.Module:
+    def packed(linear: nn.Linear, fp32_out: bool = False) -> nn.Module:
         if amx and linear.in_features % 32 == 0:
-            return AmxLinear(linear, native)
+            return AmxLinear(linear, native, fp32_out)
         return PackedLinear(linear) if _can_pack() else linear
 
     for layer in decoder.layers:
         for name in ("qkv", "o_proj", "gate_up", "down"):
             setattr(layer, name, packed(getattr(layer, name)))
-    # With tied embeddings the lookup keeps the plain table and the head gets a packed copy.
-    decoder.lm_head = packed(decoder.lm_head)
+    # With tied embeddings the lookup keeps the plain table and the head gets a packed copy; the
+    # head writes float32 logits, which the sampler wants anyway.
+    decoder.lm_head = packed(decoder.lm_head, fp32_out=True)
 
 
 def _can_pack() -> bool:

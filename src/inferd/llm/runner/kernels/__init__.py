@@ -59,9 +59,9 @@ class NativeOps:
         )
         self._add_rms_norm = _bind(library.add_rms_norm_bf16, _P, _P, _P, _F, _I, _I, _P, restype=None)
         self._silu_mul = _bind(library.silu_mul_bf16, _P, _I, _I, _P, restype=None)
-        self._amx_linear = _bind(
-            library.amx_linear_bf16, _P, _I64, _I, _I, _P, _I, _P, _P, _I64, restype=None
-        )
+        # x, x_stride, rows, K, packed weight, N, bias, out, out_stride, out_fp32
+        self._amx_linear = _bind(library.amx_linear_bf16, _P, _I64, _I, _I, _P, _I, _P, _P, _I64, _I, restype=None)
+        self._argmax = _bind(library.argmax_rows_f32, _P, _I64, _I, _I, _P, restype=None)
         # Linux grants AMX tile state per process on request; a kernel built without AMX says no.
         self.amx = _cpu_has("amx_bf16") and bool(library.amx_init())
         self._rope_and_cache = _bind(
@@ -103,21 +103,23 @@ class NativeOps:
             v_cache.data_ptr(),
         )
 
-    def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None):
-        """x (rows, K) bf16 with unit column stride, times a weight from ``pack_amx_weight``."""
-        out = x.new_empty(x.shape[0], out_features)
+    def linear(
+        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None, fp32_out=False
+    ) -> torch.Tensor:
+        """x (rows, K) bf16 with unit column stride, times a weight from ``pack_amx_weight``; the
+        result in bf16, or float32 with ``fp32_out`` (logits: no rounding, no conversion after)."""
+        out = x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else torch.bfloat16)
         bias_ptr = None if bias is None else bias.data_ptr()
         self._amx_linear(
-            x.data_ptr(),
-            x.stride(0),
-            x.shape[0],
-            x.shape[1],
-            packed.data_ptr(),
-            out_features,
-            bias_ptr,
-            out.data_ptr(),
-            out_features,
+            x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr(), out_features, bias_ptr,
+            out.data_ptr(), out_features, int(fp32_out),
         )
+        return out
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """torch.argmax(logits, dim=-1) for 2-D float32 rows with unit column stride."""
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self._argmax(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], out.data_ptr())
         return out
 
 

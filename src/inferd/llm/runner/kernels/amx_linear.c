@@ -46,21 +46,26 @@ static void configure(int rows0, int rows1) {
     _tile_loadconfig(&cfg);
 }
 
-/* One 16x16 fp32 accumulator block (+ bias) rounded to bf16 into out; columns past n dropped. */
-static void store_block(const float *acc, int rows, int n0, int n_valid, const float *bias, uint16_t *out,
-                        int64_t out_stride) {
+/* One 16x16 fp32 accumulator block (+ bias) into out, rounded to bf16 or kept in fp32 (out_fp32);
+ * columns past n dropped. */
+static void store_block(const float *acc, int rows, int n0, int n_valid, const float *bias, void *out,
+                        int64_t out_stride, int out_fp32) {
     if (n_valid <= 0) return;
     const __mmask16 mask = n_valid >= 16 ? 0xffff : (__mmask16)((1u << n_valid) - 1);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
     for (int r = 0; r < rows; r++) {
         const __m512 v = _mm512_add_ps(_mm512_load_ps(acc + r * 16), b);
-        _mm256_mask_storeu_epi16(out + r * out_stride + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        if (out_fp32)
+            _mm512_mask_storeu_ps((float *)out + r * out_stride + n0, mask, v);
+        else
+            _mm256_mask_storeu_epi16((uint16_t *)out + r * out_stride + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
     }
 }
 
-/* x: (m, k) bf16, rows x_stride elements apart; out: (m, n) bf16, rows out_stride apart. */
+/* x: (m, k) bf16, rows x_stride elements apart; out: (m, n) bf16 (or fp32 with out_fp32), rows
+ * out_stride elements apart. */
 void amx_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
-                     const float *bias, uint16_t *out, int64_t out_stride) {
+                     const float *bias, void *out, int64_t out_stride, int out_fp32) {
     const int pairs = (n + 31) / 32, steps = k / 32;
     const int64_t pair_elems = (int64_t)steps * 1024;
 #pragma omp parallel
@@ -106,12 +111,14 @@ void amx_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const ui
                     _tile_stored(3, acc[3], 64);
                 }
                 const int n0 = p * 32;
-                uint16_t *o = out + m0 * out_stride;
-                store_block(acc[0], rows0, n0, n - n0, bias, o, out_stride);
-                store_block(acc[1], rows0, n0 + 16, n - n0 - 16, bias, o, out_stride);
+                const size_t elem = out_fp32 ? sizeof(float) : sizeof(uint16_t);
+                char *o = (char *)out + (size_t)m0 * out_stride * elem;
+                char *o1 = o + (size_t)16 * out_stride * elem;
+                store_block(acc[0], rows0, n0, n - n0, bias, o, out_stride, out_fp32);
+                store_block(acc[1], rows0, n0 + 16, n - n0 - 16, bias, o, out_stride, out_fp32);
                 if (rows1) {
-                    store_block(acc[2], rows1, n0, n - n0, bias, o + 16 * out_stride, out_stride);
-                    store_block(acc[3], rows1, n0 + 16, n - n0 - 16, bias, o + 16 * out_stride, out_stride);
+                    store_block(acc[2], rows1, n0, n - n0, bias, o1, out_stride, out_fp32);
+                    store_block(acc[3], rows1, n0 + 16, n - n0 - 16, bias, o1, out_stride, out_fp32);
                 }
             }
         }
@@ -121,5 +128,5 @@ void amx_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const ui
 #else
 int amx_init(void) { return 0; }
 void amx_linear_bf16(const void *x, long x_stride, int m, int k, const void *packed, int n, const float *bias,
-                     void *out, long out_stride) {}
+                     void *out, long out_stride, int out_fp32) {}
 #endif
