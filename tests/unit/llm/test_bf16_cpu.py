@@ -70,3 +70,13 @@ def test_bf16_engine_logits_follow_fp32(tiny_llama, native):
     for got, ref in ((prefill, ref_prefill), (decode, ref_decode)):
         cosine = F.cosine_similarity(got, ref, dim=-1)
         assert cosine.min() > 0.999, cosine
+
+
+@needs_amx
+def test_amx_linear_over_several_row_blocks():
+    """Rows beyond one L2-sized block (320 rows at K = 1536) are computed block by block."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1536, 64, bias=True).to(torch.bfloat16)
+    x = torch.randn(700, 1536, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    torch.testing.assert_close(AmxLinear(linear, native_ops())(x).float(), expected, atol=0.06, rtol=0.02)

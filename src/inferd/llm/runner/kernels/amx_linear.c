@@ -68,57 +68,64 @@ void amx_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const ui
                      const float *bias, void *out, int64_t out_stride, int out_fp32) {
     const int pairs = (n + 31) / 32, steps = k / 32;
     const int64_t pair_elems = (int64_t)steps * 1024;
+    /* Rows in blocks whose x fits in L2 (about 1 MiB): each block re-streams the weights, but
+     * within one the x rows are re-read from L2 for every column pair instead of from L3. */
+    int row_block = (int)((1 << 20) / ((int64_t)k * 2)) / 32 * 32;
+    row_block = row_block < 32 ? 32 : row_block;
 #pragma omp parallel
     {
         float acc[4][256] __attribute__((aligned(64)));
         int have0 = -1, have1 = -1;
+        for (int first_row = 0; first_row < m; first_row += row_block) {
+            const int end_row = m - first_row < row_block ? m : first_row + row_block;
 #pragma omp for schedule(static)
-        for (int p = 0; p < pairs; p++) {
-            const uint16_t *w = packed + p * pair_elems;
-            for (int m0 = 0; m0 < m; m0 += 32) {
-                const int rows0 = m - m0 < 16 ? m - m0 : 16;
-                const int rest = m - m0 - 16, rows1 = rest <= 0 ? 0 : (rest < 16 ? rest : 16);
-                if (rows0 != have0 || rows1 != have1) {
-                    configure(rows0, rows1);
-                    have0 = rows0, have1 = rows1;
-                }
-                const uint16_t *a = x + m0 * x_stride;
-                _tile_zero(0);
-                _tile_zero(1);
-                if (rows1) {
-                    _tile_zero(2);
-                    _tile_zero(3);
-                }
-                for (int s = 0; s < steps; s++) {
-                    const uint16_t *ws = w + s * 1024;
-                    for (int line = 0; line < 2048; line += 64) /* two steps ahead */
-                        _mm_prefetch((const char *)(ws + 2048) + line, _MM_HINT_T0);
-                    _tile_loadd(4, a + s * 32, x_stride * 2);
-                    _tile_loadd(6, ws, 64);
-                    _tile_loadd(7, ws + 512, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    if (rows1) {
-                        _tile_loadd(5, a + 16 * x_stride + s * 32, x_stride * 2);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
+            for (int p = 0; p < pairs; p++) {
+                const uint16_t *w = packed + p * pair_elems;
+                for (int m0 = first_row; m0 < end_row; m0 += 32) {
+                    const int rows0 = end_row - m0 < 16 ? end_row - m0 : 16;
+                    const int rest = end_row - m0 - 16, rows1 = rest <= 0 ? 0 : (rest < 16 ? rest : 16);
+                    if (rows0 != have0 || rows1 != have1) {
+                        configure(rows0, rows1);
+                        have0 = rows0, have1 = rows1;
                     }
-                }
-                _tile_stored(0, acc[0], 64);
-                _tile_stored(1, acc[1], 64);
-                if (rows1) {
-                    _tile_stored(2, acc[2], 64);
-                    _tile_stored(3, acc[3], 64);
-                }
-                const int n0 = p * 32;
-                const size_t elem = out_fp32 ? sizeof(float) : sizeof(uint16_t);
-                char *o = (char *)out + (size_t)m0 * out_stride * elem;
-                char *o1 = o + (size_t)16 * out_stride * elem;
-                store_block(acc[0], rows0, n0, n - n0, bias, o, out_stride, out_fp32);
-                store_block(acc[1], rows0, n0 + 16, n - n0 - 16, bias, o, out_stride, out_fp32);
-                if (rows1) {
-                    store_block(acc[2], rows1, n0, n - n0, bias, o1, out_stride, out_fp32);
-                    store_block(acc[3], rows1, n0 + 16, n - n0 - 16, bias, o1, out_stride, out_fp32);
+                    const uint16_t *a = x + m0 * x_stride;
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    if (rows1) {
+                        _tile_zero(2);
+                        _tile_zero(3);
+                    }
+                    for (int s = 0; s < steps; s++) {
+                        const uint16_t *ws = w + s * 1024;
+                        for (int line = 0; line < 2048; line += 64) /* two steps ahead */
+                            _mm_prefetch((const char *)(ws + 2048) + line, _MM_HINT_T0);
+                        _tile_loadd(4, a + s * 32, x_stride * 2);
+                        _tile_loadd(6, ws, 64);
+                        _tile_loadd(7, ws + 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        if (rows1) {
+                            _tile_loadd(5, a + 16 * x_stride + s * 32, x_stride * 2);
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
+                    }
+                    _tile_stored(0, acc[0], 64);
+                    _tile_stored(1, acc[1], 64);
+                    if (rows1) {
+                        _tile_stored(2, acc[2], 64);
+                        _tile_stored(3, acc[3], 64);
+                    }
+                    const int n0 = p * 32;
+                    const size_t elem = out_fp32 ? sizeof(float) : sizeof(uint16_t);
+                    char *o = (char *)out + (size_t)m0 * out_stride * elem;
+                    char *o1 = o + (size_t)16 * out_stride * elem;
+                    store_block(acc[0], rows0, n0, n - n0, bias, o, out_stride, out_fp32);
+                    store_block(acc[1], rows0, n0 + 16, n - n0 - 16, bias, o, out_stride, out_fp32);
+                    if (rows1) {
+                        store_block(acc[2], rows1, n0, n - n0, bias, o1, out_stride, out_fp32);
+                        store_block(acc[3], rows1, n0 + 16, n - n0 - 16, bias, o1, out_stride, out_fp32);
+                    }
                 }
             }
         }
