@@ -45,7 +45,7 @@ class LLMConfig:
     device: str = "cpu"
     dtype: str = "float32"
     cache_dir: str | None = None  # where GGUF files are converted once; None: ~/.cache/inferd
-    native_kernels: bool = True  # compile and use the C decode-attention kernel on the CPU
+    native_kernels: bool = True  # compile and use inferd's C kernels (attention, fused ops, AMX linears) on the CPU
     model_impl: str = "auto"  # "auto": inferd's own forward where it has one; "transformers": never
     max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429
     max_prompt_chars: int | None = None  # None: bounded by the request body size only

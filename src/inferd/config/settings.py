@@ -102,8 +102,9 @@ class ServerSettings(BaseSettings):
     )
     native_kernels: bool = Field(
         True,
-        description="LLM: on the CPU, build the C decode-attention kernel with the system compiler on "
-        "first use (falls back to torch when none is found).",
+        description="LLM: on the CPU, build inferd's C kernels with the system compiler on first use "
+        "(decode attention; with bf16 also fused element-wise ops and, on AMX CPUs, the linear layers); "
+        "without a compiler the torch paths run.",
     )
     max_n: int = Field(16, ge=1, description="LLM: most choices (n) in one request.")
     cache_dir: str | None = Field(
