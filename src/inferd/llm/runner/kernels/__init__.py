@@ -36,26 +36,12 @@ class NativeOps:
     def __init__(self, library: ctypes.CDLL) -> None:
         self.paged_decode = _bind(
             library.paged_decode_attention,
-            _P,
-            _I,
-            _I64,  # q, q_bf16, q_stride
-            _P,
-            _P,
-            _I,  # k_cache, v_cache, is_bf16
-            _P,
-            _I,
-            _P,  # block_tables, table_width, ctx_lens
-            _I,
-            _I,
-            _I,
-            _I,
-            _I,  # num_seqs, num_heads, num_kv_heads, head_dim, block_size
-            _F,
-            _I,
-            _F,  # scale, window, softcap
-            _P,
-            _I,
-            _I64,  # out, out_bf16, out_stride
+            *(_P, _I, _I64),  # q, q_bf16, q_stride
+            *(_P, _P, _I),  # k_cache, v_cache, is_bf16
+            *(_P, _I, _P),  # block_tables, table_width, ctx_lens
+            *(_I, _I, _I, _I, _I),  # num_seqs, num_heads, num_kv_heads, head_dim, block_size
+            *(_F, _I, _F),  # scale, window, softcap
+            *(_P, _I, _I64),  # out, out_bf16, out_stride
         )
         self._add_rms_norm = _bind(library.add_rms_norm_bf16, _P, _P, _P, _F, _I, _I, _P, restype=None)
         self._silu_mul = _bind(library.silu_mul_bf16, _P, _I, _I, _P, restype=None)
@@ -63,7 +49,7 @@ class NativeOps:
         self._amx_linear = _bind(library.amx_linear_bf16, _P, _I64, _I, _I, _P, _I, _P, _P, _I64, _I, restype=None)
         self._argmax = _bind(library.argmax_rows_f32, _P, _I64, _I, _I, _P, restype=None)
         # Linux grants AMX tile state per process on request; a kernel built without AMX says no.
-        self.amx = _cpu_has("amx_bf16") and bool(library.amx_init())
+        self.amx = torch.cpu._is_amx_tile_supported() and bool(library.amx_init())
         self._rope_and_cache = _bind(
             library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, restype=None
         )
@@ -162,10 +148,6 @@ def _build_key(compiler: str) -> str:
     digest.update(version.stdout.encode())
     digest.update(_cpu_flags().encode())  # -march=native: a library is only valid on its own CPU
     return digest.hexdigest()[:16]
-
-
-def _cpu_has(flag: str) -> bool:
-    return flag in _cpu_flags().split()
 
 
 def _cpu_flags() -> str:

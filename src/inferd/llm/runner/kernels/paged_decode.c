@@ -14,6 +14,24 @@
 
 #include "common.h"
 
+/* Softmax in place over each of `rows` rows of `span` scores. */
+static void softmax_rows(float *scores, int rows, int span) {
+    for (int h = 0; h < rows; h++) {
+        float *s = scores + (int64_t)h * span;
+        float peak = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : peak)
+        for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
+#pragma omp simd reduction(+ : total)
+        for (int l = 0; l < span; l++) {
+            s[l] = exp_nonpositive(s[l] - peak);
+            total += s[l];
+        }
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int l = 0; l < span; l++) s[l] *= inv;
+    }
+}
+
 /* One cache row of head_dim values as floats: a plain pointer for fp32 caches, converted into
  * `scratch` for bf16 caches. */
 static inline const float *cache_row(const void *cache, int is_bf16, int64_t offset, int head_dim,
@@ -47,21 +65,8 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
             scores[(int64_t)(h - h0) * span + l] = dot;
         }
     }
-    for (int h = h0; h < h1; h++) {
-        float *s = scores + (int64_t)(h - h0) * span;
-        float peak = -INFINITY, total = 0.f;
-#pragma omp simd reduction(max : peak)
-        for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
-#pragma omp simd reduction(+ : total)
-        for (int l = 0; l < span; l++) {
-            s[l] = exp_nonpositive(s[l] - peak);
-            total += s[l];
-        }
-        const float inv = 1.f / total;
-#pragma omp simd
-        for (int l = 0; l < span; l++) s[l] *= inv;
-        memset(out + (int64_t)h * head_dim, 0, sizeof(float) * head_dim);
-    }
+    softmax_rows(scores, h1 - h0, span);
+    memset(out + (int64_t)h0 * head_dim, 0, sizeof(float) * head_dim * (h1 - h0));
     for (int l = 0; l < span; l++) {
         const int pos = start + l;
         const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
@@ -94,6 +99,20 @@ static inline void prefetch_row(const uint16_t *row, int bytes) {
     for (int b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T0);
 }
 
+/* The positions from `pos` that lie in one block (at most `left`): their count, the cache row of
+ * the first one (from element `offset` of its slot), and the same row of the next block when the
+ * context goes on there (else NULL), to prefetch. */
+static inline int block_run(const uint16_t *cache, const int64_t *table, int pos, int left, int ctx_len,
+                            int block_size, int64_t slot_stride, int64_t offset, const uint16_t **base,
+                            const uint16_t **next) {
+    const int in_block = pos % block_size, blk = pos / block_size;
+    *base = cache + (table[blk] * block_size + in_block) * slot_stride + offset;
+    *next = (int64_t)(blk + 1) * block_size < ctx_len
+                ? cache + (table[blk + 1] * block_size + in_block) * slot_stride + offset
+                : 0;
+    return block_size - in_block < left ? block_size - in_block : left;
+}
+
 static void attend_heads_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
                               const int64_t *table, int ctx_len, int start, int h0, int h1,
                               int num_kv_heads, int head_dim, int group, int block_size,
@@ -109,14 +128,12 @@ static void attend_heads_bf16(const float *q, const uint16_t *k_cache, const uin
             qv[h * pairs + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qh + 16), _mm512_loadu_ps(qh));
         }
     for (int l = 0; l < span;) {
-        const int pos = start + l, in_block = pos % block_size, blk = pos / block_size;
-        const int run = block_size - in_block < span - l ? block_size - in_block : span - l;
-        const uint16_t *base = k_cache + ((table[blk] * block_size + in_block) * slot_stride + (int64_t)kv0 * head_dim);
-        const int has_next = (int64_t)(blk + 1) * block_size < ctx_len;
-        const uint16_t *next = has_next ? k_cache + ((table[blk + 1] * block_size + in_block) * slot_stride + (int64_t)kv0 * head_dim) : 0;
+        const uint16_t *base, *next;
+        const int run = block_run(k_cache, table, start + l, span - l, ctx_len, block_size, slot_stride,
+                                  (int64_t)kv0 * head_dim, &base, &next);
         for (int i = 0; i < run; i++) {
             const uint16_t *row = base + i * slot_stride;
-            if (has_next) prefetch_row(next + i * slot_stride, row_bytes);
+            if (next) prefetch_row(next + i * slot_stride, row_bytes);
             for (int h = 0; h < heads; h++) {
                 const uint16_t *k = row + (h / group) * head_dim;
                 __m512 acc = _mm512_setzero_ps();
@@ -129,31 +146,16 @@ static void attend_heads_bf16(const float *q, const uint16_t *k_cache, const uin
         }
         l += run;
     }
-    for (int h = 0; h < heads; h++) {
-        float *s = scores + (int64_t)h * span;
-        float peak = -INFINITY, total = 0.f;
-#pragma omp simd reduction(max : peak)
-        for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
-#pragma omp simd reduction(+ : total)
-        for (int l = 0; l < span; l++) {
-            s[l] = exp_nonpositive(s[l] - peak);
-            total += s[l];
-        }
-        const float inv = 1.f / total;
-#pragma omp simd
-        for (int l = 0; l < span; l++) s[l] *= inv;
-    }
+    softmax_rows(scores, heads, span);
     __m512 acc[MAX_HEADS * MAX_CHUNKS];
     for (int i = 0; i < heads * wide; i++) acc[i] = _mm512_setzero_ps();
     for (int l = 0; l < span;) {
-        const int pos = start + l, in_block = pos % block_size, blk = pos / block_size;
-        const int run = block_size - in_block < span - l ? block_size - in_block : span - l;
-        const uint16_t *base = v_cache + ((table[blk] * block_size + in_block) * slot_stride + (int64_t)kv0 * head_dim);
-        const int has_next = (int64_t)(blk + 1) * block_size < ctx_len;
-        const uint16_t *next = has_next ? v_cache + ((table[blk + 1] * block_size + in_block) * slot_stride + (int64_t)kv0 * head_dim) : 0;
+        const uint16_t *base, *next;
+        const int run = block_run(v_cache, table, start + l, span - l, ctx_len, block_size, slot_stride,
+                                  (int64_t)kv0 * head_dim, &base, &next);
         for (int i = 0; i < run; i++) {
             const uint16_t *row = base + i * slot_stride;
-            if (has_next) prefetch_row(next + i * slot_stride, row_bytes);
+            if (next) prefetch_row(next + i * slot_stride, row_bytes);
             for (int kv = 0; kv < kv_count; kv++) {
                 const uint16_t *v = row + kv * head_dim;
                 for (int c = 0; c < wide; c++) {
