@@ -9,8 +9,9 @@ from inferd.api.model_table import ModelTable
 from inferd.errors import EngineUnavailableError
 
 
-def model_table(request: Request) -> ModelTable:
-    """The served models this request's API key may use."""
+async def model_table(request: Request) -> ModelTable:
+    """The served models this request's API key may use. Async so that FastAPI calls it in place
+    rather than through its thread pool (a thread hop per request)."""
     table = getattr(request.app.state, "models", None)
     if table is None:
         raise EngineUnavailableError("models are still loading")

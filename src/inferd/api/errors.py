@@ -87,7 +87,7 @@ def error_response(
     return FastJSONResponse(body, status_code=status, headers=headers)
 
 
-def _domain_error(request: Request, exc: InferdError) -> FastJSONResponse:
+async def _domain_error(request: Request, exc: InferdError) -> FastJSONResponse:
     return domain_error_response(request.url.path, exc)
 
 
@@ -115,7 +115,7 @@ def domain_error_response(path: str, exc: InferdError) -> FastJSONResponse:
     )
 
 
-def _validation_error(request: Request, exc: RequestValidationError) -> FastJSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> FastJSONResponse:
     family = family_of(request.url.path)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
@@ -135,7 +135,7 @@ def _describe(error: dict) -> str:
     return f"{loc}: {error.get('msg')}" if loc else str(error.get("msg"))
 
 
-def _http_error(request: Request, exc: StarletteHTTPException) -> FastJSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> FastJSONResponse:
     family = family_of(request.url.path)
     type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return error_response(
@@ -143,7 +143,7 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> FastJSONRespon
     )
 
 
-def _unexpected_error(request: Request, exc: Exception) -> FastJSONResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> FastJSONResponse:
     return unexpected_error_response(request.url.path, exc)
 
 
@@ -155,11 +155,12 @@ def unexpected_error_response(path: str, exc: BaseException) -> FastJSONResponse
     )
 
 
-def _disconnected(request: Request, exc: ClientDisconnected) -> Response:
+async def _disconnected(request: Request, exc: ClientDisconnected) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    # The handlers are async: Starlette runs plain functions in its thread pool, a hop per error.
     app.add_exception_handler(ClientDisconnected, _disconnected)
     app.add_exception_handler(InferdError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -42,7 +42,7 @@ def error_event(exc: InferdError) -> bytes:
 
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
     """Items of several async iterators as they come, tagged with the iterator's index.
-    Leaving early cancels the rest, which closes them (and so aborts their engine requests)."""
+    Leaving early cancels the rest and closes them (which aborts their engine requests)."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -72,3 +72,7 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()

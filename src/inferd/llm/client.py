@@ -228,10 +228,12 @@ class LLMClient:
         """Raise the typed error a request would fail with, before anything is streamed."""
         self.engine.check_prompt(prompt_token_ids, params)
 
-    async def generate(
+    def submit(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Deltas until finished. Leaving the iteration early (disconnect) aborts the request."""
+    ) -> GenerationStream:
+        """Hand the request to the engine now and return its stream of deltas. Submitting before
+        the response starts lets the prefill run while the server writes headers and the first
+        chunk. Closing the stream early (or dropping it) aborts the request."""
         if not self.is_running:
             raise EngineUnavailableError("the LLM engine is not running")
         self.check_request(prompt_token_ids, params)
@@ -241,28 +243,21 @@ class LLMClient:
         self._collectors[request_id] = collector
         if self._engine_loop.error is not None:  # crashed since the check above
             collector.put_nowait(self._engine_loop.error)
-        observer = self._engine_loop.observer
-        finished = False
-        start = time.monotonic()
-        last: float | None = None
+        stream = GenerationStream(self, request_id, collector, self._engine_loop.observer)
+        self._engine_loop.send("add", request_id, prompt_token_ids, params)
+        return stream
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Deltas until finished, submitted at the first iteration. Leaving the iteration early
+        (disconnect) aborts the request."""
+        stream = self.submit(prompt_token_ids, params, request_id)
         try:
-            self._engine_loop.send("add", request_id, prompt_token_ids, params)
-            while not finished:
-                output = await collector.get()
-                if isinstance(output, BaseException):
-                    raise EngineError("the LLM engine crashed; the server needs a restart") from output
-                now = time.monotonic()
-                observer.on_output(output, now - start, None if last is None else now - last)
-                last = now
-                if output.error is not None:
-                    raise output.error
-                finished = output.is_finished
+            async for output in stream:
                 yield output
         finally:
-            self._collectors.pop(request_id, None)
-            if not finished:
-                observer.on_abort(time.monotonic() - start)
-                self._engine_loop.send("abort", request_id)
+            stream.close()
 
     def _publish_threadsafe(self, outputs) -> None:
         self._loop.call_soon_threadsafe(self._dispatch, outputs)
@@ -276,6 +271,54 @@ class LLMClient:
             collector = self._collectors.get(output.request_id)
             if collector is not None:
                 collector.put_nowait(output)
+
+
+class GenerationStream:
+    """One submitted request's RequestOutput deltas, as an async iterator that ends with the
+    finished one. ``close()`` before then aborts the request in the engine; so does dropping an
+    unfinished stream, so that a response abandoned before it started streaming frees its blocks."""
+
+    def __init__(self, client: LLMClient, request_id: str, collector: asyncio.Queue, observer) -> None:
+        self.request_id = request_id
+        self._client = client
+        self._collector = collector
+        self._observer = observer
+        self._start = time.monotonic()
+        self._last: float | None = None
+        self._open = True  # registered with the client, not finished, not aborted
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._open:
+            raise StopAsyncIteration
+        output = await self._collector.get()
+        if isinstance(output, BaseException):
+            self.close()
+            raise EngineError("the LLM engine crashed; the server needs a restart") from output
+        now = time.monotonic()
+        self._observer.on_output(output, now - self._start, None if self._last is None else now - self._last)
+        self._last = now
+        if output.error is not None:
+            self.close()
+            raise output.error
+        if output.is_finished:
+            self._open = False
+            self._client._collectors.pop(self.request_id, None)
+        return output
+
+    def close(self) -> None:
+        """Abort the request unless it has finished; safe to call more than once."""
+        if not self._open:
+            return
+        self._open = False
+        self._client._collectors.pop(self.request_id, None)
+        self._observer.on_abort(time.monotonic() - self._start)
+        self._client._engine_loop.send("abort", self.request_id)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _load_engine(path: Path, config: LLMConfig) -> LLMEngine:

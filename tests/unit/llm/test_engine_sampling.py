@@ -111,3 +111,37 @@ async def test_stats_report_the_prefix_hit_rate(tiny_llama):
         assert "prefix cache hit rate 40.0% (32/80 tokens)" in line
     finally:
         client.close()
+
+
+async def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_submitted_request_runs_before_it_is_read_and_dropping_it_aborts(tiny_llama):
+    """submit() hands the request over at once (its prefill overlaps the response's start); a stream
+    dropped unread, like a response abandoned before streaming, is aborted and frees its blocks."""
+    client = LLMClient.start(tiny_llama, LLMConfig(kv_cache_memory=4 * 2**20), asyncio.get_running_loop())
+    aborted_live = []
+    engine_abort = client.engine.abort
+
+    def abort(request_id):  # record the aborts that found the request still generating
+        aborted_live.append(request_id in client.engine._live)
+        engine_abort(request_id)
+
+    client.engine.abort = abort
+    try:
+        params = SamplingParams(temperature=0.0, ignore_eos=True)  # up to the 256-token context
+        stream = client.submit([8, 9, 10, 11], params)
+        await wait_for(lambda: client.stats().num_running == 1)  # running, though nobody has read it
+        assert client.engine.kv_cache.usage > 0
+        del stream
+        await wait_for(lambda: client.stats().num_running == 0 and client.engine.kv_cache.usage == 0)
+        assert aborted_live == [True]
+        short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        outputs = [out async for out in client.submit([8, 9, 10], short)]
+        assert outputs[-1].finish_reason == "length" and not client._collectors
+    finally:
+        client.close()

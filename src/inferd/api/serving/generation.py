@@ -54,13 +54,15 @@ def check_n(n: int, client: LLMClient) -> None:
 def run_choices(
     client: LLMClient, prompts: list[list[int]], params: list[SamplingParams], request_id: str
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Deltas of every (prompt, choice) pair, tagged with the choice's index (prompt-major)."""
+    """Deltas of every (prompt, choice) pair, tagged with the choice's index (prompt-major). The
+    requests go to the engine here, before any response is written, so their prefill overlaps the
+    response's start."""
     n = len(params)
     for prompt in prompts:
         client.check_request(prompt, params[0])
     client.check_capacity(len(prompts) * n)  # a full queue refuses before a stream starts
     streams = [
-        client.generate(prompt, params[i], f"{request_id}-{p}-{i}")
+        client.submit(prompt, params[i], f"{request_id}-{p}-{i}")
         for p, prompt in enumerate(prompts)
         for i in range(n)
     ]
