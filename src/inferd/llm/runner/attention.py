@@ -37,21 +37,24 @@ class AttentionBatch:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (num_slots, kv_heads, head_dim) × 2
     slot_mapping: torch.Tensor  # (num_tokens,) cache slot of each new token
     block_size: int = 16
-    decode_token_idx: torch.Tensor | None = None  # (num_decodes,) packed index of each one-token sequence
-    decode_ctx_slots: torch.Tensor | None = None  # (num_decodes, longest) cache slots, padded
-    decode_ctx_lens: torch.Tensor | None = None  # (num_decodes,)
-    decode_tables: torch.Tensor | None = None  # (num_decodes, width) block tables, for the kernel
-    native: object = None  # the native kernels (NativeOps) when the runner has them: decodes use them
-    only_decodes: bool = False  # every sequence has one new token: decode rows are the whole batch
+    # Query rows attended one by one over the paged cache: every decode token and, with the native
+    # kernel, every token of a short prefill too (each row with its own context length, so the causal
+    # mask is just that length). Longer prefills go to SDPA as PrefillSpans.
+    row_idx: torch.Tensor | None = None  # (num_rows,) packed index of each such query row
+    row_ctx_slots: torch.Tensor | None = None  # (num_rows, longest) cache slots, padded (torch path)
+    row_ctx_lens: torch.Tensor | None = None  # (num_rows,) positions 0..len-1 are attended
+    row_tables: torch.Tensor | None = None  # (num_rows, width) the row's sequence's block table (kernel)
+    native: object = None  # the native kernels (NativeOps) when the runner has them
+    all_rows: bool = False  # every token of the batch is such a row: no gather, no scatter
     prefills: list[PrefillSpan] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """(num_decodes, 1, 1, longest) True where a decode query may attend."""
-        key = ("decode", window)
+    def row_mask(self, window: int | None) -> torch.Tensor:
+        """(num_rows, 1, 1, longest) True where a row's query may attend."""
+        key = ("rows", window)
         if key not in self._masks:
-            positions = torch.arange(self.decode_ctx_slots.shape[1], device=self.slot_mapping.device)
-            lens = self.decode_ctx_lens[:, None]
+            positions = torch.arange(self.row_ctx_slots.shape[1], device=self.slot_mapping.device)
+            lens = self.row_ctx_lens[:, None]
             mask = positions[None, :] < lens
             if window is not None:
                 mask &= positions[None, :] >= lens - window
@@ -135,18 +138,18 @@ def current_batch() -> AttentionBatch | None:
 
 def _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap) -> torch.Tensor:
     """Attention once the step's keys and values are in the cache (and in k, v for prefills)."""
-    native = batch.native is not None and batch.decode_token_idx is not None
-    if native and batch.only_decodes:
-        return _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap)
+    native = batch.native is not None and batch.row_idx is not None
+    if native and batch.all_rows:
+        return _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap)
     out = q.new_empty(q.shape)
     if native:
-        out[batch.decode_token_idx] = _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap)
-    elif batch.decode_token_idx is not None:
-        ctx_k = k_cache[batch.decode_ctx_slots].transpose(1, 2)  # (B, KVH, L, D)
-        ctx_v = v_cache[batch.decode_ctx_slots].transpose(1, 2)
-        queries = q[batch.decode_token_idx].unsqueeze(2)  # (B, H, 1, D)
-        attended = _attend(queries, ctx_k, ctx_v, batch.decode_mask(window), scaling, softcap, False)
-        out[batch.decode_token_idx] = attended.squeeze(2)
+        out[batch.row_idx] = _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap)
+    elif batch.row_idx is not None:
+        ctx_k = k_cache[batch.row_ctx_slots].transpose(1, 2)  # (B, KVH, L, D)
+        ctx_v = v_cache[batch.row_ctx_slots].transpose(1, 2)
+        queries = q[batch.row_idx].unsqueeze(2)  # (B, H, 1, D)
+        attended = _attend(queries, ctx_k, ctx_v, batch.row_mask(window), scaling, softcap, False)
+        out[batch.row_idx] = attended.squeeze(2)
     for span in batch.prefills:
         end = span.start + span.num_new
         if span.ctx_slots is None:
@@ -167,17 +170,17 @@ def _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap) -
     return out
 
 
-def _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torch.Tensor:
-    """The decode queries attended in place over the paged cache by the native kernel. q may be a
+def _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torch.Tensor:
+    """The query rows attended in place over the paged cache by the native kernel. q may be a
     strided view (rows of a fused qkv output) as long as each row's heads are contiguous."""
-    queries = q if batch.only_decodes else q[batch.decode_token_idx]  # (B, H, D)
+    queries = q if batch.all_rows else q[batch.row_idx]  # (B, H, D)
     num_seqs, num_heads, head_dim = queries.shape
     if queries.dtype not in (torch.float32, torch.bfloat16):
         queries = queries.float()
     if queries.stride(2) != 1 or queries.stride(1) != head_dim:
         queries = queries.contiguous()
     out = queries.new_empty(queries.shape)
-    tables = batch.decode_tables
+    tables = batch.row_tables
     bf16 = torch.bfloat16
     status = batch.native.paged_decode(
         queries.data_ptr(),
@@ -188,7 +191,7 @@ def _decode_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torc
         int(k_cache.dtype == bf16),
         tables.data_ptr(),
         tables.shape[1],
-        batch.decode_ctx_lens.data_ptr(),
+        batch.row_ctx_lens.data_ptr(),
         num_seqs,
         num_heads,
         k_cache.shape[1],

@@ -12,6 +12,13 @@ from inferd.llm.models.loader import LoadedModel
 from inferd.llm.runner.attention import AttentionBatch, PrefillSpan, attention_batch
 from inferd.llm.runner.kernels import native_ops
 
+# A short prefill chunk goes through the native paged kernel row by row (each token a query over its
+# own causal context, read in place from the cache) rather than SDPA, whose CPU flash attention costs
+# ~180 us of fixed overhead per call and layer. The kernel's cost grows with the query-position pairs
+# it walks; measured against SDPA on a 9-head, 3-kv-head bf16 model, the two meet near 1800 pairs
+# (a 60-token prompt), and the rows path saves ~7% of a 40-token prefill step.
+NATIVE_ROW_PAIRS = 1800
+
 
 @dataclass(slots=True)
 class ScheduledChunk:
@@ -92,27 +99,41 @@ class ModelRunner:
             block_size=self.block_size,
             native=self.native,
         )
-        self._add_decodes(batch, chunks, lengths, starts, tables)
-        self._add_prefills(batch, chunks, lengths, starts, tables)
+        as_rows = self._as_rows(chunks, lengths)
+        self._add_rows(batch, chunks, lengths, starts, tables, as_rows)
+        self._add_prefills(batch, chunks, lengths, starts, tables, as_rows)
         return self._tensor(ids), self._tensor(positions), self._tensor(np.array(logits_idx)), batch
 
-    def _add_decodes(self, batch, chunks, lengths, starts, tables) -> None:
-        rows = np.flatnonzero(lengths == 1)
-        if not len(rows):
-            return
-        ctx_lens = np.array([chunks[r].num_computed + 1 for r in rows])
-        batch.decode_token_idx = self._tensor(starts[rows])
-        batch.decode_ctx_lens = self._tensor(ctx_lens)
-        if self.native is not None:
-            batch.only_decodes = len(rows) == len(chunks)
-            batch.decode_tables = self._tensor(tables[rows])
-            return
-        slots = self._context_slots(tables[rows], int(ctx_lens.max()))
-        slots[np.arange(slots.shape[1])[None, :] >= ctx_lens[:, None]] = self.null_slot
-        batch.decode_ctx_slots = self._tensor(slots)
+    def _as_rows(self, chunks, lengths) -> np.ndarray:
+        """Which chunks attend as query rows: decodes always; short prefills with the native kernel."""
+        if self.native is None:
+            return lengths == 1
+        num_ctx = np.array([c.num_computed for c in chunks]) + lengths
+        pairs = lengths * (num_ctx - (lengths - 1) / 2)  # query-position pairs of the causal span
+        return (lengths == 1) | (pairs <= NATIVE_ROW_PAIRS)
 
-    def _add_prefills(self, batch, chunks, lengths, starts, tables) -> None:
-        for row in np.flatnonzero(lengths > 1):
+    def _add_rows(self, batch, chunks, lengths, starts, tables, as_rows) -> None:
+        seqs = np.flatnonzero(as_rows)
+        if not len(seqs):
+            return
+        counts = lengths[seqs]
+        owner = np.repeat(seqs, counts)
+        # each row's index within its sequence's new tokens: 0..count-1
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        num_computed = np.array([chunks[s].num_computed for s in seqs])
+        ctx_lens = np.repeat(num_computed, counts) + within + 1
+        batch.row_idx = self._tensor(starts[owner] + within)
+        batch.row_ctx_lens = self._tensor(ctx_lens)
+        if self.native is not None:
+            batch.all_rows = len(seqs) == len(chunks)
+            batch.row_tables = self._tensor(tables[owner])
+            return
+        slots = self._context_slots(tables[owner], int(ctx_lens.max()))
+        slots[np.arange(slots.shape[1])[None, :] >= ctx_lens[:, None]] = self.null_slot
+        batch.row_ctx_slots = self._tensor(slots)
+
+    def _add_prefills(self, batch, chunks, lengths, starts, tables, as_rows) -> None:
+        for row in np.flatnonzero(~as_rows):
             chunk = chunks[row]
             num_ctx = chunk.num_computed + len(chunk.token_ids)
             ctx_slots = None
