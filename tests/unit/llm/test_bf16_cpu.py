@@ -26,7 +26,9 @@ def test_packed_linear_matches_linear(rows):
     torch.testing.assert_close(got, expected, atol=0.03, rtol=0.02)
 
 
-needs_amx = pytest.mark.skipif(native_ops() is None or not native_ops().amx, reason="no AMX or no native kernels")
+needs_amx = pytest.mark.skipif(
+    native_ops() is None or not native_ops().amx, reason="no AMX or no native kernels"
+)
 
 
 @needs_amx
@@ -36,13 +38,16 @@ def test_amx_linear_matches_linear(rows, bias):
     torch.manual_seed(rows)
     linear = torch.nn.Linear(96, 200, bias=bias).to(torch.bfloat16)  # 200 outputs: a partial column block
     x = torch.randn(rows, 96, dtype=torch.bfloat16)
-    expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    expected = F.linear(
+        x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float()
+    )
     got = AmxLinear(linear, native_ops())(x)
     assert got.dtype == torch.bfloat16 and got.shape == expected.shape
     torch.testing.assert_close(got.float(), expected, atol=0.03, rtol=0.02)
 
 
 def logits_of(path, dtype, prompts, native=True):
+    """Logits of a prefill step of ``prompts`` and of one decode step after it."""
     config = LLMConfig(dtype=dtype, kv_cache_memory=2**20, block_size=4, native_kernels=native)
     loaded = load_causal_lm(path, config)
     runner = ModelRunner(loaded, config, num_blocks=64)
@@ -80,3 +85,22 @@ def test_amx_linear_over_several_row_blocks():
     x = torch.randn(700, 1536, dtype=torch.bfloat16)
     expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
     torch.testing.assert_close(AmxLinear(linear, native_ops())(x).float(), expected, atol=0.06, rtol=0.02)
+
+
+@needs_amx
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_one_native_call_per_step_equals_the_layer_by_layer_path(model_root, tiny_llama, family, monkeypatch):
+    """When every token is a query row, decoder_layers_bf16 runs all layers in one call: the same
+    kernels in the same order as the Python layer loop, so the same logits to the bit. Mistral's
+    window (8, shorter than the prompts) and Qwen2's q/k/v biases go through it too."""
+    from inferd.llm.models.decoder import Decoder
+    from tests.unit.llm.test_architectures import build
+
+    path = tiny_llama if family == "llama" else build(model_root, family, tiny_llama)[0]
+    prompts = [[5, 17, 33, 9, 60, 71, 12], [8, 9, 10], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+    one_prefill, one_decode, runner = logits_of(path, "bfloat16", prompts)
+    assert runner.decoder._layer_table[1] is not None  # the one-call path ran
+    monkeypatch.setattr(Decoder, "_native_layers", lambda self, native, kv_caches: None)
+    loop_prefill, loop_decode, _ = logits_of(path, "bfloat16", prompts)
+    assert torch.equal(one_prefill, loop_prefill)
+    assert torch.equal(one_decode, loop_decode)

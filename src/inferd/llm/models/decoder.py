@@ -104,6 +104,7 @@ class Decoder(nn.Module):
         self.fusable = all(layer.q_norm is None for layer in self.layers)
         # The transformers layers' q/k/v and gate/up now live fused above; drop the originals.
         inner.layers = nn.ModuleList()
+        self._layer_table = None  # (kv caches, LayerWeights array) for the one-call native step
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_idx: torch.Tensor):
         hidden = self.embed(input_ids)
@@ -122,13 +123,56 @@ class Decoder(nn.Module):
         # float32 rotary tables: the native rotation computes in float32 and rounds once.
         cos, sin = self.rotary(hidden.new_empty(0, dtype=torch.float32), positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # (T, D)
-        delta = None
-        for layer in self.layers:
-            delta = layer.forward_fused(hidden, delta, cos, sin, native)
+        batch = current_batch()
+        table = self._native_layers(native, batch.kv_caches) if batch.all_rows else None
+        if table is not None:  # every token a query row: all layers in one native call
+            first = self.layers[0]
+            shape = (first.gate_up.out_features // 2, first.num_heads, first.num_kv_heads, first.head_dim)
+            delta = native.decoder_layers(
+                table, hidden, shape, first.eps, first.scaling, cos, sin, batch.slot_mapping,
+                batch.row_tables, batch.row_ctx_lens, batch.block_size,
+            )  # fmt: skip
+        else:
+            delta = None
+            for layer in self.layers:
+                delta = layer.forward_fused(hidden, delta, cos, sin, native)
         rows = hidden[logits_idx]
         return self.lm_head(
             native.add_rms_norm(rows, delta[logits_idx], self.norm.weight, self.norm.variance_epsilon)
         )
+
+    def _native_layers(self, native, kv_caches):
+        """The LayerWeights array for ``native.decoder_layers``, or None when a layer does not fit
+        it (no AMX, a oneDNN-packed linear, an MLP bias, layers that differ in norm or scale)."""
+        if self._layer_table is not None and self._layer_table[0] is kv_caches:
+            return self._layer_table[1]
+        from inferd.llm.runner.kernels import LayerWeights
+
+        first = self.layers[0]
+        plain = native.amx and all(
+            all(
+                isinstance(m, AmxLinear) and not m.fp32_out
+                for m in (lay.qkv, lay.o_proj, lay.gate_up, lay.down)
+            )
+            and lay.gate_up.bias is None
+            and lay.down.bias is None
+            and (lay.eps, lay.scaling) == (first.eps, first.scaling)
+            for lay in self.layers
+        )
+        table = None
+        if plain and all(k.dtype == torch.bfloat16 for k, _ in kv_caches):
+            table = (LayerWeights * len(self.layers))()
+            for entry, lay, (k_cache, v_cache) in zip(table, self.layers, kv_caches, strict=True):
+                for name, tensor in (
+                    ("input_norm", lay.input_norm), ("post_norm", lay.post_norm), ("qkv", lay.qkv.weight),
+                    ("o", lay.o_proj.weight), ("gate_up", lay.gate_up.weight), ("down", lay.down.weight),
+                    ("qkv_bias", lay.qkv.bias), ("o_bias", lay.o_proj.bias), ("k_cache", k_cache),
+                    ("v_cache", v_cache),
+                ):  # fmt: skip
+                    setattr(entry, name, None if tensor is None else tensor.data_ptr())
+                entry.window = lay.window or 0
+        self._layer_table = (kv_caches, table)
+        return table
 
 
 def build_decoder(hf_model) -> Decoder | None:

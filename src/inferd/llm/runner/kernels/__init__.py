@@ -21,11 +21,21 @@ import torch
 
 log = logging.getLogger("inferd.llm.kernels")
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "paged_decode.c", _HERE / "fused.c", _HERE / "amx_linear.c")
+_SOURCES = (_HERE / "paged_decode.c", _HERE / "fused.c", _HERE / "amx_linear.c", _HERE / "decoder_step.c")
 _HEADERS = (_HERE / "common.h",)
 # -fno-trapping-math lets gcc vectorise floorf (the exp in softmax and SiLU); values are unchanged.
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-shared", "-fPIC")
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+class LayerWeights(ctypes.Structure):
+    """One decoder layer for ``decoder_layers_bf16`` (the layer_weights struct of decoder_step.c)."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "qkv", "o", "gate_up", "down")),
+        *((name, ctypes.c_void_p) for name in ("qkv_bias", "o_bias", "k_cache", "v_cache")),
+        ("window", ctypes.c_int64),
+    ]
 
 
 class NativeOps:
@@ -52,6 +62,13 @@ class NativeOps:
         self.amx = torch.cpu._is_amx_tile_supported() and bool(library.amx_init())
         self._rope_and_cache = _bind(
             library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, restype=None
+        )
+        self._decoder_layers = _bind(
+            library.decoder_layers_bf16,
+            *(_P, _I, _P, _P, _I),  # layers, num_layers, hidden, delta, has_delta
+            *(_I, _I, _I, _I, _I, _I),  # tokens, hidden_size, intermediate, heads, kv heads, head_dim
+            *(_F, _F, _P, _P, _P),  # eps, scale, cos, sin, slots
+            *(_P, _I, _P, _I),  # tables, table_width, ctx_lens, block_size
         )
 
     def add_rms_norm(
@@ -101,6 +118,23 @@ class NativeOps:
             out.data_ptr(), out_features, int(fp32_out),
         )
         return out
+
+    def decoder_layers(
+        self, layers, hidden, shape, eps, scale, cos, sin, slots, tables, ctx_lens, block_size
+    ) -> torch.Tensor:
+        """Every layer of a bf16 decoder in one call (AMX only): ``layers`` a LayerWeights array,
+        ``hidden`` the (tokens, hidden_size) residual stream, updated in place; ``shape`` is
+        (intermediate, heads, kv_heads, head_dim). Returns the last layer's MLP output."""
+        tokens, hidden_size = hidden.shape
+        delta = torch.empty_like(hidden)
+        status = self._decoder_layers(
+            layers, len(layers), hidden.data_ptr(), delta.data_ptr(), 0, tokens, hidden_size, *shape,
+            eps, scale, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
+            ctx_lens.data_ptr(), block_size,
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("the decoder step could not allocate its scratch memory")
+        return delta
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """torch.argmax(logits, dim=-1) for 2-D float32 rows with unit column stride."""
