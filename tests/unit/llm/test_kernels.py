@@ -210,3 +210,53 @@ def test_amx_linear_can_write_float32(ops, rows):
     got = ops.linear(x, kernels.pack_amx_weight(weight), 100, None, fp32_out=True)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, x.float() @ weight.float().T, atol=1e-4, rtol=1e-4)
+
+
+def paged_rows(ops, q, k_cache, v_cache, tables, ctx_lens, heads, block, scale, window=0, softcap=0.0):
+    """The kernel over query rows q (rows, heads, dim) fp32, each with its own table and length."""
+    rows, _, dim = q.shape
+    out = torch.empty_like(q)
+    status = ops.paged_decode(
+        *(q.data_ptr(), 0, heads * dim, k_cache.data_ptr(), v_cache.data_ptr(), 1),
+        *(tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(), rows, heads, k_cache.shape[1], dim),
+        *(block, scale, window, softcap, out.data_ptr(), 0, heads * dim),
+    )
+    assert status == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "spans, window, softcap",
+    [
+        ([(0, 37), (5, 1), (0, 3), (20, 16)], 0, 0.0),  # (cached, new): prefill runs, a decode, a short run
+        ([(0, 70), (30, 21)], 24, 0.0),  # a window shorter than the spans
+        ([(10, 19)], 0, 30.0),  # logit soft-capping
+    ],
+)
+def test_prefill_runs_match_causal_attention(ops, spans, window, softcap):
+    """Consecutive rows of one sequence (a prefill chunk over its cached context) share packed keys
+    and values in the bf16 path; every row still sees exactly its own causal context."""
+    torch.manual_seed(1)
+    heads, kv_heads, dim, block, scale = 9, 3, 64, 16, 0.125
+    width = max(c + n for c, n in spans) // block + 1
+    num_blocks = len(spans) * width
+    k_cache, v_cache = torch.randn(2, num_blocks * block, kv_heads, dim).bfloat16().unbind(0)
+    seq_tables = torch.randperm(num_blocks).view(len(spans), width)
+    owner = torch.cat([torch.full((n,), i) for i, (_, n) in enumerate(spans)])
+    ctx_lens = torch.cat([torch.arange(c + 1, c + n + 1) for c, n in spans])
+    tables = seq_tables[owner].contiguous()
+    q = torch.randn(len(ctx_lens), heads, dim).bfloat16().float()
+    out = paged_rows(ops, q, k_cache, v_cache, tables, ctx_lens, heads, block, scale, window, softcap)
+    for row in range(len(ctx_lens)):
+        length = int(ctx_lens[row])
+        slots = (tables[row, :, None] * block + torch.arange(block)).flatten()[:length]
+        if window:
+            slots = slots[-window:]
+        k, v = k_cache[slots].float().transpose(0, 1), v_cache[slots].float().transpose(0, 1)
+        k, v = k.repeat_interleave(3, 0), v.repeat_interleave(3, 0)
+        scores = q[row][:, None] @ k.transpose(1, 2) * scale  # (heads, 1, L)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        expected = (torch.softmax(scores, -1) @ v)[:, 0]
+        # probabilities enter p . v in bf16 (as in torch's bf16 attention): bf16-level agreement
+        torch.testing.assert_close(out[row], expected, atol=2e-2, rtol=2e-2)
