@@ -12,12 +12,13 @@ import math
 from dataclasses import dataclass, replace
 
 # On the CPU the cache shares RAM with everything else; without an explicit size it takes at most
-# this much: 23k tokens of a 135M model in bf16 (32 streams of ~730 tokens), about what
-# llama-server's -c 24576 holds. Pages are committed as blocks are first used, but the block pool
-# hands out its least recently freed block (to keep prefix-cache entries longest), so sustained
-# load touches every block: this budget is the cache's resident memory. Raise --kv-cache-memory
-# for long contexts at high concurrency.
-CPU_DEFAULT_KV_CACHE_BYTES = 512 * 2**20
+# this much: 17k tokens of a 135M model in bf16 (32 streams of ~540 tokens, a 400-token prompt and
+# its answer). Pages are committed as blocks are first used, but the block pool hands out its least
+# recently freed block (to keep prefix-cache entries longest), so sustained load touches every block:
+# this budget is the cache's resident memory, and it keeps the default trio of models (chat,
+# embeddings, rerank) under 1.5 GB under load. Raise --kv-cache-memory for long contexts at high
+# concurrency.
+CPU_DEFAULT_KV_CACHE_BYTES = 384 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
