@@ -451,13 +451,13 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: bytes) -> Stream
     that carries several events stamps them all with its arrival time."""
     s = Stream()
     t0 = time.perf_counter()
+    done = False
     try:
         async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as r:
             if r.status_code != 200:
                 s.error = f"HTTP {r.status_code}: {(await r.aread())[:300].decode(errors='replace')}"
                 return s
             buf = b""
-            done = False
             async for chunk in r.aiter_bytes():
                 now = time.perf_counter() - t0
                 buf += chunk
@@ -482,7 +482,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: bytes) -> Stream
         s.error = f"{type(exc).__name__}: {exc}"
     s.end_s = time.perf_counter() - t0
     if s.error is None and s.first_content_s is None:
-        s.error = "no content"
+        s.error = f"no content (finish_reason {s.finish_reason}, completion tokens {s.usage_tokens}, done {done})"
     return s
 
 

@@ -1,6 +1,8 @@
 """The native decode kernel: built into the cache directory once, and absent without a usable one."""
 
+import platform
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -231,6 +233,7 @@ def paged_rows(ops, q, k_cache, v_cache, tables, ctx_lens, heads, block, scale, 
         ([(0, 37), (5, 1), (0, 3), (20, 16)], 0, 0.0),  # (cached, new): prefill runs, a decode, a short run
         ([(0, 70), (30, 21)], 24, 0.0),  # a window shorter than the spans
         ([(10, 19)], 0, 30.0),  # logit soft-capping
+        ([(32, 5), (0, 9), (3, 6), (7, 1)], 0, 0.0),  # runs that split unevenly between the threads
     ],
 )
 def test_prefill_runs_match_causal_attention(ops, spans, window, softcap):
@@ -260,3 +263,18 @@ def test_prefill_runs_match_causal_attention(ops, spans, window, softcap):
         expected = (torch.softmax(scores, -1) @ v)[:, 0]
         # probabilities enter p . v in bf16 (as in torch's bf16 attention): bf16-level agreement
         torch.testing.assert_close(out[row], expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 levels")
+def test_sources_build_for_cpus_without_avx512(tmp_path):
+    """The portable loops stand in for every intrinsic path: the library must also build for a
+    baseline x86-64 CPU (no AVX-512, no AMX), or such machines would get no native kernels."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    flags = [f for f in kernels._FLAGS if not f.startswith("-march")]
+    result = subprocess.run(
+        [compiler, *flags, "-march=x86-64-v2", *map(str, kernels._SOURCES), "-o", str(tmp_path / "k.so"), "-lm"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr

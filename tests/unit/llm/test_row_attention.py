@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from inferd.config.engine import LLMConfig
+from inferd.config.settings import cpu_has_native_bf16
 from inferd.llm.models.loader import load_causal_lm
 from inferd.llm.runner import model_runner
 from inferd.llm.runner.kernels import native_ops
@@ -63,3 +64,48 @@ def test_rows_or_sdpa_by_size(tiny_llama, monkeypatch):
     assert [(s.start, s.num_new) for s in batch.prefills] == [(10, 20)]
     assert batch.row_idx.tolist() == [*range(10), 30]
     assert batch.row_ctx_lens.tolist() == [*range(1, 11), 201]
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_random_bf16_batches_agree_between_rows_and_sdpa(model_root, tiny_llama):
+    """Mixed steps (decodes, short and long prefill chunks over cached contexts, runs of every
+    length from 2 to 40 rows) on a bf16 model with head_dim 32, the AVX512-BF16 kernel's shape:
+    the rows path (the one-call step where the CPU has AMX) and SDPA give the same logits."""
+    import random
+    import shutil
+
+    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=200, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    path = model_root / "tiny-llama-hd32"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama / name, path / name)
+    llm = LLMConfig(dtype="bfloat16", kv_cache_memory=2**22, block_size=16)
+    runner = ModelRunner(load_causal_lm(path, llm), llm, num_blocks=512)
+    rng = random.Random(0)
+    for _ in range(12):
+        chunks, fills, next_block = [], [], 0
+        for _ in range(rng.randint(1, 12)):
+            cached = rng.choice([0, rng.randint(1, 120)])
+            new = rng.choice([1, 1, rng.randint(2, 9), rng.randint(10, 40)])
+            blocks = (cached + new) // 16 + 1
+            table = list(range(next_block, next_block + blocks))
+            next_block += blocks
+            ids = [rng.randint(3, 199) for _ in range(cached + new)]
+            if cached:
+                fills.append(ScheduledChunk(ids[:cached], 0, table, 1))
+            chunks.append(ScheduledChunk(ids[cached:], cached, table, new))
+        runner.row_pairs = 0
+        for fill in fills:
+            runner.execute([fill])
+        sdpa = runner.execute(chunks)
+        runner.row_pairs = 10**6
+        rows = runner.execute(chunks)
+        assert torch.isfinite(rows).all()
+        assert F.cosine_similarity(rows, sdpa, dim=-1).min() > 0.999

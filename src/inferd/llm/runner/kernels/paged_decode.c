@@ -82,6 +82,14 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
     }
 }
 
+/* Runs of prefill rows (the AVX512-BF16 path below; sizes the driver needs on every CPU). */
+#define RUN_MIN 4      /* shorter runs take the one-row path */
+#define RUN_VECTORS 12 /* query vectors scored together */
+#define RUN_PV 6       /* query vectors accumulating p . v together */
+
+/* Floats of one packed copy (keys or values) of span positions, in blocks of 16. */
+static size_t run_pack_floats(int span, int head_dim) { return (size_t)((span + 15) / 16) * 16 * head_dim; }
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_BF16_PATH 1
@@ -184,11 +192,7 @@ static void attend_heads_bf16(const float *q, const uint16_t *k_cache, const uin
  * positions with head_dim / 2 dot-pair instructions and no horizontal sums, and accumulates 16
  * dims of 2 positions per instruction: about 2 instructions a score where the one-row path takes
  * ten. Probabilities enter p . v rounded to bf16, as in torch's bf16 attention. */
-#define RUN_MIN 4      /* shorter runs take the one-row path */
-#define RUN_VECTORS 12 /* query vectors scored together */
-#define RUN_PV 6       /* query vectors accumulating p . v together */
 
-static size_t run_pack_floats(int span, int head_dim) { return (size_t)((span + 15) / 16) * 16 * head_dim; }
 
 static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int first,
                      int last, int kv, int num_kv_heads, int head_dim, int block_size, uint32_t *kt,
@@ -343,12 +347,12 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
 #else
     const int fast = 0;
 #endif
-    /* Tasks: (first row, rows, part). A run of RUN_MIN or more consecutive rows of one sequence
-     * (same block table, context growing by one) is split into as few row chunks as keep every
-     * thread busy (each chunk packs the context again), a task per chunk and kv head (part); any
-     * other row is a task per head split (part). */
+    /* Tasks: (first row, rows, part, is_run). A run of RUN_MIN or more consecutive rows of one
+     * sequence (same block table, context growing by one) is split into as few row chunks (of
+     * RUN_MIN rows or more) as keep every thread busy — each chunk packs the context again — and
+     * is a task per chunk and kv head (part); any other row is a task per head split (part). */
     const int chunks_per_run = (2 * threads + num_kv_heads - 1) / num_kv_heads;
-    int (*tasks)[3] = malloc(sizeof(int[3]) * (size_t)num_seqs * (splits > num_kv_heads ? splits : num_kv_heads));
+    int (*tasks)[4] = malloc(sizeof(int[4]) * (size_t)num_seqs * (splits > num_kv_heads ? splits : num_kv_heads));
     int num_tasks = 0, longest_chunk = 0;
     for (int b = 0; b < num_seqs;) {
         int run = 1;
@@ -357,18 +361,20 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
                        sizeof(int64_t) * table_width))
             run++;
         if (run >= RUN_MIN) {
-            int chunk = (run + chunks_per_run - 1) / chunks_per_run;
-            chunk = chunk < RUN_MIN ? RUN_MIN : chunk;
+            const int chunks = run / RUN_MIN < chunks_per_run ? run / RUN_MIN : chunks_per_run;
+            const int chunk = (run + chunks - 1) / chunks; /* the last chunk: RUN_MIN rows or more */
             for (int r = b; r < b + run; r += chunk) {
                 const int rows = b + run - r < chunk ? b + run - r : chunk;
                 longest_chunk = rows > longest_chunk ? rows : longest_chunk;
                 for (int kv = 0; kv < num_kv_heads; kv++, num_tasks++)
-                    tasks[num_tasks][0] = r, tasks[num_tasks][1] = rows, tasks[num_tasks][2] = kv;
+                    tasks[num_tasks][0] = r, tasks[num_tasks][1] = rows, tasks[num_tasks][2] = kv,
+                    tasks[num_tasks][3] = 1;
             }
         } else {
             for (int i = 0; i < run; i++)
                 for (int part = 0; part < splits; part++, num_tasks++)
-                    tasks[num_tasks][0] = b + i, tasks[num_tasks][1] = 1, tasks[num_tasks][2] = part;
+                    tasks[num_tasks][0] = b + i, tasks[num_tasks][1] = 1, tasks[num_tasks][2] = part,
+                    tasks[num_tasks][3] = 0;
         }
         b += run;
     }
@@ -389,11 +395,12 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
         float *scores = scratch + per_thread * (size_t)omp_get_thread_num();
         float *row = scores + score_rows * (longest + 32);
         float *qf = row + num_kv_heads * head_dim, *of = qf + width;
-        const int b = tasks[task][0], rows = tasks[task][1], part = tasks[task][2];
+        const int b = tasks[task][0], part = tasks[task][2];
         const int64_t *table = block_tables + (int64_t)b * table_width;
         int first, count;
 #ifdef HAVE_BF16_PATH
-        if (rows > 1) {
+        if (tasks[task][3]) { /* a run of tasks[task][1] rows */
+            const int rows = tasks[task][1];
             uint32_t *kt = (uint32_t *)(of + width), *vp = kt + run_pack_floats((int)longest, head_dim);
             float *run_out = (float *)(vp + run_pack_floats((int)longest, head_dim));
             const void *q0 = q_bf16 ? (const void *)((const uint16_t *)q + b * q_stride)
