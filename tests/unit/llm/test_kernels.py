@@ -271,8 +271,9 @@ def test_sources_build_for_cpus_without_avx512(tmp_path):
     baseline x86-64 CPU (no AVX-512, no AMX), or such machines would get no native kernels."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     flags = [f for f in kernels._FLAGS if not f.startswith("-march")]
+    sources = [str(source) for source in kernels._SOURCES]
     result = subprocess.run(
-        [compiler, *flags, "-march=x86-64-v2", *map(str, kernels._SOURCES), "-o", str(tmp_path / "k.so"), "-lm"],
+        [compiler, *flags, "-march=x86-64-v2", *sources, "-o", str(tmp_path / "k.so"), "-lm"],
         capture_output=True,
         text=True,
         check=False,
