@@ -206,8 +206,14 @@ def test_ctrl_c_leaves_no_half_registered_model(hub, env, tmp_path):
     hub.stall.add(BIG)
     hub.stalled.clear()
     hub.release.clear()
+    # A suite started in the background (`make test &`) has SIGINT ignored, and a child inherits
+    # that: Python then installs no KeyboardInterrupt handler. Give the child the default back.
     process = subprocess.Popen(
-        [*INFERD, "pull", "acme/big", "--quiet"], env=env, stderr=subprocess.PIPE, text=True
+        [*INFERD, "pull", "acme/big", "--quiet"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert hub.stalled.wait(60)
