@@ -103,8 +103,9 @@ class ServerSettings(BaseSettings):
     native_kernels: bool = Field(
         True,
         description="LLM: on the CPU, build inferd's C kernels with the system compiler on first use "
-        "(decode attention; with bf16 also fused element-wise ops and, on AMX CPUs, the linear layers); "
-        "without a compiler the torch paths run.",
+        "(paged attention for decodes and short prefills; with bf16 also fused element-wise ops and, on "
+        "AMX CPUs, the linear layers and one call for all layers of a step); without a compiler the torch "
+        "paths run.",
     )
     max_n: int = Field(16, ge=1, description="LLM: most choices (n) in one request.")
     cache_dir: str | None = Field(
