@@ -105,13 +105,21 @@ class Decoder(nn.Module):
         # The transformers layers' q/k/v and gate/up now live fused above; drop the originals.
         inner.layers = nn.ModuleList()
         self._layer_table = None  # (kv caches, LayerWeights array) for the one-call native step
+        first = self.layers[0]
+        # (intermediate, heads, kv heads, head_dim), as decoder_layers takes it
+        self._step_shape = (
+            first.gate_up.out_features // 2,
+            first.num_heads,
+            first.num_kv_heads,
+            first.head_dim,
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_idx: torch.Tensor):
         hidden = self.embed(input_ids)
         batch = current_batch()
         native = batch.native if batch is not None else None
         if native is not None and hidden.dtype == torch.bfloat16 and self.fusable:
-            return self._forward_fused(hidden, positions, logits_idx, native)
+            return self._forward_fused(hidden, positions, logits_idx, batch)
         cos, sin = self.rotary(hidden, positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (T, 1, D): broadcast over heads
         for layer in self.layers:
@@ -119,17 +127,16 @@ class Decoder(nn.Module):
         hidden = self.norm(hidden[logits_idx])
         return self.lm_head(hidden)
 
-    def _forward_fused(self, hidden, positions, logits_idx, native):
+    def _forward_fused(self, hidden, positions, logits_idx, batch):
+        native = batch.native
         # float32 rotary tables: the native rotation computes in float32 and rounds once.
         cos, sin = self.rotary(hidden.new_empty(0, dtype=torch.float32), positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # (T, D)
-        batch = current_batch()
         table = self._native_layers(native, batch.kv_caches) if batch.all_rows else None
         if table is not None:  # every token a query row: all layers in one native call
             first = self.layers[0]
-            shape = (first.gate_up.out_features // 2, first.num_heads, first.num_kv_heads, first.head_dim)
             delta = native.decoder_layers(
-                table, hidden, shape, first.eps, first.scaling, cos, sin, batch.slot_mapping,
+                table, hidden, self._step_shape, first.eps, first.scaling, cos, sin, batch.slot_mapping,
                 batch.row_tables, batch.row_ctx_lens, batch.block_size,
             )  # fmt: skip
         else:
