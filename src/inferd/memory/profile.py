@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from dataclasses import dataclass
 
 FALLBACK_FREE_BYTES = 4 * 2**30  # when the OS will not say (not Linux)
@@ -51,3 +54,23 @@ def _meminfo() -> dict[str, int]:
     except (OSError, ValueError, IndexError):
         pass
     return values
+
+
+def release_freed_memory() -> bool:
+    """Hand memory that the process freed back to the OS; True when the C library could.
+
+    Loading a model allocates and frees large temporaries (fp32 weights converted to bf16, q/k/v
+    copied into one fused matrix, weights repacked for the CPU kernels). glibc keeps freed heap
+    memory for reuse, so without this the process stays that much larger for its whole life: about
+    220 MB of the default trio's 1.07 GB right after loading, measured on this project's machine.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim  # glibc only: musl has none
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True

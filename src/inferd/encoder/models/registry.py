@@ -9,6 +9,7 @@ from inferd.config.engine import EncoderConfig
 from inferd.config.model_spec import ModelKind
 from inferd.encoder.models.base import EncoderModel
 from inferd.errors import ModelLoadError
+from inferd.memory.profile import release_freed_memory
 
 _LOADERS: dict[ModelKind, tuple[str, str]] = {
     ModelKind.EMBEDDING: ("inferd.encoder.models.embedder", "SentenceEmbedder"),
@@ -21,4 +22,6 @@ def load_encoder_model(path: Path, files_kind: ModelKind, config: EncoderConfig)
     if files_kind not in _LOADERS:
         raise ModelLoadError(f"{path} holds a {files_kind.value} model, which the encoder engine cannot run")
     module_name, class_name = _LOADERS[files_kind]
-    return getattr(importlib.import_module(module_name), class_name)(path, config)
+    model = getattr(importlib.import_module(module_name), class_name)(path, config)
+    release_freed_memory()  # the load's temporaries (see release_freed_memory)
+    return model

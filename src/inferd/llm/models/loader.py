@@ -13,6 +13,7 @@ from inferd.hub.gguf import converted_gguf
 from inferd.llm.models.decoder import Decoder, build_decoder, pack_for_cpu
 from inferd.llm.runner.attention import ATTENTION_NAME, register_paged_attention
 from inferd.llm.runner.kernels import native_ops
+from inferd.memory.profile import release_freed_memory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,6 +63,8 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     decoder = build_decoder(model) if config.model_impl == "auto" else None
     if decoder is not None and config.device == "cpu" and dtype == torch.bfloat16:
         pack_for_cpu(decoder, native_ops(config.cache_dir) if config.native_kernels else None)
+    # Before the KV cache is sized from what is free: the load's temporaries are gone by now.
+    release_freed_memory()
     return LoadedModel(model, decoder, tokenizer, facts, path)
 
 
