@@ -1,6 +1,7 @@
 """Engine-level sampling behaviour that the API relies on."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -132,6 +133,13 @@ async def test_a_submitted_request_runs_before_it_is_read_and_dropping_it_aborts
         engine_abort(request_id)
 
     client.engine.abort = abort
+    engine_step = client.engine.step
+
+    def slow_step():  # the request must outlive the polls below however fast the machine is
+        time.sleep(0.002)
+        return engine_step()
+
+    client.engine.step = slow_step
     try:
         params = SamplingParams(temperature=0.0, ignore_eos=True)  # up to the 256-token context
         stream = client.submit([8, 9, 10, 11], params)

@@ -1,13 +1,18 @@
 """inferd's own forward for the Llama family (llama, mistral, qwen2, qwen3).
 
-transformers' classes run every architecture; for the hottest family we rebuild the layers from
-the loaded model's weights with fewer, larger operations: q/k/v in one matrix product, gate/up in
-another, no attention-interface or mask plumbing, rotary tables computed once per step and shared
-by every layer. The weights are taken over (fused copies, originals released), so the model costs
-no extra memory. ``model_runner`` uses it whenever ``build_decoder`` returns one.
+transformers' classes run every architecture; for the hottest family inferd has its own layers
+with fewer, larger operations: q/k/v in one matrix product, gate/up in another, no
+attention-interface or mask plumbing, rotary tables computed once per step and shared by every
+layer. A decoder is built from a checkpoint's tensors by name: read straight from safetensors
+(``checkpoint.load_decoder``) or taken over from a loaded transformers model (``build_decoder``,
+whose fused copies replace the originals, so the model costs no extra memory). ``model_runner``
+uses it whenever there is one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,29 +25,67 @@ from inferd.llm.runner.kernels import pack_amx_weight
 FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
+# A checkpoint's tensor by its Hugging Face name ("model.layers.0.self_attn.q_proj.weight"), or None
+# when the checkpoint has no such tensor (a bias, Qwen3's q/k norms, an untied head).
+Weights = Callable[[str], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderShape:
+    """What the layers need from a Llama-family config, read the way transformers' classes read it."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    windows: tuple[int | None, ...]  # each layer's sliding window; None: full attention
+    tie_word_embeddings: bool
+
+    @classmethod
+    def of(cls, config) -> DecoderShape:
+        heads = config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            eps=config.rms_norm_eps,
+            windows=tuple(_window(config, i) for i in range(config.num_hidden_layers)),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+def _window(config, layer: int) -> int | None:
+    # Mistral windows every layer; Qwen2/3 only the layers that layer_types marks; Llama none.
+    if config.model_type == "mistral":
+        return getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and layer_types[layer] == "sliding_attention":
+        return getattr(config, "sliding_window", None)
+    return None
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, weights: Weights, layer_idx: int, shape: DecoderShape) -> None:
         super().__init__()
-        attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        self.layer_idx = attn.layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scaling = attn.scaling
-        # Qwen keeps each layer's window on its module (None on full-attention layers); Mistral's
-        # is in the config.
-        if hasattr(attn, "sliding_window"):
-            self.window = attn.sliding_window
-        else:
-            self.window = getattr(attn.config, "sliding_window", None)
-        self.eps = hf_layer.input_layernorm.variance_epsilon
-        self.input_norm = hf_layer.input_layernorm.weight
-        self.post_norm = hf_layer.post_attention_layernorm.weight
-        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o_proj = attn.o_proj
-        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj)
-        self.down = mlp.down_proj
-        self.q_norm = getattr(attn, "q_norm", None)
-        self.k_norm = getattr(attn, "k_norm", None)
-        self.split = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+        prefix = f"model.layers.{layer_idx}."
+        attn, mlp = prefix + "self_attn.", prefix + "mlp."
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        self.scaling = shape.head_dim**-0.5
+        self.window = shape.windows[layer_idx]
+        self.eps = shape.eps
+        self.input_norm = _param(weights(prefix + "input_layernorm.weight"))
+        self.post_norm = _param(weights(prefix + "post_attention_layernorm.weight"))
+        self.qkv = _fused(weights, attn + "q_proj", attn + "k_proj", attn + "v_proj")
+        self.o_proj = _fused(weights, attn + "o_proj")
+        self.gate_up = _fused(weights, mlp + "gate_proj", mlp + "up_proj")
+        self.down = _fused(weights, mlp + "down_proj")
+        self.q_norm = _param(weights(attn + "q_norm.weight"))  # Qwen3's per-head norms
+        self.k_norm = _param(weights(attn + "k_norm.weight"))
+        kv_width = self.num_kv_heads * self.head_dim
+        self.split = (self.num_heads * self.head_dim, kv_width, kv_width)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         tokens = hidden.shape[0]
@@ -55,8 +98,8 @@ class DecoderLayer(nn.Module):
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         else:
             q, k, _ = qkv.split(self.split, dim=-1)
-            q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))
-            k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))
+            q = _rms_norm(q.view(tokens, self.num_heads, self.head_dim), self.q_norm, self.eps)
+            k = _rms_norm(k.view(tokens, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         attended = attend_paged(self.layer_idx, q, k, v, self.scaling, self.window)
         hidden = hidden + self.o_proj(attended.view(tokens, -1))
@@ -88,22 +131,19 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Packed forward: (T,) ids and positions → logits of the rows in ``logits_idx``."""
 
-    def __init__(self, hf_model) -> None:
+    def __init__(self, weights: Weights, shape: DecoderShape, rotary: nn.Module) -> None:
         super().__init__()
-        text = hf_model.config.get_text_config()
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        inner = hf_model.model
-        self.embed = inner.embed_tokens
-        self.rotary = inner.rotary_emb
-        self.norm = inner.norm
-        self.lm_head = hf_model.lm_head
-        self.layers = nn.ModuleList(DecoderLayer(layer, heads, kv_heads, head_dim) for layer in inner.layers)
+        embed = weights("model.embed_tokens.weight")
+        self.embed = nn.Embedding.from_pretrained(embed, freeze=True)
+        # rotary(x, positions[None]) -> (cos, sin), each (1, T, head_dim) in x's dtype
+        self.rotary = rotary
+        self.norm_weight = _param(weights("model.norm.weight"))
+        self.norm_eps = shape.eps
+        head = None if shape.tie_word_embeddings else weights("lm_head.weight")
+        self.lm_head = _linear(embed if head is None else head, None)
+        self.layers = nn.ModuleList(DecoderLayer(weights, i, shape) for i in range(shape.num_layers))
         # The native bf16 path has no per-head q/k norm (Qwen3): such models keep the torch ops.
         self.fusable = all(layer.q_norm is None for layer in self.layers)
-        # The transformers layers' q/k/v and gate/up now live fused above; drop the originals.
-        inner.layers = nn.ModuleList()
         self._layer_table = None  # (kv caches, LayerWeights array) for the one-call native step
         first = self.layers[0]
         # (intermediate, heads, kv heads, head_dim), as decoder_layers takes it
@@ -124,8 +164,7 @@ class Decoder(nn.Module):
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (T, 1, D): broadcast over heads
         for layer in self.layers:
             hidden = layer(hidden, cos, sin)
-        hidden = self.norm(hidden[logits_idx])
-        return self.lm_head(hidden)
+        return self.lm_head(_rms_norm(hidden[logits_idx], self.norm_weight, self.norm_eps))
 
     def _forward_fused(self, hidden, positions, logits_idx, batch):
         native = batch.native
@@ -145,7 +184,7 @@ class Decoder(nn.Module):
                 delta = layer.forward_fused(hidden, delta, cos, sin, native)
         rows = hidden[logits_idx]
         return self.lm_head(
-            native.add_rms_norm(rows, delta[logits_idx], self.norm.weight, self.norm.variance_epsilon)
+            native.add_rms_norm(rows, delta[logits_idx], self.norm_weight, self.norm_eps)
         )
 
     def _native_layers(self, native, kv_caches):
@@ -182,24 +221,48 @@ class Decoder(nn.Module):
         return table
 
 
+def can_build(config) -> bool:
+    """Whether inferd's forward runs this (text) config: a Llama-family model with a plain MLP."""
+    return (
+        config.model_type in FAMILY
+        and not getattr(config, "mlp_bias", False)
+        and getattr(config, "hidden_act", "silu") == "silu"
+    )
+
+
 def build_decoder(hf_model) -> Decoder | None:
-    """inferd's forward for ``hf_model`` when its family is supported and plain, else None."""
-    config = hf_model.config
-    if config.model_type not in FAMILY:
+    """inferd's forward over a loaded transformers model's weights when its family is supported and
+    plain, else None. The model's layers are dropped: their weights now live fused in the decoder."""
+    config = hf_model.config.get_text_config()
+    if not can_build(config):
         return None
-    if getattr(config, "mlp_bias", False) or getattr(config, "hidden_act", "silu") != "silu":
-        return None
-    return Decoder(hf_model)
+    state = hf_model.state_dict()
+    decoder = Decoder(state.get, DecoderShape.of(config), hf_model.model.rotary_emb)
+    hf_model.model.layers = nn.ModuleList()
+    return decoder
 
 
-def _fused(*linears: nn.Linear) -> nn.Linear:
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    biases = [lin.bias for lin in linears]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
+def _param(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return None if tensor is None else nn.Parameter(tensor.detach(), requires_grad=False)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = _param(weight)
+    if bias is not None:
+        linear.bias = _param(bias)
+    return linear
+
+
+def _fused(weights: Weights, *names: str) -> nn.Linear:
+    """One linear layer over the checkpoint's ``names`` (q/k/v, gate/up), outputs concatenated."""
+    parts = [weights(name + ".weight") for name in names]
+    biases = [weights(name + ".bias") for name in names]
+    weight = parts[0] if len(parts) == 1 else torch.cat(parts)
+    bias = None
     if biases[0] is not None:
-        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
-    return fused
+        bias = biases[0] if len(biases) == 1 else torch.cat(biases)
+    return _linear(weight, bias)
 
 
 class PackedLinear(nn.Module):

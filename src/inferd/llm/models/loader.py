@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 from inferd.config.engine import LLMConfig
 from inferd.errors import ModelLoadError
 from inferd.hub.gguf import converted_gguf
+from inferd.llm.models.checkpoint import load_decoder
 from inferd.llm.models.decoder import Decoder, build_decoder, pack_for_cpu
 from inferd.llm.runner.attention import ATTENTION_NAME, register_paged_attention
 from inferd.llm.runner.kernels import native_ops
@@ -36,7 +39,7 @@ class ModelFacts:
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # transformers' model; None when the decoder was read directly
     decoder: Decoder | None  # inferd's own forward over the same weights, when it has one
     tokenizer: object
     facts: ModelFacts
@@ -44,23 +47,28 @@ class LoadedModel:
 
 
 def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
-    """Load weights and tokenizer; GGUF files are converted once and the conversion reused."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load weights and tokenizer; GGUF files are converted once and the conversion reused.
+
+    A Llama-family safetensors checkpoint is read straight into inferd's decoder; anything else
+    (or ``model_impl="transformers"``) loads through transformers' classes with paged attention."""
+    from transformers import AutoConfig, AutoTokenizer
 
     if path.is_file() and path.suffix == ".gguf":
         path = converted_gguf(path, Path(config.cache_dir) if config.cache_dir else None)
-    register_paged_attention()
     dtype = _DTYPES[config.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, attn_implementation=ATTENTION_NAME
-        )
+        hf_config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from None
-    model = model.to(config.device).eval()
-    facts = _facts(model, tokenizer, config, dtype)
-    decoder = build_decoder(model) if config.model_impl == "auto" else None
+    text_config = hf_config.get_text_config()
+    model, decoder = None, None
+    if config.model_impl == "auto":
+        decoder = load_decoder(path, text_config, dtype, config.device)
+    if decoder is None:
+        model = _load_transformers_model(path, dtype, config)
+        decoder = build_decoder(model) if config.model_impl == "auto" else None
+    facts = _facts(text_config, _eos_ids(path, text_config, tokenizer), len(tokenizer), config, dtype)
     if decoder is not None and config.device == "cpu" and dtype == torch.bfloat16:
         pack_for_cpu(decoder, native_ops(config.cache_dir) if config.native_kernels else None)
     # Before the KV cache is sized from what is free: the load's temporaries are gone by now.
@@ -68,8 +76,18 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     return LoadedModel(model, decoder, tokenizer, facts, path)
 
 
-def _facts(model, tokenizer, config: LLMConfig, dtype: torch.dtype) -> ModelFacts:
-    hf = model.config.get_text_config()
+def _load_transformers_model(path: Path, dtype: torch.dtype, config: LLMConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    register_paged_attention()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=ATTENTION_NAME)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from None
+    return model.to(config.device).eval()
+
+
+def _facts(hf, eos_ids: set[int], num_tokens: int, config: LLMConfig, dtype: torch.dtype) -> ModelFacts:
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     context = getattr(hf, "max_position_embeddings", None) or 2048
@@ -80,16 +98,21 @@ def _facts(model, tokenizer, config: LLMConfig, dtype: torch.dtype) -> ModelFact
         head_dim=head_dim,
         # Models often pad their embedding table past the tokenizer (never sample ids nobody can
         # decode); a tokenizer with added tokens the model lacks is bounded by the model instead.
-        vocab_size=min(len(tokenizer), hf.vocab_size),
+        vocab_size=min(num_tokens, hf.vocab_size),
         max_model_len=max_model_len,
-        eos_token_ids=frozenset(_eos_ids(model, tokenizer)),
+        eos_token_ids=frozenset(eos_ids),
         dtype=dtype,
     )
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def _eos_ids(path: Path, hf, tokenizer) -> set[int]:
+    """End-of-sequence ids from generation_config.json, config.json and the tokenizer, as
+    transformers' generation config gathers them."""
+    generation = {}
+    with contextlib.suppress(OSError, ValueError):
+        generation = json.loads((path / "generation_config.json").read_text())
     ids: set[int] = set()
-    for source in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+    for source in (generation.get("eos_token_id"), hf.eos_token_id, tokenizer.eos_token_id):
         if isinstance(source, int):
             ids.add(source)
         elif source:
