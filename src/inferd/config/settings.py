@@ -104,8 +104,8 @@ class ServerSettings(BaseSettings):
         True,
         description="LLM: on the CPU, build inferd's C kernels with the system compiler on first use "
         "(paged attention for decodes and short prefills; with bf16 also fused element-wise ops and, on "
-        "AMX CPUs, the linear layers and one call for all layers of a step); without a compiler the torch "
-        "paths run.",
+        "CPUs with AMX or AVX-512 BF16, the linear layers and one call for all layers of a step); without "
+        "a compiler the torch paths run.",
     )
     max_n: int = Field(16, ge=1, description="LLM: most choices (n) in one request.")
     cache_dir: str | None = Field(

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 
 from inferd.config.engine import LLMConfig
 from inferd.config.settings import cpu_has_native_bf16
-from inferd.llm.models.decoder import AmxLinear, PackedLinear
+from inferd.llm.models.decoder import NativeLinear, PackedLinear
 from inferd.llm.models.loader import load_causal_lm
 from inferd.llm.runner.kernels import native_ops
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
+from tests.unit.llm.kernel_helpers import LINEAR_KERNELS, linear_kernel_selected
 
 pytestmark = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
 
@@ -26,22 +27,28 @@ def test_packed_linear_matches_linear(rows):
     torch.testing.assert_close(got, expected, atol=0.03, rtol=0.02)
 
 
-needs_amx = pytest.mark.skipif(
-    native_ops() is None or not native_ops().amx, reason="no AMX or no native kernels"
+needs_native_linear = pytest.mark.skipif(
+    native_ops() is None or not native_ops().has_linear, reason="no native bf16 linear for this CPU"
 )
 
 
-@needs_amx
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 300])
+@pytest.fixture(params=LINEAR_KERNELS)
+def linear_kernel(request):
+    with linear_kernel_selected(native_ops(), request.param) as name:
+        yield name
+
+
+@needs_native_linear
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 16, 17, 24, 25, 32, 33, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_amx_linear_matches_linear(rows, bias):
+def test_native_linear_matches_linear(linear_kernel, rows, bias):
     torch.manual_seed(rows)
     linear = torch.nn.Linear(96, 200, bias=bias).to(torch.bfloat16)  # 200 outputs: a partial column block
     x = torch.randn(rows, 96, dtype=torch.bfloat16)
     expected = F.linear(
         x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float()
     )
-    got = AmxLinear(linear, native_ops())(x)
+    got = NativeLinear(linear, native_ops())(x)
     assert got.dtype == torch.bfloat16 and got.shape == expected.shape
     torch.testing.assert_close(got.float(), expected, atol=0.03, rtol=0.02)
 
@@ -69,7 +76,7 @@ def test_bf16_engine_logits_follow_fp32(tiny_llama, native):
     prompts = [[5, 17, 33, 9, 60, 71, 12], [8, 9, 10], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
     ref_prefill, ref_decode, _ = logits_of(tiny_llama, "float32", prompts)
     prefill, decode, runner = logits_of(tiny_llama, "bfloat16", prompts, native)
-    expected = AmxLinear if native and runner.native.amx else PackedLinear
+    expected = NativeLinear if native and runner.native.has_linear else PackedLinear
     assert isinstance(runner.decoder.layers[0].qkv, expected)
     assert runner.kv_caches[0][0].dtype == torch.bfloat16
     for got, ref in ((prefill, ref_prefill), (decode, ref_decode)):
@@ -77,17 +84,17 @@ def test_bf16_engine_logits_follow_fp32(tiny_llama, native):
         assert cosine.min() > 0.999, cosine
 
 
-@needs_amx
-def test_amx_linear_over_several_row_blocks():
+@needs_native_linear
+def test_native_linear_over_several_row_blocks(linear_kernel):
     """Rows beyond one L2-sized block (320 rows at K = 1536) are computed block by block."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(1536, 64, bias=True).to(torch.bfloat16)
     x = torch.randn(700, 1536, dtype=torch.bfloat16)
     expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
-    torch.testing.assert_close(AmxLinear(linear, native_ops())(x).float(), expected, atol=0.06, rtol=0.02)
+    torch.testing.assert_close(NativeLinear(linear, native_ops())(x).float(), expected, atol=0.06, rtol=0.02)
 
 
-@needs_amx
+@needs_native_linear
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_one_native_call_per_step_equals_the_layer_by_layer_path(model_root, tiny_llama, family, monkeypatch):
     """When every token is a query row, decoder_layers_bf16 runs all layers in one call: the same

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from inferd.llm.runner import kernels
+from tests.unit.llm.kernel_helpers import LINEAR_KERNELS, linear_kernel_selected
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
@@ -202,10 +203,14 @@ def test_argmax_matches_torch_on_ties_infinities_nans_and_cut_rows(ops):
         assert torch.equal(ops.argmax(rows), rows.argmax(dim=-1))
 
 
+@pytest.fixture(params=LINEAR_KERNELS)
+def linear_kernel(ops, request):
+    with linear_kernel_selected(ops, request.param) as name:
+        yield name
+
+
 @pytest.mark.parametrize("rows", [1, 33])
-def test_amx_linear_can_write_float32(ops, rows):
-    if not ops.amx:
-        pytest.skip("no AMX here")
+def test_native_linear_can_write_float32(ops, linear_kernel, rows):
     torch.manual_seed(0)
     weight = torch.randn(100, 64).bfloat16()
     x = torch.randn(rows, 64).bfloat16()

@@ -70,7 +70,8 @@ def test_rows_or_sdpa_by_size(tiny_llama, monkeypatch):
 def test_random_bf16_batches_agree_between_rows_and_sdpa(model_root, tiny_llama):
     """Mixed steps (decodes, short and long prefill chunks over cached contexts, runs of every
     length from 2 to 40 rows) on a bf16 model with head_dim 32, the AVX512-BF16 kernel's shape:
-    the rows path (the one-call step where the CPU has AMX) and SDPA give the same logits."""
+    the rows path (the one-call step where the CPU has a native bf16 linear) and SDPA give the same
+    logits."""
     import random
     import shutil
 

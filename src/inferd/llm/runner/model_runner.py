@@ -18,10 +18,14 @@ from inferd.llm.runner.kernels import native_ops
 # and layer. The rows' cost grows with the query-position pairs they walk. Measured against SDPA on
 # bf16 SmolLM2 (9 heads, 3 kv heads), in the same process: layer by layer, the two meet near 1800
 # pairs (a 60-token prompt); where a step whose tokens are all rows runs every layer in one native
-# call (bf16 with AMX, see decoder_step.c), a 40/100/220-token prefill step takes 0.71/0.78/0.89x
-# the SDPA step's time and a 300-token one 1.13x, so up to ~220 tokens.
+# call (bf16, see decoder_step.c), it depends on the CPU. With AMX (an Intel Xeon) a 40/100/220-token
+# prefill step takes 0.71/0.78/0.89x the SDPA step's time and a 300-token one 1.13x, so up to ~220
+# tokens. With AVX512-BF16 and no AMX (an AMD EPYC), the rows win at every length measured: 0.74x at
+# 220 tokens, 0.69x at 300, 0.57x at 2048 (torch's flash attention is the slow part there), so up to
+# a whole 2048-token chunk without cached context; longer spans were not measured and keep SDPA.
 NATIVE_ROW_PAIRS = 1800
-NATIVE_ROW_PAIRS_ONE_CALL = 24576
+NATIVE_ROW_PAIRS_ONE_CALL_AMX = 24576
+NATIVE_ROW_PAIRS_ONE_CALL = 2048 * 2049 // 2
 
 
 @dataclass(slots=True)
@@ -49,8 +53,10 @@ class ModelRunner:
         if native and loaded.facts.dtype in (torch.float32, torch.bfloat16):
             self.native = native_ops(config.cache_dir)
         self.facts = loaded.facts
-        one_call = self.native is not None and self.native.amx and self.facts.dtype == torch.bfloat16
-        self.row_pairs = NATIVE_ROW_PAIRS_ONE_CALL if one_call else NATIVE_ROW_PAIRS
+        one_call = self.native is not None and self.native.has_linear and self.facts.dtype == torch.bfloat16
+        self.row_pairs = NATIVE_ROW_PAIRS
+        if one_call:
+            self.row_pairs = NATIVE_ROW_PAIRS_ONE_CALL_AMX if self.native.amx else NATIVE_ROW_PAIRS_ONE_CALL
         self.block_size = config.block_size
         self.device = config.device
         self.num_blocks = num_blocks

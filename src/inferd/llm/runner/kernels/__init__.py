@@ -21,7 +21,9 @@ import torch
 
 log = logging.getLogger("inferd.llm.kernels")
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "paged_decode.c", _HERE / "fused.c", _HERE / "amx_linear.c", _HERE / "decoder_step.c")
+_SOURCES = tuple(
+    _HERE / name for name in ("paged_decode.c", "fused.c", "amx_linear.c", "bf16_linear.c", "decoder_step.c")
+)
 _HEADERS = (_HERE / "common.h",)
 # -fno-trapping-math lets gcc vectorise floorf (the exp in softmax and SiLU); values are unchanged.
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-shared", "-fPIC")
@@ -40,8 +42,8 @@ class LayerWeights(ctypes.Structure):
 
 class NativeOps:
     """The loaded library: the paged decode-attention kernel (fp32 or bf16 caches), the fused bf16
-    element-wise steps of a decoder layer and, on CPUs with AMX, bf16 linear layers; thin wrappers
-    over tensors."""
+    element-wise steps of a decoder layer and, on CPUs with AMX or AVX512-BF16, bf16 linear layers
+    (``has_linear``) and a whole decoder step in one call; thin wrappers over tensors."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self.paged_decode = _bind(
@@ -56,10 +58,14 @@ class NativeOps:
         self._add_rms_norm = _bind(library.add_rms_norm_bf16, _P, _P, _P, _F, _I, _I, _P, restype=None)
         self._silu_mul = _bind(library.silu_mul_bf16, _P, _I, _I, _P, restype=None)
         # x, x_stride, rows, K, packed weight, N, bias, out, out_stride, out_fp32
-        self._amx_linear = _bind(library.amx_linear_bf16, _P, _I64, _I, _I, _P, _I, _P, _P, _I64, _I, restype=None)
+        self._linear = _bind(library.linear_bf16, _P, _I64, _I, _I, _P, _I, _P, _P, _I64, _I, restype=None)
         self._argmax = _bind(library.argmax_rows_f32, _P, _I64, _I, _I, _P, restype=None)
         # Linux grants AMX tile state per process on request; a kernel built without AMX says no.
         self.amx = torch.cpu._is_amx_tile_supported() and bool(library.amx_init())
+        # bf16 linear layers through linear_bf16: AMX tiles where granted, else AVX512-BF16 (when
+        # this CPU has it: -march=native builds that kernel only then).
+        self._select_linear = _bind(library.linear_bf16_select, _I)
+        self.has_linear = bool(self._select_linear(int(self.amx)))
         self._rope_and_cache = _bind(
             library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, restype=None
         )
@@ -109,20 +115,31 @@ class NativeOps:
     def linear(
         self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None, fp32_out=False
     ) -> torch.Tensor:
-        """x (rows, K) bf16 with unit column stride, times a weight from ``pack_amx_weight``; the
-        result in bf16, or float32 with ``fp32_out`` (logits: no rounding, no conversion after)."""
+        """x (rows, K) bf16 with unit column stride, times a weight from ``pack_amx_weight`` (AMX or
+        AVX512-BF16, see ``has_linear``); the result in bf16, or float32 with ``fp32_out`` (logits:
+        no rounding, no conversion after)."""
         out = x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else torch.bfloat16)
         bias_ptr = None if bias is None else bias.data_ptr()
-        self._amx_linear(
+        self._linear(
             x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr(), out_features, bias_ptr,
             out.data_ptr(), out_features, int(fp32_out),
         )
         return out
 
+    def use_linear_kernel(self, amx: bool) -> bool:
+        """Run ``linear`` (and the one-call step) through the AMX kernel or the AVX512-BF16 one, for
+        every caller in the process; False, and nothing changed, when that kernel is not here."""
+        if amx and not self.amx:
+            return False
+        if not self._select_linear(int(amx)):
+            self._select_linear(int(self.amx))
+            return False
+        return True
+
     def decoder_layers(
         self, layers, hidden, shape, eps, scale, cos, sin, slots, tables, ctx_lens, block_size
     ) -> torch.Tensor:
-        """Every layer of a bf16 decoder in one call (AMX only): ``layers`` a LayerWeights array,
+        """Every layer of a bf16 decoder in one call (needs ``has_linear``): ``layers`` a LayerWeights array,
         ``hidden`` the (tokens, hidden_size) residual stream, updated in place; ``shape`` is
         (intermediate, heads, kv_heads, head_dim). Returns the last layer's MLP output."""
         tokens, hidden_size = hidden.shape
@@ -144,7 +161,7 @@ class NativeOps:
 
 
 def pack_amx_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A (N, K) bf16 weight in the tile order amx_linear.c reads: N padded to a multiple of 32,
+    """A (N, K) bf16 weight in the tile order amx_linear.c and bf16_linear.c read: N padded to a multiple of 32,
     then [N/32][K/32][2][16][16][2] (pairs of 16-column blocks, VNNI pairs of K). K % 32 == 0."""
     n, k = weight.shape
     padded = -(-n // 32) * 32

@@ -1,4 +1,4 @@
-/* Every decoder layer of a step in one native call (bf16, AMX linears, query rows over the paged
+/* Every decoder layer of a step in one native call (bf16, AMX or AVX512-BF16 linears, query rows over the paged
  * cache): the same kernels the Python layer calls one by one, without the Python, ctypes and
  * allocation cost between them (about 0.1 ms a layer, a sixth of a one-stream decode step).
  *
@@ -14,7 +14,7 @@ void silu_mul_bf16(const uint16_t *gate_up, int rows, int width, uint16_t *out);
 void rope_and_cache_bf16(uint16_t *qkv, int tokens, int qkv_stride, int num_heads, int num_kv_heads,
                          int head_dim, const float *cos, const float *sin, const int64_t *slots,
                          uint16_t *k_cache, uint16_t *v_cache);
-void amx_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
+void linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                      const float *bias, void *out, int64_t out_stride, int out_fp32);
 int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const void *k_cache,
                            const void *v_cache, int is_bf16, const int64_t *block_tables,
@@ -22,7 +22,7 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
                            int num_kv_heads, int head_dim, int block_size, float scale, int window,
                            float softcap, void *out, int out_bf16, int64_t out_stride);
 
-/* One layer's weights (packed for amx_linear_bf16; biases float32 or NULL) and caches; mirrored
+/* One layer's weights (packed for linear_bf16, see bf16_linear.c; biases float32 or NULL) and caches; mirrored
  * by LayerTable in __init__.py. */
 typedef struct {
     const uint16_t *input_norm, *post_norm;
@@ -52,19 +52,19 @@ int decoder_layers_bf16(const layer_weights *layers, int num_layers, uint16_t *h
     for (int l = 0; l < num_layers && status == 0; l++) {
         const layer_weights *w = layers + l;
         add_rms_norm_bf16(hidden, (l > 0 || has_delta) ? delta : 0, w->input_norm, eps, tokens, hidden_size, x);
-        amx_linear_bf16(x, hidden_size, tokens, hidden_size, w->qkv, qkv_width, w->qkv_bias, qkv, qkv_width, 0);
+        linear_bf16(x, hidden_size, tokens, hidden_size, w->qkv, qkv_width, w->qkv_bias, qkv, qkv_width, 0);
         rope_and_cache_bf16(qkv, tokens, qkv_width, num_heads, num_kv_heads, head_dim, cos, sin, slots,
                             w->k_cache, w->v_cache);
         status = paged_decode_attention(qkv, 1, qkv_width, w->k_cache, w->v_cache, 1, tables, table_width,
                                         ctx_lens, tokens, num_heads, num_kv_heads, head_dim, block_size, scale,
                                         (int)w->window, 0.f, attn, 1, q_width);
         /* delta was consumed by the first norm: it takes o_proj's output, then the MLP's */
-        amx_linear_bf16(attn, q_width, tokens, q_width, w->o, hidden_size, w->o_bias, delta, hidden_size, 0);
+        linear_bf16(attn, q_width, tokens, q_width, w->o, hidden_size, w->o_bias, delta, hidden_size, 0);
         add_rms_norm_bf16(hidden, delta, w->post_norm, eps, tokens, hidden_size, x);
-        amx_linear_bf16(x, hidden_size, tokens, hidden_size, w->gate_up, 2 * intermediate, 0, gate_up,
+        linear_bf16(x, hidden_size, tokens, hidden_size, w->gate_up, 2 * intermediate, 0, gate_up,
                         2 * intermediate, 0);
         silu_mul_bf16(gate_up, tokens, intermediate, act);
-        amx_linear_bf16(act, intermediate, tokens, intermediate, w->down, hidden_size, 0, delta, hidden_size, 0);
+        linear_bf16(act, intermediate, tokens, intermediate, w->down, hidden_size, 0, delta, hidden_size, 0);
     }
     free(scratch);
     return status;
