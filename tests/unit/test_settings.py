@@ -59,3 +59,9 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_operations_doc_table_is_generated_from_the_declaration():
     doc = (Path(__file__).parents[2] / "docs" / "OPERATIONS.md").read_text()
     assert settings_markdown() in doc, "regenerate with: inferd settings --markdown"
+
+
+def test_kv_block_size_defaults_per_device_and_a_setting_wins():
+    assert load_settings({}).llm_config().block_size == 8  # CPU: shorter tails after a prefix hit
+    assert load_settings({"device": "cuda"}).llm_config().block_size == 16
+    assert load_settings({"block_size": 32}).llm_config().block_size == 32

@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def default_block_size(device: str) -> int:
+    """KV-cache block size when none is set. Only whole blocks are reused from the prefix cache, so
+    a repeated prompt recomputes its last partial block, and on the CPU a step of a few more rows
+    costs visibly more (past ~8 rows the linear layers are compute-bound). 8-token blocks cut the
+    chat benchmark's time to first token (64 prompts, warm prefix cache) at every concurrency: one
+    stream 14 -> 12-13 ms, 32 streams 137-161 -> 93-112 ms, at the same throughput, measured on an
+    AVX512-BF16 EPYC. CUDA keeps the usual 16."""
+    return 8 if device == "cpu" else 16
+
+
 @dataclass(frozen=True, slots=True)
 class EncoderConfig:
     """Batching and execution limits of one encoder engine."""

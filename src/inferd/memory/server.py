@@ -41,7 +41,8 @@ def kv_policy(settings: ServerSettings) -> KVPolicy:
     return KVPolicy(
         kv_cache_memory=settings.kv_cache_memory,
         kv_cache_fraction=settings.kv_cache_fraction,
-        block_size=settings.block_size,
+        # Only rounds the plan's KV figures; the engine sizes its blocks with the device's own size.
+        block_size=settings.block_size or 16,
         max_num_seqs=settings.max_num_seqs,
     )
 
