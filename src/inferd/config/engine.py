@@ -57,6 +57,7 @@ class LLMConfig:
     cache_dir: str | None = None  # where GGUF files are converted once; None: ~/.cache/inferd
     native_kernels: bool = True  # compile and use inferd's C kernels (attention, fused ops, AMX linears) on the CPU
     model_impl: str = "auto"  # "auto": inferd's own forward where it has one; "transformers": never
+    quantization: str = "none"  # "int8": the decoder's linear layers get int8 weights (CPU, bf16)
     max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429
     max_prompt_chars: int | None = None  # None: bounded by the request body size only
 

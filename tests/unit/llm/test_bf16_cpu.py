@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from inferd.config.engine import LLMConfig
 from inferd.config.settings import cpu_has_native_bf16
-from inferd.llm.models.decoder import NativeLinear, PackedLinear
+from inferd.errors import ModelLoadError
+from inferd.llm.models.decoder import Int8Linear, NativeLinear, PackedLinear
 from inferd.llm.models.loader import load_causal_lm
 from inferd.llm.runner.kernels import native_ops
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
@@ -53,9 +54,11 @@ def test_native_linear_matches_linear(linear_kernel, rows, bias):
     torch.testing.assert_close(got.float(), expected, atol=0.03, rtol=0.02)
 
 
-def logits_of(path, dtype, prompts, native=True):
+def logits_of(path, dtype, prompts, native=True, quantization="none"):
     """Logits of a prefill step of ``prompts`` and of one decode step after it."""
-    config = LLMConfig(dtype=dtype, kv_cache_memory=2**20, block_size=4, native_kernels=native)
+    config = LLMConfig(
+        dtype=dtype, kv_cache_memory=2**20, block_size=4, native_kernels=native, quantization=quantization
+    )
     loaded = load_causal_lm(path, config)
     runner = ModelRunner(loaded, config, num_blocks=64)
     assert runner.decoder is not None and (runner.native is not None) == native
@@ -94,9 +97,61 @@ def test_native_linear_over_several_row_blocks(linear_kernel):
     torch.testing.assert_close(NativeLinear(linear, native_ops())(x).float(), expected, atol=0.06, rtol=0.02)
 
 
+needs_int8 = pytest.mark.skipif(
+    native_ops() is None or not native_ops().has_int8_linear, reason="no int8 linear kernel for this CPU"
+)
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 33])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_matches_its_dequantised_weights(rows, bias):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(96, 200, bias=bias).to(torch.bfloat16)  # 200 outputs: a partial column block
+    layer = Int8Linear(linear, native_ops())
+    quantised = torch.round(linear.weight.float() / layer.scale[:200, None]).clamp(-127, 127)
+    # Per column, the int8 weights are the bf16 ones to within half a step of that column's scale.
+    assert ((quantised * layer.scale[:200, None] - linear.weight.float()).abs() <= layer.scale[:200, None] / 2 + 1e-6).all()
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    bias_f = None if linear.bias is None else linear.bias.float()
+    expected = F.linear(x.float(), quantised * layer.scale[:200, None], bias_f)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected, atol=0.03, rtol=0.02)
+    head = Int8Linear(linear, native_ops(), fp32_out=True)(x)
+    assert head.dtype == torch.float32
+    torch.testing.assert_close(head, expected, atol=1e-3, rtol=1e-3)
+
+
+@needs_int8
+def test_int8_weights_follow_fp32(tiny_llama):
+    prompts = [[5, 17, 33, 9, 60, 71, 12], [8, 9, 10], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+    ref_prefill, ref_decode, _ = logits_of(tiny_llama, "float32", prompts)
+    prefill, decode, runner = logits_of(tiny_llama, "bfloat16", prompts, quantization="int8")
+    layer = runner.decoder.layers[0]
+    assert all(isinstance(m, Int8Linear) for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+    assert isinstance(runner.decoder.lm_head, Int8Linear)
+    for got, ref in ((prefill, ref_prefill), (decode, ref_decode)):
+        cosine = F.cosine_similarity(got, ref, dim=-1)
+        assert cosine.min() > 0.999, cosine
+
+
+@pytest.mark.parametrize(
+    ("dtype", "native", "message"),
+    [("float32", True, "in bfloat16"), ("bfloat16", False, "native kernels")],
+)
+def test_int8_is_refused_where_it_cannot_run(tiny_llama, dtype, native, message):
+    config = LLMConfig(dtype=dtype, kv_cache_memory=2**20, native_kernels=native, quantization="int8")
+    with pytest.raises(ModelLoadError, match=message):
+        load_causal_lm(tiny_llama, config)
+
+
 @needs_native_linear
+@pytest.mark.parametrize("quantization", ["none", "int8"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_one_native_call_per_step_equals_the_layer_by_layer_path(model_root, tiny_llama, family, monkeypatch):
+def test_one_native_call_per_step_equals_the_layer_by_layer_path(
+    model_root, tiny_llama, family, quantization, monkeypatch
+):
     """When every token is a query row, decoder_layers_bf16 runs all layers in one call: the same
     kernels in the same order as the Python layer loop, so the same logits to the bit. Mistral's
     window (8, shorter than the prompts) and Qwen2's q/k/v biases go through it too."""
@@ -105,9 +160,11 @@ def test_one_native_call_per_step_equals_the_layer_by_layer_path(model_root, tin
 
     path = tiny_llama if family == "llama" else build(model_root, family, tiny_llama)[0]
     prompts = [[5, 17, 33, 9, 60, 71, 12], [8, 9, 10], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
-    one_prefill, one_decode, runner = logits_of(path, "bfloat16", prompts)
+    if quantization == "int8" and not native_ops().has_int8_linear:
+        pytest.skip("no int8 linear kernel for this CPU")
+    one_prefill, one_decode, runner = logits_of(path, "bfloat16", prompts, quantization=quantization)
     assert runner.decoder._layer_table[1] is not None  # the one-call path ran
     monkeypatch.setattr(Decoder, "_native_layers", lambda self, native, kv_caches: None)
-    loop_prefill, loop_decode, _ = logits_of(path, "bfloat16", prompts)
+    loop_prefill, loop_decode, _ = logits_of(path, "bfloat16", prompts, quantization=quantization)
     assert torch.equal(one_prefill, loop_prefill)
     assert torch.equal(one_decode, loop_decode)

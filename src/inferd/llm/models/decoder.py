@@ -20,7 +20,7 @@ from torch import nn
 
 from inferd.config.settings import cpu_has_native_bf16
 from inferd.llm.runner.attention import attend_fused_qkv, attend_paged, current_batch
-from inferd.llm.runner.kernels import pack_amx_weight
+from inferd.llm.runner.kernels import pack_amx_weight, pack_int8_weight
 
 FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
@@ -197,7 +197,7 @@ class Decoder(nn.Module):
         first = self.layers[0]
         plain = native.has_linear and all(
             all(
-                isinstance(m, NativeLinear) and not m.fp32_out
+                isinstance(m, (NativeLinear, Int8Linear)) and not m.fp32_out
                 for m in (lay.qkv, lay.o_proj, lay.gate_up, lay.down)
             )
             and lay.gate_up.bias is None
@@ -213,7 +213,10 @@ class Decoder(nn.Module):
                     ("input_norm", lay.input_norm), ("post_norm", lay.post_norm), ("qkv", lay.qkv.weight),
                     ("o", lay.o_proj.weight), ("gate_up", lay.gate_up.weight), ("down", lay.down.weight),
                     ("qkv_bias", lay.qkv.bias), ("o_bias", lay.o_proj.bias), ("k_cache", k_cache),
-                    ("v_cache", v_cache),
+                    ("v_cache", v_cache), ("qkv_scale", getattr(lay.qkv, "scale", None)),
+                    ("o_scale", getattr(lay.o_proj, "scale", None)),
+                    ("gate_up_scale", getattr(lay.gate_up, "scale", None)),
+                    ("down_scale", getattr(lay.down, "scale", None)),
                 ):  # fmt: skip
                     setattr(entry, name, None if tensor is None else tensor.data_ptr())
                 entry.window = lay.window or 0
@@ -303,13 +306,36 @@ class NativeLinear(nn.Module):
         return self.native.linear(x, self.weight, self.out_features, self.bias, self.fp32_out)
 
 
-def pack_for_cpu(decoder: Decoder, native=None) -> None:
+class Int8Linear(nn.Module):
+    """A linear layer over int8 weights (per output column scales, see ``pack_int8_weight``) and bf16
+    inputs, through the AVX512-BF16 kernel: half the weight bytes of bf16, so a one-row pass over
+    SmolLM2's layers takes 0.6x the bf16 kernel's time (0.9x at 32 rows)."""
+
+    def __init__(self, linear: nn.Linear, native, fp32_out: bool = False) -> None:
+        super().__init__()
+        self.out_features = linear.weight.shape[0]
+        self.weight, self.scale = pack_int8_weight(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self.native = native
+        self.fp32_out = fp32_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        return self.native.linear_int8(x, self.weight, self.scale, self.out_features, self.bias, self.fp32_out)
+
+
+def pack_for_cpu(decoder: Decoder, native=None, quantization: str = "none") -> None:
     """Swap every bf16 linear layer of a CPU decoder for a faster one: inferd's own kernel where the
     native library has one for this CPU (AMX or AVX512-BF16; the input width a multiple of 32),
-    else a oneDNN-prepacked one where oneDNN has native bf16."""
+    else a oneDNN-prepacked one where oneDNN has native bf16. With ``quantization="int8"`` every
+    linear layer and the LM head get int8 weights instead (the caller checked the kernel is here)."""
     own = native is not None and native.has_linear
+    int8 = quantization == "int8"
 
     def packed(linear: nn.Linear, fp32_out: bool = False) -> nn.Module:
+        if int8:
+            return Int8Linear(linear, native, fp32_out)
         if own and linear.in_features % 32 == 0:
             return NativeLinear(linear, native, fp32_out)
         return PackedLinear(linear) if _can_pack() else linear

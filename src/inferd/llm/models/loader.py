@@ -13,7 +13,7 @@ from inferd.config.engine import LLMConfig
 from inferd.errors import ModelLoadError
 from inferd.hub.gguf import converted_gguf
 from inferd.llm.models.checkpoint import load_decoder
-from inferd.llm.models.decoder import Decoder, build_decoder, pack_for_cpu
+from inferd.llm.models.decoder import Decoder, build_decoder, can_build, pack_for_cpu
 from inferd.llm.runner.attention import ATTENTION_NAME, register_paged_attention
 from inferd.llm.runner.kernels import native_ops
 from inferd.memory.profile import release_freed_memory
@@ -62,6 +62,9 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from None
     text_config = hf_config.get_text_config()
+    native = native_ops(config.cache_dir) if config.native_kernels and config.device == "cpu" else None
+    if config.quantization == "int8":
+        _check_int8(config, text_config, native)
     model, decoder = None, None
     if config.model_impl == "auto":
         decoder = load_decoder(path, text_config, dtype, config.device)
@@ -70,10 +73,28 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
         decoder = build_decoder(model) if config.model_impl == "auto" else None
     facts = _facts(text_config, _eos_ids(path, text_config, tokenizer), len(tokenizer), config, dtype)
     if decoder is not None and config.device == "cpu" and dtype == torch.bfloat16:
-        pack_for_cpu(decoder, native_ops(config.cache_dir) if config.native_kernels else None)
+        pack_for_cpu(decoder, native, config.quantization)
     # Before the KV cache is sized from what is free: the load's temporaries are gone by now.
     release_freed_memory()
     return LoadedModel(model, decoder, tokenizer, facts, path)
+
+
+def _check_int8(config: LLMConfig, text_config, native) -> None:
+    """Refuse --quantization int8 up front, before any weight is read, where it cannot run."""
+    why = None
+    if config.device != "cpu" or config.dtype != "bfloat16":
+        why = f"it runs on the CPU in bfloat16 (this model: {config.device}, {config.dtype})"
+    elif native is None or not native.has_int8_linear:
+        why = "it needs the native kernels and a CPU with AVX-512 BF16"
+    elif config.model_impl != "auto" or not can_build(text_config):
+        why = f"it runs on inferd's own forward (llama, mistral, qwen2, qwen3), not {text_config.model_type!r}"
+    else:
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        widths = (text_config.hidden_size, text_config.intermediate_size, text_config.num_attention_heads * head_dim)
+        if any(width % 32 for width in widths):
+            why = f"its kernel needs input widths that are multiples of 32 (this model: {widths})"
+    if why is not None:
+        raise ModelLoadError(f"--quantization int8 cannot serve this model: {why}")
 
 
 def _load_transformers_model(path: Path, dtype: torch.dtype, config: LLMConfig) -> torch.nn.Module:

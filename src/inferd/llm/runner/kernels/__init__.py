@@ -37,6 +37,8 @@ class LayerWeights(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "qkv", "o", "gate_up", "down")),
         *((name, ctypes.c_void_p) for name in ("qkv_bias", "o_bias", "k_cache", "v_cache")),
         ("window", ctypes.c_int64),
+        # float32 per-column scales of int8 weights (linear_int8); None: that matrix is bf16
+        *((name, ctypes.c_void_p) for name in ("qkv_scale", "o_scale", "gate_up_scale", "down_scale")),
     ]
 
 
@@ -66,6 +68,11 @@ class NativeOps:
         # this CPU has it: -march=native builds that kernel only then).
         self._select_linear = _bind(library.linear_bf16_select, _I)
         self.has_linear = bool(self._select_linear(int(self.amx)))
+        # x, x_stride, rows, K, packed int8 weight, scales, N, bias, out, out_stride, out_fp32
+        self._linear_int8 = _bind(
+            library.linear_int8, _P, _I64, _I, _I, _P, _P, _I, _P, _P, _I64, _I, restype=None
+        )
+        self.has_int8_linear = bool(library.linear_int8_available())
         self._rope_and_cache = _bind(
             library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, restype=None
         )
@@ -126,6 +133,19 @@ class NativeOps:
         )
         return out
 
+    def linear_int8(
+        self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int,
+        bias: torch.Tensor | None, fp32_out=False,
+    ) -> torch.Tensor:  # fmt: skip
+        """``linear`` over int8 weights from ``pack_int8_weight`` (needs ``has_int8_linear``)."""
+        out = x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else torch.bfloat16)
+        bias_ptr = None if bias is None else bias.data_ptr()
+        self._linear_int8(
+            x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr(), scale.data_ptr(), out_features,
+            bias_ptr, out.data_ptr(), out_features, int(fp32_out),
+        )  # fmt: skip
+        return out
+
     def use_linear_kernel(self, amx: bool) -> bool:
         """Run ``linear`` (and the one-call step) through the AMX kernel or the AVX512-BF16 one, for
         every caller in the process; False, and nothing changed, when that kernel is not here."""
@@ -168,6 +188,19 @@ def pack_amx_weight(weight: torch.Tensor) -> torch.Tensor:
     if padded != n:
         weight = torch.cat([weight, weight.new_zeros(padded - n, k)])
     return weight.reshape(padded // 32, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
+
+
+def pack_int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (N, K) weight quantised per output column to int8 (symmetric: scale = max |w| / 127, every
+    column's largest weight kept exactly up to rounding) and packed in the tile order of
+    ``pack_amx_weight``; with the float32 scales, zero-padded to the packed N."""
+    n = weight.shape[0]
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    quantised = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    padded = torch.zeros(-(-n // 32) * 32)
+    padded[:n] = scale
+    return pack_amx_weight(quantised), padded
 
 
 @cache

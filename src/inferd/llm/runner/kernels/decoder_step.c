@@ -16,6 +16,8 @@ void rope_and_cache_bf16(uint16_t *qkv, int tokens, int qkv_stride, int num_head
                          uint16_t *k_cache, uint16_t *v_cache);
 void linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                      const float *bias, void *out, int64_t out_stride, int out_fp32);
+void linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
+                 int n, const float *bias, void *out, int64_t out_stride, int out_fp32);
 int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const void *k_cache,
                            const void *v_cache, int is_bf16, const int64_t *block_tables,
                            int table_width, const int64_t *ctx_lens, int num_seqs, int num_heads,
@@ -26,11 +28,22 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
  * by LayerTable in __init__.py. */
 typedef struct {
     const uint16_t *input_norm, *post_norm;
-    const uint16_t *qkv, *o, *gate_up, *down;
+    const void *qkv, *o, *gate_up, *down; /* bf16, or int8 where the scale below is set */
     const float *qkv_bias, *o_bias;
     uint16_t *k_cache, *v_cache;
     int64_t window; /* 0: full attention */
+    /* per-column scales when that matrix holds int8 weights (linear_int8), else NULL */
+    const float *qkv_scale, *o_scale, *gate_up_scale, *down_scale;
 } layer_weights;
+
+/* One matrix of a layer: bf16 weights through linear_bf16, int8 ones (scale given) through linear_int8. */
+static void layer_linear(const uint16_t *x, int m, int k, const void *w, const float *scale, int n,
+                         const float *bias, uint16_t *out) {
+    if (scale)
+        linear_int8(x, k, m, k, w, scale, n, bias, out, n, 0);
+    else
+        linear_bf16(x, k, m, k, w, n, bias, out, n, 0);
+}
 
 /* hidden: (tokens, hidden_size) residual stream, updated in place; delta: (tokens, hidden_size),
  * on entry the previous layer's output or ignored when has_delta is 0, on return the last layer's
@@ -52,19 +65,18 @@ int decoder_layers_bf16(const layer_weights *layers, int num_layers, uint16_t *h
     for (int l = 0; l < num_layers && status == 0; l++) {
         const layer_weights *w = layers + l;
         add_rms_norm_bf16(hidden, (l > 0 || has_delta) ? delta : 0, w->input_norm, eps, tokens, hidden_size, x);
-        linear_bf16(x, hidden_size, tokens, hidden_size, w->qkv, qkv_width, w->qkv_bias, qkv, qkv_width, 0);
+        layer_linear(x, tokens, hidden_size, w->qkv, w->qkv_scale, qkv_width, w->qkv_bias, qkv);
         rope_and_cache_bf16(qkv, tokens, qkv_width, num_heads, num_kv_heads, head_dim, cos, sin, slots,
                             w->k_cache, w->v_cache);
         status = paged_decode_attention(qkv, 1, qkv_width, w->k_cache, w->v_cache, 1, tables, table_width,
                                         ctx_lens, tokens, num_heads, num_kv_heads, head_dim, block_size, scale,
                                         (int)w->window, 0.f, attn, 1, q_width);
         /* delta was consumed by the first norm: it takes o_proj's output, then the MLP's */
-        linear_bf16(attn, q_width, tokens, q_width, w->o, hidden_size, w->o_bias, delta, hidden_size, 0);
+        layer_linear(attn, tokens, q_width, w->o, w->o_scale, hidden_size, w->o_bias, delta);
         add_rms_norm_bf16(hidden, delta, w->post_norm, eps, tokens, hidden_size, x);
-        linear_bf16(x, hidden_size, tokens, hidden_size, w->gate_up, 2 * intermediate, 0, gate_up,
-                        2 * intermediate, 0);
+        layer_linear(x, tokens, hidden_size, w->gate_up, w->gate_up_scale, 2 * intermediate, 0, gate_up);
         silu_mul_bf16(gate_up, tokens, intermediate, act);
-        linear_bf16(act, intermediate, tokens, intermediate, w->down, hidden_size, 0, delta, hidden_size, 0);
+        layer_linear(act, tokens, intermediate, w->down, w->down_scale, hidden_size, 0, delta);
     }
     free(scratch);
     return status;
