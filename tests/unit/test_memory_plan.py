@@ -105,3 +105,12 @@ def test_server_plan_refusal_is_a_typed_error(tiny_llama):
     with pytest.raises(MemoryPlanError, match="do not fit") as caught:
         check_plans(plans)
     assert "memory plan on cpu: budget 10.0 MiB" in caught.value.message
+
+
+def test_int8_weights_are_planned_at_a_byte_a_parameter_but_the_embeddings(tiny_llama):
+    settings = {"model": [str(tiny_llama)], "device": "cpu", "dtype": "bfloat16"}
+    (bf16,) = plan_server(load_settings(settings), {"cpu": 4 * GiB})
+    (int8,) = plan_server(load_settings(settings | {"quantization": "int8"}), {"cpu": 4 * GiB})
+    embedding = 200 * 64  # vocab × hidden of the tiny llama; its head is untied
+    params = bf16.needs[0].weight_bytes // 2
+    assert int8.needs[0].weight_bytes == params - embedding + 2 * embedding

@@ -143,6 +143,14 @@ def weight_bytes(num_params: int, dtype: str) -> int:
     return math.ceil(num_params * dtype_bytes(dtype))
 
 
+def int8_weight_bytes(shape: ModelShape, num_params: int, dtype: str) -> int:
+    """Weights under ``--quantization int8``: a byte a parameter, but the embedding table stays in
+    ``dtype`` (a tied LM head gets an int8 copy of it); float32 scales are a rounding error."""
+    embedding = shape.vocab_size * shape.hidden_size
+    head_copy = embedding if shape.tie_word_embeddings else 0
+    return math.ceil(num_params - embedding + embedding * dtype_bytes(dtype) + head_copy)
+
+
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
     """2 × layers × KV heads × head dim × bytes: what one token of context costs in the KV cache."""
     return int(2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes(kv_dtype))

@@ -19,6 +19,7 @@ from inferd.memory.estimate import (
     ModelShape,
     count_parameters,
     encoder_activation_bytes,
+    int8_weight_bytes,
     kv_bytes_per_token,
     llm_activation_bytes,
     shape_from_config,
@@ -84,7 +85,11 @@ def _llm_need(name: str, shape: ModelShape, num_params: int, config) -> ModelNee
         name=name,
         device=config.device,
         dtype=config.dtype,
-        weight_bytes=weight_bytes(num_params, config.dtype),
+        weight_bytes=(
+            int8_weight_bytes(shape, num_params, config.dtype)
+            if config.quantization == "int8"
+            else weight_bytes(num_params, config.dtype)
+        ),
         activation_bytes=llm_activation_bytes(
             shape, config.max_num_batched_tokens, config.max_num_seqs, config.dtype
         ),
