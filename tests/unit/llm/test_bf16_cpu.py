@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from inferd.config.engine import LLMConfig
 from inferd.config.settings import cpu_has_native_bf16
 from inferd.errors import ModelLoadError
-from inferd.llm.models.decoder import Int8Linear, NativeLinear, PackedLinear
+from inferd.llm.models.decoder import NativeLinear, PackedLinear
 from inferd.llm.models.loader import load_causal_lm
 from inferd.llm.runner.kernels import native_ops
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
@@ -108,7 +108,7 @@ needs_int8 = pytest.mark.skipif(
 def test_int8_linear_matches_its_dequantised_weights(rows, bias):
     torch.manual_seed(rows)
     linear = torch.nn.Linear(96, 200, bias=bias).to(torch.bfloat16)  # 200 outputs: a partial column block
-    layer = Int8Linear(linear, native_ops())
+    layer = NativeLinear(linear, native_ops(), int8=True)
     quantised = torch.round(linear.weight.float() / layer.scale[:200, None]).clamp(-127, 127)
     # Per column, the int8 weights are the bf16 ones to within half a step of that column's scale.
     assert ((quantised * layer.scale[:200, None] - linear.weight.float()).abs() <= layer.scale[:200, None] / 2 + 1e-6).all()
@@ -118,7 +118,7 @@ def test_int8_linear_matches_its_dequantised_weights(rows, bias):
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == expected.shape
     torch.testing.assert_close(got.float(), expected, atol=0.03, rtol=0.02)
-    head = Int8Linear(linear, native_ops(), fp32_out=True)(x)
+    head = NativeLinear(linear, native_ops(), fp32_out=True, int8=True)(x)
     assert head.dtype == torch.float32
     torch.testing.assert_close(head, expected, atol=1e-3, rtol=1e-3)
 
@@ -129,8 +129,8 @@ def test_int8_weights_follow_fp32(tiny_llama):
     ref_prefill, ref_decode, _ = logits_of(tiny_llama, "float32", prompts)
     prefill, decode, runner = logits_of(tiny_llama, "bfloat16", prompts, quantization="int8")
     layer = runner.decoder.layers[0]
-    assert all(isinstance(m, Int8Linear) for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
-    assert isinstance(runner.decoder.lm_head, Int8Linear)
+    int8 = [layer.qkv, layer.o_proj, layer.gate_up, layer.down, runner.decoder.lm_head]
+    assert all(isinstance(m, NativeLinear) and m.scale is not None for m in int8)
     for got, ref in ((prefill, ref_prefill), (decode, ref_decode)):
         cosine = F.cosine_similarity(got, ref, dim=-1)
         assert cosine.min() > 0.999, cosine

@@ -13,19 +13,8 @@ from inferd.config.engine import LLMConfig
 from inferd.llm.models.checkpoint import StaticRotary
 from inferd.llm.models.loader import load_causal_lm
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
+from tests.unit.llm.test_architectures import COMMON
 
-COMMON = dict(
-    vocab_size=200,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
 LLAMA3_ROPE = dict(
     rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
 )

@@ -197,7 +197,7 @@ class Decoder(nn.Module):
         first = self.layers[0]
         plain = native.has_linear and all(
             all(
-                isinstance(m, (NativeLinear, Int8Linear)) and not m.fp32_out
+                isinstance(m, NativeLinear) and not m.fp32_out
                 for m in (lay.qkv, lay.o_proj, lay.gate_up, lay.down)
             )
             and lay.gate_up.bias is None
@@ -213,10 +213,8 @@ class Decoder(nn.Module):
                     ("input_norm", lay.input_norm), ("post_norm", lay.post_norm), ("qkv", lay.qkv.weight),
                     ("o", lay.o_proj.weight), ("gate_up", lay.gate_up.weight), ("down", lay.down.weight),
                     ("qkv_bias", lay.qkv.bias), ("o_bias", lay.o_proj.bias), ("k_cache", k_cache),
-                    ("v_cache", v_cache), ("qkv_scale", getattr(lay.qkv, "scale", None)),
-                    ("o_scale", getattr(lay.o_proj, "scale", None)),
-                    ("gate_up_scale", getattr(lay.gate_up, "scale", None)),
-                    ("down_scale", getattr(lay.down, "scale", None)),
+                    ("v_cache", v_cache), ("qkv_scale", lay.qkv.scale), ("o_scale", lay.o_proj.scale),
+                    ("gate_up_scale", lay.gate_up.scale), ("down_scale", lay.down.scale),
                 ):  # fmt: skip
                     setattr(entry, name, None if tensor is None else tensor.data_ptr())
                 entry.window = lay.window or 0
@@ -285,17 +283,23 @@ class PackedLinear(nn.Module):
 
 
 class NativeLinear(nn.Module):
-    """A bf16 linear layer through inferd's own kernels: AMX tiles (amx_linear.c) where the CPU has
-    AMX, else AVX512-BF16 dot products (bf16_linear.c), over one weight packed once into tile order.
-    Against oneDNN's prepacked matmul on this project's matrix shapes: AMX 1.3-1.8x faster at 1-32
-    rows (decode batches) and level on prefill batches; AVX512-BF16 (an AMD EPYC without AMX)
-    1.2-1.5x faster from 1 to 128 rows, a one-row pass over SmolLM2's layers 3.4 vs 5.1 ms."""
+    """A linear layer through inferd's own kernels over one weight packed once into tile order: bf16
+    through AMX tiles (amx_linear.c) where the CPU has AMX, else AVX512-BF16 dot products
+    (bf16_linear.c); or, with ``int8``, int8 weights with per-column scales (``pack_int8_weight``)
+    through the AVX512-BF16 kernel. Against oneDNN's prepacked matmul on this project's shapes: AMX
+    1.3-1.8x faster at 1-32 rows (decode batches) and level on prefill batches; AVX512-BF16 (an AMD
+    EPYC without AMX) 1.2-1.5x faster from 1 to 128 rows, a one-row pass over SmolLM2's layers 3.4
+    vs 5.1 ms. int8 halves the weight bytes: 0.6x the bf16 kernel's time at 1-8 rows, 0.9x at 32."""
 
-    def __init__(self, linear: nn.Linear, native, fp32_out: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, native, fp32_out: bool = False, int8: bool = False) -> None:
         super().__init__()
         weight = linear.weight.detach()
         self.out_features = weight.shape[0]
-        self.weight = pack_amx_weight(weight)
+        self.scale = None  # float32 per-column scales of int8 weights
+        if int8:
+            self.weight, self.scale = pack_int8_weight(weight)
+        else:
+            self.weight = pack_amx_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.native = native
         self.fp32_out = fp32_out
@@ -303,26 +307,9 @@ class NativeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
+        if self.scale is not None:
+            return self.native.linear_int8(x, self.weight, self.scale, self.out_features, self.bias, self.fp32_out)
         return self.native.linear(x, self.weight, self.out_features, self.bias, self.fp32_out)
-
-
-class Int8Linear(nn.Module):
-    """A linear layer over int8 weights (per output column scales, see ``pack_int8_weight``) and bf16
-    inputs, through the AVX512-BF16 kernel: half the weight bytes of bf16, so a one-row pass over
-    SmolLM2's layers takes 0.6x the bf16 kernel's time (0.9x at 32 rows)."""
-
-    def __init__(self, linear: nn.Linear, native, fp32_out: bool = False) -> None:
-        super().__init__()
-        self.out_features = linear.weight.shape[0]
-        self.weight, self.scale = pack_int8_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
-        self.native = native
-        self.fp32_out = fp32_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        return self.native.linear_int8(x, self.weight, self.scale, self.out_features, self.bias, self.fp32_out)
 
 
 def pack_for_cpu(decoder: Decoder, native=None, quantization: str = "none") -> None:
@@ -335,7 +322,7 @@ def pack_for_cpu(decoder: Decoder, native=None, quantization: str = "none") -> N
 
     def packed(linear: nn.Linear, fp32_out: bool = False) -> nn.Module:
         if int8:
-            return Int8Linear(linear, native, fp32_out)
+            return NativeLinear(linear, native, fp32_out, int8=True)
         if own and linear.in_features % 32 == 0:
             return NativeLinear(linear, native, fp32_out)
         return PackedLinear(linear) if _can_pack() else linear
