@@ -19,6 +19,7 @@ from inferd.encoder.models.base import (
     read_json,
     torch_dtype,
 )
+from inferd.encoder.models.bert import load_packed_bert
 from inferd.encoder.pooling import pool, pool_packed, pooling_modes
 from inferd.encoder.tokenize import InputTokenizer
 from inferd.errors import ModelLoadError
@@ -38,8 +39,14 @@ class SentenceEmbedder:
         modules = _read_modules(path)
         transformer_dir = path / modules.get("Transformer", "")
         self.is_packed = _can_pack(transformer_dir)
-        self.transformer = _load_transformer(transformer_dir, config, self.is_packed)
-        hf_config = self.transformer.config
+        # A plain BERT checkpoint runs on inferd's own packed encoder, read straight from its file.
+        self.bert, self.transformer = None, None
+        if self.is_packed:
+            hf_config = _read_config(transformer_dir)
+            self.bert = load_packed_bert(transformer_dir, hf_config, torch_dtype(config.dtype), config.device)
+        if self.bert is None:
+            self.transformer = _load_transformer(transformer_dir, config, self.is_packed)
+            hf_config = self.transformer.config
         self.uses_token_type_ids = getattr(hf_config, "type_vocab_size", 0) > 1
         pooling_dir = modules.get("Pooling")
         if pooling_dir is None:
@@ -66,7 +73,12 @@ class SentenceEmbedder:
 
     def forward(self, batch: PreparedBatch) -> torch.Tensor:
         inputs = model_inputs(batch, self.device)
-        if self.is_packed:
+        if self.bert is not None:
+            hidden = self.bert(
+                inputs["input_ids"], inputs["position_ids"], inputs.get("token_type_ids"), batch.bounds
+            )
+            vectors = pool_packed(hidden, batch.bounds, self.modes)
+        elif self.is_packed:
             with packed_spans(batch.bounds):
                 hidden = self.transformer(**inputs).last_hidden_state[0]
             vectors = pool_packed(hidden, batch.bounds, self.modes)
@@ -115,6 +127,15 @@ def _can_pack(path: Path) -> bool:
         config.get("model_type") in _PACKABLE_MODEL_TYPES
         and config.get("position_embedding_type", "absolute") == "absolute"
     )
+
+
+def _read_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the encoder config in {path}: {exc}") from None
 
 
 def _load_transformer(path: Path, config: EncoderConfig, packed: bool) -> nn.Module:

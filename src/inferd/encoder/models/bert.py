@@ -1,0 +1,127 @@
+"""BERT's encoder over a packed batch, read straight from safetensors.
+
+transformers' ``BertModel`` computes the same thing, but loading it imports transformers' modeling
+stack (about a second of the default server's start and ~100 MB of modules) and builds the model
+before its weights are read. Here the checkpoint's tensors go straight into a post-LayerNorm encoder
+with q/k/v fused into one matrix, attending within each item's span of the packed row exactly as
+``encoder.attention.varlen_attention`` does for transformers' model. A checkpoint it does not know
+(other tensor names, relative positions, another activation) returns None and the caller keeps
+transformers' class.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # F.gelu's approximate=
+_LAYER_TENSOR = re.compile(
+    r"encoder\.layer\.(\d+)\.("
+    r"attention\.self\.(query|key|value)|attention\.output\.dense|attention\.output\.LayerNorm"
+    r"|intermediate\.dense|output\.dense|output\.LayerNorm"
+    r")\.(weight|bias)"
+)
+_EMBEDDINGS = frozenset(
+    f"embeddings.{name}"
+    for name in (
+        "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
+        "LayerNorm.weight", "LayerNorm.bias",
+    )
+)  # fmt: skip
+_IGNORED = ("embeddings.position_ids", "pooler.")  # a buffer, and the pooler sentence embedders skip
+
+
+class PackedBert(nn.Module):
+    """(1, T) packed ids, positions and token types, with each item's (start, end) → (T, hidden)."""
+
+    def __init__(self, weights, config) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.eps = config.layer_norm_eps
+        self.approximate = _ACTIVATIONS[config.hidden_act]
+        self.word = weights("embeddings.word_embeddings.weight")
+        self.position = weights("embeddings.position_embeddings.weight")
+        self.token_type = weights("embeddings.token_type_embeddings.weight")
+        self.embed_norm = (weights("embeddings.LayerNorm.weight"), weights("embeddings.LayerNorm.bias"))
+        self.layers = []
+        for i in range(config.num_hidden_layers):
+            prefix = f"encoder.layer.{i}."
+
+            def w(name: str, prefix: str = prefix) -> torch.Tensor:
+                return weights(prefix + name)
+
+            attn = prefix + "attention.self."
+            self.layers.append(
+                {
+                    "qkv": torch.cat([weights(f"{attn}{p}.weight") for p in ("query", "key", "value")]),
+                    "qkv_bias": torch.cat([weights(f"{attn}{p}.bias") for p in ("query", "key", "value")]),
+                    "o": (w("attention.output.dense.weight"), w("attention.output.dense.bias")),
+                    "norm1": (w("attention.output.LayerNorm.weight"), w("attention.output.LayerNorm.bias")),
+                    "up": (w("intermediate.dense.weight"), w("intermediate.dense.bias")),
+                    "down": (w("output.dense.weight"), w("output.dense.bias")),
+                    "norm2": (w("output.LayerNorm.weight"), w("output.LayerNorm.bias")),
+                }
+            )
+
+    def forward(self, input_ids, position_ids, token_type_ids, bounds) -> torch.Tensor:
+        ids, positions = input_ids[0], position_ids[0]
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids[0]
+        hidden = F.embedding(ids, self.word) + F.embedding(types, self.token_type)
+        hidden = hidden + F.embedding(positions, self.position)
+        hidden = F.layer_norm(hidden, hidden.shape[-1:], *self.embed_norm, self.eps)
+        for layer in self.layers:
+            hidden = self._layer(hidden, layer, bounds)
+        return hidden
+
+    def _layer(self, hidden: torch.Tensor, layer: dict, bounds) -> torch.Tensor:
+        tokens, width = hidden.shape
+        head_dim = width // self.num_heads
+        qkv = F.linear(hidden, layer["qkv"], layer["qkv_bias"]).view(tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv.permute(1, 2, 0, 3)  # each (heads, tokens, head_dim)
+        attended = torch.empty_like(q)
+        for start, end in bounds:
+            attended[:, start:end] = F.scaled_dot_product_attention(
+                q[None, :, start:end], k[None, :, start:end], v[None, :, start:end]
+            )[0]
+        attended = attended.transpose(0, 1).reshape(tokens, width)
+        hidden = F.layer_norm(F.linear(attended, *layer["o"]) + hidden, (width,), *layer["norm1"], self.eps)
+        inner = F.gelu(F.linear(hidden, *layer["up"]), approximate=self.approximate)
+        return F.layer_norm(F.linear(inner, *layer["down"]) + hidden, (width,), *layer["norm2"], self.eps)
+
+
+def load_packed_bert(path: Path, config, dtype: torch.dtype, device: str) -> PackedBert | None:
+    """The encoder read from ``path/model.safetensors`` for ``config``, or None when this checkpoint
+    needs transformers' loader (see the module docstring)."""
+    file = path / "model.safetensors"
+    if (
+        config.model_type != "bert"
+        or getattr(config, "position_embedding_type", "absolute") != "absolute"
+        or config.hidden_act not in _ACTIVATIONS
+        or not file.is_file()
+    ):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as handle:
+        names = set(handle.keys())
+        if not _is_plain_layout(names, config.num_hidden_layers):
+            return None
+        tensors = {name: handle.get_tensor(name).to(device=device, dtype=dtype) for name in names}
+    return PackedBert(tensors.__getitem__, config)
+
+
+def _is_plain_layout(names: set[str], num_layers: int) -> bool:
+    layers: dict[int, int] = {}
+    for name in names:
+        if name in _EMBEDDINGS or name.startswith(_IGNORED):
+            continue
+        match = _LAYER_TENSOR.fullmatch(name)
+        if match is None:
+            return False
+        layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + 1
+    # 16 tensors a layer: q, k, v, attention output, intermediate, output, two norms; weight and bias
+    return names >= _EMBEDDINGS and layers == dict.fromkeys(range(num_layers), 16)

@@ -1,0 +1,83 @@
+"""inferd's packed BERT read from safetensors: transformers' BertModel outputs item by item, the
+checkpoints it does not know left to transformers, and no modeling import for the bundled embedder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from inferd.config.engine import EncoderConfig
+from inferd.encoder.models.bert import PackedBert, load_packed_bert
+from inferd.encoder.models.embedder import SentenceEmbedder
+
+
+def transformer_dir(root):
+    """The Transformer module's folder of a sentence-transformers model (modules.json)."""
+    modules = json.loads((root / "modules.json").read_text())
+    return root / next(m["path"] for m in modules if m["type"].endswith("Transformer"))
+
+
+ITEMS = [[101, 7, 8, 9, 102], [101, 5, 102], [101, *range(10, 40), 102]]
+
+
+def packed_and_reference(bert_dir):
+    from transformers import AutoConfig, BertModel
+
+    config = AutoConfig.from_pretrained(str(bert_dir))
+    packed = load_packed_bert(bert_dir, config, torch.float32, "cpu")
+    reference = BertModel.from_pretrained(str(bert_dir)).eval()
+    bounds, start = [], 0
+    for item in ITEMS:
+        bounds.append((start, start + len(item)))
+        start += len(item)
+    ids = torch.tensor([[t for item in ITEMS for t in item]])
+    positions = torch.tensor([[p for item in ITEMS for p in range(len(item))]])
+    types = torch.zeros_like(ids)
+    with torch.no_grad():
+        got = packed(ids, positions, types, bounds)
+        expected = [reference(torch.tensor([item])).last_hidden_state[0] for item in ITEMS]
+    return got, bounds, expected
+
+
+@pytest.mark.parametrize("which", ["tiny", "bundled-minilm"])
+def test_packed_bert_gives_bertmodel_outputs(tiny_embedder, bundled_minilm, which):
+    got, bounds, expected = packed_and_reference(transformer_dir(tiny_embedder if which == "tiny" else bundled_minilm))
+    for (start, end), reference in zip(bounds, expected, strict=True):
+        torch.testing.assert_close(got[start:end], reference, atol=2e-5, rtol=1e-4)
+
+
+def test_the_bundled_embedder_runs_on_it(bundled_minilm):
+    model = SentenceEmbedder(bundled_minilm, EncoderConfig())
+    assert isinstance(model.bert, PackedBert) and model.transformer is None
+
+
+def test_a_checkpoint_it_does_not_know_keeps_transformers(tmp_path, tiny_embedder):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "embedder"
+    shutil.copytree(tiny_embedder, root)
+    weights = transformer_dir(root) / "model.safetensors"
+    state = load_file(str(weights))
+    state["encoder.layer.0.attention.self.extra.weight"] = torch.zeros(2)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    model = SentenceEmbedder(root, EncoderConfig())
+    assert model.bert is None and model.transformer is not None
+
+
+def test_the_bundled_embedder_loads_without_transformers_modeling(bundled_minilm):
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from inferd.config.engine import EncoderConfig\n"
+        "from inferd.encoder.models.embedder import SentenceEmbedder\n"
+        f"model = SentenceEmbedder(Path({str(bundled_minilm)!r}), EncoderConfig())\n"
+        "assert model.bert is not None\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('transformers.modeling_utils', "
+        "'transformers.models.bert.modeling', 'torch._dynamo'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
