@@ -97,3 +97,29 @@ def test_close_wakes_a_blocked_consumer(loop):
     q.close()
     consumer.join(5)
     assert result == [None]
+
+
+def test_top_up_adds_what_fits_oldest_first_and_only_unpadded(loop):
+    q = queue(max_batch_tokens=100, max_batch_requests=4, is_padded=False)
+    q.put(items(loop, [50]))
+    batch = q.next_batch(0)
+    q.put(items(loop, [30, 40, 15, 5, 5]))  # arrived while the batch waited for the model
+    extra = q.top_up(batch)
+    # 50 + 30 fits, 40 would pass 100, 15 fits (95); then the 4-item limit stops it
+    assert [i.num_tokens for i in extra] == [30, 15, 5]
+    assert [i.num_tokens for i in q.next_batch(0)] == [40, 5]  # the rest stays queued
+    padded = queue(max_batch_tokens=100)
+    padded.put(items(loop, [10]))
+    first = padded.next_batch(0)
+    padded.put(items(loop, [10]))
+    assert padded.top_up(first) == [] and len(padded) == 1
+
+
+def test_top_up_skips_cancelled_requests(loop):
+    q = queue(is_padded=False)
+    q.put(items(loop, [10]))
+    batch = q.next_batch(0)
+    gone = items(loop, [10, 10])
+    gone[0].request.is_cancelled = True  # one request: both its items go
+    q.put(gone)
+    assert q.top_up(batch) == [] and len(q) == 0

@@ -121,6 +121,8 @@ class EncoderEngine:
     def _model_loop(self) -> None:
         while True:
             batch = self._prepared.get()
+            if batch is not None:
+                batch = self._top_up(batch)
             self._slot.release()
             if batch is None:
                 return
@@ -129,6 +131,14 @@ class EncoderEngine:
             # sets torch's thread count there.
             compute.run(self._run, batch, num_threads=self.config.num_threads)
             self._in_hand = None
+
+    def _top_up(self, batch: PreparedBatch) -> PreparedBatch:
+        """The prepared batch plus what arrived while it waited for the model, where that still fits:
+        it was formed when the previous batch started, so under a steady stream of single requests
+        it would hold only what had queued by then (measured: 65 passages/s at 8 concurrent
+        one-passage clients without this)."""
+        extra = self.queue.top_up(batch.items)
+        return self._prepare(batch.items + extra) if extra else batch
 
     def _run(self, batch: PreparedBatch) -> None:
         keep = [i for i, item in enumerate(batch.items) if not item.request.is_cancelled]

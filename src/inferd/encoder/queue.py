@@ -74,6 +74,23 @@ class BatchQueue:
                 if not self._cond.wait(timeout) and timeout is not None:
                     return None
 
+    def top_up(self, batch: list[Item]) -> list[Item]:
+        """Queued items that still fit beside ``batch`` (oldest first, within the token and size
+        budgets), taken from the queue; never blocks. Only for unpadded batches, whose cost is
+        their token count whatever the mix of lengths."""
+        if self.is_padded:
+            return []
+        with self._cond:
+            total = sum(item.num_tokens for item in batch)
+            extra: list[Item] = []
+            for item in self._live_window():
+                if len(batch) + len(extra) >= self.max_batch_requests:
+                    break
+                if total + item.num_tokens <= self.max_batch_tokens:
+                    extra.append(item)
+                    total += item.num_tokens
+            return self._take(extra)
+
     def _live_window(self) -> list[Item]:
         window: list[Item] = []
         for seq, item in list(self._items.items()):
