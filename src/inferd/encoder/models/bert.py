@@ -47,25 +47,22 @@ class PackedBert(nn.Module):
         self.position = weights("embeddings.position_embeddings.weight")
         self.token_type = weights("embeddings.token_type_embeddings.weight")
         self.embed_norm = (weights("embeddings.LayerNorm.weight"), weights("embeddings.LayerNorm.bias"))
-        self.layers = []
-        for i in range(config.num_hidden_layers):
-            prefix = f"encoder.layer.{i}."
+        self.layers = [self._layer_weights(weights, f"encoder.layer.{i}.") for i in range(config.num_hidden_layers)]
 
-            def w(name: str, prefix: str = prefix) -> torch.Tensor:
-                return weights(prefix + name)
+    @staticmethod
+    def _layer_weights(weights, prefix: str) -> dict:
+        def linear(name: str) -> tuple[torch.Tensor, torch.Tensor]:  # (weight, bias); a norm's too
+            return weights(f"{prefix}{name}.weight"), weights(f"{prefix}{name}.bias")
 
-            attn = prefix + "attention.self."
-            self.layers.append(
-                {
-                    "qkv": torch.cat([weights(f"{attn}{p}.weight") for p in ("query", "key", "value")]),
-                    "qkv_bias": torch.cat([weights(f"{attn}{p}.bias") for p in ("query", "key", "value")]),
-                    "o": (w("attention.output.dense.weight"), w("attention.output.dense.bias")),
-                    "norm1": (w("attention.output.LayerNorm.weight"), w("attention.output.LayerNorm.bias")),
-                    "up": (w("intermediate.dense.weight"), w("intermediate.dense.bias")),
-                    "down": (w("output.dense.weight"), w("output.dense.bias")),
-                    "norm2": (w("output.LayerNorm.weight"), w("output.LayerNorm.bias")),
-                }
-            )
+        q, k, v = (linear(f"attention.self.{name}") for name in ("query", "key", "value"))
+        return {
+            "qkv": (torch.cat([q[0], k[0], v[0]]), torch.cat([q[1], k[1], v[1]])),
+            "o": linear("attention.output.dense"),
+            "norm1": linear("attention.output.LayerNorm"),
+            "up": linear("intermediate.dense"),
+            "down": linear("output.dense"),
+            "norm2": linear("output.LayerNorm"),
+        }
 
     def forward(self, input_ids, position_ids, token_type_ids, bounds) -> torch.Tensor:
         ids, positions = input_ids[0], position_ids[0]
@@ -80,7 +77,7 @@ class PackedBert(nn.Module):
     def _layer(self, hidden: torch.Tensor, layer: dict, bounds) -> torch.Tensor:
         tokens, width = hidden.shape
         head_dim = width // self.num_heads
-        qkv = F.linear(hidden, layer["qkv"], layer["qkv_bias"]).view(tokens, 3, self.num_heads, head_dim)
+        qkv = F.linear(hidden, *layer["qkv"]).view(tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv.permute(1, 2, 0, 3)  # each (heads, tokens, head_dim)
         attended = torch.empty_like(q)
         for start, end in bounds:

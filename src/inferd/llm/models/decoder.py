@@ -307,9 +307,7 @@ class NativeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
-        if self.scale is not None:
-            return self.native.linear_int8(x, self.weight, self.scale, self.out_features, self.bias, self.fp32_out)
-        return self.native.linear(x, self.weight, self.out_features, self.bias, self.fp32_out)
+        return self.native.linear(x, self.weight, self.out_features, self.bias, self.fp32_out, self.scale)
 
 
 def pack_for_cpu(decoder: Decoder, native=None, quantization: str = "none") -> None:

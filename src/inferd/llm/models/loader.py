@@ -13,7 +13,7 @@ from inferd.config.engine import LLMConfig
 from inferd.errors import ModelLoadError
 from inferd.hub.gguf import converted_gguf
 from inferd.llm.models.checkpoint import load_decoder
-from inferd.llm.models.decoder import Decoder, build_decoder, can_build, pack_for_cpu
+from inferd.llm.models.decoder import Decoder, DecoderShape, build_decoder, can_build, pack_for_cpu
 from inferd.llm.runner.attention import ATTENTION_NAME, register_paged_attention
 from inferd.llm.runner.kernels import native_ops
 from inferd.memory.profile import release_freed_memory
@@ -89,8 +89,8 @@ def _check_int8(config: LLMConfig, text_config, native) -> None:
     elif config.model_impl != "auto" or not can_build(text_config):
         why = f"it runs on inferd's own forward (llama, mistral, qwen2, qwen3), not {text_config.model_type!r}"
     else:
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        widths = (text_config.hidden_size, text_config.intermediate_size, text_config.num_attention_heads * head_dim)
+        shape = DecoderShape.of(text_config)
+        widths = (text_config.hidden_size, text_config.intermediate_size, shape.num_heads * shape.head_dim)
         if any(width % 32 for width in widths):
             why = f"its kernel needs input widths that are multiples of 32 (this model: {widths})"
     if why is not None:

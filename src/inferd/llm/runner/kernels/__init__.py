@@ -120,30 +120,20 @@ class NativeOps:
         )
 
     def linear(
-        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None, fp32_out=False
-    ) -> torch.Tensor:
-        """x (rows, K) bf16 with unit column stride, times a weight from ``pack_amx_weight`` (AMX or
-        AVX512-BF16, see ``has_linear``); the result in bf16, or float32 with ``fp32_out`` (logits:
-        no rounding, no conversion after)."""
-        out = x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else torch.bfloat16)
-        bias_ptr = None if bias is None else bias.data_ptr()
-        self._linear(
-            x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr(), out_features, bias_ptr,
-            out.data_ptr(), out_features, int(fp32_out),
-        )
-        return out
-
-    def linear_int8(
-        self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int,
-        bias: torch.Tensor | None, fp32_out=False,
+        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None,
+        fp32_out=False, scale: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """``linear`` over int8 weights from ``pack_int8_weight`` (needs ``has_int8_linear``)."""
+        """x (rows, K) bf16 with unit column stride, times a weight from ``pack_amx_weight`` (AMX or
+        AVX512-BF16, see ``has_linear``) or, with its ``scale``, from ``pack_int8_weight`` (needs
+        ``has_int8_linear``); the result in bf16, or float32 with ``fp32_out`` (logits: no rounding,
+        no conversion after)."""
         out = x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else torch.bfloat16)
-        bias_ptr = None if bias is None else bias.data_ptr()
-        self._linear_int8(
-            x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr(), scale.data_ptr(), out_features,
-            bias_ptr, out.data_ptr(), out_features, int(fp32_out),
-        )  # fmt: skip
+        rows = (x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr())
+        rest = (out_features, None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, int(fp32_out))
+        if scale is None:
+            self._linear(*rows, *rest)
+        else:
+            self._linear_int8(*rows, scale.data_ptr(), *rest)
         return out
 
     def use_linear_kernel(self, amx: bool) -> bool:
