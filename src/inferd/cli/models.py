@@ -112,16 +112,20 @@ def rm(
     from inferd.hub.registry import ModelRegistry
     from inferd.hub.remove import remove_model_files
 
-    registry = ModelRegistry(cache_dir_setting(cache_dir))
-    entry = registry.get(model)
-    if entry is None:
-        raise fail(_not_registered(model))
-    what = f"delete the files of {entry.name} ({entry.path})" if entry.owned else f"forget {entry.name} (its folder stays)"
-    if not yes and not typer.confirm(f"{what}?", default=False):
-        raise fail("cancelled")
-    if entry.owned:
-        remove_model_files(entry, registry.entries())
-    registry.remove(entry.name)
+    folder = cache_dir_setting(cache_dir)
+    registry = ModelRegistry(folder)
+    try:
+        entry = registry.get(model)
+        if entry is None:
+            raise fail(_not_registered(model))
+        what = f"delete the files of {entry.name} ({entry.path})" if entry.owned else f"forget {entry.name} (its folder stays)"
+        if not yes and not typer.confirm(f"{what}?", default=False):
+            raise fail("cancelled")
+        if entry.owned:  # refuses, deleting nothing, a path outside the model's download folder
+            remove_model_files(entry, registry.entries(), folder)
+        registry.remove(entry.name)
+    except InferdError as exc:
+        raise fail(exc.message) from None
     typer.echo(f"removed {entry.name}")
 
 

@@ -7,12 +7,15 @@ safetensors, tokenizer, config) under the cache directory keyed by the file's id
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import math
-import os
+import secrets
 import shutil
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,26 +26,68 @@ DEFAULT_CACHE_DIR = Path("~/.cache/inferd").expanduser()
 
 
 def converted_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
-    """A Hugging Face folder holding the dequantised weights and tokenizer of ``gguf_path``."""
+    """A Hugging Face folder holding the dequantised weights and tokenizer of ``gguf_path``.
+
+    Replicas may share the cache (a volume on Kubernetes, all of them PID 1): the first to come
+    converts under a file lock, the others wait on it and then reuse that conversion."""
     target = (cache_dir or DEFAULT_CACHE_DIR) / "gguf" / _key(gguf_path)
-    if (target / "config.json").is_file():
+    if _is_converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.with_name(target.name + ".lock")):
+        if not _is_converted(target):  # else another process converted it while we waited
+            _convert_into(gguf_path, target)
+    return target
+
+
+# Written last into a finished conversion: a folder without it (a crash, a partial copy) is redone.
+_COMPLETE = "inferd-conversion-complete"
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / _COMPLETE).is_file()
+
+
+@contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    # flock is released by the kernel when the process dies, so a crashed converter never blocks
+    # the next start; the lock file itself stays (deleting it would race with a waiter).
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_into(gguf_path: Path, target: Path) -> None:
     log.info("converting %s once into %s (dequantising; later loads reuse it)", gguf_path.name, target)
+    # A name of our own (not the PID: replicas are all PID 1), made like save_pretrained's folders
+    # (mkdir under the umask, unlike mkdtemp's 0700) so other users of a shared cache can read it.
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}")
+    tmp.mkdir()
+    try:
+        _convert(gguf_path, tmp)
+        (tmp / _COMPLETE).write_text(f"{gguf_path.name}\n")
+        shutil.rmtree(target, ignore_errors=True)  # an unfinished folder: never loaded, replaced
+        # Rename last: a crash mid-way never leaves a folder that looks complete.
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert(gguf_path: Path, out: Path) -> None:
+    """Dequantise ``gguf_path`` with transformers and save the model and tokenizer into ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # The weights are plain tensors by now; the GGUF "quantizer" only blocks saving them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    # Rename last: a crash mid-way never leaves a folder that looks complete.
-    tmp.rename(target)
-    return target
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _key(path: Path) -> str:

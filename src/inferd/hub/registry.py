@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ class ModelRegistry:
             return []
         try:
             data = json.loads(self.file.read_text())
-            return [RegistryEntry(**item) for item in data.get("models", [])]
+            return [_entry(item) for item in data.get("models", [])]
         except (json.JSONDecodeError, TypeError, AttributeError) as exc:
             raise ModelLoadError(f"the model registry {self.file} is corrupt ({exc}); remove it") from None
 
@@ -67,6 +68,20 @@ class ModelRegistry:
 
     def _write(self, entries: list[RegistryEntry]) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f"{self.file.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"models": [asdict(e) for e in entries]}, indent=1))
-        tmp.replace(self.file)
+        # Unique per writer: replicas sharing the cache may all be PID 1 in their containers.
+        tmp = self.file.with_name(f"{self.file.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.write_text(json.dumps({"models": [asdict(e) for e in entries]}, indent=1))
+            tmp.replace(self.file)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _entry(item: dict) -> RegistryEntry:
+    """One entry of models.json; TypeError when a field has the wrong type (a hand-edited file)."""
+    entry = RegistryEntry(**item)
+    texts = [entry.name, entry.origin, entry.path, entry.kind]
+    texts += entry.files if isinstance(entry.files, list) else [None]  # not a list: wrong type
+    if not isinstance(entry.owned, bool) or not all(isinstance(text, str) for text in texts):
+        raise TypeError(f"entry {entry.name!r} has a field of the wrong type")
+    return entry

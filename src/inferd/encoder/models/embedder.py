@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 
@@ -106,14 +105,27 @@ def _read_modules(path: Path) -> dict:
     entries = read_json(path / "modules.json") if (path / "modules.json").is_file() else []
     modules: dict = {"Transformer": ""} if not entries else {}
     for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise ModelLoadError(f"{path}/modules.json: every module needs a type and a path")
         name = entry["type"].rsplit(".", 1)[-1]
         if name not in _SUPPORTED_MODULES:
             raise ModelLoadError(f"{path}: sentence-transformers module {entry['type']} is not supported")
+        folder = _module_folder(path, entry.get("path"))
         if name == "Dense":
-            modules.setdefault("Dense", []).append(entry["path"])
+            modules.setdefault("Dense", []).append(folder)
         else:
-            modules[name] = entry["path"]
+            modules[name] = folder
     return modules
+
+
+def _module_folder(path: Path, folder: object) -> str:
+    """A module's folder, kept inside the model folder: a downloaded modules.json must not make us
+    read weights or configs from anywhere else on the machine ("../../etc", "/root")."""
+    if not isinstance(folder, str):
+        raise ModelLoadError(f"{path}/modules.json: a module path must be a string, not {folder!r}")
+    if not (path / folder).resolve().is_relative_to(path.resolve()):
+        raise ModelLoadError(f"{path}/modules.json: module path {folder!r} lies outside the model folder")
+    return folder
 
 
 # Families whose embeddings take plain 0-based position ids and whose attention goes through
@@ -171,10 +183,22 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     raise ModelLoadError(f"{path}: Dense module has no weights file")
 
 
+# The activations a Dense module may name: torch.nn's element-wise activations that take no
+# arguments. sentence-transformers imports any "torch.*" path it finds in the config and calls it,
+# which would let a downloaded model run arbitrary torch functions at load time.
+_ACTIVATION_NAMES = ("Identity", "Tanh", "ReLU", "ReLU6", "GELU", "Sigmoid", "SiLU", "Mish", "ELU", "CELU",
+                     "SELU", "LeakyReLU", "Softplus", "Softsign", "Tanhshrink", "Hardtanh", "Hardsigmoid",
+                     "Hardswish", "LogSigmoid")  # fmt: skip
+_ACTIVATIONS = {name: getattr(nn, name) for name in _ACTIVATION_NAMES}
+# Where sentence-transformers' saved names point (fullname of the module's class), or the short form.
+_ACTIVATION_MODULES = {"torch.nn", "torch.nn.modules.activation", "torch.nn.modules.linear"}
+
+
 def _activation(name: str | None) -> nn.Module:
     if not name:
         return nn.Identity()
     module_name, _, class_name = name.rpartition(".")
-    if not module_name.startswith("torch."):
-        raise ModelLoadError(f"activation {name!r} is not a torch.nn module; refusing to import it")
-    return getattr(importlib.import_module(module_name), class_name)()
+    if module_name not in _ACTIVATION_MODULES or class_name not in _ACTIVATIONS:
+        allowed = ", ".join(_ACTIVATIONS)
+        raise ModelLoadError(f"Dense activation {name!r} is not supported (torch.nn's {allowed})")
+    return _ACTIVATIONS[class_name]()

@@ -3,6 +3,11 @@
 The source ships with the package; the shared library is built once per source, compiler and CPU
 into the cache directory and reused by later starts. Where no compiler is found or the build fails,
 ``native_ops`` returns None and the runner keeps its pure-torch paths.
+
+Loading a library runs its code, and the cache may sit on a shared volume, so a cached library is
+loaded only from a folder that this user owns and no one else can write, and only when its bytes
+still have the sha256 recorded when it was built. A folder that fails the check is not used: the
+library is built into a private temporary folder instead.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from functools import cache
@@ -201,10 +207,60 @@ def native_ops(cache_dir: str | None = None) -> NativeOps | None:
         log.info("no C compiler found: the runner uses its torch paths")
         return None
     root = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "inferd"
-    library = root / "kernels" / f"inferd_cpu-{_build_key(compiler)}.so"
-    if not library.exists() and not _build(compiler, library):
+    folder, name = root / "kernels", f"inferd_cpu-{_build_key(compiler)}.so"
+    try:
+        unsafe = _unsafe_reason(folder)
+    except OSError as exc:  # a read-only cache directory, or a file in the way: run without the kernel
+        log.warning("cannot build the native kernels in %s (%s); using the torch paths", folder, exc)
+        return None
+    if unsafe:
+        log.warning("not loading native kernels from %s: %s; building them in a private folder", folder, unsafe)
+        return _load_private_build(compiler, name)
+    library = folder / name
+    if not _is_intact(library) and not _build(compiler, library):
         return None
     return NativeOps(ctypes.CDLL(str(library)))
+
+
+def _unsafe_reason(folder: Path) -> str | None:
+    """Why another user could swap the library in ``folder`` (created 0700 when missing), or None."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.geteuid():
+        return f"it belongs to uid {info.st_uid}, not to this process's uid {os.geteuid()}"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"its group or other users may write to it (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _load_private_build(compiler: str, name: str) -> NativeOps | None:
+    with tempfile.TemporaryDirectory(prefix="inferd-kernels-") as folder:  # 0700, ours alone
+        library = Path(folder) / name
+        if not _build(compiler, library):
+            return None
+        return NativeOps(ctypes.CDLL(str(library)))  # mapped now: the file may go with its folder
+
+
+def _is_intact(library: Path) -> bool:
+    """The library is there with the sha256 recorded when it was built (else it is rebuilt)."""
+    if not library.is_file():
+        return False
+    recorded = _digest_file(library)
+    if not recorded.is_file():
+        log.info("%s has no recorded sha256; rebuilding it", library)
+        return False
+    if _sha256(library) != recorded.read_text().strip():
+        log.warning("%s differs from the library built there (sha256 mismatch); rebuilding it", library)
+        return False
+    return True
+
+
+def _digest_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _bind(function, *argtypes, restype=ctypes.c_int):
@@ -242,7 +298,7 @@ def _build(compiler: str, library: Path) -> bool:
 
 
 def _compile(compiler: str, library: Path) -> bool:
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # a unique name per builder
         target = Path(tmp) / library.name
         result = subprocess.run(
             [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(target), "-lm"],
@@ -253,5 +309,10 @@ def _compile(compiler: str, library: Path) -> bool:
         if result.returncode != 0:
             log.warning("building the native kernels failed; using the torch paths:\n%s", result.stderr)
             return False
-        os.replace(target, library)  # atomic: a concurrent start sees no half-written library
+        digest = Path(tmp) / "sha256"
+        digest.write_text(_sha256(target) + "\n")
+        # Both renames are atomic: a concurrent start sees no half-written file, and one that reads
+        # the new library with the old digest (or none) rebuilds rather than loads it.
+        os.replace(target, library)
+        os.replace(digest, _digest_file(library))
     return True
