@@ -14,6 +14,7 @@ import torch
 from inferd.config import EncoderConfig
 from inferd.encoder.models.embedder import SentenceEmbedder, _activation
 from inferd.errors import ModelLoadError
+from inferd.hub.inspect import pooling_and_dimensions
 
 
 def copy_of(folder, tmp_path):
@@ -65,6 +66,8 @@ def test_module_paths_outside_the_model_folder_are_refused(tiny_embedder, tmp_pa
     (folder / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ModelLoadError, match=re.escape(f"module path {escape!r} lies outside")):
         SentenceEmbedder(folder, EncoderConfig(num_threads=1))
+    # inferd show / estimate read the modules' config.json without loading: not out there either.
+    assert pooling_and_dimensions(folder) == ("mean", 32)  # the Dense layer (16) outside is not read
 
 
 def test_a_model_with_its_modules_inside_its_folder_loads(tiny_embedder, tmp_path):

@@ -123,9 +123,14 @@ def pooling_and_dimensions(path: Path) -> tuple[str | None, int | None]:
     modules_file = path / "modules.json"
     if not path.is_dir() or not modules_file.is_file():
         return None, None
+    root = path.resolve()
     for module in json.loads(modules_file.read_text()):
-        module_config = path / module.get("path", "") / "config.json"
-        if not module_config.is_file() or not module.get("path"):
+        folder = module.get("path") if isinstance(module, dict) else None
+        if not isinstance(folder, str) or not folder:
+            continue
+        module_config = path / folder / "config.json"
+        # A path out of the model's folder ("../..") is never read: the loader refuses such a model.
+        if not module_config.resolve().is_relative_to(root) or not module_config.is_file():
             continue
         data = json.loads(module_config.read_text())
         if module.get("type", "").endswith("Pooling"):
