@@ -83,3 +83,12 @@ class ShuttingDownError(EngineUnavailableError):
 
 class RequestTimeoutError(InferdError):
     """The request ran past the server's request timeout and was aborted."""
+
+
+class SlowReaderError(InferdError):
+    """The client left more generated output unread than the server buffers per request; the
+    request was aborted rather than let its buffer grow for as long as the connection lives."""
+
+
+class BodyTimeoutError(InferdError):
+    """The client did not send its whole request body within the server's body timeout."""

@@ -14,6 +14,7 @@ from inferd.api.context import current_request_id
 from inferd.api.responses import FastJSONResponse
 from inferd.errors import (
     AuthenticationError,
+    BodyTimeoutError,
     EngineError,
     EngineUnavailableError,
     InferdError,
@@ -25,6 +26,7 @@ from inferd.errors import (
     RateLimitError,
     RequestTimeoutError,
     ShuttingDownError,
+    SlowReaderError,
     UnsupportedTaskError,
 )
 
@@ -57,6 +59,8 @@ _TABLE: list[tuple[type[InferdError], int, str, str | None, str]] = [
     (RateLimitError, 429, "rate_limit_error", "rate_limit_exceeded", "Overloaded"),
     (ShuttingDownError, 503, "server_error", "service_unavailable", "Unhealthy"),
     (RequestTimeoutError, 504, "server_error", "timeout", "Backend"),
+    (SlowReaderError, 408, "invalid_request_error", "slow_reader", "Validation"),
+    (BodyTimeoutError, 408, "invalid_request_error", "body_timeout", "Validation"),
     (InputTooLongError, 400, "invalid_request_error", "context_length_exceeded", "Validation"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found", "Validation"),
     (UnsupportedTaskError, 400, "invalid_request_error", "model_not_supported", "Validation"),

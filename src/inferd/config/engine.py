@@ -23,6 +23,8 @@ class EncoderConfig:
     max_batch_requests: int = 32
     max_queued_items: int = 8192
     max_client_batch_size: int = 2048
+    # Characters one request may give the tokenizer, a prompt or a query counted once per input.
+    max_request_chars: int = 16 * 2**20
     num_threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"
@@ -33,6 +35,7 @@ class EncoderConfig:
             "max_batch_requests",
             "max_queued_items",
             "max_client_batch_size",
+            "max_request_chars",
             "num_threads",
         ):
             if getattr(self, name) < 1:
@@ -59,10 +62,14 @@ class LLMConfig:
     model_impl: str = "auto"  # "auto": inferd's own forward where it has one; "transformers": never
     quantization: str = "none"  # "int8": the decoder's linear layers get int8 weights (CPU, bf16)
     max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429
-    max_prompt_chars: int | None = None  # None: bounded by the request body size only
+    max_prompt_chars: int | None = None  # None: 32 per token of the context (LLMClient.max_prompt_chars)
+    # Outputs (one per generated token) a request may have waiting unread; past it the client is
+    # cut and the request aborted, so a stream nobody reads cannot grow its buffer without end.
+    max_buffered_outputs: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n", "num_threads"):
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n", "num_threads")
+        for name in (*positive, "max_buffered_outputs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 < self.kv_cache_fraction <= 1:

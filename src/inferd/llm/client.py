@@ -14,8 +14,14 @@ from typing import Protocol
 
 from inferd.compute import compute
 from inferd.config.engine import LLMConfig
-from inferd.errors import EngineError, EngineUnavailableError, InvalidRequestError, OverloadedError
-from inferd.llm.engine import LLMEngine
+from inferd.errors import (
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    OverloadedError,
+    SlowReaderError,
+)
+from inferd.llm.engine import LLMEngine, is_request_error
 from inferd.llm.models.loader import load_causal_lm
 from inferd.llm.outputs import EngineStats, RequestOutput
 from inferd.llm.params import SamplingParams
@@ -23,6 +29,12 @@ from inferd.llm.params import SamplingParams
 log = logging.getLogger(__name__)
 _ids = itertools.count()
 _STATS_INTERVAL_S = 10.0
+# Default prompt character cap per token of context: text runs 3-5 characters a token, so a prompt
+# this long could only fit in pathological cases, and tokenising it (~1 s per MB here) is bounded.
+_CHARS_PER_CONTEXT_TOKEN = 32
+# Longer texts (token lists) go through the tokenizer's batch calls, which release the GIL.
+_INLINE_ENCODE_CHARS = 16_384
+_INLINE_DECODE_TOKENS = 4_096
 
 
 class GenerationObserver(Protocol):
@@ -112,10 +124,14 @@ class _EngineLoop:
             elif kind == "abort":
                 self.engine.abort(message[1])
 
-    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _add(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None
+    ) -> None:
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params)
-        except Exception as exc:  # noqa: BLE001 - a request that cannot start fails alone
+            self.engine.add_request(request_id, prompt_token_ids, params, cache_salt=cache_salt)
+        except BaseException as exc:  # a request that cannot start fails alone, even on a panic
+            if not is_request_error(exc):
+                raise
             log.warning("request %s could not start: %s", request_id, exc)
             self._publish([self.engine.failed_output(request_id, prompt_token_ids, exc)])
 
@@ -127,6 +143,8 @@ class LLMClient:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._backend = _plain_backend(engine.tokenizer)
+        # The wrapper's decode tidies spaces around punctuation for some tokenizers; the backend's does not.
+        self._cleans_up = bool(getattr(engine.tokenizer, "clean_up_tokenization_spaces", False))
         self.max_model_len = engine.max_model_len
         self._loop = loop
         self._collectors: dict[str, asyncio.Queue] = {}
@@ -213,18 +231,36 @@ class LLMClient:
             ) from None
         return self.encode(text, add_special_tokens=False)
 
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        limit = self.engine.config.max_prompt_chars
-        if limit is not None and len(text) > limit:
+    @property
+    def max_prompt_chars(self) -> int:
+        """Most characters a prompt may have before it is tokenised: the setting, else
+        ``_CHARS_PER_CONTEXT_TOKEN`` per token of the context."""
+        return self.engine.config.max_prompt_chars or _CHARS_PER_CONTEXT_TOKEN * self.max_model_len
+
+    def check_prompt_chars(self, num_chars: int, param: str = "prompt") -> None:
+        """Refuse a prompt that is too long before any work is spent on it."""
+        limit = self.max_prompt_chars
+        if num_chars > limit:
             raise InvalidRequestError(
-                f"the prompt has {len(text)} characters, more than this server's limit of {limit}",
-                param="prompt",
+                f"the prompt has {num_chars} characters, more than this server's limit of {limit}",
+                param=param,
             )
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        self.check_prompt_chars(len(text))
         if self._backend is not None:
-            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+            if len(text) < _INLINE_ENCODE_CHARS:
+                return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+            # encode holds the GIL for the whole text (~1 s a MB here), stalling the event loop's
+            # thread too; encode_batch releases it while the Rust side works.
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids``; an id outside the vocabulary is an InvalidRequestError."""
+        self.engine.check_token_ids(token_ids, "tokens")
+        if self._backend is not None and len(token_ids) >= _INLINE_DECODE_TOKENS and not self._cleans_up:
+            return self._backend.decode_batch([token_ids], skip_special_tokens=False)[0]  # GIL released
         return self.tokenizer.decode(token_ids)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -232,11 +268,17 @@ class LLMClient:
         self.engine.check_prompt(prompt_token_ids, params)
 
     def submit(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        cache_salt: str | None = None,
     ) -> GenerationStream:
         """Hand the request to the engine now and return its stream of deltas. Submitting before
         the response starts lets the prefill run while the server writes headers and the first
-        chunk. Closing the stream early (or dropping it) aborts the request."""
+        chunk. Closing the stream early (or dropping it) aborts the request. Requests share
+        prefix-cache blocks only with requests of the same ``cache_salt`` (e.g. the API key's)."""
         if not self.is_running:
             raise EngineUnavailableError("the LLM engine is not running")
         self.check_request(prompt_token_ids, params)
@@ -247,15 +289,20 @@ class LLMClient:
         if self._engine_loop.error is not None:  # crashed since the check above
             collector.put_nowait(self._engine_loop.error)
         stream = GenerationStream(self, request_id, collector, self._engine_loop.observer)
-        self._engine_loop.send("add", request_id, prompt_token_ids, params)
+        self._engine_loop.send("add", request_id, prompt_token_ids, params, cache_salt)
         return stream
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Deltas until finished, submitted at the first iteration. Leaving the iteration early
         (disconnect) aborts the request."""
-        stream = self.submit(prompt_token_ids, params, request_id)
+        stream = self.submit(prompt_token_ids, params, request_id, cache_salt=cache_salt)
         try:
             async for output in stream:
                 yield output
@@ -270,10 +317,31 @@ class LLMClient:
             for collector in self._collectors.values():
                 collector.put_nowait(outputs)
             return
+        limit = self.engine.config.max_buffered_outputs
         for output in outputs:
             collector = self._collectors.get(output.request_id)
-            if collector is not None:
+            if collector is None:
+                continue
+            if collector.qsize() >= limit:
+                self._cut_slow_reader(output.request_id, collector, limit)
+            else:
                 collector.put_nowait(output)
+
+    def _cut_slow_reader(self, request_id: str, collector: asyncio.Queue, limit: int) -> None:
+        """The request's client left ``limit`` outputs unread: abort the request (its KV blocks are
+        freed) and leave only an error in its buffer, rather than let a client that never reads
+        (2-3 KB a token with top logprobs) hold a buffer that grows while its socket lives."""
+        log.warning("request %s: its client left %d outputs unread; aborting it", request_id, limit)
+        del self._collectors[request_id]
+        self._engine_loop.send("abort", request_id)
+        while not collector.empty():
+            collector.get_nowait()
+        collector.put_nowait(
+            SlowReaderError(
+                f"the client fell behind: {limit} generated outputs were waiting unread, so the "
+                "request was aborted; read the stream as it arrives"
+            )
+        )
 
 
 class GenerationStream:
@@ -297,6 +365,9 @@ class GenerationStream:
         if not self._open:
             raise StopAsyncIteration
         output = await self._collector.get()
+        if isinstance(output, SlowReaderError):  # cut by the client for falling behind
+            self.close()
+            raise output
         if isinstance(output, BaseException):
             self.close()
             raise EngineError("the LLM engine crashed; the server needs a restart") from output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from asyncio import CancelledError
 from dataclasses import dataclass
 
 from inferd.config.engine import LLMConfig
@@ -16,9 +17,23 @@ from inferd.llm.params import SamplingParams
 from inferd.llm.request import FinishReason, Request
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
 from inferd.llm.sampler import Sampler, SamplerOutput, SamplingState
-from inferd.llm.scheduler import Scheduler, SchedulerOutput
+from inferd.llm.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+# Seeds torch.Generator.manual_seed accepts.
+_SEED_RANGE = range(-(2**63), 2**64)
+# Exceptions that are control flow, not one request's failure: they end the engine loop as before.
+_CONTROL_FLOW = (KeyboardInterrupt, SystemExit, GeneratorExit, CancelledError)
+
+
+def is_request_error(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while serving one request, fails that request only.
+
+    Every Exception does, and so does any other BaseException that is not control flow: pyo3 turns a
+    panic in a Rust extension (tokenizers' DecodeStream) into ``pyo3_runtime.PanicException``, which
+    derives from BaseException so that ``except Exception`` does not swallow it."""
+    return not isinstance(exc, _CONTROL_FLOW)
 
 
 @dataclass(slots=True)
@@ -67,13 +82,29 @@ class LLMEngine:
         return self.scheduler.has_work
 
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Raise a typed error for a request that can never run; return its resolved max_tokens."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
+        """Raise a typed error for a request that can never run; return its resolved max_tokens.
+
+        Everything the engine indexes with is checked here, before admission: a bad id found only
+        while sampling would fail the whole step, and with it every request sharing the step."""
+        if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.facts.vocab_size), None)
+        self.check_token_ids(prompt_token_ids, "prompt")
+        max_tokens = self._check_length(len(prompt_token_ids), params)
+        self._check_params(params, max_tokens)
+        return max_tokens
+
+    def check_token_ids(self, token_ids, param: str) -> None:
+        """Raise InvalidRequestError(param=``param``) unless every id lies in [0, vocab_size)."""
+        vocab_size = self.facts.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
         if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary", param="prompt")
+            raise InvalidRequestError(
+                f"{param}: token id {bad} is outside the vocabulary (ids 0 to {vocab_size - 1}, "
+                f"vocabulary size {vocab_size})",
+                param=param,
+            )
+
+    def _check_length(self, num_prompt: int, params: SamplingParams) -> int:
         room = self.max_model_len - num_prompt
         if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
             asked = num_prompt + (params.max_tokens or 1)
@@ -94,9 +125,38 @@ class LLMEngine:
             )
         return room if params.max_tokens is None else params.max_tokens
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _check_params(self, params: SamplingParams, max_tokens: int) -> None:
+        """The sampling parameters the sampler and the detokenizer index or count with."""
+        self.check_token_ids(params.logit_bias, "logit_bias")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        if params.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({params.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens"
+            )
+        vocab_size = self.facts.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            count = getattr(params, name)
+            if count is not None and not 0 <= count <= vocab_size:
+                raise InvalidRequestError(
+                    f"{name} must be between 0 and the vocabulary size ({vocab_size}), got {count}",
+                    param="logprobs",
+                )
+        if params.seed is not None and params.seed not in _SEED_RANGE:
+            raise InvalidRequestError(f"seed must be in [-2**63, 2**64), got {params.seed}", param="seed")
+        if not all(params.stop):
+            raise InvalidRequestError("stop sequences must not be empty", param="stop")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Queue a request; ``cache_salt`` limits prefix-cache sharing to requests with the same salt."""
         max_tokens = self.check_prompt(prompt_token_ids, params)
-        request = Request(request_id, list(prompt_token_ids), params, max_tokens)
+        request = Request(request_id, list(prompt_token_ids), params, max_tokens, cache_salt=cache_salt)
         self._live[request_id] = _Live(
             request,
             SamplingState.create(params, prompt_token_ids),
@@ -115,7 +175,9 @@ class LLMEngine:
             f"({kv.num_prefix_hits}/{queried} tokens), preemptions {self.scheduler.num_preemptions}"
         )
 
-    def failed_output(self, request_id: str, prompt_token_ids: list[int], error: Exception) -> RequestOutput:
+    def failed_output(
+        self, request_id: str, prompt_token_ids: list[int], error: BaseException
+    ) -> RequestOutput:
         """The output that tells a client its request could not even start."""
         return RequestOutput(
             request_id,
@@ -140,18 +202,45 @@ class LLMEngine:
         if not output.scheduled:
             return []
         try:
-            logits = self.runner.execute(self._chunks(output))
-            sample_rows, prompt_rows = self._split_rows(output)
-            if prompt_rows:
-                self._collect_prompt_logprobs(logits, prompt_rows)
-            sampled = [item for item, _ in sample_rows]
-            states = [self._live[item.request.request_id].sampling for item in sampled]
-            result = self.sampler.sample(logits[[row for _, row in sample_rows]], states)
-        except Exception as exc:  # a failed step fails its batch, not the engine
-            log.exception("a step of %d requests failed", len(output.scheduled))
-            return self._fail_batch(output, exc)
+            sampled, result = self._run(output.scheduled)
+        except BaseException as exc:
+            if not is_request_error(exc):
+                raise
+            log.exception("a step of %d requests failed; running them one by one", len(output.scheduled))
+            return self._run_apart(output.scheduled)
         self.scheduler.update_computed(output)
-        return [self._append(item.request, result, row) for row, item in enumerate(sampled)]
+        return [self._update(item.request, result, row) for row, item in enumerate(sampled)]
+
+    def _run(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], SamplerOutput]:
+        """Forward the scheduled chunks and sample a token for each that reached its end. It leaves
+        the requests as they were (a prompt logprob is only ever added once), so it may run again."""
+        logits = self.runner.execute(self._chunks(scheduled))
+        sample_rows, prompt_rows = self._split_rows(scheduled)
+        if prompt_rows:
+            self._collect_prompt_logprobs(logits, prompt_rows)
+        sampled = [item for item, _ in sample_rows]
+        states = [self._live[item.request.request_id].sampling for item in sampled]
+        result = self.sampler.sample(logits[[row for _, row in sample_rows]], states)
+        return sampled, result
+
+    def _run_apart(self, scheduled: list[ScheduledRequest]) -> list[RequestOutput]:
+        """After a failed step: each request alone, so that only one that fails again fails. A
+        forward writes only its own request's KV slots, and writing them again writes the same
+        values, so the others go on exactly as if the step had gone through."""
+        survivors, outputs = [], []
+        for item in scheduled:
+            try:
+                survivors.append((item, *self._run([item])))
+            except BaseException as exc:
+                if not is_request_error(exc):
+                    raise
+                log.exception("request %s failed", item.request.request_id)
+                outputs.append(self._fail(item.request, exc))
+        self.scheduler.update_computed(SchedulerOutput([item for item, _, _ in survivors]))
+        for item, sampled, result in survivors:
+            if sampled:
+                outputs.append(self._update(item.request, result, 0))
+        return outputs
 
     def _num_logits(self, item) -> int:
         request = item.request
@@ -159,10 +248,10 @@ class LLMEngine:
             return item.num_new_tokens
         return 1 if item.reaches_end else 0
 
-    def _split_rows(self, output: SchedulerOutput):
+    def _split_rows(self, scheduled: list[ScheduledRequest]):
         """Which logits rows sample a next token, and which score the prompt's own tokens."""
         sample_rows, prompt_rows, row = [], [], 0
-        for item in output.scheduled:
+        for item in scheduled:
             request, count = item.request, self._num_logits(item)
             if count > 1 or (count == 1 and not item.reaches_end):
                 start = request.num_computed_tokens
@@ -190,9 +279,9 @@ class LLMEngine:
             top = tuple(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist()))
             request.prompt_logprobs.append(TokenLogprob(target, chosen[i], top))
 
-    def _chunks(self, output: SchedulerOutput) -> list[ScheduledChunk]:
+    def _chunks(self, scheduled: list[ScheduledRequest]) -> list[ScheduledChunk]:
         chunks = []
-        for item in output.scheduled:
+        for item in scheduled:
             request = item.request
             start = request.num_computed_tokens
             chunks.append(
@@ -204,6 +293,16 @@ class LLMEngine:
                 )
             )
         return chunks
+
+    def _update(self, request: Request, result: SamplerOutput, row: int) -> RequestOutput:
+        """Append the row's token to the request; any error in doing so fails this request only."""
+        try:
+            return self._append(request, result, row)
+        except BaseException as exc:
+            if not is_request_error(exc):
+                raise
+            log.exception("updating request %s failed", request.request_id)
+            return self._fail(request, exc)
 
     def _append(self, request: Request, result: SamplerOutput, row: int) -> RequestOutput:
         live = self._live[request.request_id]
@@ -217,7 +316,9 @@ class LLMEngine:
             # EOS and stop token ids end the text without being part of it.
             try:
                 text = live.detokenizer.push(token_id)
-            except Exception as exc:  # one request's decoding bug fails that request only
+            except BaseException as exc:  # one request's decoding bug (or panic) fails that request only
+                if not is_request_error(exc):
+                    raise
                 log.exception("detokenising request %s failed", request.request_id)
                 return self._finish(live, FinishReason.ERROR, "", [token_id], None, error=exc)
             if live.detokenizer.stopped_on is not None:
@@ -245,13 +346,11 @@ class LLMEngine:
         tail = "" if reason is FinishReason.ABORT else live.detokenizer.flush()
         return self._output(live.request, token_ids, text + tail, logprobs, reason, stop_reason)
 
-    def _fail_batch(self, output: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
-        failed = []
-        for item in output.scheduled:
-            live = self._live.get(item.request.request_id)
-            if live is not None:
-                failed.append(self._finish(live, FinishReason.ERROR, "", [], None, error=exc))
-        return failed
+    def _fail(self, request: Request, exc: BaseException) -> RequestOutput:
+        live = self._live.get(request.request_id)
+        if live is None:  # it had finished when the error came (flushing its last text)
+            return self._output(request, [], "", None, FinishReason.ERROR, error=exc)
+        return self._finish(live, FinishReason.ERROR, "", [], None, error=exc)
 
     def _output(self, request, token_ids, text, logprobs, reason, stop_reason=None, error=None):
         prompt_logprobs = None

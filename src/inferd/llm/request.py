@@ -41,6 +41,9 @@ class Request:
     first_scheduled_time: float | None = None
     is_prefix_checked: bool = False
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob per prompt position > 0
+    # Who may share this request's prefix-cache blocks: only requests with the same salt (None
+    # included) do, so cached_tokens cannot tell one tenant whether another's prompt is cached.
+    cache_salt: str | None = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -55,7 +55,9 @@ class Sampler:
 
     def __init__(self, vocab_size: int, eos_token_ids: set[int], argmax=None) -> None:
         self.vocab_size = vocab_size
-        self.eos_token_ids = frozenset(eos_token_ids)
+        # An EOS id past the vocabulary (a config that disagrees with the weights) is never sampled,
+        # and blocking it for min_tokens would index past the logits.
+        self.eos_token_ids = frozenset(t for t in eos_token_ids if 0 <= t < vocab_size)
         # A faster argmax over CPU float32 rows (the native kernels'), when the runner has one.
         self._argmax = argmax
 

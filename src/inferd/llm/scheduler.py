@@ -86,7 +86,7 @@ class Scheduler:
             cached = None
             # Prompt logprobs need the logits of every prompt position: no skipping cached ones.
             if request.num_computed_tokens == 0 and not request.wants_prompt_logprobs:
-                cached = self.kv_cache.find_cached_prefix(request.token_ids)
+                cached = self.kv_cache.find_cached_prefix(request.token_ids, request.cache_salt)
                 if self._prefix_in_flight(request, cached.num_tokens):
                     return
             num_computed = cached.num_tokens if cached else request.num_computed_tokens
@@ -117,7 +117,8 @@ class Scheduler:
         size = self.kv_cache.block_size
         prompt = request.prompt_token_ids
         for other in self.running:
-            if other.num_computed_tokens >= other.num_prompt_tokens:
+            # Another salt's blocks are never shared: waiting for them would only tell the timing.
+            if other.num_computed_tokens >= other.num_prompt_tokens or other.cache_salt != request.cache_salt:
                 continue
             shared = _shared_full_blocks(prompt, other.prompt_token_ids, size, len(prompt) - 1)
             if shared * size > num_cached:
@@ -144,7 +145,9 @@ class Scheduler:
         for item in output.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
-            self.kv_cache.commit(request.request_id, request.token_ids, request.num_computed_tokens)
+            self.kv_cache.commit(
+                request.request_id, request.token_ids, request.num_computed_tokens, request.cache_salt
+            )
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Remove a request wherever it is and free its blocks."""

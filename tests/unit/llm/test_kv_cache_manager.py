@@ -10,13 +10,15 @@ from inferd.llm.kv_cache import CachedPrefix, KVCacheManager, hash_block, hash_f
 BLOCK_SIZE = 4
 
 
-def _prefill(manager: KVCacheManager, request_id: str, token_ids: list[int]) -> CachedPrefix:
+def _prefill(
+    manager: KVCacheManager, request_id: str, token_ids: list[int], cache_salt: str | None = None
+) -> CachedPrefix:
     """Admit a request, compute its whole prompt in one step and commit it, as the engine would."""
-    cached = manager.find_cached_prefix(token_ids)
+    cached = manager.find_cached_prefix(token_ids, cache_salt)
     num_new_tokens = len(token_ids) - cached.num_tokens
     table = manager.allocate(request_id, token_ids, cached.num_tokens, num_new_tokens, cached)
     assert table is not None
-    manager.commit(request_id, token_ids, len(token_ids))
+    manager.commit(request_id, token_ids, len(token_ids), cache_salt)
     return cached
 
 
@@ -151,6 +153,24 @@ def test_second_request_reuses_the_first_requests_blocks() -> None:
     manager.free("a")  # b still holds the shared blocks
     assert [manager.pool.ref_count(block_id) for block_id in table_b] == [1, 1, 1]
     assert manager.num_free_blocks == 13
+    manager.check_integrity()
+
+
+def test_blocks_are_shared_only_between_requests_with_the_same_salt() -> None:
+    manager = KVCacheManager(num_blocks=32, block_size=BLOCK_SIZE)
+    prompt = list(range(13))  # three full blocks
+    assert _prefill(manager, "a", prompt, cache_salt="tenant-a").num_tokens == 0
+    assert manager.find_cached_prefix(prompt, "tenant-a").block_ids == manager.block_table("a")[:3]
+    # Neither another salt nor no salt finds any block, the first or a later one.
+    assert manager.find_cached_prefix(prompt, "tenant-b").num_tokens == 0
+    assert manager.find_cached_prefix(prompt).num_tokens == 0
+    assert _prefill(manager, "b", prompt, cache_salt="tenant-b").num_tokens == 0
+    assert _prefill(manager, "c", prompt).num_tokens == 0
+    assert _prefill(manager, "d", prompt).num_tokens == 12  # no salt shares with no salt
+    assert _prefill(manager, "e", prompt, cache_salt="tenant-a").num_tokens == 12
+    tables = {r: manager.block_table(r)[:3] for r in "abcde"}
+    assert tables["e"] == tables["a"] and tables["d"] == tables["c"]
+    assert len({block for r in "abc" for block in tables[r]}) == 9
     manager.check_integrity()
 
 

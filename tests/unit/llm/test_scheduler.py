@@ -65,6 +65,21 @@ def test_longer_in_flight_prefix_is_awaited_even_when_a_shorter_one_is_cached():
     assert scheduler.running[-1].num_cached_tokens == 112
 
 
+def test_another_salts_prefix_in_flight_is_not_awaited():
+    scheduler = make_scheduler()
+    first = request(0, [*SYSTEM, 1])
+    first.cache_salt = "tenant-a"
+    other = request(1, [*SYSTEM, 2])
+    other.cache_salt = "tenant-b"  # could never reuse tenant-a's blocks: waiting would only leak timing
+    same = request(2, [*SYSTEM, 3])
+    same.cache_salt = "tenant-a"
+    for r in (first, other, same):
+        scheduler.add(r)
+    assert [r.request_id for r in step(scheduler)] == ["0", "1"]
+    assert [r.request_id for r in step(scheduler)] == ["0", "1", "2"]
+    assert (other.num_cached_tokens, same.num_cached_tokens) == (0, len(SYSTEM))
+
+
 def test_no_waiting_without_prefix_caching():
     scheduler = make_scheduler(enable_prefix_caching=False)
     for i in range(4):

@@ -63,8 +63,8 @@ class KVCacheManager:
         """Whether a request of ``num_tokens`` tokens could ever fit, with the whole pool to itself."""
         return self._num_blocks_for(num_tokens) <= self.pool.num_blocks
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> CachedPrefix:
-        """The longest run of leading full blocks of ``token_ids`` that is cached.
+    def find_cached_prefix(self, token_ids: Sequence[int], cache_salt: str | None = None) -> CachedPrefix:
+        """The longest run of leading full blocks of ``token_ids`` that is cached under ``cache_salt``.
 
         It never covers all of ``token_ids``: at least one token is left to compute, because the
         step that computes it produces the logits of the next token. Changes no state, so a
@@ -78,7 +78,7 @@ class KVCacheManager:
         parent_hash = None
         for index in range(max_num_blocks):
             start = index * self.block_size
-            parent_hash = hash_block(parent_hash, token_ids[start : start + self.block_size])
+            parent_hash = _hash_block(parent_hash, token_ids[start : start + self.block_size], cache_salt)
             block_id = self.pool.lookup(parent_hash)
             if block_id is None:
                 break
@@ -118,11 +118,18 @@ class KVCacheManager:
         table.extend(self.pool.allocate(num_new_blocks))
         return table
 
-    def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+    def commit(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        cache_salt: str | None = None,
+    ) -> None:
         """Register every block of the request that is now full and computed, in the prefix cache.
 
-        Called after a step computed the request's tokens up to ``num_computed_tokens``. Each block
-        is hashed once: the request keeps the hashes it has already computed.
+        Called after a step computed the request's tokens up to ``num_computed_tokens``, with the
+        salt its prefix was looked up under. Each block is hashed once: the request keeps the hashes
+        it has already computed.
         """
         if not self.enable_prefix_caching:
             return
@@ -133,7 +140,7 @@ class KVCacheManager:
         parent_hash = block_hashes[-1] if block_hashes else None
         for index in range(len(block_hashes), num_computed_tokens // self.block_size):
             start = index * self.block_size
-            parent_hash = hash_block(parent_hash, token_ids[start : start + self.block_size])
+            parent_hash = _hash_block(parent_hash, token_ids[start : start + self.block_size], cache_salt)
             self.pool.cache(table[index], parent_hash)
             block_hashes.append(parent_hash)
 
@@ -184,3 +191,9 @@ class KVCacheManager:
 
     def _num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+
+def _hash_block(parent_hash: int | None, token_ids: Sequence[int], cache_salt: str | None) -> int:
+    # The salt goes into the first block's hash only: every later hash chains from it, so requests
+    # with different salts share no block, and requests with the same salt share them all.
+    return hash_block(parent_hash, token_ids, cache_salt if parent_hash is None else None)
