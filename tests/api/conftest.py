@@ -52,3 +52,26 @@ def secured_server(tiny_llama, tiny_embedder, tiny_cross_encoder):
     )
     with live_server(settings) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def open_server(tiny_llama, tiny_embedder, tiny_cross_encoder):
+    """Every model kind with no API keys, for hostile-input tests (fuzzing, caps). A 32-token context
+    keeps every generation short whatever max_tokens a request asks for."""
+    settings = load_settings(
+        {
+            "model": [
+                f"{tiny_llama}=tiny-chat",
+                f"{tiny_embedder}=tiny-embed",
+                f"{tiny_cross_encoder}=tiny-rerank",
+            ],
+            "port": free_port(),
+            "num_threads": 1,
+            "kv_cache_memory": 4 * 2**20,
+            "max_model_len": 32,
+            "max_n": 2,
+            "max_client_batch_size": 16,
+        }
+    )
+    with live_server(settings) as url:
+        yield url

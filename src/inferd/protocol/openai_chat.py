@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferd.llm.params import SamplingParams
+from inferd.protocol.limits import (
+    MAX_CONTENT_PARTS,
+    MAX_JSON_DEPTH,
+    MAX_MESSAGES,
+    MAX_TEMPLATE_KWARGS,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    MAX_TOOLS_CHARS,
+    at_most,
+    at_most_nested,
+    is_nested_deeper,
+)
 from inferd.protocol.openai_sampling import SamplingFields
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -23,10 +36,25 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Role
-    content: str | list[ContentPart] | None = None
+    content: Annotated[
+        str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None,
+        at_most(MAX_CONTENT_PARTS, "content parts in one message"),
+    ] = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: Annotated[
+        list[dict[str, Any]] | None,
+        Field(max_length=MAX_TOOL_CALLS),
+        at_most(MAX_TOOL_CALLS, "tool calls in one message"),
+    ] = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_nesting(cls, value: Any) -> Any:
+        # The whole message reaches the chat template, extra fields and tool calls included.
+        if is_nested_deeper(value, MAX_JSON_DEPTH):
+            raise ValueError(f"a message may nest at most {MAX_JSON_DEPTH} levels of lists and objects")
+        return value
 
     def text(self) -> str | None:
         """The content as one string; image and audio parts are refused by the serving layer."""
@@ -40,22 +68,47 @@ class ChatMessage(BaseModel):
         return None
 
 
+# Capped before each message is validated (see at_most).
+Messages = Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES), at_most(MAX_MESSAGES, "messages")]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[Messages, Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     stream_options: StreamOptions | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[
+        list[dict[str, Any]] | None,
+        Field(max_length=MAX_TOOLS),
+        at_most_nested(MAX_JSON_DEPTH),
+        at_most(MAX_TOOLS, "tools"),  # before validators run last first: the count is checked first
+    ] = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: Annotated[
+        dict[str, Any] | None,
+        Field(max_length=MAX_TEMPLATE_KWARGS),
+        at_most_nested(MAX_JSON_DEPTH),
+        at_most(MAX_TEMPLATE_KWARGS, "chat_template_kwargs entries"),
+    ] = None
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools_size(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        # Every definition is rendered into the prompt; bound them together, not only by count.
+        size = len(json.dumps(value)) if value else 0
+        if size > MAX_TOOLS_CHARS:
+            raise ValueError(
+                f"the tool definitions may have at most {MAX_TOOLS_CHARS} characters as JSON, got {size}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from inferd.llm.params import SamplingParams
 from inferd.protocol.common import EncodeInput, as_list
+from inferd.protocol.limits import MAX_COMPLETION_PROMPTS
 from inferd.protocol.openai_chat import StreamOptions
 from inferd.protocol.openai_sampling import SamplingFields
 
@@ -20,6 +21,15 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
     stream_options: StreamOptions | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_num_prompts(cls, value: str | list) -> str | list:
+        # Each prompt is tokenised before the engine's capacity check can refuse the request.
+        num_prompts = len(as_list(value))
+        if num_prompts > MAX_COMPLETION_PROMPTS:
+            raise ValueError(f"at most {MAX_COMPLETION_PROMPTS} prompts are allowed, got {num_prompts}")
+        return value
 
     @model_validator(mode="after")
     def _check_best_of(self) -> CompletionRequest:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field, StrictStr
 
 from inferd.encoder.params import RerankParams
 from inferd.protocol.common import WireModel
+from inferd.protocol.limits import MAX_BATCH_INPUTS, at_most
 
 
 class TextDocument(WireModel):
@@ -15,7 +18,11 @@ class TextDocument(WireModel):
 class CohereRerankRequest(WireModel):
     model: str | None = None
     query: StrictStr
-    documents: list[StrictStr | TextDocument]
+    documents: Annotated[
+        list[StrictStr | TextDocument],
+        Field(max_length=MAX_BATCH_INPUTS),
+        at_most(MAX_BATCH_INPUTS, "documents"),
+    ]
     top_n: int | None = Field(None, ge=1)
     return_documents: bool | None = None
     max_tokens_per_doc: int | None = Field(None, ge=1)

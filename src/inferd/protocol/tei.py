@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field, StrictStr
 
 from inferd.encoder.params import EmbedParams, RerankParams
 from inferd.protocol.common import EncodeInput, TruncationDirection, WireModel, as_list
+from inferd.protocol.limits import MAX_BATCH_INPUTS, at_most
 
 
 class EmbedRequest(WireModel):
@@ -31,7 +34,7 @@ class EmbedRequest(WireModel):
 
 class RerankRequest(WireModel):
     query: StrictStr
-    texts: list[StrictStr]
+    texts: Annotated[list[StrictStr], Field(max_length=MAX_BATCH_INPUTS), at_most(MAX_BATCH_INPUTS, "texts")]
     truncate: bool | None = None
     truncation_direction: TruncationDirection = "right"
     raw_scores: bool = False
