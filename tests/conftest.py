@@ -45,24 +45,25 @@ def free_port() -> int:
 
 
 class ServerURL(str):
-    """The base URL of a live test server, carrying its app for white-box checks."""
+    """The base URL of a live test server, carrying its app and server for white-box checks."""
 
     app: object
+    server: object
 
 
 @contextmanager
 def live_server(settings) -> Iterator[ServerURL]:
-    """Run the real app under uvicorn in a thread; yields its base URL."""
-    import uvicorn
-
+    """Run the real app in a thread, on the server ``inferd serve`` runs; yields its base URL."""
     from inferd.api.app import create_app
+    from inferd.api.server import build_server
 
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    server = build_server(app, settings)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = ServerURL(f"http://127.0.0.1:{settings.port}")
     url.app = app
+    url.server = server
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if server.started:
@@ -83,3 +84,17 @@ def tiny_llama(model_root) -> Path:
     from tests.models import build_llama
 
     return build_llama(model_root)
+
+
+@pytest.fixture(scope="session")
+def long_llama(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama with a 16K-token context: streams long enough to outlast a test's deadlines."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("long") / "long-llama"
+    shutil.copytree(tiny_llama, out)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = 16384
+    (out / "config.json").write_text(json.dumps(config))
+    return out

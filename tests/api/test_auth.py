@@ -121,3 +121,12 @@ def test_keys_from_flags_file_and_config_entries(tmp_path, monkeypatch):
     monkeypatch.setenv("INFERD_API_KEY", "sk-a sk-b")
     assert len(load_settings().api_keys()) == 2
     assert "sk-a" not in repr(load_settings())
+
+
+def test_ready_names_no_model_when_keys_are_configured(secured_server, server):
+    """/ready answers without a key, so it must not list models that only some keys may use."""
+    body = httpx.get(secured_server + "/ready").json()
+    assert body == {"status": "ready", "models": {"running": 3, "total": 3}}
+    assert "tiny-chat" not in httpx.get(secured_server + "/ready").text
+    # Without keys nothing is restricted: the names are there for operators.
+    assert set(httpx.get(server + "/ready").json()["models"]) == {"tiny-embed", "tiny-cosine", "tiny-rerank"}

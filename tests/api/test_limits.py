@@ -35,18 +35,43 @@ def test_requests_per_minute_per_key(secured_server):
     assert httpx.get(secured_server + "/v1/models", headers=_key("sk-ops")).status_code == 200
 
 
-def test_tokens_per_minute_are_charged_when_known(secured_server):
-    first = httpx.post(
+def test_tokens_per_minute_are_reserved_at_admission(secured_server):
+    too_large = httpx.post(
         secured_server + "/v1/embeddings",
         headers=_key("sk-tpm"),
         json={"model": "tiny-embed", "input": "the cat and the dog"},
     )
-    assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] > 5
+    assert too_large.status_code == 429
+    assert "Request too large for tokens per minute: limit 5" in too_large.json()["error"]["message"]
+    # A chat request reserves its prompt and max_tokens before it runs.
+    chat = httpx.post(
+        secured_server + "/v1/chat/completions",
+        headers=_key("sk-tpm"),
+        json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50},
+    )
+    assert chat.status_code == 429 and "requested" in chat.json()["error"]["message"]
+    first = httpx.post(
+        secured_server + "/v1/embeddings", headers=_key("sk-tpm"), json={"model": "tiny-embed", "input": "x"}
+    )
+    assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] == 3  # [CLS] x [SEP]
     refused = httpx.post(
         secured_server + "/v1/embeddings", headers=_key("sk-tpm"), json={"model": "tiny-embed", "input": "x"}
     )
     assert refused.status_code == 429
     assert "tokens per minute" in refused.json()["error"]["message"]
+
+
+def test_concurrent_requests_cannot_overrun_the_token_budget_and_unused_tokens_come_back():
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    who = Principal("p", tokens_per_minute=100)
+    limiter.reserve_tokens(who, 60)  # prompt + max_tokens of a first request, still running
+    with pytest.raises(RateLimitError):
+        limiter.reserve_tokens(who, 60)  # a concurrent one: charged at the end, both would pass
+    limiter.charge_tokens(who, 10 - 60)  # the first used 10 of its 60
+    limiter.reserve_tokens(who, 60)
+    with pytest.raises(RateLimitError, match="Request too large"):
+        limiter.reserve_tokens(who, 101)
 
 
 def test_token_bucket_refills_over_time():

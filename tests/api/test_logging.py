@@ -114,6 +114,10 @@ def test_text_and_json_formats(capsys):
         configure_logging("info", "text")
         logging.getLogger("inferd.test").info("plain")
         assert capsys.readouterr().err.strip().endswith("INFO inferd.test: plain")
+        # A client's %0a in a logged path cannot start a forged line.
+        logging.getLogger("inferd.access").info("POST %s 404", "/x\n2026-01-01 INFO inferd.access: forged\r")
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.endswith("POST /x\\n2026-01-01 INFO inferd.access: forged\\r 404")
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
 

@@ -97,6 +97,13 @@ def test_inferd_healthcheck_hits_health_on_the_published_port():
     assert _seconds(inferd["healthcheck"]["start_period"]) >= 120
 
 
+def test_every_published_port_is_on_the_loopback_only():
+    """No key is configured by default, so nothing is published on every interface."""
+    for name, service in _services().items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
 def test_stop_grace_period_outlasts_the_drain():
     inferd = _services()["inferd"]
     drain = float(inferd["environment"]["INFERD_DRAIN_TIMEOUT"])
@@ -138,7 +145,7 @@ def test_grafana_datasource_points_at_prometheus():
     (datasource,) = load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
     url = urlsplit(datasource["url"])
     assert url.hostname in _services()
-    assert f"{url.port}:{url.port}" in _services()[url.hostname]["ports"]
+    assert any(p.endswith(f"{url.port}:{url.port}") for p in _services()[url.hostname]["ports"])
     dashboard = json.loads((mounts["/var/lib/grafana/dashboards"] / "inferd.json").read_text())
     (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
     assert variable["current"]["value"] == datasource["uid"]

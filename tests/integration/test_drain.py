@@ -1,9 +1,11 @@
 """SIGTERM drains `inferd serve`: accepted streams all finish with [DONE], later requests get 503,
-then the process exits 0."""
+then the process exits 0; a body still uploading counts as in flight; a stream still running when the
+drain's time is up ends with an error event and [DONE]."""
 
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port
+from inferd.config import load_settings
+from tests.conftest import free_port, live_server
 
 NUM_STREAMS = 16
 MAX_TOKENS = 120
@@ -99,3 +102,62 @@ def test_sigterm_drains_streams_then_exits_cleanly(tiny_llama: Path, tmp_path: P
         assert not any("error" in event for event in events)
         assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["length"]
     assert "draining" in log.read_text()
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _read_until_closed(sock: socket.socket, timeout: float = 30.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_body_still_uploading_is_drained_like_any_request(tiny_llama: Path):
+    settings = load_settings(
+        {"model": [f"{tiny_llama}=tiny-chat"], "port": free_port(), "num_threads": 1}
+        | {"kv_cache_memory": 4 * 2**20, "drain_timeout": 30}
+    )
+    with live_server(settings) as url:
+        body = json.dumps(CHAT | {"max_tokens": 2}).encode()
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", settings.port)) as sock:
+            sock.sendall(head.encode() + body[:10])
+            time.sleep(0.5)  # the server has the headers and is reading the body
+            url.server.handle_exit(signal.SIGTERM, None)
+            _wait_for(lambda: url.app.state.lifecycle.is_draining)
+            # Past uvicorn's own grace period (2 s): only the drain can still be waiting for it.
+            time.sleep(3)
+            sock.sendall(body[10:])
+            reply = _read_until_closed(sock)
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert b'"finish_reason":"length"' in payload
+
+
+def test_a_stream_past_the_drain_timeout_ends_with_an_error_event_and_done(long_llama: Path):
+    settings = load_settings(
+        {"model": [f"{long_llama}=tiny-chat"], "port": free_port(), "num_threads": 1}
+        | {"kv_cache_memory": 16 * 2**20, "drain_timeout": 1}
+    )
+    with live_server(settings) as url:
+        body = CHAT | {"stream": True, "max_tokens": 10_000}  # about two minutes of tokens
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line)
+            url.server.handle_exit(signal.SIGTERM, None)
+            rest = [line for line in lines if line]
+    assert first.startswith("data: {") and len(rest) >= 2
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert "drain timeout 1s" in error["message"] and error["type"] == "server_error"
+    assert not any("error" in json.loads(line.removeprefix("data: ")) for line in [first, *rest[:-2]])

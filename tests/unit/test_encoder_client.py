@@ -121,9 +121,85 @@ def test_tokenizer_is_safe_to_share_between_threads(tiny_embedder):
         encoded = tokenizer.encode_texts(
             texts if truncate else texts[1:2], truncate=truncate, side="left" if i % 4 else "right"
         )
-        tokenizer.truncate_text(LONG, 7)
+        tokenizer.truncate_texts([LONG], 7)
         return max(len(e.input_ids) for e in encoded)
 
     with ThreadPoolExecutor(4) as pool:
         lengths = list(pool.map(work, range(200)))
     assert set(lengths) <= {64, 4}
+
+
+async def test_a_prompt_times_many_inputs_is_refused_before_it_is_built(tiny_embedder, monkeypatch):
+    with started(tiny_embedder, max_request_chars=1000) as client:
+
+        def never(*args, **kwargs):
+            raise AssertionError("tokenised a request over the character budget")
+
+        monkeypatch.setattr(client._tokenizer, "encode_texts", never)
+        with pytest.raises(InvalidRequestError, match=r"characters to tokenise.*limit of 1000") as info:
+            await client.embed(["cat"] * 8, EmbedParams(prompt="p" * 200))  # 8 × 203 characters
+        assert info.value.param == "input"
+        with pytest.raises(InvalidRequestError, match="limit of 1000"):
+            await client.rerank("q" * 200, ["dog"] * 8, RerankParams())  # the query read 8 times
+        assert client.num_queued == 0
+
+
+async def test_an_admission_check_sees_the_token_count_before_queueing(tiny_embedder):
+    seen = []
+
+    def admit(num_tokens: int) -> None:
+        seen.append(num_tokens)
+        raise OverloadedError("no budget")
+
+    with started(tiny_embedder) as client:
+        with pytest.raises(OverloadedError):
+            await client.embed(["the cat", "the dog"], EmbedParams(), admit=admit)
+        assert client.num_queued == 0
+        out = await client.embed(["the cat", "the dog"], EmbedParams())
+    assert seen == [out.num_prompt_tokens]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pairs_equal_the_tokenizers_own_pairs_with_the_query_tokenised_once(tiny_cross_encoder, side):
+    from transformers import AutoTokenizer
+
+    from inferd.encoder.tokenize import InputTokenizer
+
+    tokenizer = InputTokenizer(tiny_cross_encoder, 64)
+    reference = AutoTokenizer.from_pretrained(str(tiny_cross_encoder), truncation_side=side)
+    query = "the cat sat on the mat"
+    docs = ["the dog", LONG, "cats purr in the sun", "a"]
+    backend = tokenizer._tokenizer.backend_tokenizer
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def encode(self, text, *args, **kwargs):
+            calls.append(text)
+            return backend.encode(text, *args, **kwargs)
+
+        def encode_batch(self, texts, *args, **kwargs):
+            calls.extend(texts)
+            return backend.encode_batch(texts, *args, **kwargs)
+
+    tokenizer._tokenizer = _WithBackend(tokenizer._tokenizer, Counting())
+    pairs = tokenizer.encode_pairs(query, docs, truncate=True, side=side)
+    expected = reference([query] * len(docs), docs, truncation=True, max_length=64)
+    assert [p.input_ids for p in pairs] == expected["input_ids"]
+    assert [p.token_type_ids for p in pairs] == expected["token_type_ids"]
+    assert sorted(calls) == sorted([query, *docs])  # the query once, not once per document
+    with pytest.raises(InputTooLongError, match=r"documents\[1\]"):
+        tokenizer.encode_pairs(query, docs, truncate=False, side=side)
+
+
+class _WithBackend:
+    """A transformers tokenizer whose backend_tokenizer is replaced (to watch its calls)."""
+
+    def __init__(self, tokenizer, backend) -> None:
+        self._tokenizer = tokenizer
+        self.backend_tokenizer = backend
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)

@@ -1,4 +1,4 @@
-"""API keys: who is calling, which models they may use, and their rate limits."""
+"""API keys: who is calling, which models they may use, their rate limits and concurrency cap."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class Principal:
     models: frozenset[str] | None = None  # None: every served model
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    max_concurrent_requests: int | None = None  # None: no cap
 
     def can_use(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
@@ -32,8 +33,11 @@ class KeyRing:
         *,
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
+        max_concurrent_requests: int | None = None,
     ) -> None:
-        self.anonymous = Principal("anonymous", None, requests_per_minute, tokens_per_minute)
+        self.anonymous = Principal(
+            "anonymous", None, requests_per_minute, tokens_per_minute, max_concurrent_requests
+        )
         self._keys = [
             (
                 _digest(spec.key.get_secret_value().encode()),
@@ -42,6 +46,7 @@ class KeyRing:
                     frozenset(spec.models) if spec.models is not None else None,
                     spec.requests_per_minute or requests_per_minute,
                     spec.tokens_per_minute or tokens_per_minute,
+                    spec.max_concurrent_requests or max_concurrent_requests,
                 ),
             )
             for spec in specs

@@ -22,7 +22,10 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
+        # Wait for the work to wind down (its engine request closed) before the caller goes on: a
+        # timeout's 504 then means the engine has let go of the request.
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         raise
     finally:
         watcher.cancel()

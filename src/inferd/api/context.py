@@ -8,6 +8,7 @@ request spawns (stream pumps) copy the context variable, so they update the same
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from inferd.api.auth import Principal
@@ -24,8 +25,14 @@ class RequestContext:
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
     is_event_stream: bool = False
+    is_response_complete: bool = False  # its last body message is sent
     request_body: bytes = b""  # kept only when --log-requests is set
     response_body: bytes = b""
+    # Takes tokens from the key's per-minute budget as the request is admitted (set by the gateway).
+    reserve: Callable[[int], None] | None = None
+    num_reserved_tokens: int = 0
+    # Mixed into the prefix cache's block hashes: requests share cached prompts only within a salt.
+    cache_salt: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -60,3 +67,17 @@ def add_tokens(num_prompt: int = 0, num_completion: int = 0) -> None:
     if context is not None:
         context.num_prompt_tokens += num_prompt
         context.num_completion_tokens += num_completion
+
+
+def current_cache_salt() -> str | None:
+    context = _current.get()
+    return context.cache_salt if context is not None else None
+
+
+def reserve_tokens(num_tokens: int) -> None:
+    """Reserve the most tokens the current request can use, before it is queued; raises
+    RateLimitError when the key's budget has not got them (no-op outside a request)."""
+    context = _current.get()
+    if context is not None and context.reserve is not None:
+        context.reserve(num_tokens)
+        context.num_reserved_tokens += num_tokens

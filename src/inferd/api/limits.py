@@ -59,9 +59,28 @@ class RateLimiter:
                 _raise_if_waiting(bucket.seconds_until(1), "requests", principal.requests_per_minute)
                 bucket.take(1)
 
+    def reserve_tokens(self, principal: Principal, num_tokens: int) -> None:
+        """Take the most tokens a request can use (prompt + max_tokens × n) as it is admitted, or
+        raise RateLimitError: concurrent requests cannot overrun the budget together. What the
+        request leaves unused comes back through ``charge_tokens``."""
+        limit = principal.tokens_per_minute
+        if limit is None or num_tokens <= 0:
+            return
+        if num_tokens > limit:
+            raise RateLimitError(
+                f"Request too large for tokens per minute: limit {limit}, requested {num_tokens}. "
+                "Lower max_tokens or the input's size.",
+                retry_after=60,
+            )
+        with self._lock:
+            bucket = self._bucket(self._tokens, principal.name, limit)
+            _raise_if_waiting(bucket.seconds_until(num_tokens), "tokens", limit)
+            bucket.take(num_tokens)
+
     def charge_tokens(self, principal: Principal, num_tokens: int) -> None:
-        """Pay for the tokens a finished request used."""
-        if principal.tokens_per_minute is None or num_tokens <= 0:
+        """Settle a finished request: ``num_tokens`` used beyond what it reserved (negative: the
+        unused part of its reservation, given back)."""
+        if principal.tokens_per_minute is None or num_tokens == 0:
             return
         with self._lock:
             self._bucket(self._tokens, principal.name, principal.tokens_per_minute).take(num_tokens)

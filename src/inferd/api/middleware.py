@@ -1,5 +1,6 @@
-"""The gateway every HTTP request passes: request id, drain gate, API key, rate limit, body size,
-timeout; then metrics, token accounting and one access-log line when it is done.
+"""The gateway every HTTP request passes: request id, drain gate, API key, per-key concurrency,
+rate limit, body size and receipt deadline, request timeout; then metrics, token accounting and
+one access-log line when it is done.
 
 A pure ASGI middleware (no BaseHTTPMiddleware): streams pass through untouched, and the request's
 context variable is set in the very task that runs the route.
@@ -7,26 +8,27 @@ context variable is set in the very task that runs the route.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferd.api import context as request_context
 from inferd.api.auth import KeyRing
+from inferd.api.concurrency import ConcurrencyLimiter
 from inferd.api.context import RequestContext
 from inferd.api.errors import domain_error_response, unexpected_error_response
-from inferd.api.lifecycle import Lifecycle
+from inferd.api.lifecycle import Flight, Lifecycle, RequestCut
 from inferd.api.limits import RateLimiter
 from inferd.api.metrics import Metrics
 from inferd.api.streaming import DONE, error_event
 from inferd.errors import (
+    BodyTimeoutError,
     InferdError,
     PayloadTooLargeError,
     RequestTimeoutError,
@@ -54,7 +56,10 @@ class GatewayPolicy:
     public_metrics: bool = False
     max_request_bytes: int = 16 * 2**20
     request_timeout: float | None = None
+    body_timeout: float = 30.0
+    concurrency: ConcurrencyLimiter = field(default_factory=ConcurrencyLimiter)
     log_requests: bool = False
+    share_prefix_cache: bool = False  # with keys: one prefix cache for all keys (single tenant)
 
 
 class _Disconnected(Exception):
@@ -90,65 +95,93 @@ class GatewayMiddleware:
         if path in _OPEN_PATHS or (path == "/metrics" and self.policy.public_metrics):
             await self.app(scope, receive, send)
             return
+        if self.policy.lifecycle.is_draining and path != "/metrics":
+            exc = ShuttingDownError("the server is shutting down; retry on another replica")
+            await self._reject(scope, receive, send, exc)
+            return
+        # Tracked before its body is read: the drain waits for an upload in progress too.
+        with self.policy.lifecycle.track() as flight:
+            timeout = self.policy.request_timeout
+            if timeout is not None:
+                message = f"the request took longer than {timeout:g}s and was aborted"
+                flight.cut_after(timeout, RequestTimeoutError(message))
+            try:
+                # Cutting the work cancels the route and its engine work: generate() aborts,
+                # encoder items drop.
+                await flight.run(self._admit_and_run(scope, receive, send, context, flight))
+            except RequestCut as cut:
+                await self._answer_cut(scope, receive, send, context, cut)
+
+    async def _admit_and_run(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext, flight: Flight
+    ) -> None:
         try:
-            if self.policy.lifecycle.is_draining and path != "/metrics":
-                raise ShuttingDownError("the server is shutting down; retry on another replica")
             context.principal = self.policy.keys.authenticate(scope["headers"])
-            self.policy.limiter.admit(context.principal)
-            receive = await self._read_body(scope, receive, context)
+            slot = self.policy.concurrency.acquire(context.principal)
         except InferdError as exc:
             await self._reject(scope, receive, send, exc)
             return
-        except _Disconnected:
-            return
-        with self.policy.lifecycle.track():
-            await self._run(scope, receive, send, context)
-
-    async def _run(self, scope: Scope, receive: Receive, send: Send, context: RequestContext) -> None:
-        timeout = self.policy.request_timeout
-        if timeout is None:
-            await self.app(scope, receive, send)
-            return
-        try:
-            # Cancelling the route cancels its engine work: generate() aborts, encoder items drop.
-            await asyncio.wait_for(self.app(scope, receive, send), timeout)
-        except asyncio.TimeoutError:
-            exc = RequestTimeoutError(f"the request took longer than {timeout:g}s and was aborted")
-            if context.status is None:
+        with slot:  # freed however the response ends: complete, failed, disconnected or cut
+            try:
+                self.policy.limiter.admit(context.principal)
+                context.reserve = self._reserver(context.principal)
+                if self.policy.keys.is_enabled and not self.policy.share_prefix_cache:
+                    context.cache_salt = context.principal.name  # a key's cached prefixes are its own
+                receive = await self._read_body(scope, receive, context, flight)
+            except InferdError as exc:
                 await self._reject(scope, receive, send, exc)
-            elif context.is_event_stream:
-                await send({"type": "http.response.body", "body": error_event(exc) + DONE})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            else:
-                raise  # half a body is out: closing the connection is the only honest answer
+                return
+            except _Disconnected:
+                return
+            await self.app(scope, receive, slot.releasing(send))
 
-    async def _read_body(self, scope: Scope, receive: Receive, context: RequestContext) -> Receive:
-        """Read the whole body, refusing one over the limit; returns a receive that replays it."""
+    async def _answer_cut(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext, cut: RequestCut
+    ) -> None:
+        if context.status is None:
+            await self._reject(scope, receive, send, cut.reason)
+        elif context.is_response_complete:
+            return  # cut as it was finishing: the client has its whole answer
+        elif context.is_event_stream:
+            # The headers are out: the stream ends the way a failed one does, error event then [DONE].
+            last = error_event(cut.reason) + DONE
+            await send({"type": "http.response.body", "body": last, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            raise cut  # half a body is out: closing the connection is the only honest answer
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive, context: RequestContext, flight: Flight
+    ) -> Receive:
+        """Read the whole body, refusing one over the limit or one that arrives too slowly;
+        returns a receive that replays it."""
         if scope["method"] not in _BODY_METHODS:
             return receive
         limit = self.policy.max_request_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             raise _too_large(declared, limit)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Disconnected
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                raise _too_large(size, limit)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        timeout = self.policy.body_timeout
+        # A deadline for the whole body, not per chunk: a trickle of one byte a second never
+        # lets a per-read timeout fire.
+        late = BodyTimeoutError(f"the request body did not arrive within {timeout:g}s")
+        timer = flight.cut_after(timeout, late)
+        try:
+            body = await _receive_all(receive, limit)
+        finally:
+            timer.cancel()
         if self.policy.log_requests:
             context.request_body = body[:_MAX_LOGGED_BODY]
         return _replay(body, receive)
 
+    def _reserver(self, principal):
+        limiter = self.policy.limiter
+        return lambda num_tokens: limiter.reserve_tokens(principal, num_tokens)
+
     async def _reject(self, scope: Scope, receive: Receive, send: Send, exc: InferdError) -> None:
         response = domain_error_response(scope["path"], exc)
-        if isinstance(exc, ShuttingDownError):
-            response.headers["Connection"] = "close"
+        if isinstance(exc, (ShuttingDownError, BodyTimeoutError)):
+            response.headers["Connection"] = "close"  # a body may be half-sent: start afresh
         await response(scope, receive, send)
 
     def _watch(self, send: Send, context: RequestContext) -> Send:
@@ -163,8 +196,9 @@ class GatewayMiddleware:
                 message["headers"] = headers
                 content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
                 context.is_event_stream = content_type.startswith(b"text/event-stream")
-            elif keep_body and message["type"] == "http.response.body":
-                room = _MAX_LOGGED_BODY - len(context.response_body)
+            elif message["type"] == "http.response.body":
+                context.is_response_complete = not message.get("more_body", False)
+                room = _MAX_LOGGED_BODY - len(context.response_body) if keep_body else 0
                 if room > 0:
                     context.response_body += message.get("body", b"")[:room]
             await send(message)
@@ -176,7 +210,8 @@ class GatewayMiddleware:
         route = _route_template(scope, self.policy.routes)
         self.policy.metrics.observe_http(context.method, route, status, duration_s)
         if context.principal is not None:
-            self.policy.limiter.charge_tokens(context.principal, context.num_tokens)
+            used = context.num_tokens - context.num_reserved_tokens
+            self.policy.limiter.charge_tokens(context.principal, used)
         # Probes and scrapes arrive every few seconds: their successes only at debug level.
         is_routine = context.path in _ROUTINE_PATHS and status < 400
         _log_access(context, route, status, duration_s, self.policy.log_requests, is_routine)
@@ -199,6 +234,20 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+async def _receive_all(receive: Receive, limit: int) -> bytes:
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            raise _too_large(size, limit)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
 
 
 def _too_large(size: int, limit: int) -> PayloadTooLargeError:

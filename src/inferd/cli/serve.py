@@ -98,11 +98,9 @@ def _cli_type(annotation: Any) -> Any:
 
 
 def run(settings: ServerSettings) -> None:
-    import uvicorn
-
     from inferd.api.app import create_app
     from inferd.api.logs import configure_logging
-    from inferd.api.server import DrainingServer
+    from inferd.api.server import build_server
 
     configure_logging(settings.log_level, settings.log_format)
     _quiet_libraries()
@@ -114,16 +112,7 @@ def run(settings: ServerSettings) -> None:
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a drained stop should exit 0.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_cleanly)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # our handler on the root logger formats uvicorn's lines too
-        access_log=False,  # the gateway writes one access line per request
-        timeout_graceful_shutdown=2,  # the drain before it gave requests their time already
-    )
-    DrainingServer(config, app.state.lifecycle, settings.drain_timeout).run()
+    build_server(app, settings).run()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

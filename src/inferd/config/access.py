@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 class ApiKeySpec(BaseModel):
     """One API key. On the command line it is the bare key; in a config file a mapping may add a
-    ``name`` (shown in logs), the ``models`` it may use, and its own rate limits."""
+    ``name`` (shown in logs), the ``models`` it may use, its own rate limits and its cap on
+    requests in flight."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -20,6 +21,7 @@ class ApiKeySpec(BaseModel):
     models: tuple[str, ...] | None = None  # None: every served model
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
+    max_concurrent_requests: int | None = Field(None, ge=1)  # None: the server's default
 
     @model_validator(mode="before")
     @classmethod

@@ -71,6 +71,12 @@ class ServerSettings(BaseSettings):
     max_queued_items: int = Field(
         8192, ge=1, description="Encoder queue bound in inputs; past it requests get 429 at once."
     )
+    max_input_chars: int = Field(
+        16 * 2**20,
+        ge=1,
+        description="Encoders: most characters one request gives the tokenizer, an embedding prompt "
+        "or a rerank query counted once per input; past it 400 before any work.",
+    )
     max_num_seqs: int = Field(32, ge=1, description="LLM: most sequences running at once.")
     max_num_batched_tokens: int = Field(
         2048,
@@ -138,7 +144,7 @@ class ServerSettings(BaseSettings):
         default_factory=list,
         description="API key clients must send (Authorization: Bearer KEY, or x-api-key); repeat for "
         "several. In the config file an entry may be a mapping {key, name, models, requests_per_minute, "
-        "tokens_per_minute}. Without keys every route is open.",
+        "tokens_per_minute, max_concurrent_requests}. Without keys every route is open.",
     )
     api_key_file: Path | None = Field(None, description="File of API keys, one per line (# comments).")
     public_metrics: bool = Field(False, description="Serve /metrics without a key when keys are set.")
@@ -152,13 +158,70 @@ class ServerSettings(BaseSettings):
         256, ge=1, description="LLM: most requests waiting for a running slot; past it 429 at once."
     )
     max_prompt_chars: int | None = Field(
-        None, ge=1, description="LLM: most characters in one prompt (the rendered chat included)."
+        None,
+        ge=1,
+        description="LLM: most characters in one prompt (the rendered chat included), refused with a "
+        "400 before it is tokenised; default: 32 per token of the model's context, more than any "
+        "prompt that fits it has in practice (text runs 3-5 characters a token).",
+    )
+    share_prefix_cache: bool = Field(
+        False,
+        description="LLM: with API keys, let the requests of different keys reuse each other's cached "
+        "prompt prefixes (single-tenant deployments). By default each key's prefixes are its own: a "
+        "cache hit (cached_tokens, time to first token) would tell one tenant another's prompt.",
+    )
+    max_buffered_outputs: int = Field(
+        1024,
+        ge=1,
+        description="LLM: most outputs (one per generated token) a request may have waiting for its "
+        "client to read; a client that falls further behind is cut with an error (408) and its "
+        "request aborted, so a stream nobody reads holds a bounded buffer.",
     )
     max_request_bytes: int = Field(
         16 * 2**20, ge=1, description="Largest request body in bytes; larger bodies get 413."
     )
     request_timeout: float | None = Field(
-        None, gt=0, description="Seconds a request may take (streams included) before it is aborted."
+        600.0,
+        ge=0,
+        description="Seconds a request may take, streams included, before it is aborted (a stream ends "
+        "with an error event and [DONE]); 0 turns it off. Ten minutes lets a long generation finish "
+        "while a request that waits forever still lets go of its slot.",
+    )
+    max_concurrent_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests one API key may have in flight at once, streams until their last byte "
+        "(all clients together without keys); past it 429 at once. A key's own value wins; unset: no cap.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's complete headers, counted from the "
+        "connection or the request's first byte; a slower connection is closed.",
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a client has to send a request's whole body; slower uploads get 408."
+    )
+    stream_write_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a response may wait for its client to read (the socket full); past it the "
+        "connection is closed and its request aborted.",
+    )
+    keep_alive_timeout: int = Field(
+        5,
+        ge=1,
+        description="Seconds an idle keep-alive connection stays open between requests; behind a load "
+        "balancer set it above the balancer's idle timeout.",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Most open connections (and requests running) at once; past it a request gets 503 "
+        "and its connection is closed.",
+    )
+    backlog: int = Field(
+        2048, ge=1, description="Connections the kernel queues before the server accepts them."
     )
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM or SIGINT."
@@ -230,6 +293,7 @@ class ServerSettings(BaseSettings):
             max_batch_requests=self.max_batch_requests,
             max_queued_items=self.max_queued_items,
             max_client_batch_size=self.max_client_batch_size,
+            max_request_chars=self.max_input_chars,
             num_threads=self.num_threads or available_cores(),
             device=device,
             dtype=dtype,
@@ -258,6 +322,7 @@ class ServerSettings(BaseSettings):
             cache_dir=self.cache_dir,
             max_queued_requests=self.max_queued_requests,
             max_prompt_chars=self.max_prompt_chars,
+            max_buffered_outputs=self.max_buffered_outputs,
         )
 
 

@@ -24,7 +24,10 @@ from inferd.errors import EngineUnavailableError, InvalidRequestError
 
 T = TypeVar("T")
 
-# Tokenising this many characters or more moves to a worker thread, off the event loop.
+# Told a request's token count before it is queued; raises to refuse it.
+Admit = Callable[[int], None]
+# Tokenising this many characters or more moves to a worker thread, off the event loop; less takes
+# well under a millisecond, cheaper inline than the hand-off.
 _INLINE_TOKENIZE_CHARS = 16_384
 
 
@@ -91,70 +94,90 @@ class EncoderClient:
         self._observer = observer
         self._engine.observer = observer
 
-    async def embed(self, inputs: list[str] | list[list[int]], params: EmbedParams) -> EmbedOutput:
-        """Embeddings of ``inputs`` (texts, or token-id lists used as the whole model input)."""
+    async def embed(
+        self, inputs: list[str] | list[list[int]], params: EmbedParams, admit: Admit | None = None
+    ) -> EmbedOutput:
+        """Embeddings of ``inputs`` (texts, or token-id lists used as the whole model input).
+        ``admit`` is told the request's token count once it is known, before anything is queued,
+        and may refuse it by raising (a tokens-per-minute budget)."""
         self._check_count(inputs, "input")
         self._check_dimensions(params.dimensions)
         if inputs and isinstance(inputs[0], str):
+            texts = _non_empty(inputs, "input")
             prefix = self._prompt(params)
-            texts = (
-                [prefix + t for t in _non_empty(inputs, "input")] if prefix else _non_empty(inputs, "input")
-            )
-            encoded = await self._off_loop(
-                sum(map(len, texts)),
-                lambda: self._tokenizer.encode_texts(
-                    texts, truncate=params.truncate, side=params.truncation_side
-                ),
-            )
+            # Counted before the prompt is prepended: a long prompt × many inputs is never built.
+            size = len(prefix) * len(texts) + sum(map(len, texts))
+            self._check_chars(size, "input")
+            encoded = await self._off_loop(size, lambda: self._encode_texts(texts, prefix, params))
         else:
             encoded = self._tokenizer.check_token_ids(
                 inputs, truncate=params.truncate, side=params.truncation_side
             )
-        vectors = await self._run(encoded)
+        vectors = await self._run(encoded, admit)
         vectors = self._finish(vectors, params)
         return EmbedOutput(quantize(vectors, params.embedding_type), _num_tokens(encoded))
 
+    def _encode_texts(self, texts: list[str], prefix: str, params: EmbedParams) -> list[Encoded]:
+        texts = [prefix + t for t in texts] if prefix else texts
+        return self._tokenizer.encode_texts(texts, truncate=params.truncate, side=params.truncation_side)
+
     async def rerank(
-        self, query: str, documents: list[str], params: RerankParams, param: str = "documents"
+        self,
+        query: str,
+        documents: list[str],
+        params: RerankParams,
+        param: str = "documents",
+        admit: Admit | None = None,
     ) -> RerankOutput:
         """One relevance score per document, in document order; ``param`` names the documents'
-        field in errors (``texts`` for TEI)."""
+        field in errors (``texts`` for TEI); ``admit`` as in ``embed``."""
         if not query:
             raise InvalidRequestError("query must be a non-empty string", param="query")
         self._check_count(documents, param)
         documents = _non_empty(documents, param)
-        if params.max_tokens_per_doc is not None:
-            documents = [self._tokenizer.truncate_text(d, params.max_tokens_per_doc) for d in documents]
+        # A cross-encoder reads the query once per document: that is the work to budget.
         size = len(query) * len(documents) + sum(map(len, documents))
+        self._check_chars(size, param)
         if self.info.scoring == "cross-encoder":
-            encoded = await self._off_loop(
-                size,
-                lambda: self._tokenizer.encode_pairs(
-                    query, documents, truncate=params.truncate, side=params.truncation_side, param=param
-                ),
-            )
-            logits = await self._run(encoded)
+            encoded = await self._off_loop(size, lambda: self._encode_pairs(query, documents, params, param))
+            logits = await self._run(encoded, admit)
             scores = logits if params.raw_scores else 1.0 / (1.0 + np.exp(-logits))
         else:
             encoded = await self._off_loop(
                 size, lambda: self._encode_query_and_documents(query, documents, params, param)
             )
-            vectors = _unit(await self._run(encoded))
+            vectors = _unit(await self._run(encoded, admit))
             scores = vectors[1:] @ vectors[0]
         return RerankOutput(scores.astype(np.float32), _num_tokens(encoded))
+
+    def _encode_pairs(
+        self, query: str, documents: list[str], params: RerankParams, param: str
+    ) -> list[Encoded]:
+        documents = self._cut_documents(documents, params)
+        return self._tokenizer.encode_pairs(
+            query, documents, truncate=params.truncate, side=params.truncation_side, param=param
+        )
+
+    def _cut_documents(self, documents: list[str], params: RerankParams) -> list[str]:
+        if params.max_tokens_per_doc is None:
+            return documents
+        return self._tokenizer.truncate_texts(documents, params.max_tokens_per_doc)
 
     def _encode_query_and_documents(
         self, query: str, documents: list[str], params: RerankParams, param: str
     ) -> list[Encoded]:
         side = params.truncation_side
+        documents = self._cut_documents(documents, params)
         query_ids = self._tokenizer.encode_texts([query], truncate=params.truncate, side=side, param="query")
         return query_ids + self._tokenizer.encode_texts(
             documents, truncate=params.truncate, side=side, param=param
         )
 
-    async def _run(self, encoded: list[Encoded]) -> np.ndarray:
+    async def _run(self, encoded: list[Encoded], admit: Admit | None = None) -> np.ndarray:
         if self._engine.error is not None:
             raise EngineUnavailableError("the encoder engine has crashed; the server needs a restart")
+        if admit is not None:
+            admit(_num_tokens(encoded))
         request = EncodeRequest(asyncio.get_running_loop(), len(encoded))
         items = [Item(request, i, e.input_ids, e.token_type_ids) for i, e in enumerate(encoded)]
         submitted = time.monotonic()
@@ -170,15 +193,25 @@ class EncoderClient:
         return result
 
     async def _off_loop(self, size: int, work: Callable[[], T]) -> T:
-        """Tokenise (``work``), on a worker thread when the input is large."""
+        """Tokenise (``work``, ``size`` characters), on a worker thread when the input is large."""
         start = time.monotonic()
         result = work() if size < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
         self._observer.on_tokenize(time.monotonic() - start)
         return result
 
+    def _check_chars(self, num_chars: int, param: str) -> None:
+        limit = self.config.max_request_chars
+        if num_chars > limit:
+            raise InvalidRequestError(
+                f"the request has {num_chars} characters to tokenise (prompt and query counted once "
+                f"per input), more than this server's limit of {limit}",
+                param=param,
+            )
+
     def _finish(self, vectors: np.ndarray, params: EmbedParams) -> np.ndarray:
         if params.dimensions is not None:
-            vectors = vectors[:, : params.dimensions]
+            # A copy: a column slice is not contiguous, and orjson writes only contiguous arrays.
+            vectors = np.ascontiguousarray(vectors[:, : params.dimensions])
         normalize = self.info.normalizes if params.normalize is None else params.normalize
         return _unit(vectors) if normalize else vectors
 

@@ -39,6 +39,7 @@ class InputTokenizer:
             tokenizer("warm-up", truncation=True, max_length=max_input_tokens)
             self._by_side[side] = tokenizer
         self.vocab_size = len(self._tokenizer)
+        self._uses_types = "token_type_ids" in self._tokenizer.model_input_names
         self.pad_token_id = self._tokenizer.pad_token_id or 0
 
     def encode_texts(
@@ -51,10 +52,43 @@ class InputTokenizer:
     def encode_pairs(
         self, query: str, docs: list[str], *, truncate: bool, side: TruncationSide, param: str = "documents"
     ) -> list[Encoded]:
-        queries = [query.lower() if self.do_lower_case else query] * len(docs)
+        """(query, document) pairs as the tokenizer would make them, with the query tokenised once:
+        the pair template (special tokens, type ids) is applied to the query's and each document's
+        own encodings. Only pairs over the limit go through the tokenizer's pair truncation."""
+        query = query.lower() if self.do_lower_case else query
         docs = [d.lower() for d in docs] if self.do_lower_case else docs
-        encodings = self._tokenizer(queries, docs, truncation=False, return_attention_mask=False)
-        return self._fit(encodings, queries, docs, truncate=truncate, side=side, param=param)
+        backend = self._tokenizer.backend_tokenizer
+        # encode_batch, not encode: it releases the GIL while it works (the query may be long).
+        (query_encoding,) = backend.encode_batch([query], add_special_tokens=False)
+        num_special = backend.num_special_tokens_to_add(True)
+        room = self.max_input_tokens - num_special
+        if len(query_encoding.ids) > room and not truncate:
+            raise self._too_long(len(query_encoding.ids) + num_special, 0, "query")
+        doc_encodings = backend.encode_batch(docs, add_special_tokens=False)
+        long = [i for i, doc in enumerate(doc_encodings) if len(query_encoding.ids) + len(doc.ids) > room]
+        if long and not truncate:
+            length = len(query_encoding.ids) + len(doc_encodings[long[0]].ids) + num_special
+            raise self._too_long(length, long[0], param)
+        pairs = [backend.post_process(query_encoding, doc, add_special_tokens=True) for doc in doc_encodings]
+        out = [Encoded(p.ids, p.type_ids if self._uses_types else None) for p in pairs]
+        if long:
+            self._truncate_pairs(out, query, docs, long, side)
+        return out
+
+    def _truncate_pairs(
+        self, out: list[Encoded], query: str, docs: list[str], long: list[int], side: TruncationSide
+    ) -> None:
+        """Replace the over-long pairs ``long`` of ``out`` by the tokenizer's own pair truncation."""
+        cut = self._by_side[side](
+            [query] * len(long),
+            [docs[i] for i in long],
+            truncation=True,
+            max_length=self.max_input_tokens,
+            return_attention_mask=False,
+        )
+        types = cut.get("token_type_ids")
+        for j, i in enumerate(long):
+            out[i] = Encoded(cut["input_ids"][j], types[j] if types is not None else None)
 
     def check_token_ids(
         self, ids_lists: list[list[int]], *, truncate: bool, side: TruncationSide, param: str = "input"
@@ -77,11 +111,14 @@ class InputTokenizer:
             out.append(Encoded(list(ids)))
         return out
 
-    def truncate_text(self, text: str, max_tokens: int) -> str:
-        """``text`` cut after its first ``max_tokens`` tokens (no special tokens counted)."""
-        enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-        offsets = enc["offset_mapping"]
-        return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
+    def truncate_texts(self, texts: list[str], max_tokens: int) -> list[str]:
+        """Each text cut after its first ``max_tokens`` tokens (no special tokens counted), in one
+        batch call."""
+        encodings = self._tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [
+            text if len(e.offsets) <= max_tokens else text[: e.offsets[max_tokens - 1][1]]
+            for text, e in zip(texts, encodings)
+        ]
 
     def _fit(self, encodings, *texts: list[str], truncate: bool, side: TruncationSide, param: str):
         ids_lists = encodings["input_ids"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from inferd.api.cancellation import unless_disconnected
+from inferd.api.context import reserve_tokens
 from inferd.api.deps import model_table
 from inferd.api.model_table import ModelTable
 from inferd.api.responses import FastJSONResponse
@@ -20,5 +21,5 @@ async def create_embeddings(
     body: EmbeddingRequest, request: Request, models: ModelTable = Depends(model_table)
 ) -> FastJSONResponse:
     model = models.get(body.model, ModelKind.EMBEDDING)
-    output = await unless_disconnected(request, model.client.embed(body.inputs(), body.to_embed_params()))
+    output = await unless_disconnected(request, model.client.embed(body.inputs(), body.to_embed_params(), admit=reserve_tokens))
     return FastJSONResponse(openai_embeddings_body(output, model.name, body.encoding_format))

@@ -23,12 +23,18 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: every configured model is loaded, its engine running, and the server not draining."""
+    """Readiness: every configured model is loaded, its engine running, and the server not draining.
+    It answers without a key (probes carry none), so with API keys configured it tells counts, not
+    which models are served: names restricted to some keys are not for everyone."""
     table = getattr(request.app.state, "models", None)
-    models = {m.name: m.client.is_running for m in table} if table is not None else {}
+    running = {m.name: m.client.is_running for m in table} if table is not None else {}
+    if request.app.state.keys.is_enabled:
+        models: dict = {"running": sum(running.values()), "total": len(running)}
+    else:
+        models = running
     if request.app.state.lifecycle.is_draining:
         return JSONResponse({"status": "draining", "models": models}, status_code=503)
-    is_ready = table is not None and all(models.values())
+    is_ready = table is not None and all(running.values())
     return JSONResponse(
         {"status": "ready" if is_ready else "loading", "models": models}, status_code=200 if is_ready else 503
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from inferd.api.cancellation import unless_disconnected
+from inferd.api.context import reserve_tokens
 from inferd.api.deps import model_table
 from inferd.api.model_table import ModelTable
 from inferd.api.responses import FastJSONResponse
@@ -19,7 +20,7 @@ async def _rerank(body: CohereRerankRequest, request: Request, models: ModelTabl
     model = models.get(body.model, ModelKind.RERANK)
     texts = body.texts()
     output = await unless_disconnected(
-        request, model.client.rerank(body.query, texts, body.to_rerank_params())
+        request, model.client.rerank(body.query, texts, body.to_rerank_params(), admit=reserve_tokens)
     )
     # v1 (and Jina) return the documents unless asked not to; v2 only when asked.
     return_documents = body.return_documents if body.return_documents is not None else version == "1"

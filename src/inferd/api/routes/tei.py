@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from inferd.api.cancellation import unless_disconnected
+from inferd.api.context import reserve_tokens
 from inferd.api.deps import model_table
 from inferd.api.model_table import ModelTable
 from inferd.api.responses import FastJSONResponse
@@ -20,7 +21,7 @@ async def embed(
     body: EmbedRequest, request: Request, models: ModelTable = Depends(model_table)
 ) -> FastJSONResponse:
     model = models.get(None, ModelKind.EMBEDDING)
-    output = await unless_disconnected(request, model.client.embed(body.input_list(), body.to_embed_params()))
+    output = await unless_disconnected(request, model.client.embed(body.input_list(), body.to_embed_params(), admit=reserve_tokens))
     return FastJSONResponse(output.embeddings)
 
 
@@ -30,6 +31,6 @@ async def rerank(
 ) -> FastJSONResponse:
     model = models.get(None, ModelKind.RERANK)
     output = await unless_disconnected(
-        request, model.client.rerank(body.query, body.texts, body.to_rerank_params(), param="texts")
+        request, model.client.rerank(body.query, body.texts, body.to_rerank_params(), param="texts", admit=reserve_tokens)
     )
     return FastJSONResponse(tei_rerank_body(output, body.texts, body.return_text))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
+from functools import cache
 
 from starlette.responses import Response
 
@@ -13,6 +15,7 @@ from inferd.api.serving.generation import (
     collect,
     new_id,
     now,
+    off_loop,
     run_choices,
     token_text,
     usage,
@@ -25,6 +28,10 @@ from inferd.protocol.openai_chat import ChatCompletionRequest
 
 
 def prepare_prompt(body: ChatCompletionRequest, client: LLMClient) -> list[int]:
+    """The prompt's token ids: CPU work (template rendering, tokenising) run off the event loop."""
+    check_template_kwargs(body.chat_template_kwargs)
+    # The template only adds to the messages' text: over the limit already, nothing is rendered.
+    client.check_prompt_chars(sum(len(m.text() or "") for m in body.messages), "messages")
     messages = []
     for i, message in enumerate(body.messages):
         part = message.non_text_part()
@@ -45,7 +52,7 @@ def prepare_prompt(body: ChatCompletionRequest, client: LLMClient) -> list[int]:
 
 async def chat_completion(body: ChatCompletionRequest, model_name: str, client: LLMClient) -> Response:
     check_n(body.n, client)
-    prompt = prepare_prompt(body, client)
+    prompt = await off_loop(prepare_prompt, body, client)
     params = [body.to_sampling_params(seed_offset=i) for i in range(body.n)]
     request_id = new_id("chatcmpl")
     outputs = run_choices(client, [prompt], params, request_id)
@@ -112,3 +119,25 @@ async def _stream(body, model_name, client, request_id, outputs) -> AsyncIterato
             yield chunk([delta(index, {}, finish_reason=output.finish_reason)])
     if include_usage:
         yield chunk([], usage=usage(choices))
+
+
+@cache
+def _reserved_template_kwargs() -> frozenset[str]:
+    """What ``apply_chat_template`` takes as its own arguments: a client's kwarg of that name would
+    not reach the template but replace the server's choice (``chat_template`` would run the
+    client's own Jinja code, ``tokenize`` would change the return type)."""
+    from transformers import PreTrainedTokenizerBase
+
+    names = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+    return frozenset(n for n, p in names.items() if p.kind is not p.VAR_KEYWORD) | {"self"}
+
+
+def check_template_kwargs(kwargs: dict | None) -> None:
+    """Only template variables: never a template, never an argument of the renderer."""
+    for name in kwargs or {}:
+        if name in _reserved_template_kwargs() or not name.isidentifier():
+            raise InvalidRequestError(
+                f"chat_template_kwargs may hold template variables only; {name!r} is not allowed "
+                "(this server renders the model's own chat template and no other)",
+                param="chat_template_kwargs",
+            )

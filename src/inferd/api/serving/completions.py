@@ -14,6 +14,7 @@ from inferd.api.serving.generation import (
     collect,
     new_id,
     now,
+    off_loop,
     run_choices,
     token_text,
     usage,
@@ -23,6 +24,10 @@ from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
 from inferd.llm.outputs import TokenLogprob
 from inferd.protocol.openai_completions import CompletionRequest
+
+
+def _echoes(body: CompletionRequest, client: LLMClient, prompts: list[list[int]]) -> list[str]:
+    return [client.decode(p) if body.echo else "" for p in prompts]
 
 
 def prepare_prompts(body: CompletionRequest, client: LLMClient) -> list[list[int]]:
@@ -38,13 +43,13 @@ def prepare_prompts(body: CompletionRequest, client: LLMClient) -> list[list[int
 
 async def completion(body: CompletionRequest, model_name: str, client: LLMClient) -> Response:
     check_n(body.n, client)
-    prompts = prepare_prompts(body, client)
     if body.max_tokens == 0:
         raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+    prompts = await off_loop(prepare_prompts, body, client)
     params = [body.to_sampling_params(seed_offset=i) for i in range(body.n)]
     request_id = new_id("cmpl")
     outputs = run_choices(client, prompts, params, request_id)
-    echoes = [client.decode(p) if body.echo else "" for p in prompts]
+    echoes = await off_loop(_echoes, body, client, prompts)
     if body.stream:
         return sse_response(_stream(body, model_name, client, request_id, outputs, prompts, echoes))
     choices = await collect(outputs, len(prompts) * body.n)

@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import anyio
+
+from inferd.api.context import current_cache_salt, reserve_tokens
 from inferd.api.streaming import merge
 from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
 from inferd.llm.outputs import RequestOutput, TokenLogprob
 from inferd.llm.params import SamplingParams
+
+T = TypeVar("T")
+
+# Template rendering, tokenising and detokenising are CPU work proportional to what a client sent:
+# they run on worker threads so the event loop keeps answering (streams, probes) meanwhile. A few
+# threads at most: a burst of large prompts queues here instead of taking every core from the
+# engine.
+_PREPARE_THREADS = anyio.CapacityLimiter(4)
+
+
+async def off_loop(work: Callable[..., T], *args) -> T:
+    """``work(*args)`` on a worker thread; cancelling the await (disconnect, timeout) leaves the
+    thread to finish its bounded work and drops the result."""
+    return await anyio.to_thread.run_sync(work, *args, limiter=_PREPARE_THREADS, abandon_on_cancel=True)
 
 
 def new_id(prefix: str) -> str:
@@ -61,12 +79,24 @@ def run_choices(
     for prompt in prompts:
         client.check_request(prompt, params[0])
     client.check_capacity(len(prompts) * n)  # a full queue refuses before a stream starts
+    reserve_tokens(_most_tokens(client, prompts, params))
+    salt = current_cache_salt()
     streams = [
-        client.submit(prompt, params[i], f"{request_id}-{p}-{i}")
+        client.submit(prompt, params[i], f"{request_id}-{p}-{i}", cache_salt=salt)
         for p, prompt in enumerate(prompts)
         for i in range(n)
     ]
     return merge(streams)
+
+
+def _most_tokens(client: LLMClient, prompts: list[list[int]], params: list[SamplingParams]) -> int:
+    """Prompt tokens plus the most every choice may generate: what a tokens-per-minute budget
+    reserves at admission."""
+    total = 0
+    for prompt in prompts:
+        room = client.max_model_len - len(prompt)
+        total += len(prompt) + sum(min(p.max_tokens or room, room) for p in params)
+    return total
 
 
 async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]], num_choices: int) -> list[Choice]:
