@@ -246,3 +246,26 @@ def test_serve_pull_fetches_what_is_missing_then_plans(env):
     assert "pulling acme/tiny-llama" in result.stderr
     assert "memory plan on cpu" in result.stdout and "tiny: weights" in result.stdout
     assert registered(env) == ["acme/tiny-llama"]
+
+
+def test_offline_error_needs_no_http_client_beyond_the_runtime_dependencies(env, tmp_path):
+    """``httpx`` comes with the dev extras only (huggingface_hub 2.x uses ``httpx2``): a runtime
+    install printed ModuleNotFoundError instead of the offline message."""
+    blocker = tmp_path / "no_httpx"
+    blocker.mkdir()
+    (blocker / "httpx.py").write_text("raise ImportError('httpx is not installed here')\n")
+    runtime_only = env | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(blocker)}
+    result = inferd(runtime_only, "pull", "no-such-org/no-such-model")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "is not in the local cache" in result.stderr
+
+
+def test_an_unreachable_hub_is_one_clear_error():
+    import httpx2
+
+    from inferd.hub.download import map_hub_error
+    from inferd.hub.names import parse_model_name
+
+    mapped = map_hub_error(parse_model_name("acme/tiny"), httpx2.ConnectError("connection refused"))
+    assert "cannot reach the model hub" in str(mapped)

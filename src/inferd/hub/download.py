@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
+import importlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -209,8 +210,19 @@ def hub_errors(ref: ModelRef) -> Iterator[None]:
         raise mapped from None
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's "could not reach the server" errors. huggingface_hub 2.x uses ``httpx2``,
+    1.x ``httpx``; neither is a dependency of inferd's own, so only what is installed is named."""
+    errors = []
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
 def map_hub_error(ref: ModelRef, exc: BaseException) -> Exception | None:
-    import httpx
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
@@ -221,7 +233,7 @@ def map_hub_error(ref: ModelRef, exc: BaseException) -> Exception | None:
         return ModelLoadError(f"repository {ref.repo_id!r} was not found on {endpoint} (private? set HF_TOKEN)")
     if isinstance(exc, hf.RevisionNotFoundError):
         return ModelLoadError(f"revision {ref.revision!r} of {ref.repo_id} was not found on {endpoint}")
-    if isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled, httpx.TransportError)):
+    if isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled, *_transport_errors())):
         return ModelLoadError(
             f"cannot reach the model hub at {endpoint} and {ref.name} is not in the local cache "
             f"({type(exc).__name__}); check the network, or point HF_ENDPOINT at a mirror you can reach"
