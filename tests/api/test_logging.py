@@ -138,3 +138,27 @@ def test_a_bug_is_one_500_logged_with_its_request_id(secured_server, monkeypatch
     errors = [json.loads(line) for line in log.lines if '"level":"error"' in line]
     assert len(errors) == 1 and "bug-1" in errors[0]["message"] and "RuntimeError" in errors[0]["exception"]
     assert _access(log.lines, "bug-1")["status"] == 500
+
+
+def test_json_logs_hold_only_json_lines_warnings_and_bars_included(capsys):
+    import faulthandler
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logging.captureWarnings(False)  # undo an earlier test's capture: pytest records warnings per test
+    try:
+        configure_logging("info", "json")
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
+        lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+        records = [json.loads(line) for line in lines]  # raises on a bar or a raw warning
+        assert [r["logger"] for r in records] == ["py.warnings"]
+        assert "a library's warning" in records[0]["message"]
+        assert faulthandler.is_enabled()  # a crash in native code leaves the threads' stacks
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.captureWarnings(False)

@@ -244,6 +244,8 @@ def test_serve_pull_fetches_what_is_missing_then_plans(env):
     result = inferd(env, "serve", "--model", "acme/tiny-llama=tiny", "--pull", "--check", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "pulling acme/tiny-llama" in result.stderr
+    # JSON logs (the default) hold only JSON lines: no progress bars before logging was set up.
+    assert all(json.loads(line) for line in result.stderr.replace("\r", "\n").splitlines() if line.strip())
     assert "memory plan on cpu" in result.stdout and "tiny: weights" in result.stdout
     assert registered(env) == ["acme/tiny-llama"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+import functools
 import logging
 import sys
 from datetime import datetime, timezone
@@ -45,9 +47,29 @@ def _escape_controls(text: str) -> str:
 
 
 def configure_logging(level: str, log_format: str) -> None:
-    """One handler on the root logger; uvicorn's loggers propagate to it (run it with log_config=None)."""
+    """One handler on the root logger; uvicorn's loggers propagate to it (run it with log_config=None).
+    Python warnings become records of that handler, and a crash inside native code (a kernel, a
+    library) still writes every thread's Python stack to stderr. With JSON logs, libraries' progress
+    bars are off: a log shipper reads stderr line by line, and a bar is not a JSON line."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
+    if sys.__stderr__ is not None:  # the process's own stderr: the one a crash can still write to
+        faulthandler.enable(file=sys.__stderr__)
+    if log_format == "json":
+        _disable_progress_bars()
+
+
+def _disable_progress_bars() -> None:
+    """tqdm's bars (transformers' GGUF conversion uses tqdm directly) and huggingface_hub's."""
+    from huggingface_hub.utils import disable_progress_bars
+    from tqdm import std
+
+    disable_progress_bars()
+    if not getattr(std.tqdm, "_inferd_disabled", False):
+        # Every bar, whoever makes it (tqdm.auto's classes call this __init__), starts disabled.
+        std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
+        std.tqdm._inferd_disabled = True

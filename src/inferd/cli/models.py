@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated
 
 import typer
@@ -193,5 +194,7 @@ def pull_missing(settings) -> None:
         try:
             locate_model(spec.source, settings.cache_dir)
         except InferdError:
-            typer.echo(f"pulling {spec.source}", err=True)
-            pull_model(parse_model_name(spec.source), cache_dir=settings.cache_dir)
+            logging.getLogger("inferd.models").info("pulling %s", spec.source)
+            # Bars are for people reading a terminal; JSON logs get the log lines alone.
+            show_progress = settings.log_format == "text"
+            pull_model(parse_model_name(spec.source), cache_dir=settings.cache_dir, show_progress=show_progress)

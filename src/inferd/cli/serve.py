@@ -69,8 +69,11 @@ def serve_command():
         except (ValidationError, ValueError) as exc:
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(2) from None
+        from inferd.api.logs import configure_logging
         from inferd.cli.models import prepare_to_serve
 
+        # Before pulling: what --pull says goes through the configured log format too.
+        configure_logging(settings.log_level, settings.log_format)
         prepare_to_serve(settings, check_only)  # pulls (--pull), plans memory; exits on --check or refusal
         run(settings)
 
