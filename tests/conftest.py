@@ -98,3 +98,34 @@ def long_llama(tiny_llama, tmp_path_factory) -> Path:
     config["max_position_embeddings"] = 16384
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+@contextmanager
+def gated_chat_server(model: Path, **settings) -> Iterator[tuple[ServerURL, object, threading.Event]]:
+    """A live server of one chat model whose engine steps only while the yielded gate is set:
+    tests hold requests in the engine to see what the server does meanwhile."""
+    from inferd.config import load_settings
+
+    base = {"model": [f"{model}=tiny-chat"], "port": free_port(), "num_threads": 1, "kv_cache_memory": 4 * 2**20}
+    with live_server(load_settings(base | settings)) as url:
+        client = next(iter(url.app.state.models)).client
+        gate = threading.Event()
+        gate.set()
+        step = client.engine.step
+
+        def gated_step():
+            gate.wait(30)
+            return step()
+
+        client.engine.step = gated_step
+        try:
+            yield url, client, gate
+        finally:
+            gate.set()
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)

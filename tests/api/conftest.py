@@ -32,25 +32,18 @@ KEYS = [
 ]
 
 
+def _every_kind(tiny_llama, tiny_embedder, tiny_cross_encoder, **extra):
+    """A live server of the three tiny models, as tiny-chat, tiny-embed and tiny-rerank."""
+    models = [f"{tiny_llama}=tiny-chat", f"{tiny_embedder}=tiny-embed", f"{tiny_cross_encoder}=tiny-rerank"]
+    base = {"model": models, "port": free_port(), "num_threads": 1, "kv_cache_memory": 4 * 2**20}
+    return live_server(load_settings(base | extra))
+
+
 @pytest.fixture(scope="session")
 def secured_server(tiny_llama, tiny_embedder, tiny_cross_encoder):
     """Every model kind behind API keys (see KEYS), a small body limit and CORS for one origin."""
-    settings = load_settings(
-        {
-            "model": [
-                f"{tiny_llama}=tiny-chat",
-                f"{tiny_embedder}=tiny-embed",
-                f"{tiny_cross_encoder}=tiny-rerank",
-            ],
-            "port": free_port(),
-            "num_threads": 1,
-            "kv_cache_memory": 4 * 2**20,
-            "api_key": KEYS,
-            "max_request_bytes": 64 * 1024,
-            "cors_allow_origins": ["https://ui.example"],
-        }
-    )
-    with live_server(settings) as url:
+    limits = {"api_key": KEYS, "max_request_bytes": 64 * 1024, "cors_allow_origins": ["https://ui.example"]}
+    with _every_kind(tiny_llama, tiny_embedder, tiny_cross_encoder, **limits) as url:
         yield url
 
 
@@ -58,20 +51,6 @@ def secured_server(tiny_llama, tiny_embedder, tiny_cross_encoder):
 def open_server(tiny_llama, tiny_embedder, tiny_cross_encoder):
     """Every model kind with no API keys, for hostile-input tests (fuzzing, caps). A 32-token context
     keeps every generation short whatever max_tokens a request asks for."""
-    settings = load_settings(
-        {
-            "model": [
-                f"{tiny_llama}=tiny-chat",
-                f"{tiny_embedder}=tiny-embed",
-                f"{tiny_cross_encoder}=tiny-rerank",
-            ],
-            "port": free_port(),
-            "num_threads": 1,
-            "kv_cache_memory": 4 * 2**20,
-            "max_model_len": 32,
-            "max_n": 2,
-            "max_client_batch_size": 16,
-        }
-    )
-    with live_server(settings) as url:
+    limits = {"max_model_len": 32, "max_n": 2, "max_client_batch_size": 16}
+    with _every_kind(tiny_llama, tiny_embedder, tiny_cross_encoder, **limits) as url:
         yield url

@@ -1,7 +1,6 @@
 """Per-key concurrency caps over real HTTP: the request past a key's cap gets 429 at once, other
 keys go on, and the slot comes back when a response ends, a stream included, or its client leaves."""
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,9 +9,8 @@ import pytest
 
 from inferd.api.auth import Principal
 from inferd.api.concurrency import ConcurrencyLimiter
-from inferd.config import load_settings
 from inferd.errors import RateLimitError
-from tests.conftest import free_port, live_server
+from tests.conftest import gated_chat_server, wait_for
 from tests.openapi import validate_openai
 
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 4}
@@ -30,37 +28,9 @@ def _key(key: str) -> dict:
 @pytest.fixture(scope="module")
 def capped(tiny_llama):
     """Keys with caps, and a chat engine that steps only while the gate is open."""
-    settings = load_settings(
-        {
-            "model": [f"{tiny_llama}=tiny-chat"],
-            "port": free_port(),
-            "num_threads": 1,
-            "kv_cache_memory": 4 * 2**20,
-            "api_key": KEYS,
-            "max_concurrent_requests": 1,
-        }
-    )
-    with live_server(settings) as url:
-        client = next(iter(url.app.state.models)).client
-        gate = threading.Event()
-        gate.set()
-        step = client.engine.step
-
-        def gated_step():
-            gate.wait(30)
-            return step()
-
-        client.engine.step = gated_step
+    with gated_chat_server(tiny_llama, api_key=KEYS, max_concurrent_requests=1) as (url, client, gate):
         limiter = url.app.user_middleware[0].kwargs["policy"].concurrency
         yield url, client, gate, limiter
-        gate.set()
-
-
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def _stream(url: str, key: str) -> list[str]:
@@ -76,7 +46,7 @@ def test_the_request_past_a_keys_cap_gets_429_at_once(capped):
     try:
         with ThreadPoolExecutor(2) as pool:
             held = [pool.submit(_stream, url, "sk-two") for _ in range(2)]
-            _wait_for(lambda: client.stats().num_waiting == 2)  # both in the engine, held by the gate
+            wait_for(lambda: client.stats().num_waiting == 2)  # both in the engine, held by the gate
             start = time.monotonic()
             refused = httpx.post(url + "/v1/chat/completions", json=CHAT, headers=_key("sk-two"), timeout=2)
             assert time.monotonic() - start < 0.5
@@ -94,7 +64,7 @@ def test_the_request_past_a_keys_cap_gets_429_at_once(capped):
     assert other.status_code == 200  # another key is not affected
     assert all(lines[-1] == "data: [DONE]" for lines in streams)
     # The streams have ended: their slots are back, and the key runs two at once again.
-    _wait_for(lambda: limiter.num_in_flight("two") == 0)
+    wait_for(lambda: limiter.num_in_flight("two") == 0)
     with ThreadPoolExecutor(2) as pool:
         again = list(pool.map(lambda _: _stream(url, "sk-two"), range(2)))
     assert all(lines[-1] == "data: [DONE]" for lines in again)
@@ -106,7 +76,7 @@ def test_the_servers_cap_applies_to_a_key_without_its_own(capped):
     try:
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(_stream, url, "sk-default")
-            _wait_for(lambda: client.stats().num_waiting == 1)
+            wait_for(lambda: client.stats().num_waiting == 1)
             refused = httpx.post(
                 url + "/v1/chat/completions", json=CHAT, headers=_key("sk-default"), timeout=2
             )
@@ -124,10 +94,10 @@ def test_a_client_that_leaves_frees_its_slot(capped):
         body = CHAT | {"stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=_key("sk-two")) as r:
             assert r.status_code == 200
-            _wait_for(lambda: client.stats().num_waiting == 1)
+            wait_for(lambda: client.stats().num_waiting == 1)
             assert limiter.num_in_flight("two") == 1
         # The client closed its connection mid-stream, before any token was generated.
-        _wait_for(lambda: limiter.num_in_flight("two") == 0)
+        wait_for(lambda: limiter.num_in_flight("two") == 0)
     finally:
         gate.set()
 

@@ -1,6 +1,5 @@
 """Rate limits, backpressure, request timeout and request-size limits over real HTTP."""
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,9 +8,8 @@ import pytest
 
 from inferd.api.auth import Principal
 from inferd.api.limits import RateLimiter, TokenBucket
-from inferd.config import load_settings
 from inferd.errors import RateLimitError
-from tests.conftest import free_port, live_server
+from tests.conftest import gated_chat_server, wait_for
 from tests.openapi import validate_openai
 
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 4}
@@ -115,38 +113,9 @@ def test_body_size_limit_in_each_family_shape(secured_server):
 @pytest.fixture(scope="module")
 def gated(tiny_llama):
     """A chat server whose engine steps only while the gate is open; one running slot, one waiting."""
-    settings = load_settings(
-        {
-            "model": [f"{tiny_llama}=tiny-chat"],
-            "port": free_port(),
-            "num_threads": 1,
-            "kv_cache_memory": 4 * 2**20,
-            "max_num_seqs": 1,
-            "max_queued_requests": 1,
-            "request_timeout": 2.0,
-            "max_prompt_chars": 500,
-        }
-    )
-    with live_server(settings) as url:
-        client = next(iter(url.app.state.models)).client
-        gate = threading.Event()
-        gate.set()
-        step = client.engine.step
-
-        def gated_step():
-            gate.wait(30)
-            return step()
-
-        client.engine.step = gated_step
-        yield url, client, gate
-        gate.set()
-
-
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+    limits = {"max_num_seqs": 1, "max_queued_requests": 1, "request_timeout": 2.0, "max_prompt_chars": 500}
+    with gated_chat_server(tiny_llama, **limits) as gated:
+        yield gated
 
 
 def test_a_full_llm_queue_refuses_at_once(gated):
@@ -156,7 +125,7 @@ def test_a_full_llm_queue_refuses_at_once(gated):
         held = [
             pool.submit(httpx.post, url + "/v1/chat/completions", json=CHAT, timeout=30) for _ in range(2)
         ]
-        _wait_for(lambda: client.stats().num_waiting == 2)
+        wait_for(lambda: client.stats().num_waiting == 2)
         start = time.monotonic()
         refused = httpx.post(url + "/v1/chat/completions", json=CHAT)
         assert time.monotonic() - start < 0.5
@@ -183,7 +152,7 @@ def test_request_timeout_aborts_the_engine_request(gated):
         assert "took longer than 2s" in lines[-2] and lines[-1] == "data: [DONE]"
     finally:
         gate.set()
-    _wait_for(lambda: not client.engine.has_work)  # the aborts reached the engine; blocks are free
+    wait_for(lambda: not client.engine.has_work)  # the aborts reached the engine; blocks are free
     assert client.engine.kv_cache.usage == 0
 
 
