@@ -86,3 +86,31 @@ def test_tokenising_a_long_prompt_lets_other_threads_run(secured_server, monkeyp
         gaps.append(now - last)
         last = now
     assert len(gaps) > 50 and max(gaps) < 0.1, (len(gaps), max(gaps))
+
+
+async def test_cancelled_prompt_work_still_holds_its_thread_slot():
+    """A client that sends a large prompt and hangs up must not free the slot of a thread still
+    rendering it: the prompt threads stay bounded however often clients disconnect."""
+    import asyncio
+
+    from inferd.api.serving.generation import _PREPARE_THREADS, off_loop
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work() -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+
+    slots = _PREPARE_THREADS
+    hung_up = [asyncio.ensure_future(off_loop(work)) for _ in range(slots)]
+    await asyncio.sleep(0.05)  # all slots busy
+    for task in hung_up:
+        task.cancel()  # their clients left; their threads still run
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(off_loop(work)) for _ in range(slots)]
+    await asyncio.gather(*hung_up, *later, return_exceptions=True)
+    assert peak[0] <= slots

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from inferd.config import load_settings
-from tests.conftest import free_port, live_server
+from tests.conftest import free_port, live_server, wait_for
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
@@ -162,3 +162,35 @@ def test_a_stream_nobody_reads_is_cut_and_buffers_little(server):
     # Closed, not finished: a full stream would end with [DONE] (or an error event and [DONE]).
     assert b"data: [DONE]" not in head + rest
     assert peak - baseline < 50 * 2**20, f"the server grew by {(peak - baseline) / 2**20:.0f} MB"
+
+
+def test_an_unread_stream_is_aborted_by_its_output_bound_before_any_socket_deadline(long_llama):
+    """The engine-side bound (--max-buffered-outputs) holds for a real chat stream: the deltas a
+    client leaves unread must wait in the request's own bounded buffer, not in a queue in front of
+    it, so the request is aborted long before the write deadline would cut the socket."""
+    settings = load_settings(
+        {
+            "model": [f"{long_llama}=tiny-chat"],
+            "port": free_port(),
+            "num_threads": 1,
+            "kv_cache_memory": 64 * 2**20,
+            "max_buffered_outputs": 16,
+            "stream_write_timeout": 600,  # the socket side never fires in this test
+        }
+    )
+    body = json.dumps(CHAT | {"stream": True, "max_tokens": 16_000, "n": 2, "top_logprobs": 20, "logprobs": True})
+    with live_server(settings) as url:
+        client = next(iter(url.app.state.models)).client
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(_address(url))
+        try:
+            sock.sendall(_post_head("/v1/chat/completions", len(body)) + body.encode())
+            sock.settimeout(30)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            stopped = time.monotonic()  # from here on the client reads nothing
+            wait_for(lambda: len(client.engine.scheduler.running) == 2, timeout=30)
+            wait_for(lambda: not client.engine.has_work and not client._collectors, timeout=60)
+            assert time.monotonic() - stopped < 60
+        finally:
+            sock.close()

@@ -220,3 +220,19 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         gguf.converted_gguf(source, tmp_path / "cache")
     assert [p.suffix for p in (tmp_path / "cache" / "gguf").iterdir()] == [".lock"]
+
+
+def test_a_killed_converters_leftover_is_removed_by_the_next_conversion(tmp_path, monkeypatch):
+    from inferd.hub import gguf
+
+    source = tmp_path / "tiny.Q4_0.gguf"
+    source.write_bytes(b"GGUF")
+    monkeypatch.setattr(gguf, "_convert", lambda gguf_path, out: (out / "config.json").write_text("{}"))
+    target = gguf.converted_gguf(source, tmp_path / "cache")
+    # What a converter killed mid-way (out of memory) leaves: its temp folder, no marker, no rename.
+    leftover = target.with_name(f".{target.name}.deadbeef")
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    (target / "inferd-conversion-complete").unlink()  # and this one is to be converted again
+    gguf.converted_gguf(source, tmp_path / "cache")
+    assert not leftover.exists()

@@ -29,7 +29,7 @@ class RequestContext:
     request_body: bytes = b""  # kept only when --log-requests is set
     response_body: bytes = b""
     # Takes tokens from the key's per-minute budget as the request is admitted (set by the gateway).
-    reserve: Callable[[int], None] | None = None
+    reserve: Callable[[int, int], int] | None = None  # returns what it reserved
     num_reserved_tokens: int = 0
     # Mixed into the prefix cache's block hashes: requests share cached prompts only within a salt.
     cache_salt: str | None = None
@@ -74,10 +74,10 @@ def current_cache_salt() -> str | None:
     return context.cache_salt if context is not None else None
 
 
-def reserve_tokens(num_tokens: int) -> None:
-    """Reserve the most tokens the current request can use, before it is queued; raises
-    RateLimitError when the key's budget has not got them (no-op outside a request)."""
+def reserve_tokens(num_tokens: int, num_flexible: int = 0) -> None:
+    """Reserve the tokens the current request can use before it is queued: ``num_tokens`` in full,
+    ``num_flexible`` more as far as the key's budget goes. Raises RateLimitError when the budget
+    has not got them (no-op outside a request)."""
     context = _current.get()
     if context is not None and context.reserve is not None:
-        context.reserve(num_tokens)
-        context.num_reserved_tokens += num_tokens
+        context.num_reserved_tokens += context.reserve(num_tokens, num_flexible)

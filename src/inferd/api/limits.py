@@ -59,23 +59,27 @@ class RateLimiter:
                 _raise_if_waiting(bucket.seconds_until(1), "requests", principal.requests_per_minute)
                 bucket.take(1)
 
-    def reserve_tokens(self, principal: Principal, num_tokens: int) -> None:
-        """Take the most tokens a request can use (prompt + max_tokens × n) as it is admitted, or
-        raise RateLimitError: concurrent requests cannot overrun the budget together. What the
-        request leaves unused comes back through ``charge_tokens``."""
+    def reserve_tokens(self, principal: Principal, num_tokens: int, num_flexible: int = 0) -> int:
+        """Take what a request can use as it is admitted — ``num_tokens`` (its prompt and
+        max_tokens), plus ``num_flexible`` (the context left to choices without max_tokens) as far
+        as a minute's budget goes — or raise RateLimitError; returns what it took. Concurrent
+        requests cannot overrun the budget together; what a request leaves unused comes back
+        through ``charge_tokens``."""
         limit = principal.tokens_per_minute
-        if limit is None or num_tokens <= 0:
-            return
+        if limit is None or num_tokens + num_flexible <= 0:
+            return 0
         if num_tokens > limit:
             raise RateLimitError(
                 f"Request too large for tokens per minute: limit {limit}, requested {num_tokens}. "
                 "Lower max_tokens or the input's size.",
                 retry_after=60,
             )
+        amount = min(num_tokens + num_flexible, limit)
         with self._lock:
             bucket = self._bucket(self._tokens, principal.name, limit)
-            _raise_if_waiting(bucket.seconds_until(num_tokens), "tokens", limit)
-            bucket.take(num_tokens)
+            _raise_if_waiting(bucket.seconds_until(amount), "tokens", limit)
+            bucket.take(amount)
+        return amount
 
     def charge_tokens(self, principal: Principal, num_tokens: int) -> None:
         """Settle a finished request: ``num_tokens`` used beyond what it reserved (negative: the

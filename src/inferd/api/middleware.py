@@ -12,14 +12,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferd.api import context as request_context
-from inferd.api.auth import KeyRing
+from inferd.api.auth import KeyRing, Principal
 from inferd.api.concurrency import ConcurrencyLimiter
 from inferd.api.context import RequestContext
 from inferd.api.errors import domain_error_response, unexpected_error_response
@@ -174,9 +174,9 @@ class GatewayMiddleware:
             context.request_body = body[:_MAX_LOGGED_BODY]
         return _replay(body, receive)
 
-    def _reserver(self, principal):
+    def _reserver(self, principal: Principal) -> Callable[[int, int], int]:
         limiter = self.policy.limiter
-        return lambda num_tokens: limiter.reserve_tokens(principal, num_tokens)
+        return lambda num_tokens, num_flexible: limiter.reserve_tokens(principal, num_tokens, num_flexible)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, exc: InferdError) -> None:
         response = domain_error_response(scope["path"], exc)

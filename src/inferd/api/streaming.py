@@ -32,6 +32,7 @@ async def _encode(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
 
 
 DONE = b"data: [DONE]\n\n"
+_MERGE_QUEUE_SIZE = 8
 
 
 def error_event(exc: InferdError) -> bytes:
@@ -42,8 +43,12 @@ def error_event(exc: InferdError) -> bytes:
 
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
     """Items of several async iterators as they come, tagged with the iterator's index.
-    Leaving early cancels the rest and closes them (which aborts their engine requests)."""
-    queue: asyncio.Queue = asyncio.Queue()
+    Leaving early cancels the rest and closes them (which aborts their engine requests).
+
+    The queue is small and bounded: while the consumer (a client not reading) falls behind, the
+    pumps stop pulling and the items wait in the iterators' own buffers, which the engine bounds
+    (``--max-buffered-outputs``); an unbounded queue here would hold them all instead."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=_MERGE_QUEUE_SIZE)
     done = object()
 
     async def pump(index: int, stream: AsyncIterator) -> None:

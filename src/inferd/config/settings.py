@@ -152,7 +152,10 @@ class ServerSettings(BaseSettings):
         None, ge=1, description="Requests per minute per key (all clients together without keys)."
     )
     tokens_per_minute: int | None = Field(
-        None, ge=1, description="Prompt + completion tokens per minute per key, counted when known."
+        None,
+        ge=1,
+        description="Prompt + completion tokens per minute per key, reserved at admission (prompt + "
+        "max_tokens for each choice) and settled when the request ends.",
     )
     max_queued_requests: int = Field(
         256, ge=1, description="LLM: most requests waiting for a running slot; past it 429 at once."

@@ -64,6 +64,10 @@ def _convert_into(gguf_path: Path, target: Path) -> None:
     log.info("converting %s once into %s (dequantising; later loads reuse it)", gguf_path.name, target)
     # A name of our own (not the PID: replicas are all PID 1), made like save_pretrained's folders
     # (mkdir under the umask, unlike mkdtemp's 0700) so other users of a shared cache can read it.
+    # Under the lock no other converter is at work: a temp folder of this target is a killed
+    # converter's leftover (gigabytes for a 7B), removed here since nothing else would.
+    for stale in target.parent.glob(f".{target.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}")
     tmp.mkdir()
     try:

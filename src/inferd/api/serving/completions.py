@@ -26,8 +26,8 @@ from inferd.llm.outputs import TokenLogprob
 from inferd.protocol.openai_completions import CompletionRequest
 
 
-def _echoes(body: CompletionRequest, client: LLMClient, prompts: list[list[int]]) -> list[str]:
-    return [client.decode(p) if body.echo else "" for p in prompts]
+def _echoes(client: LLMClient, prompts: list[list[int]]) -> list[str]:
+    return [client.decode(p) for p in prompts]
 
 
 def prepare_prompts(body: CompletionRequest, client: LLMClient) -> list[list[int]]:
@@ -46,10 +46,11 @@ async def completion(body: CompletionRequest, model_name: str, client: LLMClient
     if body.max_tokens == 0:
         raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
     prompts = await off_loop(prepare_prompts, body, client)
+    # Before the requests start: nothing may await between their submission and the first read.
+    echoes = await off_loop(_echoes, client, prompts) if body.echo else [""] * len(prompts)
     params = [body.to_sampling_params(seed_offset=i) for i in range(body.n)]
     request_id = new_id("cmpl")
     outputs = run_choices(client, prompts, params, request_id)
-    echoes = await off_loop(_echoes, body, client, prompts)
     if body.stream:
         return sse_response(_stream(body, model_name, client, request_id, outputs, prompts, echoes))
     choices = await collect(outputs, len(prompts) * body.n)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
-
-import anyio
 
 from inferd.api.context import current_cache_salt, reserve_tokens
 from inferd.api.streaming import merge
@@ -22,14 +23,16 @@ T = TypeVar("T")
 # Template rendering, tokenising and detokenising are CPU work proportional to what a client sent:
 # they run on worker threads so the event loop keeps answering (streams, probes) meanwhile. A few
 # threads at most: a burst of large prompts queues here instead of taking every core from the
-# engine.
-_PREPARE_THREADS = anyio.CapacityLimiter(4)
+# engine. A pool, not a limiter on the await: a cancelled await (the client hung up) leaves its
+# thread working, and a limiter would count that thread free.
+_PREPARE_THREADS = 4
+_PREPARE_POOL = ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix="inferd-prepare")
 
 
 async def off_loop(work: Callable[..., T], *args) -> T:
-    """``work(*args)`` on a worker thread; cancelling the await (disconnect, timeout) leaves the
-    thread to finish its bounded work and drops the result."""
-    return await anyio.to_thread.run_sync(work, *args, limiter=_PREPARE_THREADS, abandon_on_cancel=True)
+    """``work(*args)`` on one of the prompt threads; cancelling the await drops the result (and the
+    work itself, when it has not started)."""
+    return await asyncio.get_running_loop().run_in_executor(_PREPARE_POOL, functools.partial(work, *args))
 
 
 def new_id(prefix: str) -> str:
@@ -79,7 +82,7 @@ def run_choices(
     for prompt in prompts:
         client.check_request(prompt, params[0])
     client.check_capacity(len(prompts) * n)  # a full queue refuses before a stream starts
-    reserve_tokens(_most_tokens(client, prompts, params))
+    reserve_tokens(*_most_tokens(client, prompts, params))
     salt = current_cache_salt()
     streams = [
         client.submit(prompt, params[i], f"{request_id}-{p}-{i}", cache_salt=salt)
@@ -89,14 +92,17 @@ def run_choices(
     return merge(streams)
 
 
-def _most_tokens(client: LLMClient, prompts: list[list[int]], params: list[SamplingParams]) -> int:
-    """Prompt tokens plus the most every choice may generate: what a tokens-per-minute budget
-    reserves at admission."""
-    total = 0
+def _most_tokens(client: LLMClient, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[int, int]:
+    """What a tokens-per-minute budget reserves at admission: (the tokens the request will surely
+    be charged for or asked for — each choice's prompt, as each choice is charged for it, and its
+    max_tokens — and the rest of the context for choices without max_tokens, which the budget
+    reserves only as far as it goes)."""
+    fixed = flexible = 0
     for prompt in prompts:
         room = client.max_model_len - len(prompt)
-        total += len(prompt) + sum(min(p.max_tokens or room, room) for p in params)
-    return total
+        fixed += len(prompt) * len(params) + sum(min(p.max_tokens, room) for p in params if p.max_tokens)
+        flexible += room * sum(1 for p in params if not p.max_tokens)
+    return fixed, flexible
 
 
 async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]], num_choices: int) -> list[Choice]:
