@@ -201,12 +201,15 @@ class LLMEngine:
         self.num_step_tokens = output.num_tokens
         if not output.scheduled:
             return []
+        seeded = self._seeded_states(output.scheduled)
         try:
             sampled, result = self._run(output.scheduled)
         except BaseException as exc:
             if not is_request_error(exc):
                 raise
             log.exception("a step of %d requests failed; running them one by one", len(output.scheduled))
+            for generator, state in seeded:  # draws of the failed step never happened
+                generator.set_state(state)
             return self._run_apart(output.scheduled)
         self.scheduler.update_computed(output)
         return [self._update(item.request, result, row) for row, item in enumerate(sampled)]
@@ -222,6 +225,12 @@ class LLMEngine:
         states = [self._live[item.request.request_id].sampling for item in sampled]
         result = self.sampler.sample(logits[[row for _, row in sample_rows]], states)
         return sampled, result
+
+    def _seeded_states(self, scheduled: list[ScheduledRequest]) -> list[tuple]:
+        """Seeded requests' generator states before a step (a few KB each, seeded rows only): if
+        the step fails after drawing, the retry must draw the same numbers again."""
+        generators = (self._live[item.request.request_id].sampling.generator for item in scheduled)
+        return [(g, g.get_state()) for g in generators if g is not None]
 
     def _run_apart(self, scheduled: list[ScheduledRequest]) -> list[RequestOutput]:
         """After a failed step: each request alone, so that only one that fails again fails. A

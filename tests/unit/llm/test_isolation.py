@@ -270,3 +270,27 @@ async def test_the_prefix_cache_is_shared_only_within_a_salt(tiny_llama):
         assert await generate(None) == (32, first[1])
     finally:
         client.close()
+
+
+def test_a_step_failing_after_its_draws_leaves_seeded_requests_unchanged(engine, monkeypatch):
+    """Seeded rows draw from their own generators inside the sampler: a step that fails after the
+    draw must not make the retry draw different numbers."""
+    seeded = {
+        request_id: (prompt, replace(GREEDY, temperature=1.0, seed=7 + i))
+        for i, (request_id, prompt) in enumerate(PROMPTS.items())
+    }
+    quiet = run(engine, seeded)
+    bad_params = replace(GREEDY)
+    sample = engine.sampler.sample
+
+    def failing_after_the_draw(logits, states):
+        result = sample(logits, states)
+        if any(state.params is bad_params for state in states):
+            raise RuntimeError("boom after drawing")
+        return result
+
+    monkeypatch.setattr(engine.sampler, "sample", failing_after_the_draw)
+    noisy = run(engine, {**seeded, "bad": (BAD_PROMPT, bad_params)})
+    for request_id in PROMPTS:
+        assert tokens(noisy[request_id]) == tokens(quiet[request_id])
+    assert noisy["bad"][-1].finish_reason == "error"
