@@ -52,7 +52,7 @@ def prepare_prompt(body: ChatCompletionRequest, client: LLMClient) -> list[int]:
 
 async def chat_completion(body: ChatCompletionRequest, model_name: str, client: LLMClient) -> Response:
     check_n(body.n, client)
-    prompt = await off_loop(prepare_prompt, body, client)
+    prompt = await off_loop(prepare_prompt, body, client, size=_size(body))
     params = [body.to_sampling_params(seed_offset=i) for i in range(body.n)]
     request_id = new_id("chatcmpl")
     outputs = run_choices(client, [prompt], params, request_id)
@@ -69,6 +69,14 @@ async def chat_completion(body: ChatCompletionRequest, model_name: str, client: 
             "usage": usage(choices),
         }
     )
+
+
+def _size(body: ChatCompletionRequest) -> int | None:
+    """The characters a chat's rendering handles, when that is all it costs (no tools, few
+    messages: a template's loops run over those); None sends the work off the loop."""
+    if body.tools or body.chat_template_kwargs or len(body.messages) > 64:
+        return None
+    return sum(len(m.text() or "") for m in body.messages)
 
 
 def _choice(index: int, choice: Choice, client: LLMClient, logprobs: bool) -> dict:

@@ -45,7 +45,8 @@ async def completion(body: CompletionRequest, model_name: str, client: LLMClient
     check_n(body.n, client)
     if body.max_tokens == 0:
         raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
-    prompts = await off_loop(prepare_prompts, body, client)
+    text_size = sum(len(p) if isinstance(p, str) else 8 * len(p) for p in body.prompts())
+    prompts = await off_loop(prepare_prompts, body, client, size=text_size)
     # Before the requests start: nothing may await between their submission and the first read.
     echoes = await off_loop(_echoes, client, prompts) if body.echo else [""] * len(prompts)
     params = [body.to_sampling_params(seed_offset=i) for i in range(body.n)]

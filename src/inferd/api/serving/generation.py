@@ -29,9 +29,16 @@ _PREPARE_THREADS = 4
 _PREPARE_POOL = ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix="inferd-prepare")
 
 
-async def off_loop(work: Callable[..., T], *args) -> T:
-    """``work(*args)`` on one of the prompt threads; cancelling the await drops the result (and the
-    work itself, when it has not started)."""
+# Below this many characters the work takes well under a millisecond: cheaper inline than the
+# hand-off, which waits for a thread while the compute thread's workers hold the cores.
+_INLINE_CHARS = 16_384
+
+
+async def off_loop(work: Callable[..., T], *args, size: int | None = None) -> T:
+    """``work(*args)`` on one of the prompt threads, or inline when ``size`` (the characters it
+    handles) is small; cancelling the await drops the result (and the work, when not started)."""
+    if size is not None and size < _INLINE_CHARS:
+        return work(*args)
     return await asyncio.get_running_loop().run_in_executor(_PREPARE_POOL, functools.partial(work, *args))
 
 
