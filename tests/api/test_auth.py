@@ -130,3 +130,10 @@ def test_ready_names_no_model_when_keys_are_configured(secured_server, server):
     assert "tiny-chat" not in httpx.get(secured_server + "/ready").text
     # Without keys nothing is restricted: the names are there for operators.
     assert set(httpx.get(server + "/ready").json()["models"]) == {"tiny-embed", "tiny-cosine", "tiny-rerank"}
+
+
+def test_version_route_names_the_kernel_build(secured_server):
+    from inferd.llm.runner.kernels import variants
+
+    body = httpx.get(secured_server + "/version", headers=OPS).json()
+    assert body["kernels"] == variants.runnable()[0].name

@@ -1,5 +1,6 @@
 """The ``inferd`` command as a user runs it."""
 
+import json
 import os
 import signal
 import subprocess
@@ -66,3 +67,11 @@ def test_a_model_that_cannot_load_stops_the_server(tmp_path):
     )
     assert result.returncode != 0
     assert "no config.json" in result.stdout + result.stderr
+
+
+def test_version_json_names_the_kernel_build_this_cpu_runs():
+    from inferd.llm.runner.kernels import variants
+
+    report = json.loads(subprocess.run([*INFERD, "version", "--json"], capture_output=True, text=True).stdout)
+    assert report["version"] == __version__
+    assert report["kernels"] == variants.runnable()[0].name  # every level is built by make install

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Annotated
 
 import typer
 
@@ -22,9 +24,16 @@ app.command("estimate")(estimate.estimate)
 
 
 @app.command("version")
-def version() -> None:
+def version(
+    as_json: Annotated[bool, typer.Option("--json", help="Also the native kernel build this CPU runs.")] = False,
+) -> None:
     """Print inferd's version."""
-    typer.echo(__version__)
+    if not as_json:
+        typer.echo(__version__)
+        return
+    from inferd.version_info import version_info
+
+    typer.echo(json.dumps(version_info()))
 
 
 @app.command("settings")

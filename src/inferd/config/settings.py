@@ -113,10 +113,10 @@ class ServerSettings(BaseSettings):
     )
     native_kernels: bool = Field(
         True,
-        description="LLM: on the CPU, build inferd's C kernels with the system compiler on first use "
-        "(paged attention for decodes and short prefills; with bf16 also fused element-wise ops and, on "
-        "CPUs with AMX or AVX-512 BF16, the linear layers and one call for all layers of a step); without "
-        "a compiler the torch paths run.",
+        description="LLM: on the CPU, run inferd's C kernels, built with the package for each "
+        "instruction-set level and chosen for this CPU (paged attention for decodes and short prefills; "
+        "with bf16 also fused element-wise ops and, on CPUs with AMX or AVX-512 BF16, the linear layers "
+        "and one call for all layers of a step); off, or without a build, the torch paths run.",
     )
     quantization: Literal["none", "int8"] = Field(
         "none",

@@ -1,4 +1,5 @@
-"""The native decode kernel: built into the cache directory once, and absent without a usable one."""
+"""The native kernels' numerics against torch, for every build this CPU can execute (the portable
+one always) and for the one compiled here; and the fallbacks when none can be had."""
 
 import platform
 import shutil
@@ -9,11 +10,48 @@ import torch
 import torch.nn.functional as F
 
 from inferd.llm.runner import kernels
+from inferd.llm.runner.kernels import variants
 from tests.unit.llm.kernel_helpers import LINEAR_KERNELS, linear_kernel_selected
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
-)
+HAS_COMPILER = shutil.which("cc") is not None or shutil.which("gcc") is not None
+# Every build this CPU can run, and "native": the sources compiled here as a source tree would.
+BUILDS = [v.name for v in variants.runnable()] + ["native"]
+
+
+@pytest.fixture(scope="module", params=BUILDS)
+def ops(request, tmp_path_factory):
+    if request.param == "native":
+        if not HAS_COMPILER:
+            pytest.skip("no C compiler")
+        built = kernels.jit_ops(str(tmp_path_factory.mktemp("ops")))
+    else:
+        (variant,) = [v for v in variants.runnable() if v.name == request.param]
+        built = kernels.load_variant(variant)
+    assert built is not None and built.variant == request.param
+    return built
+
+
+def test_every_build_this_cpu_can_run_was_built_and_the_best_is_loaded():
+    """The package's build made each level (the compiler here targets all of them), and the
+    server loads the best one this CPU executes, never one it cannot."""
+    for variant in variants.variants():
+        assert kernels.prebuilt_library(variant) is not None, variant.name
+    runnable = variants.runnable()
+    assert runnable[-1].name in ("portable",) and all(v.needs <= variants.cpu_flags() for v in runnable)
+    kernels.native_ops.cache_clear()
+    try:
+        assert kernels.native_ops().variant == runnable[0].name
+    finally:
+        kernels.native_ops.cache_clear()
+
+
+def test_a_variant_needs_exactly_its_levels_cpu_flags():
+    avx2_cpu = frozenset(["fpu", "sse", "sse2", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"])
+    assert [v.name for v in variants.runnable(avx2_cpu, "x86_64")] == ["avx2", "portable"]
+    assert [v.name for v in variants.runnable(avx2_cpu - {"movbe"}, "x86_64")] == ["portable"]
+    bf16_cpu = avx2_cpu | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16"}
+    assert [v.name for v in variants.runnable(bf16_cpu, "x86_64")] == ["avx512bf16", "avx512", "avx2", "portable"]
+    assert [v.name for v in variants.runnable(frozenset(), "aarch64")] == ["portable"]
 
 
 @pytest.mark.parametrize(
@@ -30,12 +68,7 @@ pytestmark = pytest.mark.skipif(
         (torch.bfloat16, 4, 2, 48, 8, [7, 33], 0),
     ],
 )
-def test_kernel_matches_sdpa_over_a_paged_cache(
-    tmp_path, dtype, heads, kv_heads, head_dim, block, lens, window
-):
-    kernels.native_ops.cache_clear()
-    ops = kernels.native_ops(str(tmp_path))
-    assert ops is not None and list((tmp_path / "kernels").glob("inferd_cpu-*.so"))
+def test_kernel_matches_sdpa_over_a_paged_cache(ops, dtype, heads, kv_heads, head_dim, block, lens, window):
     torch.manual_seed(0)
     num_seqs, width = len(lens), max(lens) // block + 1
     num_blocks = 2 * num_seqs * width
@@ -76,23 +109,22 @@ def test_kernel_matches_sdpa_over_a_paged_cache(
         torch.testing.assert_close(out[row], expected, atol=2e-5, rtol=1e-4)
 
 
-def test_unwritable_cache_directory_means_no_kernel(tmp_path):
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+def test_compiling_here_into_an_unwritable_cache_directory_means_no_kernel(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
+    assert kernels.jit_ops(str(blocker)) is None
+
+
+def test_a_source_tree_without_builds_compiles_here_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "prebuilt_library", lambda variant: None)
     kernels.native_ops.cache_clear()
     try:
-        assert kernels.native_ops(str(blocker)) is None
+        ops = kernels.native_ops(str(tmp_path))
     finally:
         kernels.native_ops.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def ops(tmp_path_factory):
-    kernels.native_ops.cache_clear()
-    built = kernels.native_ops(str(tmp_path_factory.mktemp("ops")))
-    assert built is not None
-    yield built
-    kernels.native_ops.cache_clear()
+    assert "no kernel library was built with this package" in caplog.text
+    assert ops is None if not HAS_COMPILER else ops.variant == "native"
 
 
 def bf16_close(got, expected):
@@ -270,7 +302,7 @@ def test_prefill_runs_match_causal_attention(ops, spans, window, softcap):
         torch.testing.assert_close(out[row], expected, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 levels")
+@pytest.mark.skipif(platform.machine() != "x86_64" or not HAS_COMPILER, reason="x86-64 levels")
 def test_sources_build_for_cpus_without_avx512(tmp_path):
     """The portable loops stand in for every intrinsic path: the library must also build for a
     baseline x86-64 CPU (no AVX-512, no AMX), or such machines would get no native kernels."""

@@ -21,9 +21,7 @@ pytestmark = pytest.mark.skipif(
 def built(tmp_path_factory):
     """One real build (library and its recorded sha256), copied by each test into its own cache."""
     root = tmp_path_factory.mktemp("built")
-    kernels.native_ops.cache_clear()
-    assert kernels.native_ops(str(root)) is not None
-    kernels.native_ops.cache_clear()
+    assert kernels.jit_ops(str(root)) is not None
     (library,) = (root / "kernels").glob("*.so")
     return library
 
@@ -38,9 +36,7 @@ def loads(monkeypatch):
         return real(path)
 
     monkeypatch.setattr(kernels.ctypes, "CDLL", load)
-    kernels.native_ops.cache_clear()
     yield loaded
-    kernels.native_ops.cache_clear()
 
 
 @pytest.fixture
@@ -72,12 +68,12 @@ def sha256(path):
 
 def test_a_good_cached_library_is_reused(built, tmp_path, loads, compiles):
     library = cache_with(built, tmp_path)
-    assert kernels.native_ops(str(tmp_path)) is not None
+    assert kernels.jit_ops(str(tmp_path)) is not None
     assert compiles == [] and loads == [(str(library), sha256(built))]
 
 
 def test_a_new_cache_folder_is_private_and_records_the_library_hash(tmp_path, loads):
-    assert kernels.native_ops(str(tmp_path / "new")) is not None
+    assert kernels.jit_ops(str(tmp_path / "new")) is not None
     folder = tmp_path / "new" / "kernels"
     assert folder.stat().st_mode & 0o777 == 0o700
     (library,) = folder.glob("*.so")
@@ -90,7 +86,7 @@ def test_a_tampered_library_is_rebuilt_not_loaded(built, tmp_path, loads, compil
     library.write_bytes(library.read_bytes() + b"\0")  # changed after the build
     tampered = sha256(library)
     with caplog.at_level(logging.WARNING, logger="inferd.llm.kernels"):
-        assert kernels.native_ops(str(tmp_path)) is not None
+        assert kernels.jit_ops(str(tmp_path)) is not None
     assert "sha256 mismatch" in caplog.text and compiles == [library]
     assert loads == [(str(library), sha256(library))] and sha256(library) != tampered
 
@@ -99,14 +95,14 @@ def test_a_tampered_library_that_cannot_be_rebuilt_means_no_kernel(built, tmp_pa
     library = cache_with(built, tmp_path)
     library.write_bytes(library.read_bytes() + b"\0")
     monkeypatch.setattr(kernels, "_compile", lambda compiler, library: False)
-    assert kernels.native_ops(str(tmp_path)) is None and loads == []
+    assert kernels.jit_ops(str(tmp_path)) is None and loads == []
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770])
 def test_a_folder_others_can_write_is_not_loaded_from(built, tmp_path, loads, caplog, mode):
     library = cache_with(built, tmp_path, mode)  # a library with its matching hash, planted there
     with caplog.at_level(logging.WARNING, logger="inferd.llm.kernels"):
-        assert kernels.native_ops(str(tmp_path)) is not None  # built in a private folder instead
+        assert kernels.jit_ops(str(tmp_path)) is not None  # built in a private folder instead
     assert f"may write to it (mode {mode:o})" in caplog.text
     ((path, _),) = loads
     assert not path.startswith(str(tmp_path)) and not os.path.exists(path)  # its temporary folder is gone
@@ -117,6 +113,6 @@ def test_a_folder_of_another_user_is_not_loaded_from(built, tmp_path, loads, cap
     cache_with(built, tmp_path)
     monkeypatch.setattr(kernels.os, "geteuid", lambda: os.getuid() + 1)
     with caplog.at_level(logging.WARNING, logger="inferd.llm.kernels"):
-        assert kernels.native_ops(str(tmp_path)) is not None
+        assert kernels.jit_ops(str(tmp_path)) is not None
     assert f"belongs to uid {os.getuid()}, not to this process's uid {os.getuid() + 1}" in caplog.text
     assert not loads[0][0].startswith(str(tmp_path))

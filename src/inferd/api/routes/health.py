@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from inferd import __version__
 from inferd.api.metrics import CONTENT_TYPE
+from inferd.version_info import version_info
 
 router = APIRouter(tags=["operations"])
 
@@ -48,4 +48,5 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/version")
 async def version() -> dict:
-    return {"version": __version__}
+    """inferd's version and the native kernel build it runs on this CPU (null: none was built)."""
+    return version_info()

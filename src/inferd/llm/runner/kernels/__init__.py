@@ -1,8 +1,10 @@
-"""Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
+"""Native CPU kernels, loaded with ctypes.
 
-The source ships with the package; the shared library is built once per source, compiler and CPU
-into the cache directory and reused by later starts. Where no compiler is found or the build fails,
-``native_ops`` returns None and the runner keeps its pure-torch paths.
+The package is built with one library per instruction-set level (``variants.py``, built by
+setup.py: a wheel or ``pip install`` compiles them, the serving machine needs no compiler), and
+``native_ops`` loads the best one this CPU can execute. A source tree that was never built falls
+back to compiling the sources on first use with the system compiler (``-march=native``) into the
+cache directory, with a WARNING; without a compiler the runner keeps its pure-torch paths.
 
 Loading a library runs its code, and the cache may sit on a shared volume, so a cached library is
 loaded only from a folder that this user owns and no one else can write, and only when its bytes
@@ -21,9 +23,12 @@ import stat
 import subprocess
 import tempfile
 from functools import cache
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import torch
+
+from inferd.llm.runner.kernels import variants
 
 log = logging.getLogger("inferd.llm.kernels")
 _HERE = Path(__file__).parent
@@ -53,7 +58,8 @@ class NativeOps:
     element-wise steps of a decoder layer and, on CPUs with AMX or AVX512-BF16, bf16 linear layers
     (``has_linear``) and a whole decoder step in one call; thin wrappers over tensors."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, variant: str = "native") -> None:
+        self.variant = variant  # which build: a variants.py name, or "native" (compiled here)
         self.paged_decode = _bind(
             library.paged_decode_attention,
             *(_P, _I, _I64),  # q, q_bf16, q_stride
@@ -71,7 +77,7 @@ class NativeOps:
         # Linux grants AMX tile state per process on request; a kernel built without AMX says no.
         self.amx = torch.cpu._is_amx_tile_supported() and bool(library.amx_init())
         # bf16 linear layers through linear_bf16: AMX tiles where granted, else AVX512-BF16 (when
-        # this CPU has it: -march=native builds that kernel only then).
+        # the build has it: only the amx and avx512bf16 builds, or -march=native on such a CPU).
         self._select_linear = _bind(library.linear_bf16_select, _I)
         self.has_linear = bool(self._select_linear(int(self.amx)))
         # x, x_stride, rows, K, packed int8 weight, scales, N, bias, out, out_stride, out_fp32
@@ -201,10 +207,43 @@ def pack_int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @cache
 def native_ops(cache_dir: str | None = None) -> NativeOps | None:
-    """The native library, built on first use; None when it cannot be built here."""
+    """The best kernel library built with the package for this CPU; in a source tree that was never
+    built, one compiled here (``jit_ops``); None when neither can be had."""
+    best = best_prebuilt()
+    if best is not None:
+        runnable = ", ".join(v.name for v in variants.runnable())
+        log.info("native kernels: the %s build (this CPU runs %s)", best.name, runnable)
+        return load_variant(best)
+    log.warning(
+        "no kernel library was built with this package (build it with `pip install .` or `make install`); "
+        "compiling the kernels with the system compiler instead"
+    )
+    return jit_ops(cache_dir)
+
+
+def best_prebuilt() -> variants.Variant | None:
+    """The package's build that ``native_ops`` loads on this CPU, found without loading anything."""
+    return next((v for v in variants.runnable() if prebuilt_library(v) is not None), None)
+
+
+def prebuilt_library(variant: variants.Variant) -> Path | None:
+    """Where the package's build of ``variant`` is, if it was built."""
+    return next((p for s in EXTENSION_SUFFIXES if (p := _HERE / (variant.stem + s)).is_file()), None)
+
+
+def load_variant(variant: variants.Variant) -> NativeOps:
+    """The package's build of ``variant`` (the caller makes sure this CPU can execute it)."""
+    library = prebuilt_library(variant)
+    if library is None:
+        raise FileNotFoundError(f"the {variant.name} kernels were not built with this package")
+    return NativeOps(ctypes.CDLL(str(library)), variant.name)
+
+
+def jit_ops(cache_dir: str | None = None) -> NativeOps | None:
+    """The sources compiled here with ``-march=native`` into the cache directory on first use."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("no C compiler found: the runner uses its torch paths")
+        log.warning("no kernel library and no C compiler: the runner uses its torch paths (slower)")
         return None
     root = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "inferd"
     folder, name = root / "kernels", f"inferd_cpu-{_build_key(compiler)}.so"
