@@ -4,6 +4,7 @@ one always) and for the one compiled here; and the fallbacks when none can be ha
 import platform
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -316,3 +317,41 @@ def test_sources_build_for_cpus_without_avx512(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+_THREADS_SCRIPT = """
+import os, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from inferd.llm.runner.kernels import native_ops
+ops = native_ops()
+x = torch.empty(4096, 2048, dtype=torch.bfloat16)  # no torch op runs in parallel before the kernel
+x.view(torch.int16).fill_(0x3F80)  # 1.0 in bf16, filled without a parallel region either
+before = len(os.listdir("/proc/self/task"))
+for _ in range(3):
+    ops.silu_mul(x)  # an OpenMP parallel loop at this size
+after = len(os.listdir("/proc/self/task"))
+maps = open("/proc/self/maps").read().splitlines()
+runtimes = sorted({line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line})
+print(before, after, len(runtimes))
+"""
+
+
+def _threads_after_kernels(num_threads: int) -> tuple[int, int, int]:
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(num_threads)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    before, after, runtimes = map(int, result.stdout.split())
+    return before, after, runtimes
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="/proc")
+def test_kernels_share_torchs_openmp_runtime_and_its_thread_count():
+    """One OpenMP runtime in the process (torch's), and the kernels' parallel loops use the threads
+    torch is told to use (--num-threads), no more: with one, they start no thread at all."""
+    for num_threads in (1, 2):
+        before, after, runtimes = _threads_after_kernels(num_threads)
+        assert runtimes == 1
+        # No thread of their own: with one, the loops ran on the calling thread alone (a runtime or
+        # a thread count of their own would start a worker); with two, on torch's pool as it was.
+        assert after == before, num_threads
