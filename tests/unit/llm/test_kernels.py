@@ -355,3 +355,32 @@ def test_kernels_share_torchs_openmp_runtime_and_its_thread_count():
         # No thread of their own: with one, the loops ran on the calling thread alone (a runtime or
         # a thread count of their own would start a worker); with two, on torch's pool as it was.
         assert after == before, num_threads
+
+
+def test_the_boundary_refuses_what_a_kernel_would_read_or_write_out_of_bounds(ops):
+    bf16 = torch.zeros(4, 64, dtype=torch.bfloat16)
+    cases = [
+        lambda: ops.silu_mul(bf16.float()),  # float32 read as bf16: twice the bytes
+        lambda: ops.silu_mul(bf16[:, :63]),  # odd width, and rows that are not contiguous
+        lambda: ops.add_rms_norm(bf16, torch.zeros(3, 64, dtype=torch.bfloat16), bf16[0], 1e-6),
+        lambda: ops.add_rms_norm(bf16, None, torch.zeros(32, dtype=torch.bfloat16), 1e-6),
+        lambda: ops.argmax(torch.zeros(4, 8, dtype=torch.float64)),
+        lambda: ops.argmax(torch.zeros(8, 4).t()),  # column stride 4
+    ]
+    kv = torch.zeros(16, 2, 8, dtype=torch.bfloat16)
+    qkv = torch.zeros(3, (2 + 2 * 2) * 8, dtype=torch.bfloat16)
+    table = torch.zeros(3, 8)
+
+    def rope(slots, k_cache=kv):
+        ops.rope_and_cache(qkv, 2, 2, 8, table, table, slots, k_cache, kv)
+
+    cases += [
+        lambda: rope(torch.tensor([0, 1, 16])),  # slot 16 of a 16-slot cache
+        lambda: rope(torch.tensor([0, -1, 2])),
+        lambda: rope(torch.tensor([0, 1, 2], dtype=torch.int32)),
+        lambda: rope(torch.tensor([0, 1, 2]), k_cache=kv.float()),
+    ]
+    for case in cases:
+        with pytest.raises(kernels.KernelArgumentError):
+            case()
+    rope(torch.tensor([0, 1, 15]))  # what the kernel takes still runs

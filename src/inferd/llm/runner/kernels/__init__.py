@@ -53,6 +53,28 @@ class LayerWeights(ctypes.Structure):
     ]
 
 
+class KernelArgumentError(ValueError):
+    """A tensor handed to a native kernel is not what it reads or writes (dtype, shape, layout):
+    refused before the call, which would read or write out of bounds instead of failing."""
+
+
+def _check(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple) -> None:
+    """``tensor`` on the CPU, of ``dtype``, with ``shape`` (None: any size there), unit column
+    stride and rows that do not overlap: what the kernels index it as."""
+    if (
+        tensor.dtype != dtype
+        or tensor.device.type != "cpu"
+        or tensor.dim() != len(shape)
+        or any(want is not None and got != want for got, want in zip(tensor.shape, shape))
+        or (tensor.dim() and tensor.stride(-1) != 1)
+        or (tensor.dim() == 2 and tensor.stride(0) < tensor.shape[1])
+    ):
+        raise KernelArgumentError(
+            f"{name}: the kernel takes a CPU {dtype} tensor of shape {shape} with unit column stride, "
+            f"got {tensor.dtype} {tuple(tensor.shape)} strides {tensor.stride()} on {tensor.device}"
+        )
+
+
 class NativeOps:
     """The loaded library: the paged decode-attention kernel (fp32 or bf16 caches), the fused bf16
     element-wise steps of a decoder layer and, on CPUs with AMX or AVX512-BF16, bf16 linear layers
@@ -100,14 +122,23 @@ class NativeOps:
         self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
     ):
         """residual += delta (in place, when given), then RMSNorm(residual) * weight as a new tensor."""
-        out = torch.empty_like(residual)
+        _check(residual, "residual", torch.bfloat16, (None, None))
         rows, dim = residual.shape
+        if not residual.is_contiguous() or (delta is not None and not delta.is_contiguous()):
+            raise KernelArgumentError("residual and delta: the kernel takes contiguous rows")
+        if delta is not None:
+            _check(delta, "delta", torch.bfloat16, (rows, dim))
+        _check(weight, "weight", torch.bfloat16, (dim,))
+        out = torch.empty_like(residual)
         delta_ptr = None if delta is None else delta.data_ptr()
         self._add_rms_norm(residual.data_ptr(), delta_ptr, weight.data_ptr(), eps, rows, dim, out.data_ptr())
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for rows laid out [gate | up]."""
+        _check(gate_up, "gate_up", torch.bfloat16, (None, None))
+        if not gate_up.is_contiguous() or gate_up.shape[1] % 2:
+            raise KernelArgumentError("gate_up: the kernel takes contiguous rows of an even width [gate | up]")
         rows, width = gate_up.shape[0], gate_up.shape[1] // 2
         out = gate_up.new_empty(rows, width)
         self._silu_mul(gate_up.data_ptr(), rows, width, out.data_ptr())
@@ -117,6 +148,19 @@ class NativeOps:
         self, qkv, num_heads, num_kv_heads, head_dim, cos, sin, slots, k_cache, v_cache
     ) -> None:
         """Rotate q and k in place in the fused qkv rows; store k and v at each token's slot."""
+        tokens, width = qkv.shape[0], (num_heads + 2 * num_kv_heads) * head_dim
+        _check(qkv, "qkv", torch.bfloat16, (tokens, width))
+        for name, table in (("cos", cos), ("sin", sin)):
+            _check(table, name, torch.float32, (tokens, head_dim))
+        _check(slots, "slots", torch.int64, (tokens,))
+        num_slots = k_cache.numel() // (num_kv_heads * head_dim)
+        for name, kv in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if kv.dtype != torch.bfloat16 or not kv.is_contiguous() or kv.shape[-2:] != (num_kv_heads, head_dim):
+                raise KernelArgumentError(
+                    f"{name}: the kernel takes a contiguous bf16 (..., {num_kv_heads}, {head_dim}) cache"
+                )
+        if tokens and not 0 <= int(slots.min()) <= int(slots.max()) < num_slots:
+            raise KernelArgumentError(f"slots: every slot must lie in the cache's {num_slots}")
         self._rope_and_cache(
             qkv.data_ptr(),
             qkv.shape[0],
@@ -139,6 +183,11 @@ class NativeOps:
         AVX512-BF16, see ``has_linear``) or, with its ``scale``, from ``pack_int8_weight`` (needs
         ``has_int8_linear``); the result in bf16, or float32 with ``fp32_out`` (logits: no rounding,
         no conversion after)."""
+        _check(x, "x", torch.bfloat16, (None, None))
+        if packed.numel() * packed.element_size() < x.shape[1] * out_features * (1 if scale is not None else 2):
+            raise KernelArgumentError(f"packed: too small for a ({out_features}, {x.shape[1]}) weight")
+        if bias is not None:
+            _check(bias, "bias", bias.dtype, (out_features,))
         out = x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else torch.bfloat16)
         rows = (x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr())
         rest = (out_features, None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, int(fp32_out))
@@ -177,6 +226,7 @@ class NativeOps:
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """torch.argmax(logits, dim=-1) for 2-D float32 rows with unit column stride."""
+        _check(logits, "logits", torch.float32, (None, None))
         out = torch.empty(logits.shape[0], dtype=torch.int64)
         self._argmax(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], out.data_ptr())
         return out
