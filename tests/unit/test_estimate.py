@@ -150,11 +150,18 @@ def test_unknown_dtype_is_refused(tmp_path):
         weight_bytes(10, "q3")
 
 
-def test_gguf_is_estimated_as_stored_unless_a_dtype_is_given():
+def test_gguf_is_estimated_as_serve_holds_it_with_the_conversion_peak():
+    """serve dequantises a GGUF (once, through float32): the weights it holds are in its served
+    dtype, not the file's size (a 4 GB Q4_K_M 7B is ~13.5 GB in bf16)."""
+    from inferd.config.settings import cpu_has_native_bf16
+
     runner = CliRunner()
-    stored = json.loads(runner.invoke(app, ["estimate", "smollm2-135m-instruct", "--json"]).output)
+    served = json.loads(runner.invoke(app, ["estimate", "smollm2-135m-instruct", "--json"]).output)
     fp32 = json.loads(runner.invoke(app, ["estimate", "smollm2-135m-instruct", "--json", "--dtype", "fp32"]).output)
-    assert stored["weights_as"] == "GGUF as stored"
-    assert stored["weight_bytes"] == 98_362_432  # the file's size
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert served["weights_as"] == f"GGUF dequantised to {dtype}, as served"
+    assert served["weight_bytes"] == 134_515_008 * (2 if dtype == "bfloat16" else 4)
+    assert served["gguf_file_bytes"] == 98_362_432  # the file's size, reported beside
+    assert served["conversion_peak_bytes"] == 134_515_008 * 4
     assert fp32["weight_bytes"] == 134_515_008 * 4
     assert fp32["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4

@@ -1,7 +1,7 @@
 """What a model needs in memory, from its config.json alone: pure functions, no torch, no weights.
 
 Formulas (bytes):
-- weights = parameters × bytes per element of the dtype (or the real file size of a quantised GGUF);
+- weights = parameters × bytes per element of the dtype (a GGUF in the dtype it is served in);
 - KV cache per token = 2 (K and V) × layers × KV heads × head dim × bytes per element. With
   grouped-query attention KV heads < attention heads; the textbook 2 × layers × hidden × bytes is
   the special case KV heads × head dim = hidden;
@@ -214,13 +214,12 @@ def estimate(
     context: int | None = None,
     batch: int = 1,
     device: str = "cpu",
-    weight_bytes_on_disk: int | None = None,
     num_batched_tokens: int = 2048,
 ) -> Estimate:
-    """Weights, KV cache, activations and runtime of one model; ``weight_bytes_on_disk`` replaces
-    parameters × dtype for formats kept quantised in memory (GGUF estimated as stored)."""
+    """Weights (parameters × dtype: a GGUF too, which serve dequantises), KV cache, activations
+    and runtime of one model."""
     context = context or shape.max_position_embeddings
-    weights = weight_bytes_on_disk if weight_bytes_on_disk is not None else weight_bytes(num_params, dtype)
+    weights = weight_bytes(num_params, dtype)
     if shape.is_causal:
         kv = kv_bytes_per_token(shape, kv_dtype or dtype)
         activations = llm_activation_bytes(shape, min(context * batch, num_batched_tokens), batch, dtype)

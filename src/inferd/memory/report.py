@@ -67,18 +67,24 @@ def estimate_report(
     source = load_config_source(model, cache_dir)
     shape = shape_from_config(source.config)
     num_params = source.num_params or count_parameters(shape)
-    as_gguf = dtype is None and source.gguf_bytes is not None
-    dtype = normalize_dtype(dtype or source.stored_dtype or "float32")
-    kv_dtype = normalize_dtype(kv_dtype or ("float16" if as_gguf else dtype))
+    is_gguf = source.gguf_bytes is not None
+    # A GGUF is served dequantised (serve converts it once): in what serve would use, not as stored.
+    dtype = normalize_dtype(dtype or (_served_dtype(device) if is_gguf else source.stored_dtype) or "float32")
+    kv_dtype = normalize_dtype(kv_dtype or dtype)
     result = estimate(
         shape, num_params=num_params, dtype=dtype, kv_dtype=kv_dtype, context=context, batch=batch,
-        device=device, weight_bytes_on_disk=source.gguf_bytes if as_gguf else None,
+        device=device,
     )  # fmt: skip
     free = _free_on(device)
     max_tokens = result.max_tokens(free)
+    weights_as = f"GGUF dequantised to {dtype}, as served" if is_gguf else dtype
     return {
         "model": model, "architecture": shape.architecture, "device": device,
-        "dtype": dtype, "weights_as": "GGUF as stored" if as_gguf else dtype, "kv_dtype": kv_dtype,
+        "dtype": dtype, "weights_as": weights_as, "kv_dtype": kv_dtype,
+        "gguf_file_bytes": source.gguf_bytes,
+        # transformers dequantises a GGUF to float32 before the converted copy is saved: once, in
+        # RAM and on disk, before serve's own load.
+        "conversion_peak_bytes": num_params * DTYPE_BYTES["float32"] if is_gguf else None,
         "context": result.context, "batch": batch,
         "num_params": num_params, "params_from": source.params_from,
         "weight_bytes": result.weight_bytes,
@@ -93,6 +99,15 @@ def estimate_report(
         "max_context_at_batch": min(max_tokens // batch, shape.max_position_embeddings),
         "max_batch_at_context": max_tokens // result.context,
     }  # fmt: skip
+
+
+def _served_dtype(device: str) -> str:
+    """The dtype serve gives a chat model by default on ``device``."""
+    if device.startswith("cuda"):
+        return "bfloat16"
+    from inferd.config.settings import cpu_has_native_bf16
+
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 def _free_on(device: str) -> int:
