@@ -72,6 +72,11 @@ class ChatMessage(BaseModel):
 Messages = Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES), at_most(MAX_MESSAGES, "messages")]
 
 
+def num_message_chars(messages: list[ChatMessage]) -> int:
+    """The characters of the messages' text: what a chat template renders, before its own text."""
+    return sum(len(m.text() or "") for m in messages)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 

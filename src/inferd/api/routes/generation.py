@@ -13,7 +13,7 @@ from inferd.api.serving.completions import completion
 from inferd.api.serving.generation import off_loop
 from inferd.config import ModelKind
 from inferd.llm.client import LLMClient
-from inferd.protocol.openai_chat import ChatCompletionRequest
+from inferd.protocol.openai_chat import ChatCompletionRequest, num_message_chars
 from inferd.protocol.openai_completions import CompletionRequest
 from inferd.protocol.tokenize import DetokenizeRequest, TokenizeRequest
 
@@ -56,6 +56,6 @@ async def detokenize(body: DetokenizeRequest, models: ModelTable = Depends(model
 def _token_ids(body: TokenizeRequest, client: LLMClient) -> list[int]:
     if body.messages is not None:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        client.check_prompt_chars(sum(len(m.text() or "") for m in body.messages), "messages")
+        client.check_prompt_chars(num_message_chars(body.messages), "messages")
         return client.render_chat(messages, add_generation_prompt=body.add_generation_prompt)
     return client.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)

@@ -24,14 +24,14 @@ from inferd.api.streaming import sse_response
 from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
 from inferd.llm.outputs import TokenLogprob
-from inferd.protocol.openai_chat import ChatCompletionRequest
+from inferd.protocol.openai_chat import ChatCompletionRequest, num_message_chars
 
 
 def prepare_prompt(body: ChatCompletionRequest, client: LLMClient) -> list[int]:
     """The prompt's token ids: CPU work (template rendering, tokenising) run off the event loop."""
     check_template_kwargs(body.chat_template_kwargs)
     # The template only adds to the messages' text: over the limit already, nothing is rendered.
-    client.check_prompt_chars(sum(len(m.text() or "") for m in body.messages), "messages")
+    client.check_prompt_chars(num_message_chars(body.messages), "messages")
     messages = []
     for i, message in enumerate(body.messages):
         part = message.non_text_part()
@@ -76,7 +76,7 @@ def _size(body: ChatCompletionRequest) -> int | None:
     messages: a template's loops run over those); None sends the work off the loop."""
     if body.tools or body.chat_template_kwargs or len(body.messages) > 64:
         return None
-    return sum(len(m.text() or "") for m in body.messages)
+    return num_message_chars(body.messages)
 
 
 def _choice(index: int, choice: Choice, client: LLMClient, logprobs: bool) -> dict:

@@ -82,6 +82,7 @@ class NativeOps:
 
     def __init__(self, library: ctypes.CDLL, variant: str = "native") -> None:
         self.variant = variant  # which build: a variants.py name, or "native" (compiled here)
+        self._checked_slots: torch.Tensor | None = None  # the last slot tensor found in range
         self.paged_decode = _bind(
             library.paged_decode_attention,
             *(_P, _I, _I64),  # q, q_bf16, q_stride
@@ -159,8 +160,11 @@ class NativeOps:
                 raise KernelArgumentError(
                     f"{name}: the kernel takes a contiguous bf16 (..., {num_kv_heads}, {head_dim}) cache"
                 )
-        if tokens and not 0 <= int(slots.min()) <= int(slots.max()) < num_slots:
-            raise KernelArgumentError(f"slots: every slot must lie in the cache's {num_slots}")
+        # Every layer of a step gets the same slot tensor: its range (a reduction) is read once.
+        if slots is not self._checked_slots:
+            if tokens and not 0 <= int(slots.min()) <= int(slots.max()) < num_slots:
+                raise KernelArgumentError(f"slots: every slot must lie in the cache's {num_slots}")
+            self._checked_slots = slots
         self._rope_and_cache(
             qkv.data_ptr(),
             qkv.shape[0],
