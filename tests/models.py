@@ -159,3 +159,52 @@ def build_llama(root: Path, *, num_layers: int = 2, vocab_words: int = 200) -> P
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_byte_llama(
+    root: Path,
+    name: str,
+    chat_template: str,
+    *,
+    specials: tuple[str, ...] = ("<|im_start|>", "<|im_end|>"),
+    added: tuple[str, ...] = (),
+    eos: str = "<|im_end|>",
+    num_layers: int = 2,
+    max_position_embeddings: int = 1024,
+    seed: int = 3,
+) -> Path:
+    """A tiny random LlamaForCausalLM whose tokenizer can spell any text: one token per byte
+    (GPT-2's byte-level alphabet, no merges), plus ``specials`` (special tokens, ``eos`` among them)
+    and ``added`` (added tokens that are not special, e.g. ``<tool_call>`` or ``</think>`` as Qwen
+    has them). For tests that need JSON, tool-call markup or any other text a word-level
+    vocabulary cannot write; ``chat_template`` is written in the test in a model family's format."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos)
+    tokenizer.chat_template = chat_template
+    torch.manual_seed(seed)
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        tie_word_embeddings=False,
+    )
+    out = root / name
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
