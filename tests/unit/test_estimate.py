@@ -150,18 +150,35 @@ def test_unknown_dtype_is_refused(tmp_path):
         weight_bytes(10, "q3")
 
 
-def test_gguf_is_estimated_as_serve_holds_it_with_the_conversion_peak():
-    """serve dequantises a GGUF (once, through float32): the weights it holds are in its served
-    dtype, not the file's size (a 4 GB Q4_K_M 7B is ~13.5 GB in bf16)."""
+def test_gguf_is_estimated_as_serve_holds_it_with_the_conversion_peak(tmp_path):
+    """serve converts a GGUF once, tensor by tensor, into its served dtype: the weights it holds are
+    in that dtype, not the file's size (a 4 GB Q4_K_M 7B is ~13.5 GB in bf16); the conversion holds
+    one shard and the tensor at work, and leaves a copy in that dtype on disk."""
     from inferd.config.settings import cpu_has_native_bf16
+    from inferd.hub.bundled import bundled_model_path
+    from inferd.hub.gguf import SHARD_BYTES, conversion_folder
 
     runner = CliRunner()
-    served = json.loads(runner.invoke(app, ["estimate", "smollm2-135m-instruct", "--json"]).output)
-    fp32 = json.loads(runner.invoke(app, ["estimate", "smollm2-135m-instruct", "--json", "--dtype", "fp32"]).output)
+    args = ["estimate", "smollm2-135m-instruct", "--json", "--cache-dir", str(tmp_path)]
+    served = json.loads(runner.invoke(app, args).output)
+    fp32 = json.loads(runner.invoke(app, [*args, "--dtype", "fp32"]).output)
     dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
     assert served["weights_as"] == f"GGUF dequantised to {dtype}, as served"
     assert served["weight_bytes"] == 134_515_008 * (2 if dtype == "bfloat16" else 4)
     assert served["gguf_file_bytes"] == 98_362_432  # the file's size, reported beside
-    assert served["conversion_peak_bytes"] == 134_515_008 * 4
-    assert fp32["weight_bytes"] == 134_515_008 * 4
+    assert served["conversion_dtype"] == dtype and served["conversion_tensor_by_tensor"]
+    assert served["conversion_disk_bytes"] == served["weight_bytes"]
+    assert fp32["weight_bytes"] == fp32["conversion_disk_bytes"] == 134_515_008 * 4
     assert fp32["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
+    # At most a 512 MiB shard and the embedding table at work: Q8_0 as stored (30,081,024 bytes), in
+    # float32 and the rows being dequantised; transformers' whole-model path held twice the float32
+    # model (1.08 GB).
+    embedding = 49_152 * 576
+    at_work = 30_081_024 + 4 * embedding + 4 * 2**20
+    assert SHARD_BYTES < fp32["conversion_peak_bytes"] <= SHARD_BYTES + at_work < 2 * fp32["weight_bytes"]
+    assert served["conversion_done"] is False
+    gguf = bundled_model_path("smollm2-135m-instruct")
+    done = conversion_folder(gguf, "float32", tmp_path)
+    done.mkdir(parents=True)
+    (done / "inferd-conversion-complete").write_text("")  # as a finished conversion leaves it
+    assert json.loads(runner.invoke(app, [*args, "--dtype", "fp32"]).output)["conversion_done"] is True

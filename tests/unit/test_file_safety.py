@@ -163,7 +163,7 @@ def test_rm_of_a_registry_with_wrong_types_is_a_clear_error(cache):
 def slow_conversion(monkeypatch, calls):
     from inferd.hub import gguf
 
-    def convert(gguf_path, out):
+    def convert(gguf_path, out, dtype):
         calls.append(out)
         time.sleep(0.3)  # long enough for the other converter to arrive while this one works
         (out / "config.json").write_text("{}")
@@ -212,7 +212,7 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     source = tmp_path / "tiny.Q4_0.gguf"
     source.write_bytes(b"GGUF")
 
-    def broken(gguf_path, out):
+    def broken(gguf_path, out, dtype):
         (out / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
@@ -227,7 +227,7 @@ def test_a_killed_converters_leftover_is_removed_by_the_next_conversion(tmp_path
 
     source = tmp_path / "tiny.Q4_0.gguf"
     source.write_bytes(b"GGUF")
-    monkeypatch.setattr(gguf, "_convert", lambda gguf_path, out: (out / "config.json").write_text("{}"))
+    monkeypatch.setattr(gguf, "_convert", lambda gguf_path, out, dtype: (out / "config.json").write_text("{}"))
     target = gguf.converted_gguf(source, tmp_path / "cache")
     # What a converter killed mid-way (out of memory) leaves: its temp folder, no marker, no rename.
     leftover = target.with_name(f".{target.name}.deadbeef")

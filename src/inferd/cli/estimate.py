@@ -48,9 +48,13 @@ def _print_table(report: dict) -> None:
     table.add_column(justify="right")
     table.add_row("parameters", f"{report['num_params']:,} (from {report['params_from']})")
     table.add_row(f"weights ({report['weights_as']})", _both(report["weight_bytes"]))
-    if report.get("conversion_peak_bytes"):
+    if report["gguf_file_bytes"] is not None:
         table.add_row("  GGUF file, as stored", _both(report["gguf_file_bytes"]))
-        table.add_row("  conversion, once (float32 RAM and disk)", _both(report["conversion_peak_bytes"]))
+        how = "tensor by tensor" if report["conversion_tensor_by_tensor"] else "whole, by transformers"
+        done = " (done: reused)" if report["conversion_done"] else ""
+        table.add_row(f"  conversion into {report['conversion_dtype']}, once{done}", how)
+        table.add_row("    peak RAM, before the KV cache", _both(report["conversion_peak_bytes"]))
+        table.add_row("    converted copy on disk", _both(report["conversion_disk_bytes"]))
     table.add_row(f"KV cache per token ({report['kv_dtype']})", f"{report['kv_bytes_per_token']:,} B")
     table.add_row(f"KV cache for {report['context']} × {report['batch']}", _both(report["kv_cache_bytes"]))
     if report["naive_kv_cache_bytes"] != report["kv_cache_bytes"]:

@@ -33,6 +33,9 @@ class ModelNeed:
     runtime_bytes: int
     kv_bytes_per_token: int = 0  # 0: an encoder, no cache
     max_model_len: int = 0
+    # Held only while the model loads, before its weights and KV cache: converting a GGUF file at
+    # the first start (later starts reuse the conversion). Not part of the steady state.
+    load_peak_bytes: int = 0
 
     @property
     def is_llm(self) -> bool:
@@ -120,7 +123,7 @@ def _problems(plan: MemoryPlan, policy: KVPolicy, rest: int) -> list[str]:
     fixed = sum(n.fixed_bytes for n in plan.needs)
     if rest < 0:
         return [_too_big_message(plan, fixed)]
-    problems = []
+    problems = [_load_peak_message(plan, n) for n in plan.needs if _load_peak_overflow(plan, n) > 0]
     for need in (n for n in plan.needs if n.is_llm):
         if policy.kv_cache_memory is not None and policy.kv_cache_memory * plan.num_llms > rest:
             problems.append(
@@ -131,6 +134,26 @@ def _problems(plan: MemoryPlan, policy: KVPolicy, rest: int) -> list[str]:
         elif plan.kv_tokens(need) < need.max_model_len:
             problems.append(_short_cache_message(plan, need, policy, rest))
     return problems
+
+
+def _beside_bytes(plan: MemoryPlan, need: ModelNeed) -> int:
+    """Everything else in the plan, as if every other model were loaded first."""
+    return plan.total_bytes - need.fixed_bytes - (plan.kv_cache_bytes if need.is_llm else 0)
+
+
+def _load_peak_overflow(plan: MemoryPlan, need: ModelNeed) -> int:
+    if not need.load_peak_bytes:
+        return 0
+    return _beside_bytes(plan, need) + need.load_peak_bytes - plan.budget_bytes
+
+
+def _load_peak_message(plan: MemoryPlan, need: ModelNeed) -> str:
+    free = plan.budget_bytes - _beside_bytes(plan, need)
+    return (
+        f"converting the GGUF file of {need.name} at start needs {gib(need.load_peak_bytes)} while it runs, "
+        f"but {gib(free)} of the {gib(plan.budget_bytes)} budget is left beside the other models; start once "
+        f"with {need.name} alone or a larger --memory-budget (later starts reuse the conversion)"
+    )
 
 
 def _too_big_message(plan: MemoryPlan, fixed: int) -> str:
@@ -195,6 +218,8 @@ def describe(plans: tuple[MemoryPlan, ...]) -> list[str]:
         lines.append(f"memory plan on {plan.device}: budget {gib(plan.budget_bytes)}")
         for need in plan.needs:
             line = f"  {need.name}: {_parts(need)}"
+            if need.load_peak_bytes:
+                line += f", GGUF conversion first {gib(need.load_peak_bytes)} (once, freed before loading)"
             if need.is_llm:
                 line += (
                     f", KV cache {gib(plan.kv_cache_bytes)} = {plan.kv_tokens(need)} tokens "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from inferd.errors import ModelLoadError
+from inferd.hub.gguf import conversion_folder, is_converted, read_gguf_info
 from inferd.memory.estimate import (
     DTYPE_BYTES,
     count_parameters,
@@ -15,7 +17,11 @@ from inferd.memory.estimate import (
 )
 from inferd.memory.profile import free_memory
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8", "I8": "int8"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8",
+                       "I8": "int8"}  # fmt: skip
+_CONVERTIBLE = ("float32", "bfloat16", "float16")  # the dtypes serve converts a GGUF into
+_NO_CONVERSION = dict.fromkeys(("gguf_file_bytes", "conversion_dtype", "conversion_tensor_by_tensor",
+                                "conversion_peak_bytes", "conversion_disk_bytes", "conversion_done"))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +32,7 @@ class ConfigSource:
     num_params: int | None
     params_from: str
     stored_dtype: str | None
-    gguf_bytes: int | None  # a GGUF file's size: its weights as stored
+    gguf_path: Path | None = None  # a GGUF file: serve converts it into its dtype first
 
 
 def load_config_source(model: str, cache_dir: str | None) -> ConfigSource:
@@ -46,11 +52,12 @@ def load_config_source(model: str, cache_dir: str | None) -> ConfigSource:
         config, index = fetch_config(ref)
         stored = _stored_dtype(config.get("torch_dtype") or config.get("dtype"))
         num_params = params_from_index(index, stored) if index else None
-        return ConfigSource(config, num_params, "safetensors index" if num_params else "config", stored, None)
+        return ConfigSource(config, num_params, "safetensors index" if num_params else "config", stored)
     files = inspect_model(path)
-    stored = None if files.is_gguf else _stored_dtype(files.stored_dtype or files.config.get("torch_dtype"))
-    gguf_bytes = files.size_bytes if files.is_gguf else None
-    return ConfigSource(files.config, files.num_params, files.params_source, stored, gguf_bytes)
+    if files.is_gguf:
+        return ConfigSource(files.config, files.num_params, files.params_source, None, files.path)
+    stored = _stored_dtype(files.stored_dtype or files.config.get("torch_dtype"))
+    return ConfigSource(files.config, files.num_params, files.params_source, stored)
 
 
 def _stored_dtype(name: str | None) -> str | None:
@@ -67,7 +74,7 @@ def estimate_report(
     source = load_config_source(model, cache_dir)
     shape = shape_from_config(source.config)
     num_params = source.num_params or count_parameters(shape)
-    is_gguf = source.gguf_bytes is not None
+    is_gguf = source.gguf_path is not None
     # A GGUF is served dequantised (serve converts it once): in what serve would use, not as stored.
     dtype = normalize_dtype(dtype or (_served_dtype(device) if is_gguf else source.stored_dtype) or "float32")
     kv_dtype = normalize_dtype(kv_dtype or dtype)
@@ -81,10 +88,7 @@ def estimate_report(
     return {
         "model": model, "architecture": shape.architecture, "device": device,
         "dtype": dtype, "weights_as": weights_as, "kv_dtype": kv_dtype,
-        "gguf_file_bytes": source.gguf_bytes,
-        # transformers dequantises a GGUF to float32 before the converted copy is saved: once, in
-        # RAM and on disk, before serve's own load.
-        "conversion_peak_bytes": num_params * DTYPE_BYTES["float32"] if is_gguf else None,
+        **(_conversion(source.gguf_path, dtype, cache_dir) if is_gguf else _NO_CONVERSION),
         "context": result.context, "batch": batch,
         "num_params": num_params, "params_from": source.params_from,
         "weight_bytes": result.weight_bytes,
@@ -99,6 +103,23 @@ def estimate_report(
         "max_context_at_batch": min(max_tokens // batch, shape.max_position_embeddings),
         "max_batch_at_context": max_tokens // result.context,
     }  # fmt: skip
+
+
+def _conversion(gguf_path: Path, dtype: str, cache_dir: str | None) -> dict:
+    """What serve's conversion of the GGUF file costs, once, before the weights load: its peak in RAM
+    (freed before the KV cache is allocated) and the converted copy it leaves on disk."""
+    info = read_gguf_info(gguf_path)
+    # --quantization int8 is served from a bfloat16 conversion; int4 and float8 are not served.
+    conversion = info.conversion(dtype if dtype in _CONVERTIBLE else "bfloat16")
+    folder = conversion_folder(gguf_path, conversion.dtype, Path(cache_dir) if cache_dir else None)
+    return {
+        "gguf_file_bytes": info.file_size,
+        "conversion_dtype": conversion.dtype,
+        "conversion_tensor_by_tensor": conversion.tensor_by_tensor,
+        "conversion_peak_bytes": conversion.peak_bytes,
+        "conversion_disk_bytes": conversion.disk_bytes,
+        "conversion_done": is_converted(folder),  # already in the cache: serve skips it
+    }
 
 
 def _served_dtype(device: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from inferd.config import ModelKind, ServerSettings
 from inferd.errors import ModelLoadError
+from inferd.hub.gguf import conversion_folder, is_converted, read_gguf_info
 from inferd.hub.inspect import inspect_model
 from inferd.hub.resolve import resolve_model
 from inferd.memory.estimate import (
@@ -71,7 +72,10 @@ def server_needs(settings: ServerSettings) -> list[ModelNeed]:
         shape = shape_from_config(files.config)
         num_params = files.num_params or count_parameters(shape)
         if files.kind is ModelKind.CHAT:
-            need = _llm_need(spec.served_name, shape, num_params, settings.llm_config(spec))
+            config = settings.llm_config(spec)
+            need = _llm_need(spec.served_name, shape, num_params, config)
+            if files.is_gguf:
+                need = replace(need, load_peak_bytes=_conversion_peak(resolved.path, config))
         else:
             need = _encoder_need(spec.served_name, resolved.path, shape, num_params, settings.encoder_config(spec))
         key = (resolved.path, files.kind, need.device, need.dtype)
@@ -97,6 +101,14 @@ def _llm_need(name: str, shape: ModelShape, num_params: int, config) -> ModelNee
         kv_bytes_per_token=kv_bytes_per_token(shape, config.dtype),
         max_model_len=min(config.max_model_len or context, context),
     )
+
+
+def _conversion_peak(gguf_path: Path, config) -> int:
+    """What converting the GGUF file at start holds at its peak; 0 when a conversion is cached."""
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    if is_converted(conversion_folder(gguf_path, config.dtype, cache_dir)):
+        return 0
+    return read_gguf_info(gguf_path).conversion(config.dtype).peak_bytes
 
 
 def _encoder_need(name: str, path: Path, shape: ModelShape, num_params: int, config) -> ModelNeed:

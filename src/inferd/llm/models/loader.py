@@ -54,7 +54,8 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     if path.is_file() and path.suffix == ".gguf":
-        path = converted_gguf(path, Path(config.cache_dir) if config.cache_dir else None)
+        # Straight into the served dtype (int8 too is made from the bf16 weights: see hub.gguf).
+        path = converted_gguf(path, Path(config.cache_dir) if config.cache_dir else None, config.dtype)
     dtype = _DTYPES[config.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
