@@ -6,9 +6,9 @@ from inferd import __version__
 
 
 def version_info() -> dict:
-    """The package version and the native kernel build this CPU runs (None: the torch paths, or a
-    source tree whose kernels are compiled on first use)."""
-    from inferd.llm.runner.kernels import best_prebuilt  # imports torch: only when asked
+    """The package version and the native kernel build this CPU runs (None: no build loads here,
+    and the LLM runs on its torch paths)."""
+    from inferd.llm.runner.kernels import native_ops  # imports torch: only when asked
 
-    best = best_prebuilt()
-    return {"version": __version__, "kernels": best.name if best is not None else None}
+    ops = native_ops()  # the library a server loaded already; loading it is cheap otherwise
+    return {"version": __version__, "kernels": ops.variant if ops is not None else None}

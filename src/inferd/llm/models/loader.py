@@ -63,7 +63,7 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from None
     text_config = hf_config.get_text_config()
-    native = native_ops(config.cache_dir) if config.native_kernels and config.device == "cpu" else None
+    native = native_ops() if config.native_kernels and config.device == "cpu" else None
     if config.quantization == "int8":
         _check_int8(config, text_config, native)
     model, decoder = None, None

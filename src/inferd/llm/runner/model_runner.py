@@ -46,12 +46,12 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: LLMConfig, num_blocks: int) -> None:
         self.model = loaded.model
         self.decoder = loaded.decoder
-        # Decodes attend in place over the paged cache when the native kernels build (CPU, fp32/bf16);
+        # Decodes attend in place over the paged cache when the native kernels load (CPU, fp32/bf16);
         # a bf16 decoder also runs its element-wise steps through them.
         self.native = None
         native = config.native_kernels and config.device == "cpu"
         if native and loaded.facts.dtype in (torch.float32, torch.bfloat16):
-            self.native = native_ops(config.cache_dir)
+            self.native = native_ops()
         self.facts = loaded.facts
         one_call = self.native is not None and self.native.has_linear and self.facts.dtype == torch.bfloat16
         self.row_pairs = NATIVE_ROW_PAIRS

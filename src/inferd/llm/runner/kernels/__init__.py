@@ -1,27 +1,16 @@
 """Native CPU kernels, loaded with ctypes.
 
 The package is built with one library per instruction-set level (``variants.py``, built by
-setup.py: a wheel or ``pip install`` compiles them, the serving machine needs no compiler), and
-``native_ops`` loads the best one this CPU can execute. A source tree that was never built falls
-back to compiling the sources on first use with the system compiler (``-march=native``) into the
-cache directory, with a WARNING; without a compiler the runner keeps its pure-torch paths.
-
-Loading a library runs its code, and the cache may sit on a shared volume, so a cached library is
-loaded only from a folder that this user owns and no one else can write, and only when its bytes
-still have the sha256 recorded when it was built. A folder that fails the check is not used: the
-library is built into a private temporary folder instead.
+setup.py: a wheel, ``pip install`` or ``make install`` compiles them; nothing is compiled at serve
+time, and the serving machine needs no compiler), and ``native_ops`` loads the best one this CPU
+can execute. Without one (a source tree that was never built, a build made without a compiler, a
+library that does not load) the runner keeps its pure-torch paths and says so once, at WARNING.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import stat
-import subprocess
-import tempfile
 from functools import cache
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
@@ -32,13 +21,12 @@ from inferd.llm.runner.kernels import variants
 
 log = logging.getLogger("inferd.llm.kernels")
 _HERE = Path(__file__).parent
-_SOURCES = tuple(
-    _HERE / name for name in ("paged_decode.c", "fused.c", "amx_linear.c", "bf16_linear.c", "decoder_step.c")
-)
-_HEADERS = (_HERE / "common.h",)
-# -fno-trapping-math lets gcc vectorise floorf (the exp in softmax and SiLU); values are unchanged.
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-shared", "-fPIC")
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+# How to get the libraries, said with every warning about their absence.
+_HOW_TO_BUILD = (
+    "they are built with the package: reinstall it where a C compiler is present "
+    "(`pip install --force-reinstall .` from the source, or `make install`)"
+)
 
 
 class LayerWeights(ctypes.Structure):
@@ -80,8 +68,8 @@ class NativeOps:
     element-wise steps of a decoder layer and, on CPUs with AMX or AVX512-BF16, bf16 linear layers
     (``has_linear``) and a whole decoder step in one call; thin wrappers over tensors."""
 
-    def __init__(self, library: ctypes.CDLL, variant: str = "native") -> None:
-        self.variant = variant  # which build: a variants.py name, or "native" (compiled here)
+    def __init__(self, library: ctypes.CDLL, variant: str) -> None:
+        self.variant = variant  # which build: a variants.py name
         self._checked_slots: torch.Tensor | None = None  # the last slot tensor found in range
         self.paged_decode = _bind(
             library.paged_decode_attention,
@@ -139,7 +127,9 @@ class NativeOps:
         """silu(gate) * up for rows laid out [gate | up]."""
         _check(gate_up, "gate_up", torch.bfloat16, (None, None))
         if not gate_up.is_contiguous() or gate_up.shape[1] % 2:
-            raise KernelArgumentError("gate_up: the kernel takes contiguous rows of an even width [gate | up]")
+            raise KernelArgumentError(
+                "gate_up: the kernel takes contiguous rows of an even width [gate | up]"
+            )
         rows, width = gate_up.shape[0], gate_up.shape[1] // 2
         out = gate_up.new_empty(rows, width)
         self._silu_mul(gate_up.data_ptr(), rows, width, out.data_ptr())
@@ -156,7 +146,11 @@ class NativeOps:
         _check(slots, "slots", torch.int64, (tokens,))
         num_slots = k_cache.numel() // (num_kv_heads * head_dim)
         for name, kv in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if kv.dtype != torch.bfloat16 or not kv.is_contiguous() or kv.shape[-2:] != (num_kv_heads, head_dim):
+            if (
+                kv.dtype != torch.bfloat16
+                or not kv.is_contiguous()
+                or kv.shape[-2:] != (num_kv_heads, head_dim)
+            ):
                 raise KernelArgumentError(
                     f"{name}: the kernel takes a contiguous bf16 (..., {num_kv_heads}, {head_dim}) cache"
                 )
@@ -188,13 +182,21 @@ class NativeOps:
         ``has_int8_linear``); the result in bf16, or float32 with ``fp32_out`` (logits: no rounding,
         no conversion after)."""
         _check(x, "x", torch.bfloat16, (None, None))
-        if packed.numel() * packed.element_size() < x.shape[1] * out_features * (1 if scale is not None else 2):
+        if packed.numel() * packed.element_size() < x.shape[1] * out_features * (
+            1 if scale is not None else 2
+        ):
             raise KernelArgumentError(f"packed: too small for a ({out_features}, {x.shape[1]}) weight")
         if bias is not None:
             _check(bias, "bias", bias.dtype, (out_features,))
         out = x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else torch.bfloat16)
         rows = (x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr())
-        rest = (out_features, None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, int(fp32_out))
+        rest = (
+            out_features,
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            out_features,
+            int(fp32_out),
+        )
         if scale is None:
             self._linear(*rows, *rest)
         else:
@@ -260,24 +262,32 @@ def pack_int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @cache
-def native_ops(cache_dir: str | None = None) -> NativeOps | None:
-    """The best kernel library built with the package for this CPU; in a source tree that was never
-    built, one compiled here (``jit_ops``); None when neither can be had."""
-    best = best_prebuilt()
-    if best is not None:
-        runnable = ", ".join(v.name for v in variants.runnable())
-        log.info("native kernels: the %s build (this CPU runs %s)", best.name, runnable)
-        return load_variant(best)
-    log.warning(
-        "no kernel library was built with this package (build it with `pip install .` or `make install`); "
-        "compiling the kernels with the system compiler instead"
-    )
-    return jit_ops(cache_dir)
-
-
-def best_prebuilt() -> variants.Variant | None:
-    """The package's build that ``native_ops`` loads on this CPU, found without loading anything."""
-    return next((v for v in variants.runnable() if prebuilt_library(v) is not None), None)
+def native_ops() -> NativeOps | None:
+    """The best kernel library built with the package that loads on this CPU; None when none
+    does, after one WARNING saying why: the runner then uses its torch paths."""
+    runnable = variants.runnable()
+    failures = []
+    for variant in runnable:
+        if prebuilt_library(variant) is None:
+            continue
+        try:
+            ops = load_variant(variant)
+        except (OSError, AttributeError) as exc:  # not a library for this system, or an older build
+            failures.append(f"the {variant.name} build did not load ({exc})")
+            continue
+        if failures:
+            why = "; ".join(failures)
+            log.warning(
+                "native kernels: %s; running the %s build instead (%s)", why, variant.name, _HOW_TO_BUILD
+            )
+        else:
+            names = ", ".join(v.name for v in runnable)
+            log.info("native kernels: the %s build (this CPU runs %s)", variant.name, names)
+        return ops
+    names = ", ".join(v.name for v in runnable)
+    why = "; ".join(failures) or f"the package holds no kernel library this CPU can run (it runs {names})"
+    log.warning("running without the native kernels, on the torch paths (slower): %s; %s", why, _HOW_TO_BUILD)
+    return None
 
 
 def prebuilt_library(variant: variants.Variant) -> Path | None:
@@ -293,119 +303,7 @@ def load_variant(variant: variants.Variant) -> NativeOps:
     return NativeOps(ctypes.CDLL(str(library)), variant.name)
 
 
-def jit_ops(cache_dir: str | None = None) -> NativeOps | None:
-    """The sources compiled here with ``-march=native`` into the cache directory on first use."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no kernel library and no C compiler: the runner uses its torch paths (slower)")
-        return None
-    root = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "inferd"
-    folder, name = root / "kernels", f"inferd_cpu-{_build_key(compiler)}.so"
-    try:
-        unsafe = _unsafe_reason(folder)
-    except OSError as exc:  # a read-only cache directory, or a file in the way: run without the kernel
-        log.warning("cannot build the native kernels in %s (%s); using the torch paths", folder, exc)
-        return None
-    if unsafe:
-        log.warning("not loading native kernels from %s: %s; building them in a private folder", folder, unsafe)
-        return _load_private_build(compiler, name)
-    library = folder / name
-    if not _is_intact(library) and not _build(compiler, library):
-        return None
-    return NativeOps(ctypes.CDLL(str(library)))
-
-
-def _unsafe_reason(folder: Path) -> str | None:
-    """Why another user could swap the library in ``folder`` (created 0700 when missing), or None."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
-    if info.st_uid != os.geteuid():
-        return f"it belongs to uid {info.st_uid}, not to this process's uid {os.geteuid()}"
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"its group or other users may write to it (mode {stat.S_IMODE(info.st_mode):o})"
-    return None
-
-
-def _load_private_build(compiler: str, name: str) -> NativeOps | None:
-    with tempfile.TemporaryDirectory(prefix="inferd-kernels-") as folder:  # 0700, ours alone
-        library = Path(folder) / name
-        if not _build(compiler, library):
-            return None
-        return NativeOps(ctypes.CDLL(str(library)))  # mapped now: the file may go with its folder
-
-
-def _is_intact(library: Path) -> bool:
-    """The library is there with the sha256 recorded when it was built (else it is rebuilt)."""
-    if not library.is_file():
-        return False
-    recorded = _digest_file(library)
-    if not recorded.is_file():
-        log.info("%s has no recorded sha256; rebuilding it", library)
-        return False
-    if _sha256(library) != recorded.read_text().strip():
-        log.warning("%s differs from the library built there (sha256 mismatch); rebuilding it", library)
-        return False
-    return True
-
-
-def _digest_file(library: Path) -> Path:
-    return library.with_name(library.name + ".sha256")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _bind(function, *argtypes, restype=ctypes.c_int):
     function.argtypes = list(argtypes)
     function.restype = restype
     return function
-
-
-def _build_key(compiler: str) -> str:
-    digest = hashlib.sha256()
-    for source in (*_SOURCES, *_HEADERS):
-        digest.update(source.read_bytes())
-    digest.update(" ".join(_FLAGS).encode())
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False)
-    digest.update(version.stdout.encode())
-    digest.update(_cpu_flags().encode())  # -march=native: a library is only valid on its own CPU
-    return digest.hexdigest()[:16]
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return os.uname().machine
-
-
-def _build(compiler: str, library: Path) -> bool:
-    try:
-        library.parent.mkdir(parents=True, exist_ok=True)
-        return _compile(compiler, library)
-    except OSError as exc:  # a read-only or full cache directory: run without the kernel
-        log.warning("cannot build the native kernels in %s (%s); using the torch paths", library.parent, exc)
-        return False
-
-
-def _compile(compiler: str, library: Path) -> bool:
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # a unique name per builder
-        target = Path(tmp) / library.name
-        result = subprocess.run(
-            [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(target), "-lm"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            log.warning("building the native kernels failed; using the torch paths:\n%s", result.stderr)
-            return False
-        digest = Path(tmp) / "sha256"
-        digest.write_text(_sha256(target) + "\n")
-        # Both renames are atomic: a concurrent start sees no half-written file, and one that reads
-        # the new library with the old digest (or none) rebuilds rather than loads it.
-        os.replace(target, library)
-        os.replace(digest, _digest_file(library))
-    return True
