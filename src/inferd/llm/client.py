@@ -24,7 +24,7 @@ from inferd.errors import (
 from inferd.llm.engine import LLMEngine, is_request_error
 from inferd.llm.models.loader import load_causal_lm
 from inferd.llm.outputs import EngineStats, RequestOutput
-from inferd.llm.params import SamplingParams
+from inferd.llm.params import Guide, SamplingParams
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -50,6 +50,10 @@ class GenerationObserver(Protocol):
     def on_step(self, num_tokens: int) -> None:
         """On the engine thread: a step computed ``num_tokens`` tokens."""
 
+    def on_mask(self, seconds: float, num_rows: int) -> None:
+        """On the engine thread: a step spent ``seconds`` filling the grammar masks of ``num_rows``
+        rows (structured output); not called for steps without one."""
+
 
 class _NoObserver:
     def on_output(self, output: RequestOutput, elapsed_s: float, gap_s: float | None) -> None:
@@ -59,6 +63,9 @@ class _NoObserver:
         pass
 
     def on_step(self, num_tokens: int) -> None:
+        pass
+
+    def on_mask(self, seconds: float, num_rows: int) -> None:
         pass
 
 
@@ -94,6 +101,8 @@ class _EngineLoop:
                 outputs = compute.run(self.engine.step, num_threads=num_threads)
                 if self.engine.num_step_tokens:
                     self.observer.on_step(self.engine.num_step_tokens)
+                if self.engine.num_mask_rows:
+                    self.observer.on_mask(self.engine.mask_seconds, self.engine.num_mask_rows)
                 if outputs:
                     self._publish(outputs)
                 if time.monotonic() - last_log >= _STATS_INTERVAL_S:
@@ -262,6 +271,12 @@ class LLMClient:
         if self._backend is not None and len(token_ids) >= _INLINE_DECODE_TOKENS and not self._cleans_up:
             return self._backend.decode_batch([token_ids], skip_special_tokens=False)[0]  # GIL released
         return self.tokenizer.decode(token_ids)
+
+    def check_guide(self, guide: Guide) -> None:
+        """Raise InvalidRequestError(param="response_format") for a grammar llguidance rejects.
+        Blocking (the first call builds the grammar engine's view of the tokenizer, ~1 s on a 49k
+        vocabulary): call it on a worker thread, before submitting."""
+        self.engine.check_guide(guide)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise the typed error a request would fail with, before anything is streamed."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from asyncio import CancelledError
 from dataclasses import dataclass
 
@@ -13,11 +14,12 @@ from inferd.llm.kv_cache.manager import KVCacheManager
 from inferd.llm.memory import plan_num_blocks
 from inferd.llm.models.loader import LoadedModel
 from inferd.llm.outputs import RequestOutput, TokenLogprob
-from inferd.llm.params import SamplingParams
+from inferd.llm.params import Guide, SamplingParams
 from inferd.llm.request import FinishReason, Request
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
-from inferd.llm.sampler import Sampler, SamplerOutput, SamplingState
+from inferd.llm.sampler import AllowedTokens, Sampler, SamplerOutput, SamplingState
 from inferd.llm.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from inferd.llm.structured import GuideManager, GuideState
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,12 @@ def is_request_error(exc: BaseException) -> bool:
 
 @dataclass(slots=True)
 class _Live:
-    """A request with its sampler state and detokenizer."""
+    """A request with its sampler state, detokenizer and grammar (structured output), if any."""
 
     request: Request
     sampling: SamplingState
     detokenizer: IncrementalDetokenizer
+    guide: GuideState | None = None
 
 
 class LLMEngine:
@@ -68,8 +71,12 @@ class LLMEngine:
         self.sampler = Sampler(
             loaded.facts.vocab_size, set(loaded.facts.eos_token_ids), argmax=native.argmax if native else None
         )
+        self.guides = GuideManager(loaded.tokenizer, loaded.facts.vocab_size, loaded.facts.eos_token_ids)
         self._live: dict[str, _Live] = {}
         self.num_step_tokens = 0  # tokens the last step computed (for the iteration-tokens metric)
+        # The last step's grammar masks: rows masked and seconds spent filling them (for the metric).
+        self.num_mask_rows = 0
+        self.mask_seconds = 0.0
         log.info(
             "LLM KV cache: %d blocks of %d tokens (%.0f MiB)",
             num_blocks,
@@ -103,6 +110,11 @@ class LLMEngine:
                 f"vocabulary size {vocab_size})",
                 param=param,
             )
+
+    def check_guide(self, guide: Guide) -> None:
+        """Raise InvalidRequestError for a grammar llguidance rejects (thread-safe: the API calls it
+        on a worker thread, before admission)."""
+        self.guides.check(guide)
 
     def _check_length(self, num_prompt: int, params: SamplingParams) -> int:
         room = self.max_model_len - num_prompt
@@ -156,11 +168,14 @@ class LLMEngine:
     ) -> None:
         """Queue a request; ``cache_salt`` limits prefix-cache sharing to requests with the same salt."""
         max_tokens = self.check_prompt(prompt_token_ids, params)
+        # A grammar that does not compile fails this request here, before it takes any blocks.
+        guide = self.guides.start(params.guide) if params.guide is not None else None
         request = Request(request_id, list(prompt_token_ids), params, max_tokens, cache_salt=cache_salt)
         self._live[request_id] = _Live(
             request,
             SamplingState.create(params, prompt_token_ids),
             IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
+            guide,
         )
         self.scheduler.add(request)
 
@@ -199,6 +214,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         output = self.scheduler.schedule()
         self.num_step_tokens = output.num_tokens
+        self.num_mask_rows, self.mask_seconds = 0, 0.0
         if not output.scheduled:
             return []
         seeded = self._seeded_states(output.scheduled)
@@ -216,15 +232,33 @@ class LLMEngine:
 
     def _run(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], SamplerOutput]:
         """Forward the scheduled chunks and sample a token for each that reached its end. It leaves
-        the requests as they were (a prompt logprob is only ever added once), so it may run again."""
+        the requests as they were (a prompt logprob is only ever added once, grammar masks only read
+        their matchers), so it may run again."""
         logits = self.runner.execute(self._chunks(scheduled))
         sample_rows, prompt_rows = self._split_rows(scheduled)
         if prompt_rows:
             self._collect_prompt_logprobs(logits, prompt_rows)
         sampled = [item for item, _ in sample_rows]
-        states = [self._live[item.request.request_id].sampling for item in sampled]
-        result = self.sampler.sample(logits[[row for _, row in sample_rows]], states)
+        lives = [self._live[item.request.request_id] for item in sampled]
+        allowed = self._prepare_masks(lives)
+        states = [live.sampling for live in lives]
+        result = self.sampler.sample(logits[[row for _, row in sample_rows]], states, allowed)
         return sampled, result
+
+    def _prepare_masks(self, lives: list[_Live]) -> AllowedTokens | None:
+        """What the grammar allows in the sampled rows it applies to (None: no such row)."""
+        rows = [
+            (row, live.guide, live.sampling)
+            for row, live in enumerate(lives)
+            if live.guide is not None and live.guide.is_active
+        ]
+        if not rows:
+            return None
+        start = time.perf_counter()
+        allowed = self.guides.prepare_masks(rows)
+        self.mask_seconds += time.perf_counter() - start
+        self.num_mask_rows += len(rows)
+        return allowed
 
     def _seeded_states(self, scheduled: list[ScheduledRequest]) -> list[tuple]:
         """Seeded requests' generator states before a step (a few KB each, seeded rows only): if
@@ -318,8 +352,10 @@ class LLMEngine:
         token_id = result.token_ids[row]
         request.token_ids.append(token_id)
         live.sampling.output_token_ids.append(token_id)
+        # The grammar takes the token first: one it refuses fails the request before any text is sent.
+        is_complete = live.guide is not None and live.guide.advance(live.sampling.output_token_ids)
         logprobs = _logprobs(result, row, token_id) if request.params.logprobs is not None else None
-        reason, stop_reason = self._token_finish_reason(live, token_id)
+        reason, stop_reason = self._token_finish_reason(live, token_id, is_complete)
         text = ""
         if reason is None or reason is FinishReason.LENGTH:
             # EOS and stop token ids end the text without being part of it.
@@ -332,15 +368,21 @@ class LLMEngine:
                 return self._finish(live, FinishReason.ERROR, "", [token_id], None, error=exc)
             if live.detokenizer.stopped_on is not None:
                 reason, stop_reason = FinishReason.STOP, live.detokenizer.stopped_on
+            elif is_complete:  # the grammar's last token is text; the output is whole, not cut
+                reason = FinishReason.STOP
         if reason is None:
             return self._output(request, [token_id], text, logprobs, None)
         return self._finish(live, reason, text, [token_id], logprobs, stop_reason=stop_reason)
 
-    def _token_finish_reason(self, live: _Live, token_id: int) -> tuple[FinishReason | None, int | None]:
+    def _token_finish_reason(
+        self, live: _Live, token_id: int, is_complete: bool
+    ) -> tuple[FinishReason | None, int | None]:
         request, params = live.request, live.request.params
         if token_id in params.stop_token_ids:
             return FinishReason.STOP, token_id
-        eos_allowed = not params.ignore_eos and request.num_output_tokens > params.min_tokens
+        # An EOS the grammar took ends the request whatever ignore_eos and min_tokens say: the
+        # grammar allows it to them only when it allows nothing else.
+        eos_allowed = is_complete or (not params.ignore_eos and request.num_output_tokens > params.min_tokens)
         if eos_allowed and token_id in self.facts.eos_token_ids:
             return FinishReason.STOP, None
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:

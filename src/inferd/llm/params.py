@@ -6,6 +6,17 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
+class Guide:
+    """A grammar the request's output must follow (llguidance's grammar format, as a JSON string, as
+    returned by llguidance.grammar_from(...) / LLMatcher.grammar_from_json_schema / _lark / _regex)."""
+
+    grammar: str
+    # Token ids: the grammar applies from just after the first occurrence of this sequence in the
+    # OUTPUT (e.g. the ids of "</think>" so reasoning stays free); () = from the first output token.
+    start_after: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to choose each next token and when to stop.
 
@@ -33,6 +44,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # completions' echo + logprobs
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    guide: Guide | None = None  # grammar-constrained decoding (structured output, forced tool calls)
 
     @property
     def is_greedy(self) -> bool:

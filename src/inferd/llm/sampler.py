@@ -1,14 +1,16 @@
 """Next-token selection for a whole batch in one set of tensor ops.
 
 Order of work, as OpenAI and vLLM users expect: repetition penalty (prompt + output tokens), frequency
-and presence penalties (output tokens), logit bias, min_tokens blocking; then greedy rows take the
-argmax and the other rows go through temperature, top-k, top-p, min-p and a draw.
+and presence penalties (output tokens), logit bias, min_tokens blocking, the grammar's allowed tokens
+(structured output); then greedy rows take the argmax and the other rows go through temperature,
+top-k, top-p, min-p and a draw.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inferd.llm.params import SamplingParams
@@ -44,13 +46,24 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
+@dataclass(slots=True)
+class AllowedTokens:
+    """The tokens a grammar allows in some rows of a batch (llguidance's bitmask layout): bit
+    ``t % 32`` of word ``t // 32`` of a row is set when token ``t`` may come next. Such a row's
+    min_tokens rule is already in its mask (structured.GuideManager), so the sampler's own is skipped."""
+
+    rows: list[int]  # rows of the batch, ascending
+    bitmask: np.ndarray  # (len(rows), ceil(vocab_size / 32)) int32
+
+
 class Sampler:
     """Chooses the next token of every row of a batch.
 
-    Reported logprobs are ``log_softmax`` of the logits after penalties, logit bias and min_tokens
-    blocking, but before temperature, top-k, top-p and min-p. That is the model's distribution as the
-    request shaped it, independent of how adventurous the draw was, so greedy and sampled requests
-    report comparable numbers and a top-k cut does not turn alternatives into -inf.
+    Reported logprobs are ``log_softmax`` of the logits after penalties, logit bias, min_tokens
+    blocking and a grammar's mask, but before temperature, top-k, top-p and min-p. That is the
+    model's distribution as the request shaped it, independent of how adventurous the draw was, so
+    greedy and sampled requests report comparable numbers and a top-k cut does not turn
+    alternatives into -inf.
     """
 
     def __init__(self, vocab_size: int, eos_token_ids: set[int], argmax=None) -> None:
@@ -61,9 +74,12 @@ class Sampler:
         # A faster argmax over CPU float32 rows (the native kernels'), when the runner has one.
         self._argmax = argmax
 
-    def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
-        """``logits``: (batch, ≥ vocab_size) float, one row per state, in the same order."""
-        logits = self.process_logits(logits, states)
+    def sample(
+        self, logits: torch.Tensor, states: list[SamplingState], allowed: AllowedTokens | None = None
+    ) -> SamplerOutput:
+        """``logits``: (batch, ≥ vocab_size) float, one row per state, in the same order;
+        ``allowed``: the rows that follow a grammar, and what it allows them."""
+        logits = self.process_logits(logits, states, allowed)
         wants_logprobs = any(state.params.logprobs is not None for state in states)
         logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         token_ids = _choose_tokens(logits, states, self._argmax_of)
@@ -78,27 +94,33 @@ class Sampler:
             return self._argmax(logits)
         return logits.argmax(dim=-1)
 
-    def process_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Penalties, logit bias and min_tokens applied to a float32 copy cut to the vocabulary
-        (no copy when nothing applies: the caller's rows are then returned, cut, as they are)."""
+    def process_logits(
+        self, logits: torch.Tensor, states: list[SamplingState], allowed: AllowedTokens | None = None
+    ) -> torch.Tensor:
+        """Penalties, logit bias, min_tokens and the grammar's mask applied to a float32 copy cut to
+        the vocabulary (no copy when nothing applies: the caller's rows are then returned, cut, as
+        they are)."""
         assert logits.dim() == 2 and logits.shape[0] == len(states), (tuple(logits.shape), len(states))
         assert logits.shape[1] >= self.vocab_size, (tuple(logits.shape), self.vocab_size)
         # Columns past vocab_size belong to a padded embedding table and are never valid tokens.
         logits = logits[:, : self.vocab_size]
-        if not any(_edits_logits(state) for state in states):
+        has_mask = allowed is not None and bool(allowed.rows)
+        if not has_mask and not any(_edits_logits(state) for state in states):
             return logits.float()
         logits = logits.to(torch.float32, copy=True)
         _apply_repetition_penalty(logits, states)
         _apply_frequency_presence_penalties(logits, states)
         _apply_logit_bias(logits, states)
-        self._block_stop_tokens(logits, states)
+        self._block_stop_tokens(logits, states, set(allowed.rows) if has_mask else set())
+        if has_mask:
+            _apply_allowed(logits, allowed)
         return logits
 
-    def _block_stop_tokens(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
+    def _block_stop_tokens(self, logits: torch.Tensor, states: list[SamplingState], guided: set[int]) -> None:
         rows: list[int] = []
         cols: list[int] = []
         for row, state in enumerate(states):
-            if len(state.output_token_ids) < state.params.min_tokens:
+            if len(state.output_token_ids) < state.params.min_tokens and row not in guided:
                 blocked = self.eos_token_ids.union(state.params.stop_token_ids)
                 rows.extend([row] * len(blocked))
                 cols.extend(blocked)
@@ -150,6 +172,19 @@ def _apply_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None
     assert max(cols) < logits.shape[1] and min(cols) >= 0, "logit_bias token ids are checked at the API"
     index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
     logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def _apply_allowed(logits: torch.Tensor, allowed: AllowedTokens) -> None:
+    """-inf for every token the grammar does not allow in its rows, in one masked fill. The int32
+    words are read as little-endian bytes (x86, Arm), so unpacking bits least significant first
+    puts token t at position t."""
+    bits = np.unpackbits(allowed.bitmask.view(np.uint8), axis=1, count=logits.shape[1], bitorder="little")
+    refused = torch.from_numpy(bits) == 0
+    if len(allowed.rows) == logits.shape[0]:
+        logits.masked_fill_(refused, _NEG_INF)
+        return
+    index = torch.tensor(allowed.rows, device=logits.device)
+    logits[index] = logits[index].masked_fill_(refused.to(logits.device), _NEG_INF)
 
 
 def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:

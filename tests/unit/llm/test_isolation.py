@@ -124,10 +124,10 @@ def _fail_in_runner(engine, monkeypatch, error):
 def _fail_in_sampler(engine, monkeypatch, error, bad_params):
     sample = engine.sampler.sample
 
-    def failing(logits, states):
+    def failing(logits, states, allowed=None):
         if any(state.params is bad_params for state in states):
             raise error("boom")
-        return sample(logits, states)
+        return sample(logits, states, allowed)
 
     monkeypatch.setattr(engine.sampler, "sample", failing)
 
@@ -283,8 +283,8 @@ def test_a_step_failing_after_its_draws_leaves_seeded_requests_unchanged(engine,
     bad_params = replace(GREEDY)
     sample = engine.sampler.sample
 
-    def failing_after_the_draw(logits, states):
-        result = sample(logits, states)
+    def failing_after_the_draw(logits, states, allowed=None):
+        result = sample(logits, states, allowed)
         if any(state.params is bad_params for state in states):
             raise RuntimeError("boom after drawing")
         return result
