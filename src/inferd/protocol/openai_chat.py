@@ -77,6 +77,17 @@ def num_message_chars(messages: list[ChatMessage]) -> int:
     return sum(len(m.text() or "") for m in messages)
 
 
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: the reply is one call of that function."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -94,8 +105,8 @@ class ChatCompletionRequest(SamplingFields):
         at_most_nested(MAX_JSON_DEPTH),
         at_most(MAX_TOOLS, "tools"),  # before validators run last first: the count is checked first
     ] = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: Annotated[
         dict[str, Any] | None,
@@ -103,6 +114,16 @@ class ChatCompletionRequest(SamplingFields):
         at_most_nested(MAX_JSON_DEPTH),
         at_most(MAX_TEMPLATE_KWARGS, "chat_template_kwargs entries"),
     ] = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _check_tool_choice(cls, value: Any) -> Any:
+        # Before the union's own checks, which would name each member in the error's field.
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError(
+                f"tool_choice must be 'none', 'auto', 'required' or a named function, got {value!r}"
+            )
+        return value
 
     @field_validator("tools")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from itertools import accumulate
 
 from starlette.responses import Response
@@ -19,10 +20,12 @@ from inferd.api.serving.generation import (
     token_text,
     usage,
 )
+from inferd.api.serving.structured import response_guide
 from inferd.api.streaming import sse_response
 from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
 from inferd.llm.outputs import TokenLogprob
+from inferd.llm.params import Guide
 from inferd.protocol.openai_completions import CompletionRequest
 
 
@@ -30,7 +33,9 @@ def _echoes(client: LLMClient, prompts: list[list[int]]) -> list[str]:
     return [client.decode(p) for p in prompts]
 
 
-def prepare_prompts(body: CompletionRequest, client: LLMClient) -> list[list[int]]:
+def prepare_prompts(body: CompletionRequest, client: LLMClient) -> tuple[list[list[int]], Guide | None]:
+    """The prompts' token ids and the grammar the output follows, if any: CPU work (tokenising,
+    grammar checks) run off the event loop."""
     if body.suffix:
         raise InvalidRequestError(
             "this model cannot fill in the middle: suffix is not supported", param="suffix"
@@ -38,7 +43,8 @@ def prepare_prompts(body: CompletionRequest, client: LLMClient) -> list[list[int
     prompts = body.prompts()
     if not prompts:
         raise InvalidRequestError("prompt must not be empty", param="prompt")
-    return [client.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    guide = response_guide(body, client)
+    return [client.encode(p) if isinstance(p, str) else list(p) for p in prompts], guide
 
 
 async def completion(body: CompletionRequest, model_name: str, client: LLMClient) -> Response:
@@ -46,10 +52,12 @@ async def completion(body: CompletionRequest, model_name: str, client: LLMClient
     if body.max_tokens == 0:
         raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
     text_size = sum(len(p) if isinstance(p, str) else 8 * len(p) for p in body.prompts())
-    prompts = await off_loop(prepare_prompts, body, client, size=text_size)
+    # A grammar's check compiles it against the vocabulary: never inline.
+    size = None if body.constraints() else text_size
+    prompts, guide = await off_loop(prepare_prompts, body, client, size=size)
     # Before the requests start: nothing may await between their submission and the first read.
     echoes = await off_loop(_echoes, client, prompts) if body.echo else [""] * len(prompts)
-    params = [body.to_sampling_params(seed_offset=i) for i in range(body.n)]
+    params = [replace(body.to_sampling_params(seed_offset=i), guide=guide) for i in range(body.n)]
     request_id = new_id("cmpl")
     outputs = run_choices(client, prompts, params, request_id)
     if body.stream:
