@@ -354,6 +354,26 @@ def test_check_guide_rejects_invalid_grammars(loaded, grammar, message):
     engine.check_guide(JSON_GUIDE)  # a valid one passes
 
 
+def test_a_checked_grammar_is_not_compiled_again_on_the_engine_thread(loaded, monkeypatch):
+    """check_guide (the API's worker thread) compiles; add_request (the engine thread) only copies,
+    for each of a request's choices, and the copies are independent matchers."""
+    engine = make_engine(loaded)
+    engine.check_guide(SMALL_GUIDE)
+    compiled = []
+    original = engine.guides._compile
+    monkeypatch.setattr(
+        engine.guides, "_compile", lambda grammar: compiled.append(grammar) or original(grammar)
+    )
+    prompt = encode(engine, PROMPT)
+    results = run(engine, {f"r{i}": (prompt, replace(GREEDY, guide=SMALL_GUIDE)) for i in range(2)})
+    assert compiled == []
+    for result in results.values():
+        jsonschema.validate(json.loads(result.text), SMALL_SCHEMA)
+    unchecked = Guide(llguidance.grammar_from("regex", "[a-z]{3}"))
+    (result,) = run(engine, {"u": (prompt, replace(GREEDY, guide=unchecked))}).values()
+    assert compiled == [unchecked.grammar] and re.fullmatch("[a-z]{3}", result.text)
+
+
 class Observer:
     def __init__(self) -> None:
         self.masks: list[tuple[float, int]] = []
