@@ -26,6 +26,22 @@ def test_version_and_help():
     assert "INFERD_MAX_BATCH_TOKENS" in help_text
 
 
+def test_a_true_by_default_setting_can_be_turned_off_by_flag(monkeypatch):
+    """Every boolean setting has --x/--no-x: a bare flag could only ever say true."""
+    from typer.testing import CliRunner
+
+    from inferd.cli import models, serve
+    from inferd.cli.main import app
+
+    seen = {}
+    monkeypatch.setattr(models, "prepare_to_serve", lambda settings, check_only: None)
+    monkeypatch.setattr(serve, "run", lambda settings: seen.update(settings=settings))
+    for flags, expected in (([], True), (["--no-enable-prefix-caching"], False), (["--enable-prefix-caching"], True)):
+        result = CliRunner().invoke(app, ["serve", "--model", "x", *flags])
+        assert result.exit_code == 0, result.output
+        assert seen.pop("settings").enable_prefix_caching is expected
+
+
 def test_bad_settings_exit_with_a_message():
     result = subprocess.run([*INFERD, "serve", "--model", "x,kind=poem"], capture_output=True, text=True)
     assert result.returncode == 2

@@ -51,7 +51,7 @@ def serve_command():
                 annotation=Annotated[
                     _cli_type(field.annotation),
                     typer.Option(
-                        "--" + name.replace("_", "-"),
+                        _flag(name, field.annotation),
                         help=f"{field.description} (env {ENV_PREFIX}{name.upper()}; default {_default(name)})",
                         show_default=False,
                     ),
@@ -85,6 +85,12 @@ def _default(name: str) -> str:
     if name == "model":
         return " ".join(DEFAULT_MODELS)
     return str(ServerSettings.model_fields[name].get_default(call_default_factory=True))
+
+
+def _flag(name: str, annotation: Any) -> str:
+    """``--name``; a boolean setting gets ``--name/--no-name``, so a default of true can be turned off."""
+    flag = "--" + name.replace("_", "-")
+    return f"{flag}/--no-{flag[2:]}" if annotation is bool else flag
 
 
 def _cli_type(annotation: Any) -> Any:
