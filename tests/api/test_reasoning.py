@@ -218,6 +218,17 @@ def test_a_response_format_applies_after_the_reasoning(server, kwargs, stream):
         assert bool(reasoning) == (not kwargs), reasoning  # free text, only when thinking
 
 
+def test_a_reply_cannot_end_before_its_reasoning_does_when_a_format_applies(server):
+    """The model wants to stop at once, inside the reasoning the prompt opened: it used to, and the
+    reply was "stop" with no JSON at all; EOS now waits for </think>, and the JSON follows."""
+    tokenizer = _llm(server, "r1").tokenizer
+    bias = {str(tokenizer.convert_tokens_to_ids(t)): b for t, b in (("<|im_end|>", 100), ("</think>", 50))}
+    response_format = {"type": "json_schema", "json_schema": {"name": "sum", "schema": SCHEMA}}
+    choice = _chat(server, "r1", response_format=response_format, logit_bias=bias, max_tokens=100)
+    assert choice["finish_reason"] == "stop", choice
+    jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+
+
 def test_a_forced_tool_call_comes_after_the_reasoning(server):
     tool = {"type": "function", "function": {"name": "add", "parameters": SCHEMA}}
     for seed in range(3):

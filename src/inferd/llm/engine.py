@@ -246,12 +246,8 @@ class LLMEngine:
         return sampled, result
 
     def _prepare_masks(self, lives: list[_Live]) -> AllowedTokens | None:
-        """What the grammar allows in the sampled rows it applies to (None: no such row)."""
-        rows = [
-            (row, live.guide, live.sampling)
-            for row, live in enumerate(lives)
-            if live.guide is not None and live.guide.is_active
-        ]
+        """What the grammar allows in the sampled rows of guided requests (None: no such row)."""
+        rows = [(row, live.guide, live.sampling) for row, live in enumerate(lives) if live.guide is not None]
         if not rows:
             return None
         start = time.perf_counter()
@@ -344,7 +340,10 @@ class LLMEngine:
         except BaseException as exc:
             if not is_request_error(exc):
                 raise
-            log.exception("updating request %s failed", request.request_id)
+            if isinstance(exc, InvalidRequestError):  # the client's: a grammar that cannot be followed
+                log.info("request %s failed: %s", request.request_id, exc.message)
+            else:
+                log.exception("updating request %s failed", request.request_id)
             return self._fail(request, exc)
 
     def _append(self, request: Request, result: SamplerOutput, row: int) -> RequestOutput:
@@ -417,11 +416,19 @@ class LLMEngine:
             num_output_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_tokens,
             stop_reason=stop_reason,
-            error=EngineError(f"generation failed: {error}") if error is not None else None,
+            error=_request_error(error),
             prompt_logprobs=prompt_logprobs,
             arrival_time=request.arrival_time,
             first_scheduled_time=request.first_scheduled_time,
         )
+
+
+def _request_error(error: BaseException | None) -> InferdError | None:
+    """What a client is told of the error that ended its request: its own (a grammar it sent that
+    cannot be followed) as it is, anything else as a failed generation."""
+    if error is None or isinstance(error, InvalidRequestError):
+        return error
+    return EngineError(f"generation failed: {error}")
 
 
 def _logprobs(result: SamplerOutput, row: int, token_id: int) -> list[TokenLogprob]:

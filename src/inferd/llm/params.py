@@ -14,6 +14,8 @@ class Guide:
     # Token ids: the grammar applies from just after the first occurrence of this sequence in the
     # OUTPUT (e.g. the ids of "</think>" so reasoning stays free); () = from the first output token.
     start_after: tuple[int, ...] = ()
+    # The request field the grammar came from, named in the errors it causes.
+    param: str = "response_format"
 
 
 @dataclass(frozen=True, slots=True)

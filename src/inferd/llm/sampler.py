@@ -303,5 +303,10 @@ def _gather_logprobs(
         return chosen, [[] for _ in states]
     values, indices = logprobs.topk(max_top, dim=-1)
     values_l, indices_l = values.tolist(), indices.tolist()
-    top = [list(zip(indices_l[row][:k], values_l[row][:k])) for row, k in enumerate(num_top)]
+    # A token the request rules out (a grammar's mask, min_tokens) is no alternative: a row with
+    # fewer allowed tokens than asked for lists fewer.
+    top = [
+        [(t, v) for t, v in zip(indices_l[row][:k], values_l[row][:k]) if v != _NEG_INF]
+        for row, k in enumerate(num_top)
+    ]
     return chosen, top

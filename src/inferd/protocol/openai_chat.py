@@ -118,12 +118,22 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _check_tool_choice(cls, value: Any) -> Any:
-        # Before the union's own checks, which would name each member in the error's field.
-        if isinstance(value, str) and value not in ("none", "auto", "required"):
-            raise ValueError(
-                f"tool_choice must be 'none', 'auto', 'required' or a named function, got {value!r}"
-            )
-        return value
+        # Before the union's own checks, which would name each member in the error's field
+        # ("tool_choice.literal['none','auto','required']").
+        if value is None or value in ("none", "auto", "required"):
+            return value
+        function = value.get("function") if isinstance(value, dict) else None
+        if (
+            isinstance(function, dict)
+            and value.get("type") == "function"
+            and isinstance(function.get("name"), str)
+        ):
+            return value
+        got = repr(value) if isinstance(value, str) else f"a {type(value).__name__} of another shape"
+        raise ValueError(
+            "tool_choice must be 'none', 'auto', 'required' or "
+            f'{{"type": "function", "function": {{"name": ...}}}}, got {got}'
+        )
 
     @field_validator("tools")
     @classmethod

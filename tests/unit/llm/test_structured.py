@@ -17,7 +17,7 @@ import torch
 from llguidance import LLMatcher
 
 from inferd.config.engine import LLMConfig
-from inferd.errors import EngineError, InvalidRequestError
+from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
 from inferd.llm.engine import LLMEngine
 from inferd.llm.models.loader import load_causal_lm
@@ -244,6 +244,66 @@ def test_logprobs_cover_only_allowed_tokens(loaded):
         assert logprob.token_id == logprob.top[0][0] and logprob.logprob == logprob.top[0][1]
 
 
+def test_logprobs_list_no_alternative_the_grammar_rules_out(loaded):
+    """More alternatives asked for than the grammar allows: the allowed ones, not -inf fillers
+    (which reached clients as -9999 entries, and as nulls in the completions' legacy object)."""
+    engine = make_engine(loaded)
+    guide = Guide(llguidance.grammar_from("choice", json.dumps(["yes", "no"])))
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=5, guide=guide)
+    result = run(engine, {"r": (encode(engine, "ok?"), params)})["r"]
+    assert result.text in ("yes", "no")
+    assert {token_id for token_id, _ in result.logprobs[0].top} == set(encode(engine, "yn"))
+    for logprob in result.logprobs[1:]:  # the rest of the word is forced: one alternative, itself
+        assert [token_id for token_id, _ in logprob.top] == [logprob.token_id]
+
+
+@pytest.mark.parametrize(
+    ("grammar", "text"),
+    [
+        (llguidance.grammar_from("regex", r"<\|im_end\|> ok"), "<|im_end|> ok"),
+        (llguidance.grammar_from("choice", json.dumps(["</think>"])), "</think>"),
+        (LLMatcher.grammar_from_json_schema({"const": "<|im_start|></think>"}), '"<|im_start|></think>"'),
+    ],
+    ids=["regex-special", "choice-added", "json-both"],
+)
+def test_text_a_grammar_forces_is_spelled_not_taken_for_an_added_token(loaded, grammar, text):
+    """Text a grammar forces that equals an added token's (<|im_end|>, </think>): llguidance's mask
+    allowed only that token, which its matcher then refused, so the request failed (a 500 over
+    HTTP); the text is spelled in ordinary tokens instead."""
+    engine = make_engine(loaded)
+    result = run(engine, {"r": (encode(engine, "x"), replace(GREEDY, guide=Guide(grammar)))})["r"]
+    assert result.error is None and result.finish_reason == "stop", result
+    assert result.text == text
+    assert all(token_id < 256 for token_id in result.token_ids if token_id not in EOS_IDS)
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [LLMatcher.grammar_from_json_schema({"$ref": "#"}), llguidance.grammar_from("lark", "start: a\na: a")],
+    ids=["schema-only-refers-to-itself", "lark-rule-only-refers-to-itself"],
+)
+def test_a_grammar_that_allows_no_output_is_refused_by_the_check(loaded, grammar):
+    engine = make_engine(loaded)
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.check_guide(Guide(grammar, param="guided_grammar"))
+    assert caught.value.param == "guided_grammar" and "allows no output" in caught.value.message
+
+
+def test_eos_waits_for_the_start_marker(loaded):
+    """A reply that ended before the marker (a reasoning model that stops inside its reasoning)
+    would end without the grammar's output: until the marker, EOS is masked."""
+    engine = make_engine(loaded)
+    prompt = encode(engine, "x")
+    (marker,) = encode(engine, "</think>")
+    guide = Guide(llguidance.grammar_from("regex", "[a-z]{4}"), start_after=(marker,))
+    params = SamplingParams(temperature=0.0, max_tokens=8, logit_bias={257: 100.0, 258: 100.0}, guide=guide)
+    never = run(engine, {"r": (prompt, params)})["r"]
+    assert never.finish_reason == "length" and not set(never.token_ids) & set(EOS_IDS), never
+    closes = run(engine, {"r": (prompt, replace(params, logit_bias={257: 100.0, marker: 50.0}))})["r"]
+    assert closes.finish_reason == "stop" and closes.token_ids[0] == marker, closes
+    assert re.fullmatch("</think>[a-z]{4}", closes.text), closes.text
+
+
 def test_start_after_leaves_the_text_before_the_marker_free(loaded):
     engine = make_engine(loaded)
     prompt = encode(engine, "Think first.")
@@ -319,8 +379,9 @@ def test_a_matcher_in_error_fails_its_request_alone(loaded):
     engine.step()  # the first token, "{"
     engine._live["bad"].guide.matcher.consume_token(encode(engine, "x")[0])  # refused: error state
     results = run(engine, {"good": (prompt, replace(GREEDY, guide=JSON_GUIDE))})
-    assert isinstance(results["bad"].error, EngineError) and results["bad"].finish_reason == "error"
-    assert "grammar" in str(results["bad"].error)
+    error = results["bad"].error
+    assert isinstance(error, InvalidRequestError) and results["bad"].finish_reason == "error"
+    assert error.param == "response_format" and "cannot follow the grammar" in error.message
     assert_valid_json(results["good"])
 
 
@@ -362,7 +423,7 @@ def test_a_checked_grammar_is_not_compiled_again_on_the_engine_thread(loaded, mo
     compiled = []
     original = engine.guides._compile
     monkeypatch.setattr(
-        engine.guides, "_compile", lambda grammar: compiled.append(grammar) or original(grammar)
+        engine.guides, "_compile", lambda guide: compiled.append(guide.grammar) or original(guide)
     )
     prompt = encode(engine, PROMPT)
     results = run(engine, {f"r{i}": (prompt, replace(GREEDY, guide=SMALL_GUIDE)) for i in range(2)})

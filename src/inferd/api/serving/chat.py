@@ -28,15 +28,9 @@ from inferd.api.serving.reasoning import (
     reply_start,
     think_tokens,
 )
-from inferd.api.serving.structured import response_guide
-from inferd.api.serving.tools import (
-    ParsedText,
-    ToolCallParser,
-    ToolPlan,
-    prepare_tool_guide,
-    prepare_tool_messages,
-    prepare_tool_plan,
-)
+from inferd.api.serving.structured import check_constraint, response_guide
+from inferd.api.serving.tool_parser import ParsedText, ToolCallParser
+from inferd.api.serving.tools import ToolPlan, prepare_tool_guide, prepare_tool_messages, prepare_tool_plan
 from inferd.api.streaming import sse_response
 from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
@@ -91,10 +85,12 @@ def prepare_chat(body: ChatCompletionRequest, client: LLMClient) -> PreparedChat
 def _add_guide(
     chat: PreparedChat, body: ChatCompletionRequest, client: LLMClient, after: tuple[int, ...]
 ) -> None:
-    """The grammar of the reply. A forced call is the whole reply: no response format applies.
-    Otherwise a response format wins over "auto": the reply follows the format, and no calls are
+    """The grammar of the reply. A forced call is the whole reply: no response format applies
+    (one the request sets must be valid all the same). Otherwise a response format wins over "auto": the reply follows the format, and no calls are
     parsed from it."""
-    if chat.tools is None or not chat.tools.is_forced:
+    if chat.tools is not None and chat.tools.is_forced:
+        check_constraint(body)
+    else:
         chat.guide = response_guide(body, client, after)
         if chat.guide is not None:
             chat.tools = None

@@ -47,12 +47,20 @@ def response_guide(
         return None
     grammar = prepare_grammar(constraint)
     check_grammar(constraint, grammar)
-    guide = Guide(grammar, start_after)
+    guide = Guide(grammar, start_after, constraint.param)
     try:
         client.check_guide(guide)
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"{constraint.param}: {exc.message}", param=constraint.param) from None
     return guide
+
+
+def check_constraint(body: SamplingFields) -> None:
+    """Refuse an invalid structured-output constraint where none will apply (a forced tool call
+    replaces the reply it would shape): the request is the client's to get right all the same."""
+    constraint = one_constraint(body)
+    if constraint is not None:
+        check_grammar(constraint, prepare_grammar(constraint))
 
 
 def one_constraint(body: SamplingFields) -> Constraint | None:
