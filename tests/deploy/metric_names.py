@@ -25,6 +25,7 @@ METRICS: dict[str, str] = {
     "inferd:e2e_request_latency_seconds": HISTOGRAM,
     "inferd:request_queue_time_seconds": HISTOGRAM,
     "inferd:iteration_tokens": HISTOGRAM,
+    "inferd:structured_mask_seconds": HISTOGRAM,  # grammar masks per engine step (structured output)
     # encoders, label `model` (TEI's set; the durations per request, the batch one per batch)
     "inferd:encoder_queue_size": GAUGE,
     "inferd:encoder_batch_size": HISTOGRAM,
