@@ -510,6 +510,27 @@ class LevelResult:
     ttft_ms: list[float] = field(default_factory=list)
 
 
+# --structured: every answer is held to this JSON schema (OpenAI's response_format, which inferd,
+# vLLM and llama.cpp all take). minItems keeps the array open past any max_tokens benchmarked, so
+# a constrained answer is as long as a free one and tok/s compare like for like.
+STRUCTURED_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "facts",
+        "schema": {
+            "type": "object",
+            "properties": {
+                "topic": {"type": "string", "maxLength": 40},
+                "facts": {"type": "array", "items": {"type": "string", "maxLength": 80}, "minItems": 100},
+            },
+            "required": ["topic", "facts"],
+            "additionalProperties": False,
+        },
+    },
+}
+RESPONSE_FORMAT: dict | None = None  # set by --structured
+
+
 def request_body(server: Server, prompt: str, max_tokens: int) -> bytes:
     body = {
         "model": server.request_model,
@@ -519,6 +540,7 @@ def request_body(server: Server, prompt: str, max_tokens: int) -> bytes:
         "temperature": 0,
         "max_tokens": max_tokens,
         **server.extra_body(max_tokens),
+        **({"response_format": RESPONSE_FORMAT} if RESPONSE_FORMAT else {}),
     }
     return json.dumps(body).encode()
 
@@ -729,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, help="tokens per answer (default: 128; --quick 32)")
     parser.add_argument("--prompts", type=int,
                         help="prompts per level (default: 64, 16 at concurrency 1; --quick 8)")
+    parser.add_argument("--structured", action="store_true",
+                        help="hold every answer to a JSON schema (response_format json_schema)")
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     parser.add_argument("--log-dir", type=Path, default=OUT_DIR,
                         help="server logs go here, as llm-<server>.log (default: %(default)s)")
@@ -752,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"peer {p!r} is not set up: run `bash benchmarks/setup_llm_peers.sh` "
                          "(vllm: `bash benchmarks/setup_peers.sh vllm`)")
 
+    global RESPONSE_FORMAT
+    RESPONSE_FORMAT = STRUCTURED_FORMAT if args.structured else None
     n_prompts, max_tokens, level_list, c1_prompts = QUICK if args.quick else FULL
     if args.levels:
         level_list = tuple(int(x) for x in args.levels.split(","))
@@ -777,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
+        "response_format": RESPONSE_FORMAT,
         "dtype": args.dtype,
         "max_tokens": max_tokens,
         "levels": [(f"c={c}", len(ps)) for c, ps in levels],
@@ -835,7 +862,8 @@ def _header(report: dict) -> str:
             f"max_tokens {report['max_tokens']}, "
             f"ignore_eos, temperature 0, streamed; dtype {report['dtype']}; "
             f"{report['machine']['affinity']} cpus; {report['started']}"
-            f"{'; QUICK' if report['quick'] else ''}\n")
+            f"{'; QUICK' if report['quick'] else ''}"
+            f"{'; response_format json_schema' if report.get('response_format') else ''}\n")
 
 
 def _version(package: str) -> str | None:
