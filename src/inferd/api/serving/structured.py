@@ -46,11 +46,13 @@ def response_guide(
     if constraint is None:
         return None
     grammar = prepare_grammar(constraint)
-    check_grammar(constraint, grammar)
     guide = Guide(grammar, start_after, constraint.param)
     try:
-        client.check_guide(guide)
+        client.check_guide(guide)  # compiles once, against the vocabulary, and keeps it for the engine
     except InvalidRequestError as exc:
+        # Only a refused grammar is compiled a second time, without the vocabulary, for a message
+        # in the constraint's own terms; one refused only with the vocabulary keeps the engine's.
+        check_grammar(constraint, grammar)
         raise InvalidRequestError(f"{constraint.param}: {exc.message}", param=constraint.param) from None
     return guide
 
