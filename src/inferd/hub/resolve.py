@@ -106,14 +106,15 @@ def read_config(path: Path) -> dict:
 
 
 def detect_kind(path: Path) -> ModelKind:
-    """Kind from the files: GGUF or a causal LM → chat; one-label classifier → rerank; else embedding."""
+    """Kind from the files: an LLM reranker (``llm_reranker_hint``) → rerank; GGUF or a causal LM →
+    chat; one-label classifier → rerank; else embedding."""
     if path.is_file():
         if path.suffix == ".gguf":
-            return ModelKind.CHAT
+            return ModelKind.RERANK if llm_reranker_hint(path) else ModelKind.CHAT
         raise ModelLoadError(f"{path} is a file but not a GGUF model")
     config = read_config(path)
     architectures = config.get("architectures") or []
-    if _sentence_transformers_type(path) == "CrossEncoder":
+    if _sentence_transformers_type(path) == "CrossEncoder" or llm_reranker_hint(path):
         return ModelKind.RERANK
     if any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
         return ModelKind.CHAT
@@ -136,3 +137,50 @@ def num_labels(config: dict) -> int:
     if "num_labels" in config:
         return int(config["num_labels"])
     return len(config.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"})
+
+
+def is_causal_lm(path: Path) -> bool:
+    """Whether ``path`` holds a causal LM (a GGUF file, or *ForCausalLM / *ForConditionalGeneration
+    in config.json): the files the LLM engine loads, whatever kind they are served as."""
+    if path.is_file():
+        return path.suffix == ".gguf"
+    architectures = read_config(path).get("architectures") or []
+    return any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures)
+
+
+def llm_reranker_hint(path: Path) -> bool:
+    """Whether a causal LM's files say it is an LLM reranker (scored from its "yes"/"no" logits,
+    as Qwen3-Reranker is), so that it is served as a reranker without ``kind=rerank``.
+
+    The signals, most reliable first: sentence-transformers (>= 5.4) declares such a model as a
+    CrossEncoder whose modules.json ends in a ``LogitScore`` module over the LM's logits; otherwise
+    the model's name says so (Qwen3-Reranker-0.6B, a GGUF file of it), since the checkpoint itself
+    is a plain Qwen3ForCausalLM. The name is the folder's (or file's), or the repository's for a
+    Hugging Face cache snapshot (``models--ORG--NAME/snapshots/<hash>``)."""
+    if not is_causal_lm(path):
+        return False
+    if path.is_dir() and _has_logit_score_module(path):
+        return True
+    return any("reranker" in name.lower() for name in _model_names(path))
+
+
+def _has_logit_score_module(path: Path) -> bool:
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return False
+    try:
+        modules = json.loads(modules_file.read_text())
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(modules, list):
+        return False
+    return any(isinstance(m, dict) and str(m.get("type", "")).endswith("LogitScore") for m in modules)
+
+
+def _model_names(path: Path) -> list[str]:
+    """The names a model's files go by: its own, and its hub repository's when it sits in a cache."""
+    names = [path.stem if path.is_file() else path.name]
+    for part in path.parts:
+        if part.startswith("models--"):  # huggingface_hub's cache: models--ORG--NAME
+            names.append(part.split("--")[-1])
+    return names

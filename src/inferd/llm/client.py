@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +23,7 @@ from inferd.errors import (
 )
 from inferd.llm.engine import LLMEngine, is_request_error
 from inferd.llm.models.loader import load_causal_lm
-from inferd.llm.outputs import EngineStats, RequestOutput
+from inferd.llm.outputs import SCORE, EngineStats, RequestOutput
 from inferd.llm.params import Guide, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ _CHARS_PER_CONTEXT_TOKEN = 32
 # Longer texts (token lists) go through the tokenizer's batch calls, which release the GIL.
 _INLINE_ENCODE_CHARS = 16_384
 _INLINE_DECODE_TOKENS = 4_096
+# Scoring prompts with more tokens than this in all are checked on a worker thread (a Python pass
+# over every id: ~25 ms per 500k).
+_INLINE_CHECK_TOKENS = 65_536
 
 
 class GenerationObserver(Protocol):
@@ -170,6 +173,12 @@ class LLMClient:
     def close(self) -> None:
         self._engine_loop.stop()
 
+    def fail_all(self, error: BaseException) -> None:
+        """End every request in flight with ``error`` (on the event loop): a forced unload."""
+        for request_id in list(self._collectors):
+            self._engine_loop.send("abort", request_id)
+        self._dispatch(error)
+
     @property
     def is_running(self) -> bool:
         return self._engine_loop.is_running
@@ -298,6 +307,16 @@ class LLMClient:
             raise EngineUnavailableError("the LLM engine is not running")
         self.check_request(prompt_token_ids, params)
         self.check_capacity(1)
+        return self._send(prompt_token_ids, params, request_id, cache_salt)
+
+    def _send(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None,
+        cache_salt: str | None,
+    ) -> GenerationStream:
+        """Register a checked request's collector and hand the request to the engine loop."""
         request_id = request_id or f"req-{next(_ids)}"
         collector: asyncio.Queue = asyncio.Queue()
         self._collectors[request_id] = collector
@@ -306,6 +325,36 @@ class LLMClient:
         stream = GenerationStream(self, request_id, collector, self._engine_loop.observer)
         self._engine_loop.send("add", request_id, prompt_token_ids, params, cache_salt)
         return stream
+
+    async def score(
+        self, prompts: list[list[int]], token_ids: Sequence[int], *, cache_salt: str | None = None
+    ) -> list[tuple[float, ...]]:
+        """For each prompt, the log-probabilities of ``token_ids`` at its last position (log_softmax
+        over the whole vocabulary, fp32), in prompt order; nothing is generated.
+
+        Every prompt is one engine request, all submitted at once, so prompts that share a prefix
+        (one query, many documents) reuse its KV blocks through the prefix cache. Each prompt is
+        checked first and none is submitted unless all can run; a queue without room for all of
+        them raises OverloadedError, as generation does. Cancelling the call aborts them all."""
+        if not self.is_running:
+            raise EngineUnavailableError("the LLM engine is not running")
+        params = SamplingParams(score_token_ids=tuple(token_ids))
+
+        def check() -> None:
+            for prompt in prompts:
+                self.check_request(prompt, params)
+
+        if sum(map(len, prompts)) > _INLINE_CHECK_TOKENS:
+            await asyncio.to_thread(check)
+        else:
+            check()
+        self.check_capacity(len(prompts))
+        streams = [self._send(prompt, params, None, cache_salt) for prompt in prompts]
+        try:
+            return [await _score_of(stream) for stream in streams]
+        finally:
+            for stream in streams:  # finished ones are closed already; the rest are aborted
+                stream.close()
 
     async def generate(
         self,
@@ -380,7 +429,7 @@ class GenerationStream:
         if not self._open:
             raise StopAsyncIteration
         output = await self._collector.get()
-        if isinstance(output, SlowReaderError):  # cut by the client for falling behind
+        if isinstance(output, (SlowReaderError, EngineUnavailableError)):  # cut: slow client, or unloaded
             self.close()
             raise output
         if isinstance(output, BaseException):
@@ -408,6 +457,13 @@ class GenerationStream:
 
     def __del__(self) -> None:
         self.close()
+
+
+async def _score_of(stream: GenerationStream) -> tuple[float, ...]:
+    async for output in stream:
+        if output.finish_reason == SCORE and output.score_logprobs is not None:
+            return output.score_logprobs
+    raise EngineError(f"scoring request {stream.request_id} ended without a score")
 
 
 def _plain_backend(tokenizer):

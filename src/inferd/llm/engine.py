@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from asyncio import CancelledError
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from inferd.config.engine import LLMConfig
 from inferd.errors import EngineError, InferdError, InputTooLongError, InvalidRequestError
@@ -13,7 +13,7 @@ from inferd.llm.detokenizer import IncrementalDetokenizer
 from inferd.llm.kv_cache.manager import KVCacheManager
 from inferd.llm.memory import plan_num_blocks
 from inferd.llm.models.loader import LoadedModel
-from inferd.llm.outputs import RequestOutput, TokenLogprob
+from inferd.llm.outputs import SCORE, RequestOutput, TokenLogprob
 from inferd.llm.params import Guide, SamplingParams
 from inferd.llm.request import FinishReason, Request
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
@@ -40,12 +40,23 @@ def is_request_error(exc: BaseException) -> bool:
 
 @dataclass(slots=True)
 class _Live:
-    """A request with its sampler state, detokenizer and grammar (structured output), if any."""
+    """A request with its sampler state, detokenizer (None for a scoring request: it has no text)
+    and grammar (structured output), if any."""
 
     request: Request
     sampling: SamplingState
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None
     guide: GuideState | None = None
+
+
+@dataclass(slots=True)
+class _StepRun:
+    """What one forward produced: a token for each of ``sampled`` (row i of ``result``), and the
+    score log-probabilities of each scoring request that reached its prompt's end."""
+
+    sampled: list[ScheduledRequest]
+    result: SamplerOutput
+    scored: list[tuple[Request, tuple[float, ...]]] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -96,6 +107,9 @@ class LLMEngine:
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         self.check_token_ids(prompt_token_ids, "prompt")
+        if params.is_scoring:
+            self._check_scoring(len(prompt_token_ids), params)
+            return 0
         max_tokens = self._check_length(len(prompt_token_ids), params)
         self._check_params(params, max_tokens)
         return max_tokens
@@ -128,14 +142,34 @@ class LLMEngine:
                 length=asked,
                 param="messages",
             )
-        if not self.kv_cache.can_fit(num_prompt + 1):
+        self._check_fits_cache(num_prompt, num_prompt + 1)
+        return room if params.max_tokens is None else params.max_tokens
+
+    def _check_fits_cache(self, num_prompt: int, num_tokens: int) -> None:
+        if not self.kv_cache.can_fit(num_tokens):
             raise InputTooLongError(
                 f"the prompt has {num_prompt} tokens, more than this server's KV cache can ever hold "
                 f"({self.kv_cache.pool.num_blocks * self.config.block_size} tokens)",
                 limit=self.kv_cache.pool.num_blocks * self.config.block_size,
                 length=num_prompt,
             )
-        return room if params.max_tokens is None else params.max_tokens
+
+    def _check_scoring(self, num_prompt: int, params: SamplingParams) -> None:
+        """A scoring request computes its prompt only: it may fill the whole context."""
+        if num_prompt > self.max_model_len:
+            raise InputTooLongError(
+                f"the prompt has {num_prompt} tokens, more than this model's maximum context length "
+                f"of {self.max_model_len} tokens",
+                limit=self.max_model_len,
+                length=num_prompt,
+                param="prompt",
+            )
+        self._check_fits_cache(num_prompt, num_prompt)
+        if not params.score_token_ids:
+            raise InvalidRequestError("score_token_ids must not be empty", param="score_token_ids")
+        self.check_token_ids(params.score_token_ids, "score_token_ids")
+        if params.guide is not None:
+            raise InvalidRequestError("a scoring request generates nothing to guide", param="response_format")
 
     def _check_params(self, params: SamplingParams, max_tokens: int) -> None:
         """The sampling parameters the sampler and the detokenizer index or count with."""
@@ -171,11 +205,11 @@ class LLMEngine:
         # A grammar that does not compile fails this request here, before it takes any blocks.
         guide = self.guides.start(params.guide) if params.guide is not None else None
         request = Request(request_id, list(prompt_token_ids), params, max_tokens, cache_salt=cache_salt)
+        detokenizer = None
+        if not params.is_scoring:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         self._live[request_id] = _Live(
-            request,
-            SamplingState.create(params, prompt_token_ids),
-            IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
-            guide,
+            request, SamplingState.create(params, prompt_token_ids), detokenizer, guide
         )
         self.scheduler.add(request)
 
@@ -219,7 +253,7 @@ class LLMEngine:
             return []
         seeded = self._seeded_states(output.scheduled)
         try:
-            sampled, result = self._run(output.scheduled)
+            run = self._run(output.scheduled)
         except BaseException as exc:
             if not is_request_error(exc):
                 raise
@@ -228,14 +262,15 @@ class LLMEngine:
                 generator.set_state(state)
             return self._run_apart(output.scheduled)
         self.scheduler.update_computed(output)
-        return [self._update(item.request, result, row) for row, item in enumerate(sampled)]
+        return self._outputs(run)
 
-    def _run(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], SamplerOutput]:
-        """Forward the scheduled chunks and sample a token for each that reached its end. It leaves
-        the requests as they were (a prompt logprob is only ever added once, grammar masks only read
-        their matchers), so it may run again."""
+    def _run(self, scheduled: list[ScheduledRequest]) -> _StepRun:
+        """Forward the scheduled chunks, sample a token for each generating request that reached
+        its end and score each scoring one that did. It leaves the requests as they were (a prompt
+        logprob is only ever added once, grammar masks only read their matchers), so it may run
+        again."""
         logits = self.runner.execute(self._chunks(scheduled))
-        sample_rows, prompt_rows = self._split_rows(scheduled)
+        sample_rows, prompt_rows, score_rows = self._split_rows(scheduled)
         if prompt_rows:
             self._collect_prompt_logprobs(logits, prompt_rows)
         sampled = [item for item, _ in sample_rows]
@@ -243,7 +278,32 @@ class LLMEngine:
         allowed = self._prepare_masks(lives)
         states = [live.sampling for live in lives]
         result = self.sampler.sample(logits[[row for _, row in sample_rows]], states, allowed)
-        return sampled, result
+        return _StepRun(sampled, result, self._score(logits, score_rows) if score_rows else [])
+
+    def _outputs(self, run: _StepRun) -> list[RequestOutput]:
+        outputs = [self._update(item.request, run.result, row) for row, item in enumerate(run.sampled)]
+        outputs.extend(self._finish_score(request, logprobs) for request, logprobs in run.scored)
+        return outputs
+
+    def _score(
+        self, logits, score_rows: list[tuple[Request, int]]
+    ) -> list[tuple[Request, tuple[float, ...]]]:
+        """Each scoring request's log-probabilities of its score_token_ids at its last prompt row."""
+        import torch
+
+        rows = torch.tensor([row for _, row in score_rows])
+        logprobs = torch.log_softmax(logits[rows, : self.facts.vocab_size].float(), dim=-1).cpu()
+        return [
+            (request, tuple(logprobs[i, list(request.params.score_token_ids)].tolist()))
+            for i, (request, _) in enumerate(score_rows)
+        ]
+
+    def _finish_score(self, request: Request, logprobs: tuple[float, ...]) -> RequestOutput:
+        """End a scoring request whose prompt is computed: its blocks go (full ones stay cached)."""
+        live = self._live.pop(request.request_id)
+        self.scheduler.finish(live.request, FinishReason.STOP)
+        output = self._output(request, [], "", None, FinishReason.STOP)
+        return replace(output, finish_reason=SCORE, score_logprobs=logprobs)
 
     def _prepare_masks(self, lives: list[_Live]) -> AllowedTokens | None:
         """What the grammar allows in the sampled rows of guided requests (None: no such row)."""
@@ -269,16 +329,15 @@ class LLMEngine:
         survivors, outputs = [], []
         for item in scheduled:
             try:
-                survivors.append((item, *self._run([item])))
+                survivors.append((item, self._run([item])))
             except BaseException as exc:
                 if not is_request_error(exc):
                     raise
                 log.exception("request %s failed", item.request.request_id)
                 outputs.append(self._fail(item.request, exc))
-        self.scheduler.update_computed(SchedulerOutput([item for item, _, _ in survivors]))
-        for item, sampled, result in survivors:
-            if sampled:
-                outputs.append(self._update(item.request, result, 0))
+        self.scheduler.update_computed(SchedulerOutput([item for item, _ in survivors]))
+        for _, run in survivors:
+            outputs.extend(self._outputs(run))
         return outputs
 
     def _num_logits(self, item) -> int:
@@ -288,8 +347,9 @@ class LLMEngine:
         return 1 if item.reaches_end else 0
 
     def _split_rows(self, scheduled: list[ScheduledRequest]):
-        """Which logits rows sample a next token, and which score the prompt's own tokens."""
-        sample_rows, prompt_rows, row = [], [], 0
+        """Which logits rows sample a next token, which score the prompt's own tokens, and which
+        are a scoring request's last prompt position."""
+        sample_rows, prompt_rows, score_rows, row = [], [], [], 0
         for item in scheduled:
             request, count = item.request, self._num_logits(item)
             if count > 1 or (count == 1 and not item.reaches_end):
@@ -299,10 +359,12 @@ class LLMEngine:
                     already = len(request.prompt_logprobs)
                     if position + 1 < request.num_prompt_tokens and position >= already:
                         prompt_rows.append((request, row + offset, request.prompt_token_ids[position + 1]))
-            if item.reaches_end:
+            if item.reaches_end and request.params.is_scoring:
+                score_rows.append((request, row + count - 1))
+            elif item.reaches_end:
                 sample_rows.append((item, row + count - 1))
             row += count
-        return sample_rows, prompt_rows
+        return sample_rows, prompt_rows, score_rows
 
     def _collect_prompt_logprobs(self, logits, prompt_rows) -> None:
         import torch

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The finish reason of a scoring request (SamplingParams.score_token_ids): its prompt was prefilled
+# and scored; nothing was generated.
+SCORE = "score"
+
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
@@ -32,6 +36,9 @@ class RequestOutput:
     # Engine clock (time.monotonic) of the request's arrival and first scheduling: its queue time.
     arrival_time: float | None = None
     first_scheduled_time: float | None = None
+    # A scoring request's result (finish_reason SCORE): the log-probability of each of its
+    # score_token_ids at the prompt's last position, in the order asked.
+    score_logprobs: tuple[float, ...] | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -47,7 +47,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     guide: Guide | None = None  # grammar-constrained decoding (structured output, forced tool calls)
+    # Scoring instead of generating: prefill the prompt only, then finish with finish_reason "score"
+    # and report the log-probabilities (fp32 log_softmax over the whole vocabulary) of exactly these
+    # token ids at the prompt's last position (an LLM reranker's "yes"/"no"). No token is generated
+    # and the sampling fields above are ignored.
+    score_token_ids: tuple[int, ...] | None = None
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def is_scoring(self) -> bool:
+        return self.score_token_ids is not None
