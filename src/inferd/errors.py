@@ -53,6 +53,14 @@ class ModelLoadError(InferdError):
     """A model could not be resolved or loaded; raised at start-up, never during a request."""
 
 
+class ModelTooLargeError(InvalidRequestError):
+    """The model can never load within the memory budget, even with every other model unloaded."""
+
+
+class InsufficientMemoryError(InferdError):
+    """The model fits the budget, but pinned or busy models hold the memory it needs right now."""
+
+
 class EngineError(InferdError):
     """The engine failed while running a request (a bug or a device fault); reported as a 500."""
 

@@ -34,6 +34,12 @@ METRICS: dict[str, str] = {
     "inferd:encoder_tokenization_duration_seconds": HISTOGRAM,
     "inferd:encoder_queue_duration_seconds": HISTOGRAM,
     "inferd:encoder_inference_duration_seconds": HISTOGRAM,
+    # the model pool, label `model` (`reason` too on unloads)
+    "inferd:model_loads_total": COUNTER,
+    "inferd:model_unloads_total": COUNTER,
+    "inferd:model_evictions_total": COUNTER,
+    "inferd:model_load_seconds": HISTOGRAM,
+    "inferd:model_resident_bytes": GAUGE,
     # HTTP, labels `method`, `route` and `status` (the duration has no `status`)
     "inferd:http_requests_total": COUNTER,
     "inferd:http_request_duration_seconds": HISTOGRAM,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from inferd.api.auth import Principal
 
@@ -33,6 +33,8 @@ class RequestContext:
     num_reserved_tokens: int = 0
     # Mixed into the prefix cache's block hashes: requests share cached prompts only within a salt.
     cache_salt: str | None = None
+    # Run once the response has ended, however it ended (the model table's leases on engines).
+    on_finish: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

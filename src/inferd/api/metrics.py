@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from inferd.api.context import add_tokens
-from inferd.api.model_table import ModelTable
+from inferd.api.model_table import LLM_CLIENTS, Client, ModelTable, PoolListener
 from inferd.encoder.client import EncoderClient
 from inferd.llm.client import LLMClient
 from inferd.llm.outputs import RequestOutput
@@ -28,6 +28,7 @@ _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 _SHORT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+_LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # A mask takes tens of microseconds a row on a 49k vocabulary, milliseconds at a large schema's worst.
 _MASK_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -70,6 +71,14 @@ class Metrics:
             "Time an LLM engine step spent filling grammar masks (structured output).",
             _MASK_BUCKETS,
         )
+        self.model_loads = counter("model_loads", "Models loaded (at start or on demand).")
+        self.model_unloads = counter(
+            "model_unloads", "Models unloaded, by reason (unloaded, evicted, expired).", ("model", "reason")
+        )
+        self.model_evictions = counter(
+            "model_evictions", "Models unloaded to make room in the memory budget for another."
+        )
+        self.model_load_seconds = histogram("model_load_seconds", "Time a model took to load.", _LOAD_BUCKETS)
         self.encoder_batch_size = histogram("encoder_batch_size", "Inputs per encoder batch.", _SIZE_BUCKETS)
         self.encoder_batch_tokens = histogram(
             "encoder_batch_tokens", "Tokens per encoder batch.", _TOKEN_BUCKETS
@@ -88,15 +97,23 @@ class Metrics:
         )
 
     def attach(self, models: ModelTable) -> None:
-        """Observe every engine of ``models``; an engine served under two names reports the first."""
+        """Observe every engine of ``models``, now and as they load; an engine served under two
+        names reports the first."""
         self._snapshot.models = models
         for name, client in _unique_clients(models):
-            if isinstance(client, LLMClient):
-                client.set_observer(_GenerationObserver(self, name))
-            elif isinstance(client, EncoderClient):
-                client.set_observer(_EncoderObserver(self, name))
+            self._observe(name, client)
+        models.pool.listener = _PoolObserver(self)
+
+    def _observe(self, name: str, client: Client) -> None:
+        if isinstance(client, LLM_CLIENTS):
+            client.set_observer(_GenerationObserver(self, name))
+        elif isinstance(client, EncoderClient):
+            client.set_observer(_EncoderObserver(self, name))
 
     def detach(self) -> None:
+        models = self._snapshot.models
+        if models is not None:
+            models.pool.listener = PoolListener()
         self._snapshot.models = None
 
     def observe_http(self, method: str, route: str, status: int, duration_s: float) -> None:
@@ -113,6 +130,23 @@ def _unique_clients(models: ModelTable) -> Iterator[tuple[str, LLMClient | Encod
         if id(model.client) not in seen:
             seen.add(id(model.client))
             yield model.name, model.client
+
+
+class _PoolObserver(PoolListener):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def on_loaded(self, names: list[str], client: Client, seconds: float, resident_bytes: int) -> None:
+        self._metrics._observe(names[0], client)
+        for name in names:
+            self._metrics.model_loads.labels(name).inc()
+            self._metrics.model_load_seconds.labels(name).observe(seconds)
+
+    def on_unloaded(self, names: list[str], reason: str) -> None:
+        for name in names:
+            self._metrics.model_unloads.labels(name, reason).inc()
+            if reason == "evicted":
+                self._metrics.model_evictions.labels(name).inc()
 
 
 class _GenerationObserver:
@@ -213,10 +247,18 @@ class _SnapshotCollector(Collector):
             "encoder_queue": GaugeMetricFamily(
                 PREFIX + "encoder_queue_size", "Encoder inputs waiting for a batch.", labels=["model"]
             ),
+            "resident": GaugeMetricFamily(
+                PREFIX + "model_resident_bytes",
+                "Planned memory of each loaded model (weights, activations, runtime, KV cache); 0 when "
+                "unloaded.",
+                labels=["model"],
+            ),
         }
         models = self.models
+        for entry in models.entries() if models is not None else ():
+            families["resident"].add_metric([entry.name], entry.engine.resident_bytes)
         for name, client in _unique_clients(models) if models is not None else ():
-            if isinstance(client, LLMClient):
+            if isinstance(client, LLM_CLIENTS):
                 stats = client.stats()
                 families["running"].add_metric([name], stats.num_running)
                 families["waiting"].add_metric([name], stats.num_waiting)

@@ -37,7 +37,8 @@ from inferd.errors import (
 
 access_log = logging.getLogger("inferd.access")
 
-_OPEN_PATHS = frozenset({"/health", "/ready"})  # no key, and answered while draining
+# No key, and answered while draining: the probes, and the playground page (it holds no secret).
+_OPEN_PATHS = frozenset({"/health", "/ready", "/", "/ui", "/ui/app.js", "/ui/app.css"})
 _ROUTINE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID = re.compile(r"^[\w.:/+=-]{1,128}$")
@@ -206,6 +207,8 @@ class GatewayMiddleware:
         return watched
 
     def _finish(self, scope: Scope, context: RequestContext, duration_s: float) -> None:
+        for release in context.on_finish:
+            release()
         status = context.status or 499  # no response: the client went away first
         route = _route_template(scope, self.policy.routes)
         self.policy.metrics.observe_http(context.method, route, status, duration_s)

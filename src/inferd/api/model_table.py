@@ -1,35 +1,63 @@
-"""The served models: names → (kind, engine client), built once at start-up."""
+"""The served models: names → (kind, engine client), loaded at start or on their first request.
+
+Every servable model has an entry; entries that serve the same weights in the same configuration
+share one ``_Engine``, the unit that loads, unloads and counts against the memory budget. The
+``ModelPool`` keeps the loaded engines within the budget the memory planner splits: a request for
+an engine that is not loaded waits while it loads, and the least recently used unpinned engines
+are unloaded first when the plan needs their room. An unload waits for the requests using the
+engine (each request holds a lease on its engine until its response ends) unless forced.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from inferd.api.context import current_context
+from inferd.api.llm_rerank import LLMRerankClient, start_llm_reranker
 from inferd.config import ModelKind, ModelSpec, ServerSettings
 from inferd.encoder.client import EncoderClient
-from inferd.errors import ModelLoadError, ModelNotFoundError, PermissionDeniedError, UnsupportedTaskError
-from inferd.hub.resolve import detect_kind, resolve_model
+from inferd.errors import (
+    EngineUnavailableError,
+    InsufficientMemoryError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelTooLargeError,
+    PermissionDeniedError,
+    UnsupportedTaskError,
+)
+from inferd.hub.resolve import detect_kind, is_causal_lm, resolve_model
 from inferd.llm.client import LLMClient
-from inferd.memory.plan import describe
-from inferd.memory.server import check_plans, plan_server
+from inferd.memory.plan import MemoryPlan, ModelNeed, describe, gib, plan_device
+from inferd.memory.profile import free_memory
+from inferd.memory.server import check_plans, kv_policy, model_need, plan_server
 from inferd.protocol.models import ModelCard
 
 log = logging.getLogger("inferd.models")
 
 _ROUTE_NAMES = {ModelKind.EMBEDDING: "embeddings", ModelKind.RERANK: "rerank", ModelKind.CHAT: "chat"}
 
+UNLOADED, LOADING, LOADED, UNLOADING = "unloaded", "loading", "loaded", "unloading"
+
+Client = EncoderClient | LLMClient | LLMRerankClient
+LLM_CLIENTS = (LLMClient, LLMRerankClient)  # on the LLM engine
+UNCHANGED = object()  # a request that says nothing about keep-alive leaves the model's as it is
+
 
 @dataclass(frozen=True, slots=True)
 class ServedModel:
+    """A loaded model as a request sees it: its name, kind and engine client."""
+
     name: str
     kind: ModelKind
     source: str
     path: Path
-    client: EncoderClient | LLMClient
+    client: Client
     created: int
 
     def card(self) -> ModelCard:
@@ -53,101 +81,546 @@ class ServedModel:
         )
 
 
+@dataclass(eq=False)
+class _Engine:
+    """One set of weights in one configuration: what loads, unloads and counts against the budget."""
+
+    spec: ModelSpec  # the first entry's: how to load it
+    path: Path
+    files_kind: ModelKind  # what the weights are (chat: a causal LM, run by the LLM engine)
+    served_kind: ModelKind  # what they serve (a causal LM may serve rerank)
+    names: list[str] = field(default_factory=list)
+    kinds: list[ModelKind] = field(default_factory=list)  # each entry's, as it is served
+    need: ModelNeed | None = None
+    client: Client | None = None
+    state: str = UNLOADED
+    kv_cache_bytes: int = 0
+    pinned: bool = False
+    keep_alive: float | None = None  # seconds idle before unloading; None: no expiry
+    expires_at: float | None = None  # wall-clock time, while idle with a keep-alive
+    last_used: float = 0.0
+    in_flight: int = 0
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # set while loaded or unloaded
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no request uses it
+    expiry: asyncio.TimerHandle | None = None
+    load_task: asyncio.Task | None = None
+
+    def __post_init__(self) -> None:
+        self.settled.set()
+        self.idle.set()
+
+    @property
+    def name(self) -> str:
+        return ", ".join(self.names)
+
+    @property
+    def resident_bytes(self) -> int:
+        if self.state in (UNLOADED, LOADING) or self.need is None:
+            return 0
+        return self.need.fixed_bytes + self.kv_cache_bytes
+
+    def resident_need(self) -> ModelNeed:
+        """This loaded engine in a plan: fixed bytes, its KV cache included and no longer shared out."""
+        assert self.need is not None
+        return replace(
+            self.need,
+            activation_bytes=self.need.activation_bytes + self.kv_cache_bytes,
+            kv_bytes_per_token=0,
+            load_peak_bytes=0,
+        )
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        if state in (LOADED, UNLOADED):
+            self.settled.set()
+        else:
+            self.settled.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    name: str
+    kind: ModelKind
+    source: str
+    engine: _Engine
+    created: int
+
+    def served(self) -> ServedModel:
+        assert self.engine.client is not None
+        return ServedModel(
+            self.name, self.kind, self.source, self.engine.path, self.engine.client, self.created
+        )
+
+    def card(self) -> ModelCard:
+        if self.engine.state == LOADED:
+            card = self.served().card()
+        else:
+            card = ModelCard(id=self.name, created=self.created, kind=self.kind.value, ready=False)
+        card.state = self.engine.state
+        return card
+
+    def status(self) -> dict:
+        engine = self.engine
+        return {
+            "id": self.name,
+            "kind": self.kind.value,
+            "state": engine.state,
+            "pinned": engine.pinned,
+            "resident_bytes": engine.resident_bytes,
+            "expires_at": engine.expires_at,
+            "keep_alive": engine.keep_alive,
+            "in_flight": engine.in_flight,
+            "source": self.source,
+        }
+
+
+class PoolListener:
+    """What the pool tells the metrics: engines starting and stopping (plain methods, no Prometheus)."""
+
+    def on_loaded(self, names: list[str], client: Client, seconds: float, resident_bytes: int) -> None: ...
+
+    def on_unloaded(self, names: list[str], reason: str) -> None: ...
+
+
+class ModelPool:
+    """The servable models and the engines loaded for them, within one memory budget per device."""
+
+    def __init__(
+        self,
+        entries: list[_Entry],
+        settings: ServerSettings,
+        budgets: dict[str, int],
+        starter: Callable[[_Engine, int | None], Client],
+    ) -> None:
+        self.entries = {e.name: e for e in entries}
+        self._settings = settings
+        self._policy = kv_policy(settings)
+        self._budgets = budgets
+        self._start = starter
+        self._lock = asyncio.Lock()  # one load or unload at a time
+        self._keep_alive = settings.keep_alive_seconds()
+        self.listener = PoolListener()
+        for engine in self.engines():
+            engine.keep_alive = self._keep_alive
+            engine.pinned = any(name in settings.pin for name in engine.names)
+
+    def engines(self) -> list[_Engine]:
+        return list({id(e.engine): e.engine for e in self.entries.values()}.values())
+
+    def loaded(self) -> list[_Engine]:
+        return [e for e in self.engines() if e.state in (LOADED, UNLOADING)]
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def acquire(self, entry: _Entry, keep_alive: float | object | None = UNCHANGED) -> ServedModel:
+        """The entry's model, loaded; the current request holds a lease on it until it ends."""
+        engine = entry.engine
+        while True:
+            if engine.state == LOADED:
+                if engine.client is not None and engine.client.has_failed:
+                    raise EngineUnavailableError(f"the engine of {entry.name} has failed; restart the server")
+                break
+            if engine.state == UNLOADED:
+                await self._loaded(engine)
+            else:
+                await engine.settled.wait()
+        if keep_alive is not UNCHANGED:
+            engine.keep_alive = keep_alive  # type: ignore[assignment]
+        self._lease(engine)
+        return entry.served()
+
+    def _lease(self, engine: _Engine) -> None:
+        context = current_context()
+        engine.last_used = time.monotonic()
+        self._cancel_expiry(engine)
+        if context is None:  # outside an HTTP request (tests, start-up): nothing to release
+            self._arm_expiry(engine)
+            return
+        engine.in_flight += 1
+        engine.idle.clear()
+        context.on_finish.append(lambda: self._release(engine))
+
+    def _release(self, engine: _Engine) -> None:
+        engine.in_flight -= 1
+        engine.last_used = time.monotonic()
+        if engine.in_flight == 0:
+            engine.idle.set()
+            self._arm_expiry(engine)
+
+    def _arm_expiry(self, engine: _Engine) -> None:
+        if engine.keep_alive is None or engine.pinned or engine.state != LOADED or engine.in_flight:
+            return
+        engine.expires_at = time.time() + engine.keep_alive
+        loop = asyncio.get_running_loop()
+        engine.expiry = loop.call_later(engine.keep_alive, lambda: loop.create_task(self._expire(engine)))
+
+    def _cancel_expiry(self, engine: _Engine) -> None:
+        if engine.expiry is not None:
+            engine.expiry.cancel()
+            engine.expiry = None
+        engine.expires_at = None
+
+    async def _expire(self, engine: _Engine) -> None:
+        async with self._lock:
+            expired = engine.state == LOADED and not engine.in_flight and not engine.pinned
+            if not (expired and engine.expiry is not None):
+                return
+            self._begin_unload(engine)
+        await self._finish_unload(engine, reason="expired")
+
+    # -- admin ------------------------------------------------------------------------------
+
+    async def load(
+        self, entry: _Entry, *, pin: bool | None = None, keep_alive: float | object | None = UNCHANGED
+    ):
+        engine = entry.engine
+        while engine.state != LOADED:
+            if engine.state == UNLOADED:
+                await self._loaded(engine)
+            else:
+                await engine.settled.wait()
+        if pin is not None:
+            self.pin(entry, pin)
+        if keep_alive is not UNCHANGED:
+            engine.keep_alive = keep_alive  # type: ignore[assignment]
+        engine.last_used = time.monotonic()
+        self._cancel_expiry(engine)
+        self._arm_expiry(engine)
+
+    async def unload(self, entry: _Entry, *, force: bool = False) -> None:
+        engine = entry.engine
+        async with self._lock:
+            if engine.state != LOADED:
+                return
+            self._begin_unload(engine, force=force)
+        # Outside the lock: other models load meanwhile, those that need this one's room wait for it.
+        await self._finish_unload(engine, reason="unloaded")
+
+    def pin(self, entry: _Entry, pinned: bool) -> None:
+        engine = entry.engine
+        engine.pinned = pinned
+        self._cancel_expiry(engine)
+        self._arm_expiry(engine)
+
+    # -- loading and unloading --------------------------------------------------------------
+
+    async def _loaded(self, engine: _Engine) -> None:
+        """Load the engine in a task of its own that every request for it awaits: a request that is
+        cancelled meanwhile (its client left) leaves the load to finish for the others, rather than
+        abandoning a half-started engine."""
+        task = engine.load_task
+        if task is None or task.done():
+            task = engine.load_task = asyncio.get_running_loop().create_task(self._load(engine))
+        await asyncio.shield(task)
+
+    async def _load(self, engine: _Engine) -> None:
+        async with self._lock:
+            if engine.state != UNLOADED:
+                return  # another request loaded it meanwhile
+            if engine.need is None:
+                engine.need = await asyncio.to_thread(model_need, engine.spec, self._settings, engine.path)
+            while True:
+                plan, victims, unloading = self._make_room(engine)
+                if not unloading:
+                    break
+                await unloading[0].settled.wait()  # its room is needed: wait for the unload under way
+            for victim in victims:
+                self._begin_unload(victim)
+                await self._finish_unload(victim, reason="evicted")
+            engine.set_state(LOADING)
+            started = time.monotonic()
+            kv = plan.kv_cache_bytes if engine.need.is_llm else None
+            try:
+                client = await asyncio.to_thread(self._start_engine, engine, kv)
+            except BaseException as exc:
+                engine.set_state(UNLOADED)
+                if isinstance(exc, Exception) and not isinstance(exc, ModelLoadError):
+                    log.exception("loading %s failed", engine.name)
+                    raise ModelLoadError(f"loading the model {engine.name} failed: {exc}") from exc
+                raise
+            engine.client = client
+            engine.kv_cache_bytes = kv or 0
+            engine.set_state(LOADED)
+            seconds = time.monotonic() - started
+            log.info("loaded %s in %.1fs (%s)", engine.name, seconds, gib(engine.resident_bytes))
+            self.listener.on_loaded(engine.names, client, seconds, engine.resident_bytes)
+
+    def _start_engine(self, engine: _Engine, kv_cache_bytes: int | None) -> Client:
+        try:
+            return self._start(engine, kv_cache_bytes)
+        finally:
+            _refreeze()
+
+    def _make_room(self, engine: _Engine) -> tuple[MemoryPlan, list[_Engine], list[_Engine]]:
+        """The plan with ``engine`` loaded, the engines to unload first (least recently used), and
+        the engines being unloaded now that must be gone first (then the caller asks again)."""
+        need = engine.need
+        assert need is not None
+        budget = self._budget(need.device)
+        alone = plan_device([need], budget, self._policy, need.device)
+        if not alone.fits:
+            raise ModelTooLargeError(
+                f"the model {engine.name} can never be loaded within the memory budget, even with every "
+                f"other model unloaded:\n" + "\n".join([*alone.problems, *describe((alone,))]),
+                param="model",
+            )
+        resident = [e for e in self.loaded() if e is not engine]
+        victims: list[_Engine] = []
+        limit = self._settings.max_loaded_models
+        while True:
+            kept = [e for e in resident if e not in victims]
+            on_device = [
+                e.resident_need() for e in kept if e.need is not None and e.need.device == need.device
+            ]
+            plan = plan_device([*on_device, need], budget, self._policy, need.device)
+            if plan.fits and (not limit or len(kept) < limit):
+                return plan, victims, []
+            # Idle engines first, then the least recently used.
+            candidates = sorted(
+                (e for e in kept if not e.pinned and e.state == LOADED),
+                key=lambda e: (e.in_flight > 0, e.last_used),
+            )
+            unloading = [e for e in kept if e.state == UNLOADING]
+            if not candidates and unloading:
+                return plan, victims, unloading
+            if not candidates:
+                held = (
+                    ", ".join(f"{e.name} ({gib(e.resident_bytes)}, pinned)" for e in kept if e.pinned)
+                    or "none"
+                )
+                reason = (
+                    f"--max-loaded-models {limit} are loaded"
+                    if plan.fits
+                    else f"it needs {gib(need.fixed_bytes)} before any KV cache, the budget on "
+                    f"{need.device} is {gib(budget)}"
+                )
+                raise InsufficientMemoryError(
+                    f"the model {engine.name} cannot be loaded now: {reason}, and the loaded models that "
+                    f"cannot be unloaded hold the rest: {held}; unpin or unload one (POST /admin/models/unload)",
+                    param="model",
+                )
+            victims.append(candidates[0])
+
+    def _budget(self, device: str) -> int:
+        if device not in self._budgets:
+            resident = sum(e.resident_bytes for e in self.loaded() if e.need and e.need.device == device)
+            self._budgets[device] = self._settings.memory_budget or free_memory(device) + resident
+        return self._budgets[device]
+
+    def _begin_unload(self, engine: _Engine, *, force: bool = False) -> None:
+        """Stop new requests from starting on a loaded engine (under the lock); with ``force`` end
+        the requests in flight too."""
+        self._cancel_expiry(engine)
+        engine.set_state(UNLOADING)
+        if force and isinstance(engine.client, LLM_CLIENTS):
+            engine.client.fail_all(EngineUnavailableError(f"the model {engine.name} was unloaded"))
+
+    async def _finish_unload(self, engine: _Engine, *, reason: str) -> None:
+        """Wait for the engine's requests to end, then free it."""
+        await engine.idle.wait()
+        client, engine.client = engine.client, None
+        if client is not None:
+            await asyncio.to_thread(_close, client)
+        engine.kv_cache_bytes = 0
+        engine.set_state(UNLOADED)
+        log.info("unloaded %s (%s)", engine.name, reason)
+        self.listener.on_unloaded(engine.names, reason)
+
+    def start_timers(self) -> None:
+        """Arm the keep-alive of the models loaded at start (on the event loop)."""
+        for engine in self.loaded():
+            self._arm_expiry(engine)
+
+    def close(self) -> None:
+        for engine in self.engines():
+            if engine.client is not None:
+                engine.client.close()
+                engine.client = None
+                engine.set_state(UNLOADED)
+
+
+def _close(client: Client) -> None:
+    client.close()
+    del client
+    _refreeze()
+
+
+def _refreeze() -> None:
+    """Objects alive after loading are frozen out of the collector's sight (see app.py); an unloaded
+    model's objects must be collectable again, and a new model's frozen."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class ModelTable:
-    """Lookup by name and kind; a missing name picks the first model of that kind.
+    """Lookup by name and kind; a missing name picks the first model of that kind (a loaded one
+    first). ``visible_to`` gives the view one API key may use: other models look as if they did
+    not exist."""
 
-    ``visible_to`` gives the view one API key may use: other models look as if they did not exist.
-    """
-
-    def __init__(self, models: list[ServedModel], allowed: frozenset[str] | None = None) -> None:
-        self._models = {m.name: m for m in models}
+    def __init__(self, pool: ModelPool, allowed: frozenset[str] | None = None) -> None:
+        self.pool = pool
         self._allowed = allowed
 
     def visible_to(self, allowed: frozenset[str] | None) -> ModelTable:
-        return self if allowed is None else ModelTable(list(self._models.values()), allowed)
+        return self if allowed is None else ModelTable(self.pool, allowed)
 
     def _is_visible(self, name: str) -> bool:
         return self._allowed is None or name in self._allowed
 
-    def __iter__(self):
-        return (m for m in self._models.values() if self._is_visible(m.name))
+    def entries(self) -> Iterator[_Entry]:
+        return (e for e in self.pool.entries.values() if self._is_visible(e.name))
 
-    def get(self, name: str | None, kind: ModelKind) -> ServedModel:
-        model = self._find(name, kind)
+    def __iter__(self) -> Iterator[ServedModel]:
+        """The loaded models."""
+        return (e.served() for e in self.entries() if e.engine.state == LOADED and e.engine.client)
+
+    def cards(self) -> list[ModelCard]:
+        return [e.card() for e in self.entries()]
+
+    async def get(
+        self, name: str | None, kind: ModelKind, keep_alive: float | object | None = UNCHANGED
+    ) -> ServedModel:
+        """The model, loaded (waiting while it loads); the request holds it until its response ends."""
+        entry = self.entry(name, kind)
         context = current_context()
         if context is not None:
-            context.model = model.name
-        return model
+            context.model = entry.name
+        return await self.pool.acquire(entry, keep_alive)
 
-    def _find(self, name: str | None, kind: ModelKind) -> ServedModel:
+    def entry(self, name: str | None, kind: ModelKind | None = None) -> _Entry:
         if name is None:
-            for model in self:
-                if model.kind is kind:
-                    return model
-            if any(m.kind is kind for m in self._models.values()):
+            assert kind is not None
+            of_kind = [e for e in self.entries() if e.kind is kind]
+            for entry in sorted(of_kind, key=lambda e: e.engine.state != LOADED):
+                return entry
+            if any(e.kind is kind for e in self.pool.entries.values()):
                 raise PermissionDeniedError(f"this API key may not use the {_ROUTE_NAMES[kind]} models")
             raise ModelNotFoundError(f"no {_ROUTE_NAMES[kind]} model is served", param="model")
-        model = self._models.get(name)
-        if model is None or not self._is_visible(name):
-            served = ", ".join(m.name for m in self) or "none"
+        entry = self.pool.entries.get(name)
+        if entry is None or not self._is_visible(name):
+            served = ", ".join(e.name for e in self.entries()) or "none"
             access = "" if self._allowed is None else " or you do not have access to it"
             raise ModelNotFoundError(
                 f"the model {name!r} does not exist{access}; served models: {served}", param="model"
             )
-        if model.kind is not kind:
+        if kind is not None and entry.kind is not kind:
             raise UnsupportedTaskError(
-                f"the model {name!r} is a {model.kind.value} model and cannot serve "
+                f"the model {name!r} is a {entry.kind.value} model and cannot serve "
                 f"{_ROUTE_NAMES[kind]} requests",
                 param="model",
             )
-        return model
+        return entry
 
     def close(self) -> None:
-        for client in {id(m.client): m.client for m in self._models.values()}.values():
-            client.close()
+        self.pool.close()
 
 
 def load_model_table(settings: ServerSettings, loop: asyncio.AbstractEventLoop) -> ModelTable:
-    """Resolve and load every configured model; the same weights served twice are loaded once.
+    """Resolve every servable model and load the configured ones (``--model``); the same weights
+    served twice are loaded once. Models of ``--models-dir`` and the registry load on demand.
 
-    The memory plan comes first: nothing loads when the models do not fit, and the LLM's KV cache
-    gets the planned share (checked again against what is free after its weights load)."""
+    The memory plan of the configured models comes first: nothing loads when they do not fit, and
+    each LLM's KV cache gets the planned share (checked again against what is free after its weights
+    load). Later loads are planned against the same budget with what is loaded then."""
     plans = plan_server(settings)
     for line in describe(plans):
         log.info("%s", line)
     check_plans(plans)
+    budgets = {plan.device: plan.budget_bytes for plan in plans}
     planned_kv = {plan.device: plan.kv_cache_bytes for plan in plans}
-    clients: dict[tuple, EncoderClient | LLMClient] = {}
-    served = []
-    for spec in settings.model:
-        served.append(_load_one(spec, settings, clients, loop, planned_kv))
-        log.info("serving %s (%s) from %s", spec.served_name, served[-1].kind.value, served[-1].path)
-    return ModelTable(served)
+    engines: dict[tuple, _Engine] = {}
+    entries = [_entry(spec, settings, engines) for spec in settings.model]
+    configured = {e.name for e in entries}
+    for spec in _on_demand_specs(settings, configured):
+        try:
+            entries.append(_entry(spec, settings, engines))
+        except ModelLoadError as exc:
+            log.warning("%s is not servable: %s", spec.served_name, exc)
+    unknown = sorted(set(settings.pin) - {e.name for e in entries})
+    if unknown:
+        raise ModelLoadError(f"--pin names models that are not served: {', '.join(unknown)}")
+
+    def start(engine: _Engine, kv_cache_bytes: int | None) -> Client:
+        return _start_client(engine, settings, loop, kv_cache_bytes)
+
+    pool = ModelPool(entries, settings, budgets, start)
+    for entry in entries[: len(settings.model)]:
+        engine = entry.engine
+        if engine.state == LOADED:
+            continue
+        engine.need = model_need(engine.spec, settings, engine.path)
+        kv = planned_kv.get(engine.need.device) if engine.need.is_llm else None
+        engine.client = start(engine, kv)
+        engine.kv_cache_bytes = kv or 0
+        engine.last_used = time.monotonic()
+        engine.set_state(LOADED)
+        log.info("serving %s (%s) from %s", entry.name, entry.kind.value, engine.path)
+    for entry in entries[len(settings.model) :]:
+        log.info("servable on demand: %s (%s) from %s", entry.name, entry.kind.value, entry.engine.path)
+    return ModelTable(pool)
 
 
-def _load_one(
-    spec: ModelSpec, settings: ServerSettings, clients: dict, loop, planned_kv: dict[str, int]
-) -> ServedModel:
+def _on_demand_specs(settings: ServerSettings, taken: set[str]) -> Iterator[ModelSpec]:
+    """Models servable by name without loading at start: --models-dir's, then registered ones."""
+    names = set(taken)
+    if settings.models_dir:
+        folder = Path(settings.models_dir).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"--models-dir {folder} is not a folder")
+        for child in sorted(folder.iterdir()):
+            is_model = (child.is_dir() and (child / "config.json").is_file()) or child.suffix == ".gguf"
+            name = child.stem if child.suffix == ".gguf" else child.name
+            if is_model and name not in names:
+                names.add(name)
+                yield ModelSpec(source=str(child), alias=name)
+    if settings.serve_registered:
+        from inferd.hub.registry import ModelRegistry
+
+        try:
+            registered = ModelRegistry(settings.cache_dir).entries()
+        except ModelLoadError as exc:
+            log.warning("%s", exc)
+            registered = []
+        for item in registered:
+            if item.name not in names:
+                names.add(item.name)
+                yield ModelSpec(source=item.name, kind=ModelKind(item.kind) if item.kind else None)
+
+
+def _entry(spec: ModelSpec, settings: ServerSettings, engines: dict[tuple, _Engine]) -> _Entry:
     resolved = resolve_model(spec.source, spec.kind, cache_dir=settings.cache_dir)
-    files_kind = detect_kind(resolved.path)
-    if (resolved.kind is ModelKind.CHAT) != (files_kind is ModelKind.CHAT):
-        raise ModelLoadError(
-            f"{spec.source} holds a {files_kind.value} model; it cannot be served as {resolved.kind.value}"
+    on_llm_engine = is_causal_lm(resolved.path)
+    files_kind = ModelKind.CHAT if on_llm_engine else detect_kind(resolved.path)
+    wrong = ModelKind.EMBEDDING if on_llm_engine else ModelKind.CHAT
+    if resolved.kind is wrong:
+        held = "a causal LM" if on_llm_engine else f"a {files_kind.value} model"
+        raise ModelLoadError(f"{spec.source} holds {held}; it cannot be served as {resolved.kind.value}")
+    # A causal LM serves chat or, wrapped, rerank: two engines. Encoders serve both from one.
+    served_kind = resolved.kind if on_llm_engine else files_kind
+    config = settings.llm_config(spec) if on_llm_engine else settings.encoder_config(spec)
+    key = (resolved.path, served_kind, config)
+    engine = engines.get(key)
+    if engine is None:
+        engine = engines[key] = _Engine(
+            spec=spec, path=resolved.path, files_kind=files_kind, served_kind=served_kind
         )
-    if files_kind is ModelKind.CHAT:
-        llm_config = settings.llm_config(spec)
-        llm_config = replace(llm_config, kv_cache_memory=planned_kv.get(llm_config.device))
-        key = (resolved.path, files_kind, llm_config)
-        if key not in clients:
-            clients[key] = LLMClient.start(resolved.path, llm_config, loop)
-        return ServedModel(
-            spec.served_name, ModelKind.CHAT, spec.source, resolved.path, clients[key], int(time.time())
-        )
-    config = settings.encoder_config(spec)
-    key = (resolved.path, files_kind, config)
-    if key not in clients:
-        clients[key] = EncoderClient.start(resolved.path, files_kind, config)
-    client = clients[key]
-    if resolved.kind is ModelKind.EMBEDDING and not client.can_embed:
+    engine.names.append(spec.served_name)
+    engine.kinds.append(resolved.kind)
+    return _Entry(spec.served_name, resolved.kind, spec.source, engine, int(time.time()))
+
+
+def _start_client(
+    engine: _Engine, settings: ServerSettings, loop: asyncio.AbstractEventLoop, kv_cache_bytes: int | None
+) -> Client:
+    spec = engine.spec
+    if engine.files_kind is ModelKind.CHAT:
+        config = replace(settings.llm_config(spec), kv_cache_memory=kv_cache_bytes)
+        if engine.served_kind is ModelKind.RERANK:
+            return start_llm_reranker(engine.path, config, loop, limits=settings.encoder_config(spec))
+        return LLMClient.start(engine.path, config, loop)
+    client = EncoderClient.start(engine.path, engine.files_kind, settings.encoder_config(spec))
+    if ModelKind.EMBEDDING in engine.kinds and not client.can_embed:
+        client.close()
         raise ModelLoadError(f"{spec.source} is a cross-encoder; it can rerank but not embed")
-    return ServedModel(spec.served_name, resolved.kind, spec.source, resolved.path, client, int(time.time()))
+    return client

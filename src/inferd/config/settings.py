@@ -138,6 +138,30 @@ class ServerSettings(BaseSettings):
         description="Bytes the models may use on each device; default: the memory free at start "
         "(RAM, or the GPU's). Serving refuses to start when the models do not fit.",
     )
+    models_dir: str | None = Field(
+        None,
+        description="A folder of models (each a model folder or a GGUF file), servable by their folder or "
+        "file name without being loaded at start: the first request for one loads it.",
+    )
+    serve_registered: bool = Field(
+        True,
+        description="Models pulled or registered with inferd (inferd list) are servable by name, loaded on "
+        "their first request.",
+    )
+    keep_alive: str = Field(
+        "-1",
+        description="How long a model stays loaded after its last request: a duration (30s, 5m, 1h), 0 "
+        "(unload when idle) or -1 (until memory is needed for another model). A request's keep_alive "
+        "(Ollama API) overrides it for that model.",
+    )
+    pin: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Served model names that are never unloaded to make room or by keep-alive; repeat "
+        "the flag for several.",
+    )
+    max_loaded_models: int = Field(
+        0, ge=0, description="Most models loaded at once (0: as many as the memory budget holds)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     # Access, limits, observability and lifecycle (production operation).
     api_key: Annotated[list[ApiKeySpec], NoDecode] = Field(
@@ -241,7 +265,7 @@ class ServerSettings(BaseSettings):
         None, description="OpenTelemetry OTLP/HTTP endpoint for traces (needs the otel extra)."
     )
 
-    @field_validator("api_key", "cors_allow_origins", mode="before")
+    @field_validator("api_key", "cors_allow_origins", "pin", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -272,6 +296,20 @@ class ServerSettings(BaseSettings):
         if not value:
             raise ValueError("at least one model is needed")
         return value
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _check_keep_alive(cls, value: Any) -> Any:
+        from inferd.config.durations import parse_keep_alive
+
+        value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        parse_keep_alive(value)  # raises with the reason
+        return value
+
+    def keep_alive_seconds(self) -> float | None:
+        from inferd.config.durations import parse_keep_alive
+
+        return parse_keep_alive(self.keep_alive)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -10,11 +10,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from inferd.config import ModelKind, ServerSettings
+from inferd.config import ModelSpec, ServerSettings
 from inferd.errors import ModelLoadError
 from inferd.hub.gguf import conversion_folder, is_converted, read_gguf_info
 from inferd.hub.inspect import inspect_model
-from inferd.hub.resolve import resolve_model
+from inferd.hub.resolve import is_causal_lm, resolve_model
 from inferd.memory.estimate import (
     RUNTIME_BYTES,
     ModelShape,
@@ -68,19 +68,24 @@ def server_needs(settings: ServerSettings) -> list[ModelNeed]:
     needs: dict[tuple, ModelNeed] = {}
     for spec in settings.model:
         resolved = resolve_model(spec.source, spec.kind, cache_dir=settings.cache_dir)
-        files = inspect_model(resolved.path)
-        shape = shape_from_config(files.config)
-        num_params = files.num_params or count_parameters(shape)
-        if files.kind is ModelKind.CHAT:
-            config = settings.llm_config(spec)
-            need = _llm_need(spec.served_name, shape, num_params, config)
-            if files.is_gguf:
-                need = replace(need, load_peak_bytes=_conversion_peak(resolved.path, config))
-        else:
-            need = _encoder_need(spec.served_name, resolved.path, shape, num_params, settings.encoder_config(spec))
-        key = (resolved.path, files.kind, need.device, need.dtype)
+        need = model_need(spec, settings, resolved.path)
+        key = (resolved.path, need.is_llm, need.device, need.dtype)
         needs[key] = replace(needs[key], name=f"{needs[key].name}, {need.name}") if key in needs else need
     return list(needs.values())
+
+
+def model_need(spec: ModelSpec, settings: ServerSettings, path: Path) -> ModelNeed:
+    """What serving ``spec`` (its files at ``path``) needs, read from its files without loading it."""
+    files = inspect_model(path)
+    shape = shape_from_config(files.config)
+    num_params = files.num_params or count_parameters(shape)
+    if is_causal_lm(path):  # chat, or an LLM reranker: the LLM engine either way
+        config = settings.llm_config(spec)
+        need = _llm_need(spec.served_name, shape, num_params, config)
+        if files.is_gguf:
+            need = replace(need, load_peak_bytes=_conversion_peak(path, config))
+        return need
+    return _encoder_need(spec.served_name, path, shape, num_params, settings.encoder_config(spec))
 
 
 def _llm_need(name: str, shape: ModelShape, num_params: int, config) -> ModelNeed:

@@ -26,6 +26,7 @@ MAX_TOOLS_CHARS = 512 * 1024  # all tool definitions together, as JSON
 MAX_TEMPLATE_KWARGS = 64
 # Nesting of free-form JSON (tool definitions, tool calls, extra message fields, template variables):
 # the chat template code recurses over it, two frames a level, and a RecursionError is a 500.
+MAX_MODEL_NAME_CHARS = 1024
 MAX_JSON_DEPTH = 64
 # Inputs of one embedding, completion or rerank request, and ids given to /detokenize. Above the
 # default max_client_batch_size (2048), which the encoder checks against afterwards.

@@ -18,6 +18,8 @@ class ModelCard(BaseModel):
     dimensions: int | None = None
     rerank_method: str | None = None
     ready: bool = True
+    # loaded, loading, unloading, or unloaded: servable, and loaded by its first request.
+    state: str = "loaded"
 
 
 class ModelList(BaseModel):

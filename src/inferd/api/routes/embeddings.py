@@ -20,6 +20,6 @@ router = APIRouter(tags=["openai"])
 async def create_embeddings(
     body: EmbeddingRequest, request: Request, models: ModelTable = Depends(model_table)
 ) -> FastJSONResponse:
-    model = models.get(body.model, ModelKind.EMBEDDING)
+    model = await models.get(body.model, ModelKind.EMBEDDING)
     output = await unless_disconnected(request, model.client.embed(body.inputs(), body.to_embed_params(), admit=reserve_tokens))
     return FastJSONResponse(openai_embeddings_body(output, model.name, body.encoding_format))

@@ -28,7 +28,7 @@ _MAYBE_STREAMED = {200: {"content": {"text/event-stream": {}}}}
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, models: ModelTable = Depends(model_table)
 ):
-    model = models.get(body.model, ModelKind.CHAT)
+    model = await models.get(body.model, ModelKind.CHAT)
     return await unless_disconnected(request, chat_completion(body, model.name, model.client))
 
 
@@ -36,20 +36,20 @@ async def create_chat_completion(
 async def create_completion(
     body: CompletionRequest, request: Request, models: ModelTable = Depends(model_table)
 ):
-    model = models.get(body.model, ModelKind.CHAT)
+    model = await models.get(body.model, ModelKind.CHAT)
     return await unless_disconnected(request, completion(body, model.name, model.client))
 
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, models: ModelTable = Depends(model_table)) -> BaseModel:
-    client = models.get(body.model, ModelKind.CHAT).client
+    client = (await models.get(body.model, ModelKind.CHAT)).client
     ids = await off_loop(_token_ids, body, client)
     return body.response(ids, client.max_model_len)
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, models: ModelTable = Depends(model_table)) -> dict:
-    client = models.get(body.model, ModelKind.CHAT).client
+    client = (await models.get(body.model, ModelKind.CHAT)).client
     return {"prompt": await off_loop(client.decode, body.tokens)}
 
 

@@ -14,12 +14,12 @@ router = APIRouter(tags=["openai"])
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(models: ModelTable = Depends(model_table)) -> ModelList:
-    return ModelList(data=[m.card() for m in models])
+    return ModelList(data=models.cards())
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, models: ModelTable = Depends(model_table)) -> ModelCard:
-    for model in models:
-        if model.name == model_id:
-            return model.card()
-    raise ModelNotFoundError(f"the model {model_id!r} does not exist", param="model")
+    try:
+        return models.entry(model_id).card()
+    except ModelNotFoundError:
+        raise ModelNotFoundError(f"the model {model_id!r} does not exist", param="model") from None

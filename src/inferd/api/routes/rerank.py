@@ -17,7 +17,7 @@ router = APIRouter(tags=["cohere"])
 
 
 async def _rerank(body: CohereRerankRequest, request: Request, models: ModelTable, version: str):
-    model = models.get(body.model, ModelKind.RERANK)
+    model = await models.get(body.model, ModelKind.RERANK)
     texts = body.texts()
     output = await unless_disconnected(
         request, model.client.rerank(body.query, texts, body.to_rerank_params(), admit=reserve_tokens)

@@ -20,7 +20,7 @@ router = APIRouter(tags=["tei"])
 async def embed(
     body: EmbedRequest, request: Request, models: ModelTable = Depends(model_table)
 ) -> FastJSONResponse:
-    model = models.get(None, ModelKind.EMBEDDING)
+    model = await models.get(None, ModelKind.EMBEDDING)
     output = await unless_disconnected(request, model.client.embed(body.input_list(), body.to_embed_params(), admit=reserve_tokens))
     return FastJSONResponse(output.embeddings)
 
@@ -29,7 +29,7 @@ async def embed(
 async def rerank(
     body: RerankRequest, request: Request, models: ModelTable = Depends(model_table)
 ) -> FastJSONResponse:
-    model = models.get(None, ModelKind.RERANK)
+    model = await models.get(None, ModelKind.RERANK)
     output = await unless_disconnected(
         request, model.client.rerank(body.query, body.texts, body.to_rerank_params(), param="texts", admit=reserve_tokens)
     )
