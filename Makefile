@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-dev serve test lint bench clean
+.PHONY: install install-dev browser serve test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,13 @@ install-dev: $(VENV)/.installed-dev
 serve: install
 	$(BIN)/inferd serve --host $(HOST) --port $(PORT)
 
-test: install-dev
+# The playground page's test drives a real headless Chromium: Debian's package (no browser download).
+browser:
+	@command -v chromium >/dev/null || { \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }
+
+test: install-dev browser
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,5 @@
-"""API keys over real HTTP: every route but /health and /ready needs one, in each family's shape."""
+"""API keys over real HTTP: every route but the probes and the playground page (static, no secret)
+needs one, in each family's shape."""
 
 import re
 
@@ -11,7 +12,7 @@ from inferd.config import load_settings
 from inferd.errors import AuthenticationError
 from tests.openapi import validate_openai
 
-OPEN_PATHS = {"/health", "/ready"}
+OPEN_PATHS = {"/health", "/ready", "/", "/ui", "/ui/app.js", "/ui/app.css"}
 OPS = {"Authorization": "Bearer sk-ops"}
 
 

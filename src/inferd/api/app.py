@@ -20,7 +20,7 @@ from inferd.api.limits import RateLimiter
 from inferd.api.metrics import Metrics
 from inferd.api.middleware import GatewayMiddleware, GatewayPolicy
 from inferd.api.model_table import ModelTable, load_model_table
-from inferd.api.routes import embeddings, generation, health, models, rerank, tei
+from inferd.api.routes import admin, embeddings, generation, health, models, rerank, tei, ui
 from inferd.config import ServerSettings
 
 log = logging.getLogger("inferd.api")
@@ -39,6 +39,7 @@ def create_app(settings: ServerSettings, load_models: ModelLoader = load_model_t
         _freeze_loaded_objects()
         app.state.models = table
         app.state.metrics.attach(table)
+        table.pool.start_timers()
         log.info("ready: %s", ", ".join(m.name for m in table))
         try:
             yield
@@ -60,7 +61,7 @@ def create_app(settings: ServerSettings, load_models: ModelLoader = load_model_t
     app.state.metrics = Metrics()
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
-    for module in (generation, embeddings, tei, rerank, models, health):
+    for module in (generation, embeddings, tei, rerank, models, admin, health, ui):
         app.include_router(module.router)
     _add_middleware(app, settings)
     if settings.otlp_endpoint:
