@@ -20,7 +20,7 @@ from inferd.api.limits import RateLimiter
 from inferd.api.metrics import Metrics
 from inferd.api.middleware import GatewayMiddleware, GatewayPolicy
 from inferd.api.model_table import ModelTable, load_model_table
-from inferd.api.routes import admin, embeddings, generation, health, models, rerank, tei, ui
+from inferd.api.routes import admin, embeddings, generation, health, models, ollama, rerank, tei, ui
 from inferd.config import ServerSettings
 
 log = logging.getLogger("inferd.api")
@@ -61,7 +61,7 @@ def create_app(settings: ServerSettings, load_models: ModelLoader = load_model_t
     app.state.metrics = Metrics()
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
-    for module in (generation, embeddings, tei, rerank, models, admin, health, ui):
+    for module in (generation, embeddings, tei, rerank, models, ollama, admin, health, ui):
         app.include_router(module.router)
     _add_middleware(app, settings)
     if settings.otlp_endpoint:

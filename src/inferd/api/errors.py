@@ -40,6 +40,7 @@ class Family(str, Enum):
     OPENAI = "openai"
     TEI = "tei"
     COHERE = "cohere"
+    OLLAMA = "ollama"
 
 
 _TEI_PATHS = {"/embed", "/rerank"}
@@ -51,6 +52,8 @@ def family_of(path: str) -> Family:
         return Family.TEI
     if path in _COHERE_PATHS:
         return Family.COHERE
+    if path.startswith("/api/"):
+        return Family.OLLAMA
     return Family.OPENAI
 
 
@@ -90,6 +93,8 @@ def error_response(
 ) -> FastJSONResponse:
     if family is Family.TEI:
         body: dict = {"error": message, "error_type": tei_type}
+    elif family is Family.OLLAMA:
+        body = {"error": message}
     elif family is Family.COHERE:
         body = {"message": message}
     else:

@@ -25,6 +25,7 @@ from inferd.encoder.client import EncoderClient
 from inferd.errors import (
     EngineUnavailableError,
     InsufficientMemoryError,
+    InvalidRequestError,
     ModelLoadError,
     ModelNotFoundError,
     ModelTooLargeError,
@@ -191,8 +192,10 @@ class ModelPool:
         settings: ServerSettings,
         budgets: dict[str, int],
         starter: Callable[[_Engine, int | None], Client],
+        engine_index: dict[tuple, _Engine] | None = None,
     ) -> None:
         self.entries = {e.name: e for e in entries}
+        self._engine_index = engine_index if engine_index is not None else {}
         self._settings = settings
         self._policy = kv_policy(settings)
         self._budgets = budgets
@@ -295,6 +298,31 @@ class ModelPool:
             self._begin_unload(engine, force=force)
         # Outside the lock: other models load meanwhile, those that need this one's room wait for it.
         await self._finish_unload(engine, reason="unloaded")
+
+    def add_registered(self, name: str) -> None:
+        """A model registered while the server runs (Ollama's /api/pull) becomes servable by name."""
+        if name in self.entries or not self._settings.serve_registered:
+            return
+        from inferd.hub.registry import ModelRegistry
+
+        item = ModelRegistry(self._settings.cache_dir).get(name)
+        if item is None:
+            return
+        spec = ModelSpec(source=item.name, kind=ModelKind(item.kind) if item.kind else None)
+        entry = _entry(spec, self._settings, self._engine_index)
+        if entry.engine.names == [name]:  # a new engine: the server's defaults
+            entry.engine.keep_alive = self._keep_alive
+        self.entries[name] = entry
+
+    def remove(self, name: str) -> None:
+        """Forget a servable model that is not loaded (its files are being deleted)."""
+        entry = self.entries.get(name)
+        if entry is None:
+            return
+        if entry.engine.state != UNLOADED:
+            raise InvalidRequestError(f"the model {name!r} is loaded; unload it first", param="model")
+        del self.entries[name]
+        entry.engine.names.remove(name)
 
     def pin(self, entry: _Entry, pinned: bool) -> None:
         engine = entry.engine
@@ -544,7 +572,7 @@ def load_model_table(settings: ServerSettings, loop: asyncio.AbstractEventLoop) 
     def start(engine: _Engine, kv_cache_bytes: int | None) -> Client:
         return _start_client(engine, settings, loop, kv_cache_bytes)
 
-    pool = ModelPool(entries, settings, budgets, start)
+    pool = ModelPool(entries, settings, budgets, start, engines)
     for entry in entries[: len(settings.model)]:
         engine = entry.engine
         if engine.state == LOADED:
