@@ -36,6 +36,8 @@ def _assert_unauthorized(response: httpx.Response, path: str) -> None:
         assert set(body) == {"error", "error_type"} and body["error_type"] == "Unauthorized"
     elif path in ("/v1/rerank", "/v2/rerank"):
         assert set(body) == {"message"}
+    elif path.startswith("/api/"):  # Ollama's shape
+        assert set(body) == {"error"} and "API key" in body["error"]
     else:
         validate_openai(body, "ErrorResponse")
         assert body["error"]["code"] == "invalid_api_key"

@@ -201,6 +201,7 @@ class ModelPool:
         self._budgets = budgets
         self._start = starter
         self._lock = asyncio.Lock()  # one load or unload at a time
+        self._tasks: set[asyncio.Task] = set()  # unloads and expiries in flight
         self._keep_alive = settings.keep_alive_seconds()
         self.listener = PoolListener()
         for engine in self.engines():
@@ -255,7 +256,14 @@ class ModelPool:
             return
         engine.expires_at = time.time() + engine.keep_alive
         loop = asyncio.get_running_loop()
-        engine.expiry = loop.call_later(engine.keep_alive, lambda: loop.create_task(self._expire(engine)))
+
+        def fire() -> None:
+            # Kept until it ends: the loop holds only weak references to tasks.
+            task = loop.create_task(self._expire(engine, handle))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        handle = engine.expiry = loop.call_later(engine.keep_alive, fire)
 
     def _cancel_expiry(self, engine: _Engine) -> None:
         if engine.expiry is not None:
@@ -263,13 +271,13 @@ class ModelPool:
             engine.expiry = None
         engine.expires_at = None
 
-    async def _expire(self, engine: _Engine) -> None:
+    async def _expire(self, engine: _Engine, handle: asyncio.TimerHandle) -> None:
         async with self._lock:
             expired = engine.state == LOADED and not engine.in_flight and not engine.pinned
-            if not (expired and engine.expiry is not None):
+            if not (expired and engine.expiry is handle):  # a newer timer (or none) replaced it
                 return
             self._begin_unload(engine)
-        await self._finish_unload(engine, reason="expired")
+        await self._unloaded(engine, reason="expired")
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -293,11 +301,24 @@ class ModelPool:
     async def unload(self, entry: _Entry, *, force: bool = False) -> None:
         engine = entry.engine
         async with self._lock:
+            if engine.state == UNLOADING:
+                if force:  # a graceful unload under way: end its requests now
+                    self._fail_requests(engine)
+                await engine.settled.wait()
+                return
             if engine.state != LOADED:
                 return
             self._begin_unload(engine, force=force)
         # Outside the lock: other models load meanwhile, those that need this one's room wait for it.
-        await self._finish_unload(engine, reason="unloaded")
+        await self._unloaded(engine, reason="unloaded")
+
+    async def _unloaded(self, engine: _Engine, *, reason: str) -> None:
+        """Finish an unload begun under the lock in a task of its own: a caller cut meanwhile (its
+        request timed out) must not leave the engine half-unloaded, blocking every request for it."""
+        task = asyncio.get_running_loop().create_task(self._finish_unload(engine, reason=reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
 
     def add_registered(self, name: str) -> None:
         """A model registered while the server runs (Ollama's /api/pull) becomes servable by name."""
@@ -372,6 +393,8 @@ class ModelPool:
             seconds = time.monotonic() - started
             log.info("loaded %s in %.1fs (%s)", engine.name, seconds, gib(engine.resident_bytes))
             self.listener.on_loaded(engine.names, client, seconds, engine.resident_bytes)
+            engine.last_used = time.monotonic()
+            self._arm_expiry(engine)  # the request that asked may be gone: the keep-alive still runs
 
     def _start_engine(self, engine: _Engine, kv_cache_bytes: int | None) -> Client:
         try:
@@ -404,8 +427,16 @@ class ModelPool:
             if plan.fits and (not limit or len(kept) < limit):
                 return plan, victims, []
             # Idle engines first, then the least recently used.
+            # Only a model on the same device frees room for this one (any model, for the count).
+            same_device = not plan.fits
             candidates = sorted(
-                (e for e in kept if not e.pinned and e.state == LOADED),
+                (
+                    e
+                    for e in kept
+                    if not e.pinned
+                    and e.state == LOADED
+                    and not (same_device and e.need is not None and e.need.device != need.device)
+                ),
                 key=lambda e: (e.in_flight > 0, e.last_used),
             )
             unloading = [e for e in kept if e.state == UNLOADING]
@@ -440,17 +471,25 @@ class ModelPool:
         the requests in flight too."""
         self._cancel_expiry(engine)
         engine.set_state(UNLOADING)
-        if force and isinstance(engine.client, LLM_CLIENTS):
+        if force:
+            self._fail_requests(engine)
+
+    def _fail_requests(self, engine: _Engine) -> None:
+        """End an unloading engine's requests now (LLM streams; encoder batches are short and finish)."""
+        if isinstance(engine.client, LLM_CLIENTS):
             engine.client.fail_all(EngineUnavailableError(f"the model {engine.name} was unloaded"))
 
     async def _finish_unload(self, engine: _Engine, *, reason: str) -> None:
-        """Wait for the engine's requests to end, then free it."""
-        await engine.idle.wait()
-        client, engine.client = engine.client, None
-        if client is not None:
-            await asyncio.to_thread(_close, client)
-        engine.kv_cache_bytes = 0
-        engine.set_state(UNLOADED)
+        """Wait for the engine's requests to end, then free it; it ends unloaded whatever happens."""
+        try:
+            await engine.idle.wait()
+            client, engine.client = engine.client, None
+            if client is not None:
+                await asyncio.to_thread(_close, client)
+        finally:
+            engine.client = None
+            engine.kv_cache_bytes = 0
+            engine.set_state(UNLOADED)
         log.info("unloaded %s (%s)", engine.name, reason)
         self.listener.on_unloaded(engine.names, reason)
 
