@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
-import httpx
 import typer
+
+if TYPE_CHECKING:
+    import httpx
 
 from inferd.cli.models import fail
 
@@ -67,6 +69,8 @@ class ServerClient:
         key = first_key(api_key)
         self._has_key = key is not None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        import httpx  # deferred: the client verbs' own dependency, not serve's or pull's
+
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=5.0)
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -118,6 +122,8 @@ class ServerClient:
 
     @contextmanager
     def _transport_errors(self) -> Iterator[None]:
+        import httpx
+
         try:
             yield
         except httpx.ConnectError:
@@ -459,6 +465,8 @@ def _wait_until_ready(server: Any, thread: threading.Thread) -> str:
         if not thread.is_alive():
             raise fail("the embedded server could not start (see the log above)")
         time.sleep(0.05)
+    import httpx
+
     port = server.servers[0].sockets[0].getsockname()[1]
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
