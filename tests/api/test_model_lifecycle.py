@@ -275,3 +275,75 @@ def test_max_loaded_models(tiny_llama, models_dir):
         for name in NAMES:
             assert _call(url, name).status_code == 200
             assert [n for n, s in _states(url).items() if s == "loaded"] == [name]
+
+
+def _gate(client) -> threading.Event:
+    """Hold the chat engine's requests (closed) while other models keep the compute thread."""
+    gate = threading.Event()
+    step = client.engine.step
+
+    def gated_step():
+        if not gate.is_set():
+            time.sleep(0.005)
+            return []
+        return step()
+
+    client.engine.step = gated_step
+    return gate
+
+
+def test_a_failed_load_fails_fast_until_retried(tiny_llama, models_dir, two_of_three, tmp_path):
+    """A model whose weights are broken: 503 model_load_failed, then the same error at once (no
+    repeated load, no repeated eviction) until the retry time or an admin load."""
+    import shutil
+
+    folder = tmp_path / "models"
+    broken = folder / "broken"
+    shutil.copytree(tiny_llama, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    with live_server(_settings(tiny_llama, folder, two_of_three)) as url:
+        body = {"model": "broken", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+        first = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert first.status_code == 503 and first.json()["error"]["code"] == "model_load_failed", first.text
+        started = time.monotonic()
+        again = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert again.status_code == 503 and "ago; retried after" in again.json()["error"]["message"]
+        assert time.monotonic() - started < 1
+        assert _states(url) == {"tiny-chat": "loaded", "broken": "unloaded"}
+        retried = httpx.post(url + "/admin/models/load", json={"model": "broken"}, timeout=60)
+        assert retried.status_code == 503 and "ago" not in retried.json()["error"]["message"]
+
+
+def test_only_admin_keys_manage_models(tiny_llama, models_dir, two_of_three):
+    keys = [
+        {"key": "sk-ops", "name": "ops"},  # every model: admin by default
+        {"key": "sk-tenant", "name": "tenant", "models": ["tiny-chat", "tiny-embed"]},
+        {"key": "sk-all-no-admin", "name": "reader", "admin": False},
+    ]
+    with live_server(_settings(tiny_llama, models_dir, two_of_three, api_key=keys)) as url:
+        for key in ("sk-tenant", "sk-all-no-admin"):
+            headers = {"Authorization": f"Bearer {key}"}
+            for route in ("unload", "load", "pin"):
+                response = httpx.post(
+                    url + f"/admin/models/{route}", json={"model": "tiny-chat"}, headers=headers
+                )
+                assert response.status_code == 403, (key, route, response.text)
+                assert "admin" in response.json()["error"]["message"]
+            ollama_unload = httpx.post(
+                url + "/api/chat", json={"model": "tiny-chat", "keep_alive": 0}, headers=headers
+            )
+            assert ollama_unload.status_code == 403, ollama_unload.text
+            listed = httpx.get(url + "/admin/models", headers=headers).json()["data"]
+            assert {m["id"] for m in listed} <= {"tiny-chat", "tiny-embed", "tiny-rerank"}
+        tenant = httpx.get(url + "/admin/models", headers={"Authorization": "Bearer sk-tenant"}).json()[
+            "data"
+        ]
+        assert {m["id"] for m in tenant} == {"tiny-chat", "tiny-embed"}
+        ops = {"Authorization": "Bearer sk-ops"}
+        assert (
+            httpx.post(url + "/admin/models/unload", json={"model": "tiny-chat"}, headers=ops).status_code
+            == 200
+        )
+        states = {m["id"]: m["state"] for m in httpx.get(url + "/admin/models", headers=ops).json()["data"]}
+        assert states["tiny-chat"] == "unloaded"

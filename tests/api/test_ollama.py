@@ -12,7 +12,7 @@ import pytest
 
 from inferd.config import load_settings
 from tests.api.test_reasoning import QWEN3_TEMPLATE, R1_TEMPLATE, SCHEMA, THINK
-from tests.conftest import free_port, live_server
+from tests.conftest import free_port, live_server, wait_for
 from tests.fakehub import FakeHub, FakeHubServer
 from tests.models import build_byte_llama
 
@@ -191,14 +191,19 @@ def test_tools_give_calls_with_object_arguments(client):
     assert client.chat(model="qwen3", messages=follow, tools=[WEATHER], options={"num_predict": 4}).done
 
 
+def _state(server: str, name: str) -> str:
+    return {m["id"]: m["state"] for m in httpx.get(server + "/admin/models").json()["data"]}[name]
+
+
 def test_keep_alive_zero_unloads(server, client):
     client.chat(model="tiny-chat", messages=USER, options={"num_predict": 1})
     reply = httpx.post(
         server + "/api/generate", json={"model": "tiny-chat", "keep_alive": 0}, timeout=60
     ).json()
     assert reply["done_reason"] == "unload"
-    states = {m["id"]: m["state"] for m in httpx.get(server + "/admin/models").json()["data"]}
-    assert states["tiny-chat"] == "unloaded"
+
+    assert _state(server, "tiny-chat") in ("unloading", "unloaded")  # like Ollama, answered at once
+    wait_for(lambda: _state(server, "tiny-chat") == "unloaded")
     assert "tiny-chat" not in {m.model for m in client.ps().models}
     loaded = httpx.post(server + "/api/chat", json={"model": "tiny-chat", "messages": []}, timeout=60).json()
     assert loaded["done_reason"] == "load" and "tiny-chat" in {m.model for m in client.ps().models}
@@ -256,6 +261,7 @@ def test_pull_streams_progress_then_delete(server, client, hub):
         client.delete("acme/tiny-llama")  # loaded: refused
     assert error.value.status_code == 400
     client.chat(model="acme/tiny-llama", messages=[], keep_alive=0)
+    wait_for(lambda: _state(server, "acme/tiny-llama") == "unloaded")  # it unloads in the background
     assert client.delete("acme/tiny-llama")["status"] == "success"
     assert "acme/tiny-llama" not in [m.model for m in client.list().models]
     with pytest.raises(ollama.ResponseError) as error:

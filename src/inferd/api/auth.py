@@ -19,6 +19,7 @@ class Principal:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_concurrent_requests: int | None = None  # None: no cap
+    admin: bool = True  # may manage the shared models (the anonymous caller of a keyless server may)
 
     def can_use(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
@@ -47,6 +48,7 @@ class KeyRing:
                     spec.requests_per_minute or requests_per_minute,
                     spec.tokens_per_minute or tokens_per_minute,
                     spec.max_concurrent_requests or max_concurrent_requests,
+                    spec.is_admin,
                 ),
             )
             for spec in specs

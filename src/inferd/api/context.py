@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from inferd.api.auth import Principal
+from inferd.errors import PermissionDeniedError
 
 
 @dataclass(slots=True, eq=False)
@@ -83,3 +84,15 @@ def reserve_tokens(num_tokens: int, num_flexible: int = 0) -> None:
     context = _current.get()
     if context is not None and context.reserve is not None:
         context.num_reserved_tokens += context.reserve(num_tokens, num_flexible)
+
+
+def require_admin(action: str) -> None:
+    """PermissionDeniedError unless the current request's key may manage models: a tenant's key must
+    not unload, pin or delete what other keys use (no-op outside a request)."""
+    context = _current.get()
+    principal = context.principal if context is not None else None
+    if principal is not None and not principal.admin:
+        raise PermissionDeniedError(
+            f"this API key may not {action}: that changes models every key shares (an admin key may: "
+            "`admin: true` in its API key settings)"
+        )

@@ -102,6 +102,9 @@ class Metrics:
         self._snapshot.models = models
         for name, client in _unique_clients(models):
             self._observe(name, client)
+        for engine in models.pool.loaded():  # loaded at start, before there was a listener
+            for name in engine.names:
+                self.model_loads.labels(name).inc()
         models.pool.listener = _PoolObserver(self)
 
     def _observe(self, name: str, client: Client) -> None:
@@ -255,8 +258,9 @@ class _SnapshotCollector(Collector):
             ),
         }
         models = self.models
-        for entry in models.entries() if models is not None else ():
-            families["resident"].add_metric([entry.name], entry.engine.resident_bytes)
+        # Per engine, under its first name (as every engine metric): summing the series is the total.
+        for engine in models.pool.engines() if models is not None else ():
+            families["resident"].add_metric([engine.names[0]], engine.resident_bytes)
         for name, client in _unique_clients(models) if models is not None else ():
             if isinstance(client, LLM_CLIENTS):
                 stats = client.stats()

@@ -47,6 +47,8 @@ UNLOADED, LOADING, LOADED, UNLOADING = "unloaded", "loading", "loaded", "unloadi
 
 Client = EncoderClient | LLMClient | LLMRerankClient
 LLM_CLIENTS = (LLMClient, LLMRerankClient)  # on the LLM engine
+# A failed load fails again at once for this long: requests do not each repeat it (and its evictions).
+RETRY_FAILED_LOAD_S = 30.0
 UNCHANGED = object()  # a request that says nothing about keep-alive leaves the model's as it is
 
 
@@ -105,6 +107,8 @@ class _Engine:
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no request uses it
     expiry: asyncio.TimerHandle | None = None
     load_task: asyncio.Task | None = None
+    load_error: str | None = None  # why the last load failed (cleared by a load that works)
+    failed_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.settled.set()
@@ -116,7 +120,7 @@ class _Engine:
 
     @property
     def resident_bytes(self) -> int:
-        if self.state in (UNLOADED, LOADING) or self.need is None:
+        if self.state == UNLOADED or self.need is None:
             return 0
         return self.need.fixed_bytes + self.kv_cache_bytes
 
@@ -212,7 +216,8 @@ class ModelPool:
         return list({id(e.engine): e.engine for e in self.entries.values()}.values())
 
     def loaded(self) -> list[_Engine]:
-        return [e for e in self.engines() if e.state in (LOADED, UNLOADING)]
+        """The engines that hold (or are taking) memory."""
+        return [e for e in self.engines() if e.state != UNLOADED]
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -285,6 +290,7 @@ class ModelPool:
         self, entry: _Entry, *, pin: bool | None = None, keep_alive: float | object | None = UNCHANGED
     ):
         engine = entry.engine
+        engine.load_error = None  # an operator's load retries a failed one at once
         while engine.state != LOADED:
             if engine.state == UNLOADED:
                 await self._loaded(engine)
@@ -298,27 +304,36 @@ class ModelPool:
         self._cancel_expiry(engine)
         self._arm_expiry(engine)
 
-    async def unload(self, entry: _Entry, *, force: bool = False) -> None:
+    async def unload(self, entry: _Entry, *, force: bool = False, wait: bool = True) -> None:
+        """Unload the model once its requests end (``force``: end them now). A model still loading is
+        unloaded when it has loaded; one being unloaded is waited for. ``wait=False`` returns once no
+        new request can start on it (Ollama's keep_alive 0: the unload goes on in the background)."""
         engine = entry.engine
-        async with self._lock:
-            if engine.state == UNLOADING:
-                if force:  # a graceful unload under way: end its requests now
+        while True:
+            async with self._lock:
+                if engine.state == UNLOADED:
+                    return
+                if engine.state == LOADED:
+                    self._begin_unload(engine, force=force)
+                    break
+                if engine.state == UNLOADING and force:  # a graceful unload under way: end its requests
                     self._fail_requests(engine)
-                await engine.settled.wait()
-                return
-            if engine.state != LOADED:
-                return
-            self._begin_unload(engine, force=force)
+            await engine.settled.wait()
         # Outside the lock: other models load meanwhile, those that need this one's room wait for it.
-        await self._unloaded(engine, reason="unloaded")
+        task = self._unload_task(engine, reason="unloaded")
+        if wait:
+            await asyncio.shield(task)
 
     async def _unloaded(self, engine: _Engine, *, reason: str) -> None:
+        await asyncio.shield(self._unload_task(engine, reason=reason))
+
+    def _unload_task(self, engine: _Engine, *, reason: str) -> asyncio.Task:
         """Finish an unload begun under the lock in a task of its own: a caller cut meanwhile (its
         request timed out) must not leave the engine half-unloaded, blocking every request for it."""
         task = asyncio.get_running_loop().create_task(self._finish_unload(engine, reason=reason))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(task)
+        return task
 
     def add_registered(self, name: str) -> None:
         """A model registered while the server runs (Ollama's /api/pull) becomes servable by name."""
@@ -360,41 +375,84 @@ class ModelPool:
         task = engine.load_task
         if task is None or task.done():
             task = engine.load_task = asyncio.get_running_loop().create_task(self._load(engine))
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Nobody may take a lease on what loads: its keep-alive must still run. (Not armed when
+            # the load ends, or a keep-alive of 0 would unload it before its own request could start.)
+            task.add_done_callback(
+                lambda done: done.cancelled() or done.exception() or self._arm_expiry(engine)
+            )
+            raise
 
     async def _load(self, engine: _Engine) -> None:
-        async with self._lock:
-            if engine.state != UNLOADED:
-                return  # another request loaded it meanwhile
-            if engine.need is None:
-                engine.need = await asyncio.to_thread(model_need, engine.spec, self._settings, engine.path)
-            while True:
-                plan, victims, unloading = self._make_room(engine)
-                if not unloading:
+        """Plan under the lock; wait for the evictions and start the engine outside it, so that other
+        models keep loading, unloading and expiring meanwhile. A loading engine counts at its planned
+        size from the moment it is planned, so two loads never plan the same room."""
+        while True:
+            async with self._lock:
+                if engine.state != UNLOADED:
+                    return  # another request loaded it meanwhile
+                self._check_failed(engine)
+                if engine.need is None:
+                    engine.need = await self._read_need(engine)
+                plan, victims, settling = self._make_room(engine)
+                if not victims and not settling:
+                    kv = plan.kv_cache_bytes if engine.need.is_llm else None
+                    engine.kv_cache_bytes = kv or 0
+                    engine.set_state(LOADING)
                     break
-                await unloading[0].settled.wait()  # its room is needed: wait for the unload under way
-            for victim in victims:
-                self._begin_unload(victim)
-                await self._finish_unload(victim, reason="evicted")
-            engine.set_state(LOADING)
-            started = time.monotonic()
-            kv = plan.kv_cache_bytes if engine.need.is_llm else None
-            try:
-                client = await asyncio.to_thread(self._start_engine, engine, kv)
-            except BaseException as exc:
-                engine.set_state(UNLOADED)
-                if isinstance(exc, Exception) and not isinstance(exc, ModelLoadError):
-                    log.exception("loading %s failed", engine.name)
-                    raise ModelLoadError(f"loading the model {engine.name} failed: {exc}") from exc
-                raise
-            engine.client = client
-            engine.kv_cache_bytes = kv or 0
-            engine.set_state(LOADED)
-            seconds = time.monotonic() - started
-            log.info("loaded %s in %.1fs (%s)", engine.name, seconds, gib(engine.resident_bytes))
-            self.listener.on_loaded(engine.names, client, seconds, engine.resident_bytes)
-            engine.last_used = time.monotonic()
-            self._arm_expiry(engine)  # the request that asked may be gone: the keep-alive still runs
+                for victim in victims:
+                    self._begin_unload(victim)
+            # Every eviction at once (each waits for its own requests), and loads or unloads under way
+            # whose room is needed; then plan again.
+            await asyncio.gather(
+                *(self._unloaded(victim, reason="evicted") for victim in victims),
+                *(other.settled.wait() for other in settling),
+            )
+        started = time.monotonic()
+        try:
+            client = await asyncio.to_thread(self._start_engine, engine, kv)
+        except BaseException as exc:
+            engine.kv_cache_bytes = 0
+            engine.set_state(UNLOADED)
+            if isinstance(exc, Exception) and not isinstance(exc, ModelLoadError):
+                log.exception("loading %s failed", engine.name)
+                exc = ModelLoadError(f"loading the model {engine.name} failed: {exc}")
+            if isinstance(exc, ModelLoadError):
+                engine.load_error, engine.failed_at = exc.message, time.monotonic()
+            raise exc from None
+        engine.client = client
+        engine.load_error = None
+        engine.set_state(LOADED)
+        seconds = time.monotonic() - started
+        log.info("loaded %s in %.1fs (%s)", engine.name, seconds, gib(engine.resident_bytes))
+        self.listener.on_loaded(engine.names, client, seconds, engine.resident_bytes)
+        engine.last_used = time.monotonic()
+
+    async def _read_need(self, engine: _Engine) -> ModelNeed:
+        """What the model needs, from its files; files that cannot be read fail the load like a start."""
+        try:
+            return await asyncio.to_thread(model_need, engine.spec, self._settings, engine.path)
+        except Exception as exc:  # noqa: BLE001 - whatever the files hold, it is this model's failure
+            message = exc.message if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            error = ModelLoadError(
+                f"loading the model {engine.name} failed: its files cannot be read ({message})"
+            )
+            engine.load_error, engine.failed_at = error.message, time.monotonic()
+            raise error from None
+
+    def _check_failed(self, engine: _Engine) -> None:
+        """A model whose load just failed fails again at once for a while, rather than every request
+        repeating the load (and the evictions before it)."""
+        if engine.load_error is None:
+            return
+        ago = time.monotonic() - engine.failed_at
+        if ago < RETRY_FAILED_LOAD_S:
+            raise ModelLoadError(
+                f"{engine.load_error} ({ago:.0f}s ago; retried after {RETRY_FAILED_LOAD_S:.0f}s, or now with "
+                "POST /admin/models/load)"
+            )
 
     def _start_engine(self, engine: _Engine, kv_cache_bytes: int | None) -> Client:
         try:
@@ -404,7 +462,8 @@ class ModelPool:
 
     def _make_room(self, engine: _Engine) -> tuple[MemoryPlan, list[_Engine], list[_Engine]]:
         """The plan with ``engine`` loaded, the engines to unload first (least recently used), and
-        the engines being unloaded now that must be gone first (then the caller asks again)."""
+        the engines loading or unloading now whose outcome is needed first (then the caller asks
+        again)."""
         need = engine.need
         assert need is not None
         budget = self._budget(need.device)
@@ -439,9 +498,9 @@ class ModelPool:
                 ),
                 key=lambda e: (e.in_flight > 0, e.last_used),
             )
-            unloading = [e for e in kept if e.state == UNLOADING]
-            if not candidates and unloading:
-                return plan, victims, unloading
+            settling = [e for e in kept if e.state in (LOADING, UNLOADING)]
+            if not candidates and settling:
+                return plan, victims, settling
             if not candidates:
                 held = (
                     ", ".join(f"{e.name} ({gib(e.resident_bytes)}, pinned)" for e in kept if e.pinned)

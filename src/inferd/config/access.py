@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 class ApiKeySpec(BaseModel):
     """One API key. On the command line it is the bare key; in a config file a mapping may add a
-    ``name`` (shown in logs), the ``models`` it may use, its own rate limits and its cap on
-    requests in flight."""
+    ``name`` (shown in logs), the ``models`` it may use, its own rate limits, its cap on requests
+    in flight and whether it may manage models (``admin``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -22,6 +22,13 @@ class ApiKeySpec(BaseModel):
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
     max_concurrent_requests: int | None = Field(None, ge=1)  # None: the server's default
+    # May manage the models every key shares (load, unload, pin, keep_alive, pull, delete). Default:
+    # yes for a key that may use every model, no for a key limited to some.
+    admin: bool | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.admin if self.admin is not None else self.models is None
 
     @model_validator(mode="before")
     @classmethod

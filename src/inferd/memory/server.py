@@ -69,7 +69,9 @@ def server_needs(settings: ServerSettings) -> list[ModelNeed]:
     for spec in settings.model:
         resolved = resolve_model(spec.source, spec.kind, cache_dir=settings.cache_dir)
         need = model_need(spec, settings, resolved.path)
-        key = (resolved.path, need.is_llm, need.device, need.dtype)
+        # A causal LM served as chat and as a reranker runs on two engines (the model table's key).
+        served = resolved.kind if need.is_llm else None
+        key = (resolved.path, need.is_llm, served, need.device, need.dtype)
         needs[key] = replace(needs[key], name=f"{needs[key].name}, {need.name}") if key in needs else need
     return list(needs.values())
 

@@ -23,7 +23,8 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: every configured model is loaded, its engine running, and the server not draining.
+    """Readiness: every loaded model's engine runs, and the server is not draining (a model unloaded
+    to make room, or not loaded yet, does not make the server unready: a request for it loads it).
     It answers without a key (probes carry none), so with API keys configured it tells counts, not
     which models are served: names restricted to some keys are not for everyone."""
     table = getattr(request.app.state, "models", None)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from inferd import __version__
 from inferd.api.cancellation import unless_disconnected
-from inferd.api.context import reserve_tokens
+from inferd.api.context import require_admin, reserve_tokens
 from inferd.api.deps import model_table
 from inferd.api.model_table import ModelTable, ServedModel
 from inferd.api.responses import FastJSONResponse
@@ -58,7 +58,7 @@ async def _load_or_unload(models: ModelTable, name: str, keep_alive, shape: dict
     entry = models.entry(name, ModelKind.CHAT)
     seconds = _keep_alive(keep_alive)
     if seconds.get("keep_alive", None) == 0:
-        await models.pool.unload(entry)
+        await models.pool.unload(entry, wait=False)  # as Ollama: unloads once its requests end
         reason = "unload"
     else:
         await models.pool.load(entry, **seconds)
@@ -199,6 +199,7 @@ async def version() -> dict:
 
 @router.post("/pull", responses=_MAYBE_STREAMED)
 async def pull(body: PullRequest, request: Request, models: ModelTable = Depends(model_table)) -> Response:
+    require_admin("pull models")
     cache_dir = request.app.state.settings.cache_dir
     name = body.model_name()
 
@@ -218,6 +219,7 @@ async def pull(body: PullRequest, request: Request, models: ModelTable = Depends
 @router.delete("/delete")
 async def delete(body: ModelRequest, request: Request, models: ModelTable = Depends(model_table)) -> Response:
     """``inferd rm``; a model this server has loaded is refused."""
+    require_admin("delete models")
     from inferd.hub.registry import ModelRegistry
     from inferd.hub.remove import remove_model_files
 

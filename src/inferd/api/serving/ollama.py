@@ -21,7 +21,7 @@ from inferd.api.responses import FastJSONResponse
 from inferd.api.serving.chat import PreparedChat, ReplyParser, prepare_chat
 from inferd.api.serving.generation import new_id, off_loop, run_choices
 from inferd.api.serving.structured import response_guide
-from inferd.errors import InferdError, InputTooLongError, InvalidRequestError
+from inferd.errors import InferdError, InputTooLongError, InvalidRequestError, ModelLoadError
 from inferd.llm.client import LLMClient
 from inferd.protocol.ollama import ChatRequest, GenerateRequest, Options
 from inferd.protocol.openai_chat import ChatCompletionRequest
@@ -384,7 +384,10 @@ def pull_model(name: str, cache_dir: str | None, report: Callable[[dict], None])
 
     if name.startswith((".", "/", "~")):
         raise InvalidRequestError("only hub models can be pulled, not paths on the server", param="model")
-    ref = parse_model_name(name)
+    try:
+        ref = parse_model_name(name)
+    except ModelLoadError as exc:  # a name that names nothing: the client's mistake
+        raise InvalidRequestError(exc.message, param="model") from None
     if ref.origin is Origin.LOCAL:
         raise InvalidRequestError("only hub models can be pulled, not paths on the server", param="model")
     report({"status": "pulling manifest"})
