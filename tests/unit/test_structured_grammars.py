@@ -212,6 +212,25 @@ def test_bad_regexes_are_refused_with_the_client_s_own_terms():
         assert "at 1(" not in info.value.message  # no position in a grammar the client never wrote
 
 
+def test_regexes_that_repeat_too_often_are_refused_before_compiling():
+    """Counted repetitions multiply through nesting; a JSON schema's patterns count too. Unbounded
+    repeats and cheap ones pass."""
+    for regex in ("a{100000}", "(ab){1001}", "(a{100}){11}", "x|(?:y{3}){400}"):
+        constraint = Constraint("guided_regex", "regex", regex)
+        with pytest.raises(InvalidRequestError) as info:
+            prepare_grammar(constraint)
+        assert info.value.param == "guided_regex" and "the limit is 1,000" in info.value.message
+    for regex in ("a{1000}", "(a{10}){100}", "[0-9]+", "a*b{5}"):
+        prepare_grammar(Constraint("guided_regex", "regex", regex))
+    schema = {"type": "object", "properties": {"id": {"type": "string", "pattern": "^(x{50}){50}$"}}}
+    with pytest.raises(InvalidRequestError) as info:
+        prepare_grammar(Constraint("response_format.json_schema", "json_schema", schema))
+    assert info.value.param == "response_format.json_schema"
+    nested = {"type": "array", "items": {"patternProperties": {"^k{2000}$": {"type": "string"}}}}
+    with pytest.raises(InvalidRequestError):
+        prepare_grammar(Constraint("response_format.json_schema", "json_schema", nested))
+
+
 def test_a_choice_grammar_allows_exactly_the_choices(tokenizer):
     choices = ['say "hi"', "back\\slash", "日本語", "a", "ab", "", "new\nline"]
     grammar = prepare_grammar(Constraint("guided_choice", "choice", choices))

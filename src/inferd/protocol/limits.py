@@ -39,6 +39,9 @@ MAX_DETOKENIZE_TOKENS = 131072
 # A JSON schema, as JSON: llguidance builds a 64K-character schema's matcher in ~0.2 s (EPYC, AVX2).
 MAX_SCHEMA_CHARS = 64 * 1024
 MAX_REGEX_CHARS = 16 * 1024
+# Counted repetitions of a regex (guided regex, JSON-schema patterns), multiplied through their
+# nesting: llguidance's lexer pays for each repeated literal at every token (api/serving/structured.py).
+MAX_REGEX_REPEAT = 1000
 MAX_GRAMMAR_CHARS = 32 * 1024  # GBNF is converted to Lark in Python: a quarter second at this size
 MAX_CHOICES = 1024
 MAX_CHOICE_CHARS = 1024  # each choice

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+from re import _parser  # type: ignore[attr-defined]  # the stdlib's regex parser (sre_parse)
 from typing import Any
 
 from llguidance import LLMatcher, grammar_from
@@ -18,6 +19,7 @@ from inferd.errors import InvalidRequestError
 from inferd.llm.client import LLMClient
 from inferd.llm.params import Guide
 from inferd.llm.structured import readable_error
+from inferd.protocol.limits import MAX_REGEX_REPEAT
 from inferd.protocol.openai_sampling import Constraint, SamplingFields
 
 # Whitespace the JSON may hold at each place JSON allows it: any of JSON's four characters, but at
@@ -79,6 +81,8 @@ def one_constraint(body: SamplingFields) -> Constraint | None:
 def prepare_grammar(constraint: Constraint) -> str:
     """``constraint`` as an llguidance grammar (JSON text), not yet compiled."""
     if constraint.kind == "json_schema":
+        for pattern in schema_patterns(constraint.value):
+            check_regex_repeats(pattern, constraint.param)
         return json_schema_grammar(
             constraint.value,
             strict=constraint.strict,
@@ -87,9 +91,12 @@ def prepare_grammar(constraint: Constraint) -> str:
             is_closed=constraint.is_closed,
         )
     if constraint.kind == "regex":
+        check_regex_repeats(constraint.value, constraint.param)
         return LLMatcher.grammar_from_regex(constraint.value)
     if constraint.kind == "choice":
         return grammar_from("choice", constraint.value)  # each choice a Lark string literal
+    for pattern in _LARK_REGEX.findall(constraint.value):  # a Lark grammar's regex terminals
+        check_regex_repeats(pattern, constraint.param)
     try:
         return grammar_from("grammar", constraint.value)  # Lark as it is, GBNF converted to Lark
     except ValueError as exc:  # GBNF that does not parse, too deep nesting included
@@ -146,6 +153,65 @@ def check_grammar(constraint: Constraint, grammar: str) -> None:
             "keywords that cannot be are ignored)"
         )
     raise InvalidRequestError(message, param=constraint.param)
+
+
+# A regex terminal of a Lark grammar: /.../ on one line, escapes allowed.
+_LARK_REGEX = re.compile(r"/((?:\\.|[^/\\\n])+)/")
+
+
+def check_regex_repeats(pattern: str, param: str) -> None:
+    """Refuse a regex whose counted repetitions multiply past MAX_REGEX_REPEAT. llguidance's lexer
+    pays for each repeated literal: "a{100000}" costs ~90 ms a token on this project's AVX2 EPYC, a
+    stall of every stream in the batch at each step (its parser limits do not bound it); "a{1000}"
+    costs 0.5 ms. Unbounded repeats count their minimum. Read with Python's regex parser: a pattern
+    it cannot read is left to llguidance, which refuses what it cannot compile."""
+    try:
+        worst = _repeat_product(_parser.parse(pattern))
+    except (re.error, RecursionError, OverflowError, ValueError):
+        return
+    if worst > MAX_REGEX_REPEAT:
+        raise InvalidRequestError(
+            f"{param}: the regular expression {pattern[:60]!r} repeats {worst:,} times (counted "
+            f"repetitions multiplied through their nesting); the limit is {MAX_REGEX_REPEAT:,}",
+            param=param,
+        )
+
+
+def _repeat_product(tree) -> int:
+    """The largest product of repetition counts along any nesting path of a parsed regex."""
+    worst = 1
+    for op, value in tree:
+        if op in (_parser.MAX_REPEAT, _parser.MIN_REPEAT):
+            low, high, sub = value
+            count = low if high == _parser.MAXREPEAT else high
+            worst = max(worst, max(count, 1) * _repeat_product(sub))
+        elif op is _parser.SUBPATTERN:
+            worst = max(worst, _repeat_product(value[-1]))
+        elif op is _parser.BRANCH:
+            worst = max([worst, *(_repeat_product(branch) for branch in value[1])])
+        elif op in (_parser.ASSERT, _parser.ASSERT_NOT):
+            worst = max(worst, _repeat_product(value[1]))
+    return worst
+
+
+def schema_patterns(schema: Any) -> list[str]:
+    """Every regex a JSON schema holds: ``pattern`` values and ``patternProperties`` keys, at schema
+    positions only."""
+    patterns: list[str] = []
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node.get("pattern"), str):
+            patterns.append(node["pattern"])
+        if isinstance(node.get("patternProperties"), dict):
+            patterns.extend(k for k in node["patternProperties"] if isinstance(k, str))
+        for key in (*_ONE, *_LIST):
+            value = node.get(key)
+            stack.extend(value if isinstance(value, list) else [value])
+        stack.extend(sub for key in _MAP if isinstance(node.get(key), dict) for sub in node[key].values())
+    return patterns
 
 
 def _lenient(constraint: Constraint) -> Constraint:
