@@ -569,6 +569,12 @@ def _close(client: Client) -> None:
     client.close()
     del client
     _refreeze()
+    import torch  # loaded by then: the engines run on it
+
+    if torch.cuda.is_available():
+        # Hand the freed memory back to the device: the next model sizes its KV cache from what the
+        # device reports free, not from torch's cache.
+        torch.cuda.empty_cache()
 
 
 def _refreeze() -> None:
