@@ -58,7 +58,7 @@ def create_app(settings: ServerSettings, load_models: ModelLoader = load_model_t
     )
     app.state.settings = settings
     app.state.models = None
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(names=settings.metrics_names)
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
     for module in (generation, embeddings, tei, rerank, models, ollama, admin, health, ui):

@@ -2,11 +2,17 @@
 
 The engines know nothing of Prometheus: they call plain observer methods (``GenerationObserver``,
 ``EncoderObserver``) and expose ``stats()`` snapshots; this module turns both into metrics.
+
+The LLM engine's metrics can be exported under inferd's names, vLLM's, or both (``--metrics-names``):
+one name table (``VLLM_NAMES``) maps them, so tools that read vLLM's names (the Gateway API Inference
+Extension's endpoint picker, vLLM's Grafana dashboards) read inferd unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,6 +26,89 @@ from inferd.llm.outputs import RequestOutput
 
 PREFIX = "inferd:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+MetricsNames = Literal["inferd", "vllm", "both"]
+
+# The LLM engine metrics vLLM exports too: inferd's name (after the prefix) → vLLM's names (after
+# ``vllm:``). The first is vLLM's current name; any further one is an older name still read by
+# older endpoint pickers and dashboards. inferd-only LLM metrics (structured_mask_seconds) keep
+# inferd's name in every mode, as do the encoder, model-pool and HTTP metrics.
+VLLM_NAMES: dict[str, tuple[str, ...]] = {
+    "num_requests_running": ("num_requests_running",),
+    "num_requests_waiting": ("num_requests_waiting",),
+    "kv_cache_usage_perc": ("kv_cache_usage_perc", "gpu_cache_usage_perc"),
+    "prefix_cache_queries": ("prefix_cache_queries",),
+    "prefix_cache_hits": ("prefix_cache_hits",),
+    "prompt_tokens": ("prompt_tokens",),
+    "generation_tokens": ("generation_tokens",),
+    "request_success": ("request_success",),
+    "time_to_first_token_seconds": ("time_to_first_token_seconds",),
+    "inter_token_latency_seconds": ("inter_token_latency_seconds",),
+    "e2e_request_latency_seconds": ("e2e_request_latency_seconds",),
+    "request_queue_time_seconds": ("request_queue_time_seconds",),
+    "iteration_tokens": ("iteration_tokens_total",),  # a histogram, whose name ends in _total in vLLM
+}
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: there are two
+class _Naming:
+    """How one naming scheme spells a metric and its model label."""
+
+    prefix: str
+    model_label: str
+    # Labels with one value on every series: vLLM's ``engine`` (inferd runs one engine per model).
+    fixed: tuple[tuple[str, str], ...] = ()
+    renames: dict[str, tuple[str, ...]] | None = None  # None: inferd's own names
+
+    def names(self, name: str) -> tuple[str, ...]:
+        suffixes = self.renames[name] if self.renames is not None else (name,)
+        return tuple(self.prefix + suffix for suffix in suffixes)
+
+    def label_names(self, rest: Sequence[str]) -> list[str]:
+        return [self.model_label, *(key for key, _ in self.fixed), *rest]
+
+    def label_values(self, model: str, rest: Sequence[str]) -> list[str]:
+        return [model, *(value for _, value in self.fixed), *rest]
+
+
+_INFERD = _Naming(PREFIX, "model")
+_VLLM = _Naming("vllm:", "model_name", (("engine", "0"),), VLLM_NAMES)
+_MODES: dict[str, tuple[_Naming, ...]] = {"inferd": (_INFERD,), "vllm": (_VLLM,), "both": (_INFERD, _VLLM)}
+
+
+def _llm_namings(mode: MetricsNames, name: str) -> tuple[_Naming, ...]:
+    """The namings an LLM metric is exported under: inferd's where vLLM has no such metric."""
+    chosen = [n if n.renames is None or name in n.renames else _INFERD for n in _MODES[mode]]
+    return tuple(dict.fromkeys(chosen))
+
+
+class _Fan:
+    """Several labelled children fed as one (a metric exported under two names)."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self, children: list) -> None:
+        self._children = children
+
+    def inc(self, amount: float = 1) -> None:
+        for child in self._children:
+            child.inc(amount)
+
+    def observe(self, value: float) -> None:
+        for child in self._children:
+            child.observe(value)
+
+
+class _Family:
+    """One LLM metric under each of its names; ``labels(model, *rest)`` as prometheus_client's."""
+
+    def __init__(self, members: list[tuple[_Naming, Counter | Histogram]]) -> None:
+        self._members = members
+
+    def labels(self, model: str, *rest: str):
+        children = [metric.labels(*naming.label_values(model, rest)) for naming, metric in self._members]
+        return children[0] if len(children) == 1 else _Fan(children)
+
 
 # vLLM's buckets, so that dashboards built for it read ours the same way.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -37,16 +126,33 @@ _MASK_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0
 class Metrics:
     """Every metric of one app, in its own registry (several apps in one process do not collide)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: MetricsNames = "inferd") -> None:
         self.registry = CollectorRegistry()
-        self._snapshot = _SnapshotCollector()
+        self._snapshot = _SnapshotCollector(names)
         self.registry.register(self._snapshot)
+        made: dict[str, Counter | Histogram] = {}
+
+        def make(kind: type[Counter] | type[Histogram], name: str, doc: str, labels: Sequence[str], **kw):
+            # One object per exported name: the encoders' prompt tokens share the LLM's inferd counter.
+            if name not in made:
+                made[name] = kind(name, doc, labels, registry=self.registry, **kw)
+            return made[name]
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ("model",)) -> Counter:
-            return Counter(PREFIX + name, doc, labels, registry=self.registry)
+            return make(Counter, PREFIX + name, doc, labels)
 
         def histogram(name: str, doc: str, buckets, labels: tuple[str, ...] = ("model",)) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
+            return make(Histogram, PREFIX + name, doc, labels, buckets=buckets)
+
+        def llm(kind: type[Counter] | type[Histogram], name: str, doc: str, rest=(), **kw) -> _Family:
+            """An LLM engine metric under every name ``names`` asks for."""
+            return _Family(
+                [
+                    (naming, make(kind, full, doc, naming.label_names(rest), **kw))
+                    for naming in _llm_namings(names, name)
+                    for full in naming.names(name)
+                ]
+            )
 
         self.http_requests = counter(
             "http_requests", "HTTP requests by route template and status.", ("method", "route", "status")
@@ -54,22 +160,35 @@ class Metrics:
         self.http_duration = histogram(
             "http_request_duration_seconds", "HTTP request latency.", _HTTP_BUCKETS, ("method", "route")
         )
-        self.prompt_tokens = counter("prompt_tokens", "Prompt (input) tokens processed.")
-        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
-        self.request_success = counter(
-            "request_success", "Finished LLM requests by reason.", ("model", "finished_reason")
+        self.encoder_prompt_tokens = counter("prompt_tokens", "Prompt (input) tokens processed.")
+        self.prompt_tokens = llm(Counter, "prompt_tokens", "Prompt (input) tokens processed.")
+        self.generation_tokens = llm(Counter, "generation_tokens", "Tokens generated.")
+        self.request_success = llm(
+            Counter, "request_success", "Finished LLM requests by reason.", ("finished_reason",)
         )
-        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds", "Time between output tokens.", _ITL_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "LLM request latency.", _LATENCY_BUCKETS)
-        self.queue_time = histogram(
-            "request_queue_time_seconds", "Time LLM requests waited to be scheduled.", _LATENCY_BUCKETS
+        self.ttft = llm(
+            Histogram, "time_to_first_token_seconds", "Time to first token.", buckets=_TTFT_BUCKETS
         )
-        self.iteration_tokens = histogram("iteration_tokens", "Tokens per LLM engine step.", _TOKEN_BUCKETS)
-        self.structured_mask = histogram(
+        self.itl = llm(
+            Histogram, "inter_token_latency_seconds", "Time between output tokens.", buckets=_ITL_BUCKETS
+        )
+        self.e2e = llm(
+            Histogram, "e2e_request_latency_seconds", "LLM request latency.", buckets=_LATENCY_BUCKETS
+        )
+        self.queue_time = llm(
+            Histogram,
+            "request_queue_time_seconds",
+            "Time LLM requests waited to be scheduled.",
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.iteration_tokens = llm(
+            Histogram, "iteration_tokens", "Tokens per LLM engine step.", buckets=_TOKEN_BUCKETS
+        )
+        self.structured_mask = llm(
+            Histogram,
             "structured_mask_seconds",
             "Time an LLM engine step spent filling grammar masks (structured output).",
-            _MASK_BUCKETS,
+            buckets=_MASK_BUCKETS,
         )
         self.model_loads = counter("model_loads", "Models loaded (at start or on demand).")
         self.model_unloads = counter(
@@ -194,7 +313,7 @@ class _GenerationObserver:
 class _EncoderObserver:
     def __init__(self, metrics: Metrics, model: str) -> None:
         m = metrics
-        self._prompt = m.prompt_tokens.labels(model)
+        self._prompt = m.encoder_prompt_tokens.labels(model)
         self._batch_size = m.encoder_batch_size.labels(model)
         self._batch_tokens = m.encoder_batch_tokens.labels(model)
         self._batch_duration = m.encoder_batch_duration.labels(model)
@@ -220,55 +339,72 @@ class _EncoderObserver:
 class _SnapshotCollector(Collector):
     """Gauges and engine-side counters read from the engines at scrape time."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: MetricsNames = "inferd") -> None:
         self.models: ModelTable | None = None
+        self._names = names
 
     def describe(self) -> list[Metric]:
         return []  # unknown until the models load; describing nothing keeps registration lazy
 
+    def _llm(
+        self, kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, doc: str
+    ) -> _SnapshotFamily:
+        return _SnapshotFamily(
+            [
+                (naming, kind(full, doc, labels=naming.label_names(())))
+                for naming in _llm_namings(self._names, name)
+                for full in naming.names(name)
+            ]
+        )
+
     def collect(self) -> Iterator[Metric]:
-        families = {
-            "running": GaugeMetricFamily(
-                PREFIX + "num_requests_running", "LLM requests in the running batch.", labels=["model"]
-            ),
-            "waiting": GaugeMetricFamily(
-                PREFIX + "num_requests_waiting", "LLM requests waiting to run.", labels=["model"]
-            ),
-            "kv": GaugeMetricFamily(
-                PREFIX + "kv_cache_usage_perc",
-                "Share of KV-cache blocks in use (1 = full).",
-                labels=["model"],
-            ),
-            "queries": CounterMetricFamily(
-                PREFIX + "prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache.",
-                labels=["model"],
-            ),
-            "hits": CounterMetricFamily(
-                PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=["model"]
-            ),
-            "encoder_queue": GaugeMetricFamily(
-                PREFIX + "encoder_queue_size", "Encoder inputs waiting for a batch.", labels=["model"]
-            ),
-            "resident": GaugeMetricFamily(
-                PREFIX + "model_resident_bytes",
-                "Planned memory of each loaded model (weights, activations, runtime, KV cache); 0 when "
-                "unloaded.",
-                labels=["model"],
-            ),
-        }
+        running = self._llm(GaugeMetricFamily, "num_requests_running", "LLM requests in the running batch.")
+        waiting = self._llm(GaugeMetricFamily, "num_requests_waiting", "LLM requests waiting to run.")
+        kv = self._llm(
+            GaugeMetricFamily, "kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = full)."
+        )
+        queries = self._llm(
+            CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        hits = self._llm(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        encoder_queue = GaugeMetricFamily(
+            PREFIX + "encoder_queue_size", "Encoder inputs waiting for a batch.", labels=["model"]
+        )
+        resident = GaugeMetricFamily(
+            PREFIX + "model_resident_bytes",
+            "Planned memory of each loaded model (weights, activations, runtime, KV cache); 0 when unloaded.",
+            labels=["model"],
+        )
         models = self.models
         # Per engine, under its first name (as every engine metric): summing the series is the total.
         for engine in models.pool.engines() if models is not None else ():
-            families["resident"].add_metric([engine.names[0]], engine.resident_bytes)
+            resident.add_metric([engine.names[0]], engine.resident_bytes)
         for name, client in _unique_clients(models) if models is not None else ():
             if isinstance(client, LLM_CLIENTS):
                 stats = client.stats()
-                families["running"].add_metric([name], stats.num_running)
-                families["waiting"].add_metric([name], stats.num_waiting)
-                families["kv"].add_metric([name], stats.kv_cache_usage)
-                families["queries"].add_metric([name], stats.num_prefix_queries)
-                families["hits"].add_metric([name], stats.num_prefix_hits)
+                running.add(name, stats.num_running)
+                waiting.add(name, stats.num_waiting)
+                kv.add(name, stats.kv_cache_usage)
+                queries.add(name, stats.num_prefix_queries)
+                hits.add(name, stats.num_prefix_hits)
             elif isinstance(client, EncoderClient):
-                families["encoder_queue"].add_metric([name], client.num_queued)
-        yield from families.values()
+                encoder_queue.add_metric([name], client.num_queued)
+        for family in (running, waiting, kv, queries, hits):
+            yield from family.metrics()
+        yield encoder_queue
+        yield resident
+
+
+class _SnapshotFamily:
+    """One scraped LLM metric under each of its names, every name given the same value."""
+
+    def __init__(self, members: list[tuple[_Naming, GaugeMetricFamily | CounterMetricFamily]]) -> None:
+        self._members = members
+
+    def add(self, model: str, value: float) -> None:
+        for naming, metric in self._members:
+            metric.add_metric(naming.label_values(model, ()), value)
+
+    def metrics(self) -> Iterator[Metric]:
+        for _, metric in self._members:
+            yield metric

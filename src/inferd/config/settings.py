@@ -49,6 +49,24 @@ class ServerSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Engine replicas; above 1 inferd runs on Ray Serve (the ray extra): each replica "
+        "holds every configured model, behind one ingress that routes by prompt prefix.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join (auto, or host:port of its head); set, inferd runs on Ray "
+        "even with one replica. Unset: a local Ray cluster is started when replicas is above 1.",
+    )
+    cpus_per_replica: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs Ray reserves for each replica; also its torch threads unless num_threads "
+        "is set. replicas x cpus_per_replica must fit in the cluster's CPUs.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where models run: cuda when available under auto."
     )
@@ -172,6 +190,13 @@ class ServerSettings(BaseSettings):
     )
     api_key_file: Path | None = Field(None, description="File of API keys, one per line (# comments).")
     public_metrics: bool = Field(False, description="Serve /metrics without a key when keys are set.")
+    metrics_names: Literal["inferd", "vllm", "both"] = Field(
+        "inferd",
+        description="Names of the LLM engine metrics on /metrics: inferd's (inferd:*, label model), vLLM's "
+        "(vllm:*, labels model_name and engine, as vLLM dashboards and the Gateway API Inference "
+        "Extension's endpoint picker read them), or both. Encoder, model-pool and HTTP metrics keep "
+        "inferd's names.",
+    )
     requests_per_minute: int | None = Field(
         None, ge=1, description="Requests per minute per key (all clients together without keys)."
     )
