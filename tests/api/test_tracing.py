@@ -11,13 +11,18 @@ from inferd.api.app import create_app
 from inferd.config import load_settings
 from tests.conftest import free_port, live_server
 
-HAS_OTEL = (
-    all(
-        importlib.util.find_spec(name) is not None
-        for name in ("opentelemetry.sdk", "opentelemetry.exporter", "opentelemetry.instrumentation.fastapi")
-    )
-    if importlib.util.find_spec("opentelemetry") is not None
-    else False
+
+def _has(name: str) -> bool:
+    """Whether a module can be imported; find_spec raises when a parent package is missing (Ray
+    installs opentelemetry.sdk but not opentelemetry.instrumentation)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAS_OTEL = all(
+    _has(name) for name in ("opentelemetry.sdk", "opentelemetry.exporter", "opentelemetry.instrumentation.fastapi")
 )
 
 

@@ -113,6 +113,9 @@ def run(settings: ServerSettings) -> None:
 
     configure_logging(settings.log_level, settings.log_format)
     _quiet_libraries()
+    if settings.replicas > 1 or settings.ray_address:
+        _run_on_ray(settings)
+        return
     try:
         app = create_app(settings)
     except ValueError as exc:  # an unreadable key file, tracing without its packages
@@ -122,6 +125,22 @@ def run(settings: ServerSettings) -> None:
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_cleanly)
     build_server(app, settings).run()
+
+
+def _run_on_ray(settings: ServerSettings) -> None:
+    """Scale out on Ray Serve; Ray is an optional extra, imported only here."""
+    try:
+        from inferd.scale.ray_serve import serve_on_ray
+    except ImportError:
+        typer.secho(
+            "error: --replicas above 1 and --ray-address need: pip install 'inferd[ray]'", fg="red", err=True
+        )
+        raise typer.Exit(2) from None
+    try:
+        serve_on_ray(settings)
+    except ValueError as exc:  # more CPUs asked for than the cluster offers
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

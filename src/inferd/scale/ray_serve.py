@@ -1,0 +1,195 @@
+"""``inferd serve --replicas N``: inferd's app as N Ray Serve replicas behind one thin ingress.
+
+Each engine replica runs the whole single-server app (``create_app``: its lifespan loads the
+models; middleware, auth, limits, routes, errors and SSE are that app's code), so the API is the
+same by construction. The ingress only reads the request (bounded), computes its prefix key, and
+forwards it through a ``DeploymentHandle`` whose ``PrefixAffinityRouter`` picks the replica; the
+response streams back chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from inferd.config.settings import ServerSettings
+from inferd.errors import BodyTimeoutError
+from inferd.scale.affinity import prefix_hashes
+from inferd.scale.bridge import ForwardedRequest, ResponseStart, run_asgi
+
+log = logging.getLogger("inferd.scale")
+
+APP_NAME = "inferd"
+REPLICA_HEADER = b"x-inferd-replica"
+_OFF_LOOP_BYTES = 256 * 1024  # parsing a body this large would stall the ingress's loop
+
+
+class EngineReplica:
+    """One replica: the single-server app with its engines, driven over ASGI in this process."""
+
+    async def __init__(self, settings: ServerSettings) -> None:
+        from inferd.api.app import create_app
+        from inferd.api.logs import configure_logging
+
+        configure_logging(settings.log_level, settings.log_format)
+        self._app = create_app(settings)
+        self._stack = AsyncExitStack()
+        await self._stack.enter_async_context(self._app.router.lifespan_context(self._app))
+        self._name = serve.get_replica_context().replica_id.unique_id.encode()
+
+    async def forward(self, request: ForwardedRequest) -> AsyncIterator[Any]:
+        """The response to ``request``: a ``ResponseStart``, then body chunks."""
+        async for item in run_asgi(self._app, request, [(REPLICA_HEADER, self._name)]):
+            yield item
+
+    async def __del__(self) -> None:
+        await self._stack.aclose()  # the lifespan's exit: engines stop, weights are freed
+
+
+class Ingress:
+    """Ray's HTTP proxy hands every request here; it reads and forwards it, nothing more."""
+
+    def __init__(self, engine: DeploymentHandle, settings: ServerSettings) -> None:
+        self._engine = engine.options(stream=True)
+        self._max_bytes = settings.max_request_bytes
+        self._body_timeout = settings.body_timeout
+
+    async def __call__(self, request: Request) -> Response:
+        body = await self._read_body(request)
+        if body is None:
+            from inferd.api.errors import domain_error_response
+
+            late = BodyTimeoutError(f"the request body did not arrive within {self._body_timeout:g}s")
+            return domain_error_response(request.url.path, late)
+        forwarded = await self._forwarded(request, body)
+        stream: DeploymentResponseGenerator = self._engine.forward.remote(forwarded)
+        try:
+            start = await stream.__anext__()
+        except BaseException:
+            stream.cancel()
+            raise
+        assert isinstance(start, ResponseStart)
+        response = StreamingResponse(_body(stream), status_code=start.status)
+        # Ray's proxy adds its own X-Request-ID (the one the replica was given): keep one copy.
+        response.raw_headers = [(k, v) for k, v in start.headers if k.lower() != b"x-request-id"]
+        return response
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """At most one byte over the limit (the replica answers that with its own 413), or None
+        when the body is slower than ``body_timeout``."""
+        chunks, size = [], 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self._max_bytes:
+                    break
+
+        try:
+            await asyncio.wait_for(read(), self._body_timeout)
+        except TimeoutError:
+            return None
+        return b"".join(chunks)[: self._max_bytes + 1]
+
+    async def _forwarded(self, request: Request, body: bytes) -> ForwardedRequest:
+        scope = request.scope
+        method, path = scope["method"], scope["path"]
+        if len(body) > _OFF_LOOP_BYTES:
+            hashes = await asyncio.to_thread(prefix_hashes, method, path, body)
+        else:
+            hashes = prefix_hashes(method, path, body)
+        client = scope.get("client")
+        return ForwardedRequest(
+            method=method,
+            path=path,
+            query_string=scope.get("query_string", b""),
+            headers=list(scope["headers"]),
+            body=body,
+            client=tuple(client) if client else None,
+            scheme=scope.get("scheme", "http"),
+            http_version=scope.get("http_version", "1.1"),
+            prefix_hashes=hashes,
+        )
+
+
+async def _body(stream: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        stream.cancel()  # the client left mid-stream: the replica's request is aborted
+
+
+def build_app(settings: ServerSettings, min_match: float = 0.1, max_imbalance: int = 8) -> Any:
+    """The Ray Serve application: ``settings.replicas`` engine replicas behind one ingress."""
+    per_replica = settings.max_num_seqs + settings.max_queued_requests  # its own 429s still apply
+    threads = settings.num_threads or max(1, int(settings.cpus_per_replica))
+    replica_settings = settings.model_copy(update={"num_threads": threads})
+    engine = serve.deployment(
+        EngineReplica,
+        name="engine",
+        num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": settings.cpus_per_replica},
+        max_ongoing_requests=per_replica,
+        health_check_period_s=10,
+        request_router_config=RequestRouterConfig(
+            request_router_class="inferd.scale.router:PrefixAffinityRouter",
+            request_router_kwargs={"min_match": min_match, "max_imbalance": max_imbalance},
+        ),
+    ).bind(replica_settings)
+    ingress = serve.deployment(
+        Ingress,
+        name="ingress",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},  # I/O only: the cores belong to the engines
+        max_ongoing_requests=per_replica * settings.replicas,
+    )
+    return ingress.bind(engine, settings)
+
+
+def check_cluster(settings: ServerSettings) -> None:
+    """Refuse before deploying what the cluster cannot place (Ray would wait forever)."""
+    offered = ray.cluster_resources().get("CPU", 0)
+    wanted = settings.replicas * settings.cpus_per_replica
+    if wanted > offered:
+        raise ValueError(
+            f"{settings.replicas} replicas x {settings.cpus_per_replica:g} CPUs need {wanted:g} CPUs; "
+            f"the Ray cluster offers {offered:g}"
+        )
+
+
+def start(settings: ServerSettings, **router: Any) -> None:
+    """Start or join the cluster and deploy; returns once every replica is ready."""
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=True)
+    check_cluster(settings)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(settings, **router), name=APP_NAME, route_prefix="/", blocking=False)
+    log.info("serving on http://%s:%d: %d replicas on Ray", settings.host, settings.port, settings.replicas)
+
+
+def serve_on_ray(settings: ServerSettings) -> None:
+    """``inferd serve`` on Ray: deploy, then wait for SIGINT/SIGTERM and take the app down."""
+    start(settings)
+    stop = threading.Event()
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda signum, frame: stop.set())
+    stop.wait()
+    serve.delete(APP_NAME)
+    if settings.ray_address is None:  # a cluster we started: ours to stop
+        serve.shutdown()
+        ray.shutdown()
