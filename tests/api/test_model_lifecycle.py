@@ -173,19 +173,23 @@ def test_concurrent_requests_during_a_swap_all_succeed(server):
     assert sum(s == "loaded" for s in _states(server).values()) <= 2
 
 
-def test_unload_waits_for_requests_in_flight_and_force_aborts_them(server):
-    client = next(m.client for m in server.app.state.models if m.name == "tiny-chat")
+def _gate(client) -> threading.Event:
+    """Hold the chat engine's requests (closed) while other models keep the compute thread."""
     gate = threading.Event()
     step = client.engine.step
 
     def gated_step():
-        # Closed: an empty step that yields the process's compute thread, so other models load and run.
         if not gate.is_set():
             time.sleep(0.005)
             return []
         return step()
 
     client.engine.step = gated_step
+    return gate
+
+
+def test_unload_waits_for_requests_in_flight_and_force_aborts_them(server):
+    gate = _gate(next(m.client for m in server.app.state.models if m.name == "tiny-chat"))
     body = {
         "model": "tiny-chat",
         "max_tokens": 8,
@@ -219,10 +223,7 @@ def test_unload_waits_for_requests_in_flight_and_force_aborts_them(server):
 
     # Reloaded by the next request; a forced unload ends its stream with an error event.
     assert _call(server, "tiny-chat").status_code == 200
-    client = next(m.client for m in server.app.state.models if m.name == "tiny-chat")
-    gate.clear()
-    step = client.engine.step
-    client.engine.step = gated_step
+    gate = _gate(next(m.client for m in server.app.state.models if m.name == "tiny-chat"))
     reader = threading.Thread(target=stream)
     reader.start()
     wait_for(lambda: httpx.get(server + "/admin/models").json()["data"][0]["in_flight"] == 1)
@@ -275,21 +276,6 @@ def test_max_loaded_models(tiny_llama, models_dir):
         for name in NAMES:
             assert _call(url, name).status_code == 200
             assert [n for n, s in _states(url).items() if s == "loaded"] == [name]
-
-
-def _gate(client) -> threading.Event:
-    """Hold the chat engine's requests (closed) while other models keep the compute thread."""
-    gate = threading.Event()
-    step = client.engine.step
-
-    def gated_step():
-        if not gate.is_set():
-            time.sleep(0.005)
-            return []
-        return step()
-
-    client.engine.step = gated_step
-    return gate
 
 
 def test_a_failed_load_fails_fast_until_retried(tiny_llama, models_dir, two_of_three, tmp_path):
