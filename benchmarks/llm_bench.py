@@ -153,6 +153,15 @@ def build_prompts() -> list[str]:
 
 
 PROMPTS = build_prompts()
+# Makes every prompt of one invocation unique to it: a server already running (--url) has not seen them.
+RUN_TAG = os.urandom(3).hex()
+
+
+def cold(prompts: list[str], tag: str) -> list[str]:
+    """The prompts made unseen: each opens with its own marker, so no two requests of a run (warm-up,
+    levels) share more than the chat template's system prompt, and TTFT is measured on prompts no
+    cache holds (prefix caches hit the system prompt only, as any production traffic would)."""
+    return [f"(request {RUN_TAG}-{tag}-{i}) {p}" for i, p in enumerate(prompts)]
 
 # ---------------------------------------------------------------------------------------------- servers
 
@@ -616,13 +625,14 @@ def server_versions(server: Server) -> dict[str, str]:
 
 
 def warm_up(server: Server, prompts: list[str], concurrency: int, root: int | None) -> dict:
-    """Untimed: one short answer alone, then `concurrency` at once; checks that answers come back with
-    the length asked for (ignore_eos honoured) and how tokens are counted."""
+    """Untimed: one short answer alone, then `concurrency` at once, on prompts of their own (the
+    measured ones stay cold); checks that answers come back with the length asked for (ignore_eos
+    honoured) and how tokens are counted."""
     n = 8
     out: dict = {}
     t0 = time.perf_counter()
-    single = asyncio.run(run_level(server, prompts[-1:], 1, n, root))
-    batch = asyncio.run(run_level(server, (prompts * concurrency)[:concurrency], concurrency, n, root))
+    single = asyncio.run(run_level(server, cold(prompts[-1:], "warm1"), 1, n, root))
+    batch = asyncio.run(run_level(server, cold((prompts * concurrency)[:concurrency], "warm"), concurrency, n, root))
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     for r in (single, batch):
         if r.errors:
@@ -786,7 +796,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts:
         n_prompts = c1_prompts = args.prompts
     n_prompts = min(n_prompts, len(PROMPTS))
-    levels = [(c, PROMPTS[:min(c1_prompts if c == 1 else n_prompts, len(PROMPTS))]) for c in level_list]
+    levels = [
+        (c, cold(PROMPTS[: min(c1_prompts if c == 1 else n_prompts, len(PROMPTS))], f"c{c}")) for c in level_list
+    ]
 
     gguf = bundled_gguf()
     hf_dir = hf_folder()
