@@ -24,6 +24,7 @@ import numpy as np
 
 from inferd.api.context import current_cache_salt
 from inferd.config.engine import EncoderConfig, LLMConfig
+from inferd.encoder.client import check_rerank_inputs
 from inferd.encoder.params import RerankOutput, RerankParams
 from inferd.errors import EngineUnavailableError, InputTooLongError, InvalidRequestError, ModelLoadError
 from inferd.llm.client import GenerationObserver, LLMClient
@@ -127,15 +128,9 @@ class LLMRerankClient:
         (``texts`` for TEI); ``admit`` is told the token count before anything is queued."""
         if not self.llm.is_running:
             raise EngineUnavailableError("the LLM engine is not running")
-        if not query:
-            raise InvalidRequestError("query must be a non-empty string", param="query")
-        self._check_count(documents, param)
-        for i, document in enumerate(documents):
-            if not document:
-                raise InvalidRequestError(f"{param}[{i}] is an empty string", param=param)
-        # The query is read once per document, as a cross-encoder reads it: the work to budget.
-        size = len(query) * len(documents) + sum(map(len, documents))
-        self._check_chars(size, param)
+        size = check_rerank_inputs(
+            query, documents, param, max_documents=self._max_documents, max_chars=self._max_request_chars
+        )
         work = lambda: self.prepare_prompts(query, documents, params, param)  # noqa: E731
         prompts = work() if size < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
         num_tokens = sum(map(len, prompts))
@@ -201,25 +196,6 @@ class LLMRerankClient:
 
     def _encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def _check_count(self, documents: list[str], param: str) -> None:
-        if not documents:
-            raise InvalidRequestError(f"{param} must not be empty", param=param)
-        if len(documents) > self._max_documents:
-            raise InvalidRequestError(
-                f"{param} has {len(documents)} items, more than the limit of {self._max_documents} per "
-                "request for this model",
-                param=param,
-            )
-
-    def _check_chars(self, num_chars: int, param: str) -> None:
-        limit = self._max_request_chars
-        if num_chars > limit:
-            raise InvalidRequestError(
-                f"the request has {num_chars} characters to tokenise (the query counted once per "
-                f"document), more than this server's limit of {limit}",
-                param=param,
-            )
 
 
 def start_llm_reranker(

@@ -131,13 +131,14 @@ class EncoderClient:
     ) -> RerankOutput:
         """One relevance score per document, in document order; ``param`` names the documents'
         field in errors (``texts`` for TEI); ``admit`` as in ``embed``."""
-        if not query:
-            raise InvalidRequestError("query must be a non-empty string", param="query")
-        self._check_count(documents, param)
-        documents = _non_empty(documents, param)
-        # A cross-encoder reads the query once per document: that is the work to budget.
-        size = len(query) * len(documents) + sum(map(len, documents))
-        self._check_chars(size, param)
+        config = self.config
+        size = check_rerank_inputs(
+            query,
+            documents,
+            param,
+            max_documents=config.max_client_batch_size,
+            max_chars=config.max_request_chars,
+        )
         if self.info.scoring == "cross-encoder":
             encoded = await self._off_loop(size, lambda: self._encode_pairs(query, documents, params, param))
             logits = await self._run(encoded, admit)
@@ -200,13 +201,7 @@ class EncoderClient:
         return result
 
     def _check_chars(self, num_chars: int, param: str) -> None:
-        limit = self.config.max_request_chars
-        if num_chars > limit:
-            raise InvalidRequestError(
-                f"the request has {num_chars} characters to tokenise (prompt and query counted once "
-                f"per input), more than this server's limit of {limit}",
-                param=param,
-            )
+        check_chars(num_chars, param, self.config.max_request_chars)
 
     def _finish(self, vectors: np.ndarray, params: EmbedParams) -> np.ndarray:
         if params.dimensions is not None:
@@ -229,13 +224,7 @@ class EncoderClient:
         return self.info.prompts[name]
 
     def _check_count(self, inputs: list, param: str) -> None:
-        if not inputs:
-            raise InvalidRequestError(f"{param} must not be empty", param=param)
-        limit = self.config.max_client_batch_size
-        if len(inputs) > limit:
-            raise InvalidRequestError(
-                f"{param} has {len(inputs)} items, more than the limit of {limit} per request", param=param
-            )
+        check_count(inputs, param, self.config.max_client_batch_size)
 
     def _check_dimensions(self, dimensions: int | None) -> None:
         if dimensions is not None and dimensions > (self.info.dimensions or 0):
@@ -243,6 +232,39 @@ class EncoderClient:
                 f"dimensions {dimensions} is larger than this model's {self.info.dimensions}",
                 param="dimensions",
             )
+
+
+def check_rerank_inputs(
+    query: str, documents: list[str], param: str, *, max_documents: int, max_chars: int
+) -> int:
+    """What every reranker refuses before any work (an empty query, no or too many documents, an
+    empty one, too much text); returns the characters to tokenise, the query counted once per
+    document as a cross-encoder reads it."""
+    if not query:
+        raise InvalidRequestError("query must be a non-empty string", param="query")
+    check_count(documents, param, max_documents)
+    _non_empty(documents, param)
+    size = len(query) * len(documents) + sum(map(len, documents))
+    check_chars(size, param, max_chars)
+    return size
+
+
+def check_count(inputs: list, param: str, limit: int) -> None:
+    if not inputs:
+        raise InvalidRequestError(f"{param} must not be empty", param=param)
+    if len(inputs) > limit:
+        raise InvalidRequestError(
+            f"{param} has {len(inputs)} items, more than the limit of {limit} per request", param=param
+        )
+
+
+def check_chars(num_chars: int, param: str, limit: int) -> None:
+    if num_chars > limit:
+        raise InvalidRequestError(
+            f"the request has {num_chars} characters to tokenise (prompt and query counted once "
+            f"per input), more than this server's limit of {limit}",
+            param=param,
+        )
 
 
 def _non_empty(texts: list[str], param: str) -> list[str]:
