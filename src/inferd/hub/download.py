@@ -15,7 +15,7 @@ import fnmatch
 import hashlib
 import importlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +48,11 @@ def pull(
     exclude: list[str] | None = None,
     show_progress: bool = True,
     name: str | None = None,
+    file_bar: Callable[[RemoteFile], type] | None = None,
 ) -> RegistryEntry:
-    """Fetch (or, for a local path, find) the model and register it; nothing is registered on failure."""
+    """Fetch (or, for a local path, find) the model and register it; nothing is registered on failure.
+    ``file_bar`` replaces the terminal bars: the tqdm-like class that reports one Hugging Face file's
+    bytes (the Ollama API streams them)."""
     registry = ModelRegistry(cache_dir)
     if ref.origin is Origin.LOCAL:
         entry = _local_entry(ref, name)
@@ -58,7 +61,7 @@ def pull(
 
         entry = pull_modelscope(ref, inferd_cache_dir(cache_dir) / "modelscope", include, exclude)
     elif ref.origin is Origin.HUGGINGFACE:
-        entry = _pull_huggingface(ref, include, exclude, show_progress)
+        entry = _pull_huggingface(ref, include, exclude, show_progress, file_bar)
     else:
         raise ModelLoadError(f"{ref.name} is bundled with inferd; there is nothing to pull")
     registry.add(entry)
@@ -71,11 +74,13 @@ def _local_entry(ref: ModelRef, name: str | None) -> RegistryEntry:
         raise ModelLoadError(f"{ref.path} does not exist")
     kind = detect_kind(ref.path)  # raises on a missing or corrupt config.json
     label = name or (ref.path.stem if ref.path.is_file() else ref.path.name)
-    return RegistryEntry(name=label, origin=Origin.LOCAL.value, path=str(ref.path), kind=kind.value, owned=False)
+    return RegistryEntry(
+        name=label, origin=Origin.LOCAL.value, path=str(ref.path), kind=kind.value, owned=False
+    )
 
 
 def _pull_huggingface(
-    ref: ModelRef, include: list[str] | None, exclude: list[str] | None, show: bool
+    ref: ModelRef, include: list[str] | None, exclude: list[str] | None, show: bool, file_bar=None
 ) -> RegistryEntry:
     from huggingface_hub import HfApi, constants
 
@@ -86,7 +91,7 @@ def _pull_huggingface(
         info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
         remote = [_remote_file(s) for s in info.siblings or []]
         files = select_files(ref, remote, include, exclude)
-        folder = _download(ref.repo_id, info.sha, files, show)
+        folder = _download(ref.repo_id, info.sha, files, show, file_bar)
     verify_files(folder, files)
     path = folder / files[0].name if ref.is_gguf else folder
     return RegistryEntry(
@@ -142,15 +147,14 @@ def pick_gguf(ref: ModelRef, remote: list[RemoteFile]) -> RemoteFile:
     raise ModelLoadError(f"{ref.file!r} matches several files in {ref.repo_id}: {available}; name one file")
 
 
-def _download(repo_id: str, commit: str, files: list[RemoteFile], show: bool) -> Path:
+def _download(repo_id: str, commit: str, files: list[RemoteFile], show: bool, file_bar=None) -> Path:
     from huggingface_hub import hf_hub_download
 
     folder = None
-    with DownloadProgress([f.size or 0 for f in files], enabled=show) as progress:
+    with DownloadProgress([f.size or 0 for f in files], enabled=show and file_bar is None) as progress:
         for file in files:
-            local = hf_hub_download(
-                repo_id, file.name, revision=commit, tqdm_class=progress.file_bar(file.name, file.size or 0),
-            )  # fmt: skip
+            bar = file_bar(file) if file_bar is not None else progress.file_bar(file.name, file.size or 0)
+            local = hf_hub_download(repo_id, file.name, revision=commit, tqdm_class=bar)
             progress.finish_file(file.name)
             folder = Path(local[: -len(file.name)])
     assert folder is not None
@@ -230,7 +234,9 @@ def map_hub_error(ref: ModelRef, exc: BaseException) -> Exception | None:
     if isinstance(exc, hf.GatedRepoError):
         return ModelLoadError(f"{ref.repo_id} is gated: accept its terms on the hub and set HF_TOKEN")
     if isinstance(exc, hf.RepositoryNotFoundError):
-        return ModelLoadError(f"repository {ref.repo_id!r} was not found on {endpoint} (private? set HF_TOKEN)")
+        return ModelLoadError(
+            f"repository {ref.repo_id!r} was not found on {endpoint} (private? set HF_TOKEN)"
+        )
     if isinstance(exc, hf.RevisionNotFoundError):
         return ModelLoadError(f"revision {ref.revision!r} of {ref.repo_id} was not found on {endpoint}")
     if isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled, *_transport_errors())):

@@ -394,38 +394,18 @@ def pull_model(name: str, cache_dir: str | None, report: Callable[[dict], None])
     if ref.origin is Origin.BUNDLED:
         report({"status": "success"})
         return
-    if ref.origin is Origin.HUGGINGFACE:
-        _fetch_files(ref, report)
+    pull(ref, cache_dir=cache_dir, show_progress=False, file_bar=lambda file: _bar(report, ref, file))
     report({"status": "verifying sha256 digest"})
-    pull(ref, cache_dir=cache_dir, show_progress=False)
     report({"status": "writing manifest"})
     report({"status": "success"})
 
 
-def _fetch_files(ref, report: Callable[[dict], None]) -> None:
-    from huggingface_hub import HfApi, constants, hf_hub_download
-
-    from inferd.hub.download import _remote_file, hub_errors, select_files
-
-    if constants.is_offline_mode():
-        return
-    with hub_errors(ref):
-        info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
-        files = select_files(ref, [_remote_file(s) for s in info.siblings or []], None, None)
-        for file in files:
-            digest = "sha256:" + (
-                file.sha256 or hashlib.sha256(f"{ref.repo_id}/{file.name}".encode()).hexdigest()
-            )
-            total = file.size or 0
-            report({"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, "completed": 0})
-            hf_hub_download(ref.repo_id, file.name, revision=info.sha, tqdm_class=_bar(report, digest, total))
-            report(
-                {"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, "completed": total}
-            )
-
-
-def _bar(report: Callable[[dict], None], digest: str, total: int):
-    """The slice of tqdm huggingface_hub's downloader uses, reporting bytes as Ollama does."""
+def _bar(report: Callable[[dict], None], ref, file):
+    """The slice of tqdm huggingface_hub's downloader uses, reporting one file's bytes as Ollama does
+    (a digest per file: its sha256, or a stable stand-in for files the hub lists without one)."""
+    digest = "sha256:" + (file.sha256 or hashlib.sha256(f"{ref.repo_id}/{file.name}".encode()).hexdigest())
+    total = file.size or 0
+    report({"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, "completed": 0})
 
     class Bar:
         def __init__(self, *_, initial: int = 0, **__) -> None:
@@ -437,13 +417,23 @@ def _bar(report: Callable[[dict], None], digest: str, total: int):
             report({"status": status, "digest": digest, "total": total, "completed": self.completed})
 
         def close(self) -> None:
-            return None
+            if self.completed < total:  # the file was in the cache already, or sent fewer updates
+                self.completed = total
+                report(
+                    {
+                        "status": f"pulling {digest[7:19]}",
+                        "digest": digest,
+                        "total": total,
+                        "completed": total,
+                    }
+                )
 
         def __enter__(self):
             return self
 
         def __exit__(self, *exc: object) -> None:
-            return None
+            if exc[0] is None:
+                self.close()
 
     return Bar
 
