@@ -254,9 +254,15 @@ async def _stream(body, model_name, client, request_id, outputs, chat: PreparedC
 
     choices = [Choice() for _ in range(body.n)]
     parsers = [ReplyParser(chat) for _ in range(body.n)]
-    for i in range(body.n):
-        yield chunk([delta(i, {"role": "assistant", "content": ""})])
+    started = False
     async for index, output in outputs:
+        if not started:
+            # The role chunks go out with the first token, as vLLM's do: a stream's first byte
+            # means the engine has run it (a request still queued has sent nothing, so an
+            # ingress may retry it elsewhere), and a client's TTFT is the model's.
+            started = True
+            for i in range(body.n):
+                yield chunk([delta(i, {"role": "assistant", "content": ""})])
         choices[index].add(output)
         logprobs = None
         if body.logprobs and output.logprobs:
