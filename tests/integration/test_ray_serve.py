@@ -18,19 +18,21 @@ REPLICA = "x-inferd-replica"
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_llama, tiny_embedder):
+def ray_server(long_llama, tiny_embedder):
     from ray import serve
 
     from inferd.scale.ray_serve import start
 
     settings = load_settings(
         {
-            "model": [f"{tiny_llama}=tiny-chat", f"{tiny_embedder}=tiny-embed"],
+            "model": [f"{long_llama}=tiny-chat", f"{tiny_embedder}=tiny-embed"],
             "port": free_port(),
             "replicas": 2,
             "cpus_per_replica": 1,
             "api_key": [KEY],
             "kv_cache_memory": 4 * 2**20,
+            "max_model_len": 1024,
+            "max_num_seqs": 4,  # the rest of a load waits in the replica's queue, not yet started
             "log_level": "warning",
         }
     )
@@ -120,3 +122,124 @@ def test_groups_sharing_a_system_prompt_stick_to_one_replica(ray_server):
         assert len(set(replicas)) == 1, f"group {g} went to {replicas}"
     # New prefixes spread: with both replicas idle, the one holding less takes the next group.
     assert len({replicas[0] for replicas in seen.values()}) == 2
+
+
+def _metric_samples(text: str, suffix: str) -> dict[str, float]:
+    """The value of the family ending in ``suffix``, per replica label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.endswith(suffix):
+            for sample in family.samples:
+                replica = sample.labels["replica"]
+                found[replica] = found.get(replica, 0.0) + sample.value
+    return found
+
+
+def _replicas_in_metrics(url: str) -> dict[str, float]:
+    response = httpx.get(url + "/metrics", headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    return _metric_samples(response.text, "num_requests_running")
+
+
+def test_metrics_hold_every_replica_labelled(ray_server):
+    answered = set()
+    with httpx.Client(timeout=60, headers=AUTH) as client:
+        for i in range(6):  # distinct prompts, both replicas idle: they spread
+            body = {
+                "model": "tiny-chat",
+                "messages": [{"role": "user", "content": f"{i} " * 40}],
+                "max_tokens": 1,
+            }
+            answered.add(client.post(ray_server + "/v1/chat/completions", json=body).headers[REPLICA])
+    assert len(answered) == 2
+    response = httpx.get(ray_server + "/metrics", headers=AUTH, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    # Each replica's own counts, under its name: the answers each replica gave sum to six.
+    requests = _metric_samples(response.text, "request_success")
+    assert set(requests) == answered
+    assert sum(requests.values()) >= 6 and all(v >= 1 for v in requests.values())
+    # One HELP and TYPE per family, however many replicas report it.
+    assert response.text.count("# TYPE ") == len(set(response.text.split("# TYPE ")[1:]))
+
+
+def _kill_replica(name: str) -> None:
+    """SIGKILL the process of the engine replica ``name`` (what the OOM killer would do)."""
+    import os
+    import signal
+
+    (actor_name,) = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith(name)
+    ]
+    actor = ray.get_actor(actor_name, namespace="serve")
+    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_replica_killed_under_load_loses_no_request_that_had_not_started(ray_server):
+    """Runs last in this module: it kills a replica (and waits for Ray to replace it)."""
+    import asyncio
+    import json
+
+    async def stream(client: httpx.AsyncClient, i: int, record: dict) -> None:
+        body = {
+            "model": "tiny-chat",
+            "messages": [{"role": "user", "content": f"request {i} " * 8}],
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        async with client.stream("POST", ray_server + "/v1/chat/completions", json=body) as response:
+            record.update(status=response.status_code, replica=response.headers.get(REPLICA), events=[])
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    record["events"].append(line[6:])
+
+    async def load() -> tuple[list[dict], str, set[int]]:
+        records = [{} for _ in range(32)]
+        async with httpx.AsyncClient(timeout=180, headers=AUTH) as client:
+            tasks = [asyncio.create_task(stream(client, i, records[i])) for i in range(32)]
+            victim, started_there = None, set()
+            for _ in range(600):  # until a stream is under way and requests wait behind it
+                await asyncio.sleep(0.05)
+                busy = [i for i, r in enumerate(records) if len(r.get("events", [])) > 3 and not _done(r)]
+                waiting = [r for r in records if "status" not in r]
+                if busy and len(waiting) >= 8:
+                    victim = records[busy[0]]["replica"]
+                    await asyncio.to_thread(_kill_replica, victim)
+                    break
+            assert victim is not None, "the load never queued behind running streams"
+            await asyncio.gather(*tasks)
+        return records, victim
+
+    def _done(record: dict) -> bool:
+        return bool(record.get("events")) and record["events"][-1] == "[DONE]"
+
+    records, victim = asyncio.run(load())
+    cut = 0
+    for i, record in enumerate(records):
+        # Nothing is lost: every request was answered; one queued on the victim was retried.
+        assert record["status"] == 200, f"request {i}: {record}"
+        assert _done(record), f"request {i} did not end with [DONE]"
+        payloads = [json.loads(e) for e in record["events"][:-1]]
+        if "error" in payloads[-1]:
+            # Only a stream the dead replica had started may end this way, and then cleanly.
+            assert record["replica"] == victim, f"request {i} had not started, yet it failed"
+            assert payloads[-1]["error"]["code"] == "service_unavailable"
+            cut += 1
+        else:
+            assert payloads[-1]["choices"][0]["finish_reason"] == "length", f"request {i}"
+    assert cut >= 1  # the victim was killed mid-stream
+    assert cut <= 4  # at most its running batch (max_num_seqs): the queued ones were retried
+    # Ray replaces the replica: two replicas report metrics again, the victim not among them.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        names = set(_replicas_in_metrics(ray_server))
+        if len(names) == 2 and victim not in names:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"the killed replica was not replaced: {names}")

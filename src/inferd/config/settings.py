@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -66,6 +66,25 @@ class ServerSettings(BaseSettings):
         gt=0,
         description="CPUs Ray reserves for each replica; also its torch threads unless num_threads "
         "is set. replicas x cpus_per_replica must fit in the cluster's CPUs.",
+    )
+    ray_routing: Literal["prefix", "power-of-two"] = Field(
+        "prefix",
+        description="On Ray: prefix sends a chat or completion request to the replica that holds its "
+        "prompt's prefix (least-loaded when imbalanced); power-of-two is Ray Serve's default (the "
+        "less loaded of two random replicas; /metrics then shows one replica per scrape).",
+    )
+    max_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="On Ray: above replicas, Ray Serve autoscales the engine replicas between replicas "
+        "and this on queue depth (see autoscale_target).",
+    )
+    autoscale_target: float | None = Field(
+        None,
+        gt=0,
+        description="On Ray with max_replicas: requests running or queued per replica that Ray Serve "
+        "aims for when autoscaling. Unset: max_num_seqs (a replica scales out once its batch is full).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where models run: cuda when available under auto."
@@ -320,6 +339,14 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"two models are served as {', '.join(duplicates)}; give one an alias")
         if not value:
             raise ValueError("at least one model is needed")
+        return value
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _autoscale_range(cls, value: int | None, info: ValidationInfo) -> int | None:
+        replicas = info.data.get("replicas", 1)
+        if value is not None and value < replicas:
+            raise ValueError(f"max_replicas ({value}) is below replicas ({replicas})")
         return value
 
     @field_validator("keep_alive", mode="before")

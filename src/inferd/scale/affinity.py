@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import orjson
 
+# The engine replicas the router in this process last heard are running; the ingress reads it
+# to reach each one (for /metrics).
+LIVE_REPLICAS: list[str] = []
+
 CHUNK_CHARS = 64
 MAX_CHUNKS = 1024  # 64K characters: beyond that, one more matching chunk changes nothing
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})

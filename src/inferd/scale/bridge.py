@@ -28,6 +28,7 @@ class ForwardedRequest:
     scheme: str = "http"
     http_version: str = "1.1"
     prefix_hashes: tuple[int, ...] = field(default=())  # read by the router, never by the replica
+    target_replica: str | None = None  # the router sends it to this replica while it lives
 
 
 @dataclass(slots=True)

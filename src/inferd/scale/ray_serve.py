@@ -15,6 +15,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -24,16 +25,22 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from inferd.config.settings import ServerSettings
-from inferd.errors import BodyTimeoutError
-from inferd.scale.affinity import prefix_hashes
+from inferd.api.errors import domain_error_response
+from inferd.api.streaming import DONE, error_event
+from inferd.config.settings import ServerSettings, load_settings
+from inferd.errors import BodyTimeoutError, EngineUnavailableError
+from inferd.scale.affinity import LIVE_REPLICAS, prefix_hashes
 from inferd.scale.bridge import ForwardedRequest, ResponseStart, run_asgi
+from inferd.scale.exposition import merge_expositions
 
 log = logging.getLogger("inferd.scale")
 
 APP_NAME = "inferd"
 REPLICA_HEADER = b"x-inferd-replica"
 _OFF_LOOP_BYTES = 256 * 1024  # parsing a body this large would stall the ingress's loop
+_ATTEMPTS = 3  # replicas a request may try, when each one dies before answering
+# What a replica's death looks like to its caller (killed, OOM-killed, its node gone).
+REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
 
 
 class EngineReplica:
@@ -69,22 +76,82 @@ class Ingress:
     async def __call__(self, request: Request) -> Response:
         body = await self._read_body(request)
         if body is None:
-            from inferd.api.errors import domain_error_response
-
             late = BodyTimeoutError(f"the request body did not arrive within {self._body_timeout:g}s")
             return domain_error_response(request.url.path, late)
         forwarded = await self._forwarded(request, body)
-        stream: DeploymentResponseGenerator = self._engine.forward.remote(forwarded)
-        try:
-            start = await stream.__anext__()
-        except BaseException:
-            stream.cancel()
-            raise
-        assert isinstance(start, ResponseStart)
-        response = StreamingResponse(_body(stream), status_code=start.status)
-        # Ray's proxy adds its own X-Request-ID (the one the replica was given): keep one copy.
-        response.raw_headers = [(k, v) for k, v in start.headers if k.lower() != b"x-request-id"]
-        return response
+        if forwarded.method == "GET" and forwarded.path == "/metrics":
+            return await self._metrics(forwarded)
+        return await self._send(forwarded)
+
+    async def _send(self, forwarded: ForwardedRequest) -> Response:
+        """Forward to a replica. Nothing reaches the client until the replica's first body chunk
+        is here, so a replica that dies before it (mid-prefill, say) costs a retry on another
+        replica, not the request; once bytes are out, an event stream ends with an error event."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            stream: DeploymentResponseGenerator = self._engine.forward.remote(forwarded)
+            try:
+                start = await stream.__anext__()
+                first = await anext(stream, b"")
+            except REPLICA_GONE as exc:
+                stream.cancel()
+                log.warning(
+                    "a replica died before answering %s (try %d of %d): %s",
+                    forwarded.path,
+                    attempt,
+                    _ATTEMPTS,
+                    type(exc).__name__,
+                )
+                continue
+            except BaseException:
+                stream.cancel()
+                raise
+            assert isinstance(start, ResponseStart)
+            sse = _header(start.headers, b"content-type").startswith(b"text/event-stream")
+            response = StreamingResponse(_body(first, stream, sse), status_code=start.status)
+            # Ray's proxy adds its own X-Request-ID (the one the replica was given): keep one copy.
+            response.raw_headers = [(k, v) for k, v in start.headers if k.lower() != b"x-request-id"]
+            return response
+        gone = EngineUnavailableError(f"{_ATTEMPTS} replicas in a row stopped before answering; retry later")
+        return domain_error_response(forwarded.path, gone)
+
+    async def _metrics(self, forwarded: ForwardedRequest) -> Response:
+        """Every replica's metrics in one exposition, each sample labelled with its replica."""
+        targets = list(LIVE_REPLICAS) or [None]  # none known yet: whichever replica the router picks
+        texts: dict[str, str] = {}
+        media_type = ""
+        # One after another: Ray's router matches a routed replica to its call by the HTTP
+        # request's id, which calls made at once from one request would share.
+        for target in targets:
+            try:
+                answer = await self._collect(replace(forwarded, target_replica=target))
+            except REPLICA_GONE:
+                continue  # died since the router last heard: left out
+            if isinstance(answer, Response):
+                return answer  # a replica refused (no key, say): its answer is the answer
+            replica, text, media_type = answer
+            texts[replica] = text
+        if not texts:
+            return domain_error_response(forwarded.path, EngineUnavailableError("no replica answered"))
+        return Response(merge_expositions(texts), media_type=media_type)
+
+    async def _collect(self, forwarded: ForwardedRequest) -> tuple[str, str, str] | Response:
+        chunks: list[bytes] = []
+        start = None
+        async for item in self._engine.forward.remote(forwarded):
+            if isinstance(item, ResponseStart):
+                start = item
+            else:
+                chunks.append(item)
+        assert start is not None
+        body = b"".join(chunks)
+        if start.status != 200:
+            return Response(
+                body,
+                status_code=start.status,
+                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in start.headers},
+            )
+        replica = _header(start.headers, REPLICA_HEADER).decode()
+        return replica, body.decode(), _header(start.headers, b"content-type").decode()
 
     async def _read_body(self, request: Request) -> bytes | None:
         """At most one byte over the limit (the replica answers that with its own 413), or None
@@ -126,12 +193,22 @@ class Ingress:
         )
 
 
-async def _body(stream: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
+async def _body(first: bytes, stream: DeploymentResponseGenerator, sse: bool) -> AsyncIterator[bytes]:
     try:
+        yield first
         async for chunk in stream:
             yield chunk
+    except REPLICA_GONE:
+        if not sse:
+            raise  # half a body is out: closing the connection is the only honest answer
+        log.warning("the replica serving a stream died; the stream ends with an error event")
+        yield error_event(EngineUnavailableError("the replica serving this stream stopped")) + DONE
     finally:
         stream.cancel()  # the client left mid-stream: the replica's request is aborted
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
+    return next((v for k, v in headers if k.lower() == name), b"")
 
 
 def build_app(settings: ServerSettings, min_match: float = 0.1, max_imbalance: int = 8) -> Any:
@@ -142,23 +219,56 @@ def build_app(settings: ServerSettings, min_match: float = 0.1, max_imbalance: i
     engine = serve.deployment(
         EngineReplica,
         name="engine",
-        num_replicas=settings.replicas,
+        **_replica_count(settings),
         ray_actor_options={"num_cpus": settings.cpus_per_replica},
         max_ongoing_requests=per_replica,
         health_check_period_s=10,
-        request_router_config=RequestRouterConfig(
-            request_router_class="inferd.scale.router:PrefixAffinityRouter",
-            request_router_kwargs={"min_match": min_match, "max_imbalance": max_imbalance},
-        ),
+        # Ray's stop of a replica (scale-down, redeploy, shutdown) is inferd's drain: requests
+        # in flight get drain_timeout to finish before the replica's lifespan exits.
+        graceful_shutdown_timeout_s=settings.drain_timeout,
+        **_routing(settings, min_match, max_imbalance),
     ).bind(replica_settings)
     ingress = serve.deployment(
         Ingress,
         name="ingress",
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},  # I/O only: the cores belong to the engines
-        max_ongoing_requests=per_replica * settings.replicas,
+        max_ongoing_requests=per_replica * (settings.max_replicas or settings.replicas),
     )
     return ingress.bind(engine, settings)
+
+
+def _routing(settings: ServerSettings, min_match: float, max_imbalance: int) -> dict[str, Any]:
+    if settings.ray_routing == "power-of-two":
+        return {}  # Ray Serve's default router
+    config = RequestRouterConfig(
+        request_router_class="inferd.scale.router:PrefixAffinityRouter",
+        request_router_kwargs={"min_match": min_match, "max_imbalance": max_imbalance},
+    )
+    return {"request_router_config": config}
+
+
+def _replica_count(settings: ServerSettings) -> dict[str, Any]:
+    """A fixed count, or Ray Serve's autoscaling on queue depth between replicas and max_replicas."""
+    if not settings.max_replicas or settings.max_replicas == settings.replicas:
+        return {"num_replicas": settings.replicas}
+    target = settings.autoscale_target or settings.max_num_seqs
+    return {
+        "num_replicas": "auto",
+        "autoscaling_config": {
+            "min_replicas": settings.replicas,
+            "initial_replicas": settings.replicas,
+            "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": target,
+        },
+    }
+
+
+def app(args: dict[str, Any]) -> Any:
+    """The application builder Ray Serve's config files name (``import_path:
+    inferd.scale.ray_serve:app``, as KubeRay's ``serveConfigV2`` does): ``args`` are inferd's
+    settings under their config-file names; ``INFERD_*`` variables fill in the rest."""
+    return build_app(load_settings(dict(args)))
 
 
 def check_cluster(settings: ServerSettings) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from inferd.scale import affinity
 from inferd.scale.affinity import AffinityPolicy, PrefixIndex
 from inferd.scale.bridge import ForwardedRequest
 
@@ -22,9 +23,19 @@ class PrefixAffinityRouter(RequestRouter):
     def initialize_state(self, min_match: float = 0.1, max_imbalance: int = 8, **_: Any) -> None:
         self._index = PrefixIndex(AffinityPolicy(min_match=min_match, max_imbalance=max_imbalance))
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        # Through the module: Ray ships this class by value, with copies of the globals it names.
+        affinity.LIVE_REPLICAS[:] = [r.replica_id.unique_id for r in replicas]
+
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        request = _forwarded(pending_request)
+        if request is not None and request.target_replica is not None:
+            chosen = [r for r in candidate_replicas if r.replica_id.unique_id == request.target_replica]
+            if chosen:
+                return [chosen]  # gone meanwhile: routed as usual, and its answer says where it ran
         by_id = {r.replica_id: r for r in candidate_replicas}
         loads = {rid: self.replica_queue_len_cache.get(rid) or 0 for rid in by_id}
         ranks = self._index.rank(list(by_id), _hashes(pending_request), loads)
@@ -40,10 +51,12 @@ class PrefixAffinityRouter(RequestRouter):
         self._index.forget(replica_id)
 
 
-def _hashes(pending_request: PendingRequest | None) -> tuple[int, ...]:
+def _forwarded(pending_request: PendingRequest | None) -> ForwardedRequest | None:
     if pending_request is None:
-        return ()
-    for arg in pending_request.args:
-        if isinstance(arg, ForwardedRequest):
-            return arg.prefix_hashes
-    return ()
+        return None
+    return next((a for a in pending_request.args if isinstance(a, ForwardedRequest)), None)
+
+
+def _hashes(pending_request: PendingRequest | None) -> tuple[int, ...]:
+    request = _forwarded(pending_request)
+    return request.prefix_hashes if request is not None else ()
