@@ -293,13 +293,20 @@ def start(settings: ServerSettings, **router: Any) -> None:
 
 
 def serve_on_ray(settings: ServerSettings) -> None:
-    """``inferd serve`` on Ray: deploy, then wait for SIGINT/SIGTERM and take the app down."""
-    start(settings)
+    """``inferd serve`` on Ray: deploy, then wait for SIGINT/SIGTERM and take the app down.
+
+    The handlers go in first, so a signal while the replicas load only asks to stop once they
+    are up: as a KeyboardInterrupt it would land in Ray's own waiting loop, which swallows it and
+    leaves the server running."""
     stop = threading.Event()
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda signum, frame: stop.set())
-    stop.wait()
-    serve.delete(APP_NAME)
-    if settings.ray_address is None:  # a cluster we started: ours to stop
-        serve.shutdown()
-        ray.shutdown()
+    try:
+        start(settings)
+        stop.wait()
+        log.info("stopping: replicas get up to %gs to finish their requests", settings.drain_timeout)
+        serve.delete(APP_NAME)
+    finally:
+        if settings.ray_address is None:  # a cluster we started: ours to stop
+            serve.shutdown()
+            ray.shutdown()
