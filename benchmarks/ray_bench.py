@@ -163,10 +163,26 @@ def bench(config: str, args: argparse.Namespace, log_dir: Path) -> dict:
     tag = f"{config}-{uuid.uuid4().hex[:8]}"  # cold: no cache holds this run's prompts
     with Running(server, log_dir, log_prefix="ray-") as running:
         ready_s = running.wait_ready()
+        if "--replicas" in CONFIGS[config]:  # /ready answers once one replica does: wait for both
+            ready_s += wait_replicas(server.base_url, 2)
         result = asyncio.run(run_load(server.base_url, requests_for(args.groups, args.per_group, args.system_words,
                                                                     tag), args.concurrency, args.max_tokens))
     result.update(config=config, command=" ".join(cmd[1:]), ready_s=ready_s)
     return result
+
+
+def wait_replicas(url: str, count: int, timeout: float = 600) -> float:
+    """Seconds until the ingress's /metrics holds ``count`` replicas."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        text = httpx.get(url + "/metrics", timeout=30, trust_env=False).text
+        names = {s.labels.get("replica") for f in text_string_to_metric_families(text) for s in f.samples}
+        if len(names - {None}) >= count:
+            return time.perf_counter() - t0
+        time.sleep(1)
+    raise RuntimeError(f"{url} never had {count} replicas")
 
 
 def render(report: dict) -> str:

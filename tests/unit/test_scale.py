@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from inferd.config import load_settings
-from inferd.scale.affinity import AffinityPolicy, PrefixIndex, prefix_hashes
+from inferd.scale.affinity import AffinityPolicy, Choosing, PrefixIndex, prefix_hashes
 from inferd.scale.exposition import merge_expositions
 
 
@@ -93,3 +93,21 @@ def test_replica_count_is_fixed_or_ray_serves_autoscaling_config():
     assert config["target_ongoing_requests"] == 16  # a full batch per replica
     custom = _replica_count(load_settings({"replicas": 1, "max_replicas": 3, "autoscale_target": 5}))
     assert custom["autoscaling_config"]["target_ongoing_requests"] == 5
+
+
+def test_requests_being_routed_count_on_the_replica_they_are_headed_for():
+    now = [0.0]
+    choosing = Choosing(ttl_s=30, clock=lambda: now[0])
+    index = PrefixIndex(AffinityPolicy())
+    # Two new prompts arrive together: the second sees the first headed for "a" and takes "b".
+    first = index.rank(["a", "b"], (1, 2), choosing.loads())[0][0]
+    choosing.chose("req-1", first)
+    second = index.rank(["a", "b"], (7, 8), choosing.loads())[0][0]
+    assert {first, second} == {"a", "b"}
+    choosing.chose("req-1", "b")  # a retried choice keeps its first replica
+    assert choosing.loads() == {first: 1}
+    choosing.sent("req-1")
+    assert choosing.loads() == {}
+    choosing.chose("req-2", "a")  # never sent (cancelled while queued): it stops counting
+    now[0] = 31.0
+    assert choosing.loads() == {}

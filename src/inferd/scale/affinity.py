@@ -8,8 +8,9 @@ chunks share their first k hashes. The ingress computes the key (bounded work: a
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -141,3 +142,30 @@ class PrefixIndex:
                 preferred = [r for r in by_load if matches[r] == best]
                 return [[r] for r in preferred] + [[r] for r in by_load if matches[r] != best]
         return [[r] for r in by_load]
+
+
+class Choosing:
+    """Requests being routed: chosen, not yet sent. Ray counts a request on its replica only once
+    it is sent, so requests arriving together would all see the same idle replica and, stuck
+    there by affinity afterwards, never spread; each one counts where it is headed meanwhile.
+
+    Keyed by the caller's id for the request; an entry whose request never got sent (cancelled
+    while queued) expires after ``ttl_s``."""
+
+    def __init__(self, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._chosen: dict[Hashable, tuple[Hashable, float]] = {}
+
+    def chose(self, key: Hashable, replica: Hashable) -> None:
+        self._chosen.setdefault(key, (replica, self._clock()))  # a retried choice keeps its first
+
+    def sent(self, key: Hashable) -> None:
+        self._chosen.pop(key, None)
+
+    def loads(self) -> Counter:
+        """Requests headed to each replica."""
+        deadline = self._clock() - self._ttl_s
+        for key in [k for k, (_, at) in self._chosen.items() if at < deadline]:
+            del self._chosen[key]
+        return Counter(replica for replica, _ in self._chosen.values())

@@ -12,7 +12,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from inferd.scale import affinity
-from inferd.scale.affinity import AffinityPolicy, PrefixIndex
+from inferd.scale.affinity import AffinityPolicy, Choosing, PrefixIndex
 from inferd.scale.bridge import ForwardedRequest
 
 
@@ -22,6 +22,7 @@ class PrefixAffinityRouter(RequestRouter):
 
     def initialize_state(self, min_match: float = 0.1, max_imbalance: int = 8, **_: Any) -> None:
         self._index = PrefixIndex(AffinityPolicy(min_match=min_match, max_imbalance=max_imbalance))
+        self._choosing = Choosing()
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -37,11 +38,19 @@ class PrefixAffinityRouter(RequestRouter):
             if chosen:
                 return [chosen]  # gone meanwhile: routed as usual, and its answer says where it ran
         by_id = {r.replica_id: r for r in candidate_replicas}
-        loads = {rid: self.replica_queue_len_cache.get(rid) or 0 for rid in by_id}
-        ranks = self._index.rank(list(by_id), _hashes(pending_request), loads)
+        headed = self._choosing.loads()
+        loads = {rid: (self.replica_queue_len_cache.get(rid) or 0) + headed[rid] for rid in by_id}
+        hashes = _hashes(pending_request)
+        ranks = self._index.rank(list(by_id), hashes, loads)
+        if ranks and pending_request is not None:
+            first = ranks[0][0]
+            self._choosing.chose(id(pending_request), first)
+            if hashes:  # a request with the same prefix arriving meanwhile follows this one
+                self._index.record(first, hashes)
         return [[by_id[rid] for rid in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._choosing.sent(id(pending_request))
         hashes = _hashes(pending_request)
         if hashes:
             self._index.record(replica_id, hashes)
