@@ -172,16 +172,18 @@ def bench(config: str, args: argparse.Namespace, log_dir: Path) -> dict:
 
 
 def wait_replicas(url: str, count: int, timeout: float = 600) -> float:
-    """Seconds until the ingress's /metrics holds ``count`` replicas."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """Seconds until ``count`` replicas have answered /metrics (all in one scrape under prefix
+    routing; across scrapes under power-of-two, whose router pins nothing)."""
     t0 = time.perf_counter()
+    seen: set[str] = set()
     while time.perf_counter() - t0 < timeout:
-        text = httpx.get(url + "/metrics", timeout=30, trust_env=False).text
-        names = {s.labels.get("replica") for f in text_string_to_metric_families(text) for s in f.samples}
-        if len(names - {None}) >= count:
+        response = httpx.get(url + "/metrics", timeout=30, trust_env=False)
+        seen.add(response.headers.get("x-inferd-replica", ""))
+        seen.update(line.split('replica="', 1)[1].split('"', 1)[0] for line in response.text.splitlines()
+                    if 'replica="' in line)
+        if len(seen - {""}) >= count:
             return time.perf_counter() - t0
-        time.sleep(1)
+        time.sleep(0.5)
     raise RuntimeError(f"{url} never had {count} replicas")
 
 
