@@ -30,6 +30,7 @@ RENAMED = {
     "inferd:generation_tokens_total": "vllm:generation_tokens_total",
     "inferd:request_success_total": "vllm:request_success_total",
     "inferd:iteration_tokens": "vllm:iteration_tokens_total",
+    "inferd:cache_config_info": "vllm:cache_config_info",
     **{
         f"inferd:{name}": f"vllm:{name}"
         for name in (
@@ -194,3 +195,18 @@ def test_default_exports_no_vllm_names():
 def test_an_unknown_naming_is_refused():
     with pytest.raises(ValidationError, match="metrics_names"):
         load_settings({"metrics_names": "prometheus"})
+
+
+def test_cache_config_info_gives_the_block_size_an_endpoint_picker_hashes_by(vllm_server):
+    (client,) = [m.client for m in vllm_server.app.state.models if m.name == "tiny-chat"]
+    kv = client.engine.kv_cache
+    samples = _scrape(vllm_server)
+    infos = [(labels, value) for (name, labels), value in samples.items() if name == "vllm:cache_config_info"]
+    assert len(infos) == 1
+    labels, value = dict(infos[0][0]), infos[0][1]
+    assert value == 1
+    assert labels["model_name"] == "tiny-chat"
+    assert int(labels["block_size"]) == kv.block_size > 0
+    assert int(labels["num_gpu_blocks"]) == kv.pool.num_blocks > 0
+    assert labels["cache_dtype"] == client.engine.config.dtype
+    assert labels["enable_prefix_caching"] == "True"

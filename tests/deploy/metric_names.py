@@ -15,6 +15,7 @@ METRICS: dict[str, str] = {
     "inferd:num_requests_running": GAUGE,
     "inferd:num_requests_waiting": GAUGE,
     "inferd:kv_cache_usage_perc": GAUGE,
+    "inferd:cache_config_info": GAUGE,  # 1, the KV layout in labels (block_size, num_gpu_blocks, ...)
     "inferd:prefix_cache_queries_total": COUNTER,
     "inferd:prefix_cache_hits_total": COUNTER,
     "inferd:prompt_tokens_total": COUNTER,

@@ -25,6 +25,8 @@ from inferd.llm.client import LLMClient
 from inferd.llm.outputs import RequestOutput
 
 PREFIX = "inferd:"
+# vLLM's label names for its cache layout (num_gpu_blocks whatever the device).
+CACHE_INFO_LABELS = ("block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 MetricsNames = Literal["inferd", "vllm", "both"]
@@ -46,7 +48,8 @@ VLLM_NAMES: dict[str, tuple[str, ...]] = {
     "inter_token_latency_seconds": ("inter_token_latency_seconds",),
     "e2e_request_latency_seconds": ("e2e_request_latency_seconds",),
     "request_queue_time_seconds": ("request_queue_time_seconds",),
-    "iteration_tokens": ("iteration_tokens_total",),  # a histogram, whose name ends in _total in vLLM
+    "iteration_tokens": ("iteration_tokens_total",),
+    "cache_config_info": ("cache_config_info",),  # a histogram, whose name ends in _total in vLLM
 }
 
 
@@ -347,11 +350,15 @@ class _SnapshotCollector(Collector):
         return []  # unknown until the models load; describing nothing keeps registration lazy
 
     def _llm(
-        self, kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, doc: str
+        self,
+        kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+        name: str,
+        doc: str,
+        labels: Sequence[str] = (),
     ) -> _SnapshotFamily:
         return _SnapshotFamily(
             [
-                (naming, kind(full, doc, labels=naming.label_names(())))
+                (naming, kind(full, doc, labels=naming.label_names(labels)))
                 for naming in _llm_namings(self._names, name)
                 for full in naming.names(name)
             ]
@@ -367,6 +374,12 @@ class _SnapshotCollector(Collector):
             CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
         )
         hits = self._llm(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        cache_info = self._llm(
+            GaugeMetricFamily,
+            "cache_config_info",
+            "The KV cache's layout, in labels (always 1).",
+            labels=CACHE_INFO_LABELS,
+        )
         encoder_queue = GaugeMetricFamily(
             PREFIX + "encoder_queue_size", "Encoder inputs waiting for a batch.", labels=["model"]
         )
@@ -387,9 +400,11 @@ class _SnapshotCollector(Collector):
                 kv.add(name, stats.kv_cache_usage)
                 queries.add(name, stats.num_prefix_queries)
                 hits.add(name, stats.num_prefix_hits)
+                layout = (stats.block_size, stats.num_blocks, stats.cache_dtype, stats.enable_prefix_caching)
+                cache_info.add(name, 1, [str(v) for v in layout])
             elif isinstance(client, EncoderClient):
                 encoder_queue.add_metric([name], client.num_queued)
-        for family in (running, waiting, kv, queries, hits):
+        for family in (running, waiting, kv, queries, hits, cache_info):
             yield from family.metrics()
         yield encoder_queue
         yield resident
@@ -401,9 +416,9 @@ class _SnapshotFamily:
     def __init__(self, members: list[tuple[_Naming, GaugeMetricFamily | CounterMetricFamily]]) -> None:
         self._members = members
 
-    def add(self, model: str, value: float) -> None:
+    def add(self, model: str, value: float, labels: Sequence[str] = ()) -> None:
         for naming, metric in self._members:
-            metric.add_metric(naming.label_values(model, ()), value)
+            metric.add_metric(naming.label_values(model, labels), value)
 
     def metrics(self) -> Iterator[Metric]:
         for _, metric in self._members:

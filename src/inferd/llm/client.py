@@ -201,6 +201,10 @@ class LLMClient:
             kv_cache_usage=kv.usage,
             num_prefix_queries=kv.num_prefix_queries,
             num_prefix_hits=kv.num_prefix_hits,
+            block_size=kv.block_size,
+            num_blocks=kv.pool.num_blocks,
+            cache_dtype=self.engine.config.dtype,
+            enable_prefix_caching=kv.enable_prefix_caching,
         )
 
     def check_capacity(self, num_requests: int) -> None:

@@ -54,3 +54,9 @@ class EngineStats:
     kv_cache_usage: float  # share of KV blocks in use, 0..1
     num_prefix_queries: int  # prompt tokens looked up in the prefix cache
     num_prefix_hits: int  # of those, tokens found there
+    # How the cache is laid out (fixed while the engine runs): vLLM's cache_config_info, which
+    # endpoint pickers read for the block size their prefix-cache scoring hashes by.
+    block_size: int = 0
+    num_blocks: int = 0
+    cache_dtype: str = ""
+    enable_prefix_caching: bool = True
