@@ -107,10 +107,9 @@ class Ingress:
                 raise
             assert isinstance(start, ResponseStart)
             sse = _header(start.headers, b"content-type").startswith(b"text/event-stream")
-            response = StreamingResponse(_body(first, stream, sse), status_code=start.status)
-            # Ray's proxy adds its own X-Request-ID (the one the replica was given): keep one copy.
-            response.raw_headers = [(k, v) for k, v in start.headers if k.lower() != b"x-request-id"]
-            return response
+            return _with_headers(
+                StreamingResponse(_body(first, stream, sse), status_code=start.status), start
+            )
         gone = EngineUnavailableError(f"{_ATTEMPTS} replicas in a row stopped before answering; retry later")
         return domain_error_response(forwarded.path, gone)
 
@@ -132,7 +131,8 @@ class Ingress:
             texts[replica] = text
         if not texts:
             return domain_error_response(forwarded.path, EngineUnavailableError("no replica answered"))
-        return Response(merge_expositions(texts), media_type=media_type)
+        merged = await asyncio.to_thread(merge_expositions, texts)  # N parses: off the ingress's loop
+        return Response(merged, media_type=media_type)
 
     async def _collect(self, forwarded: ForwardedRequest) -> tuple[str, str, str] | Response:
         chunks: list[bytes] = []
@@ -145,11 +145,7 @@ class Ingress:
         assert start is not None
         body = b"".join(chunks)
         if start.status != 200:
-            return Response(
-                body,
-                status_code=start.status,
-                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in start.headers},
-            )
+            return _with_headers(Response(body, status_code=start.status), start)
         replica = _header(start.headers, REPLICA_HEADER).decode()
         return replica, body.decode(), _header(start.headers, b"content-type").decode()
 
@@ -205,6 +201,13 @@ async def _body(first: bytes, stream: DeploymentResponseGenerator, sse: bool) ->
         yield error_event(EngineUnavailableError("the replica serving this stream stopped")) + DONE
     finally:
         stream.cancel()  # the client left mid-stream: the replica's request is aborted
+
+
+def _with_headers(response: Response, start: ResponseStart) -> Response:
+    """The replica's headers on the ingress's response. Ray's proxy adds its own X-Request-ID (the
+    one the replica was given): one copy stays."""
+    response.raw_headers = [(k, v) for k, v in start.headers if k.lower() != b"x-request-id"]
+    return response
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
