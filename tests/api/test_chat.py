@@ -209,3 +209,42 @@ def test_a_disconnected_stream_is_aborted_and_frees_its_blocks(llm_server):
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert engine.kv_cache.usage == 0
     assert engine.scheduler.num_finished["abort"] == aborted_before + 1
+
+
+def test_a_stream_sends_nothing_before_its_first_token(tiny_llama):
+    """The role chunk goes out with the first token: until the engine has run the request, the
+    body is empty (so an ingress in front may still retry it elsewhere)."""
+    import queue
+    import threading
+
+    from tests.conftest import gated_chat_server
+
+    with gated_chat_server(tiny_llama) as (url, _, gate):
+        gate.clear()
+        received: queue.Queue = queue.Queue()
+        body = {
+            "model": "tiny-chat",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "stream": True,
+        }
+
+        def read() -> None:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+                received.put(("status", response.status_code))
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        received.put(("event", line[6:]))
+            received.put(("end", None))
+
+        threading.Thread(target=read, daemon=True).start()
+        assert received.get(timeout=10) == ("status", 200)  # the headers are out at once
+        with pytest.raises(queue.Empty):
+            received.get(timeout=0.5)  # the engine has not stepped: not a byte of body
+        gate.set()
+        kind, first = received.get(timeout=10)
+        assert kind == "event"
+        first_delta = json.loads(first)["choices"][0]["delta"]
+        assert first_delta == {"role": "assistant", "content": ""}
+        kind, second = received.get(timeout=10)
+        assert json.loads(second)["choices"][0]["delta"].get("content")  # the first token, right behind it

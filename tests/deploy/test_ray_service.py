@@ -473,8 +473,8 @@ def test_workers_offer_no_more_than_the_pod_has(pod_env):
             assert parse_quantity(resources["requests"][key]) == parse_quantity(resources["limits"][key])
         assert _ray_cpus(group) <= parse_quantity(resources["limits"]["cpu"])
         per_pod = int(_ray_cpus(group) // settings.cpus_per_replica)
-        # memory_budget bounds a replica's weights, activations and KV cache (inferd would
-        # otherwise size them from the node's memory); Ray's own processes need the rest.
+        # memory_budget bounds a replica's weights, activations and KV cache (otherwise sized
+        # from what the pod's cgroup has free at start); Ray's own processes need the rest.
         assert settings.memory_budget is not None and settings.kv_cache_memory is not None
         assert settings.kv_cache_memory < settings.memory_budget
         assert per_pod * settings.memory_budget < parse_quantity(resources["limits"]["memory"])

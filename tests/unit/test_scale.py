@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -96,18 +98,26 @@ def test_replica_count_is_fixed_or_ray_serves_autoscaling_config():
 
 
 def test_requests_being_routed_count_on_the_replica_they_are_headed_for():
+    class Pending:  # Ray's PendingRequest, as far as Choosing looks at it
+        def __init__(self) -> None:
+            self.future = Future()
+
     now = [0.0]
     choosing = Choosing(ttl_s=30, clock=lambda: now[0])
     index = PrefixIndex(AffinityPolicy())
+    one, two, three = Pending(), Pending(), Pending()
     # Two new prompts arrive together: the second sees the first headed for "a" and takes "b".
     first = index.rank(["a", "b"], (1, 2), choosing.loads())[0][0]
-    choosing.chose("req-1", first)
+    choosing.chose(one, first)
     second = index.rank(["a", "b"], (7, 8), choosing.loads())[0][0]
     assert {first, second} == {"a", "b"}
-    choosing.chose("req-1", "b")  # a retried choice keeps its first replica
-    assert choosing.loads() == {first: 1}
-    choosing.sent("req-1")
+    choosing.chose(one, second)  # refused by the first, routed again: only the last choice counts
+    assert choosing.loads() == {second: 1}
+    choosing.placed(one)
     assert choosing.loads() == {}
-    choosing.chose("req-2", "a")  # never sent (cancelled while queued): it stops counting
+    choosing.chose(two, "a")
+    two.future.cancel()  # the client left while it queued: it stops counting at once
+    assert choosing.loads() == {}
+    choosing.chose(three, "a")  # never heard of again: it stops counting after the ttl
     now[0] = 31.0
     assert choosing.loads() == {}

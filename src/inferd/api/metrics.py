@@ -48,8 +48,8 @@ VLLM_NAMES: dict[str, tuple[str, ...]] = {
     "inter_token_latency_seconds": ("inter_token_latency_seconds",),
     "e2e_request_latency_seconds": ("e2e_request_latency_seconds",),
     "request_queue_time_seconds": ("request_queue_time_seconds",),
-    "iteration_tokens": ("iteration_tokens_total",),
-    "cache_config_info": ("cache_config_info",),  # a histogram, whose name ends in _total in vLLM
+    "iteration_tokens": ("iteration_tokens_total",),  # a histogram, whose name ends in _total in vLLM
+    "cache_config_info": ("cache_config_info",),
 }
 
 

@@ -113,7 +113,7 @@ def run(settings: ServerSettings) -> None:
 
     configure_logging(settings.log_level, settings.log_format)
     _quiet_libraries()
-    if settings.replicas > 1 or settings.ray_address:
+    if uses_ray(settings):
         _run_on_ray(settings)
         return
     try:
@@ -127,13 +127,20 @@ def run(settings: ServerSettings) -> None:
     build_server(app, settings).run()
 
 
+def uses_ray(settings: ServerSettings) -> bool:
+    """Several replicas, a cluster to join, or room to autoscale: inferd runs on Ray Serve."""
+    return settings.replicas > 1 or bool(settings.ray_address) or (settings.max_replicas or 1) > settings.replicas
+
+
 def _run_on_ray(settings: ServerSettings) -> None:
     """Scale out on Ray Serve; Ray is an optional extra, imported only here."""
     try:
         from inferd.scale.ray_serve import serve_on_ray
     except ImportError:
         typer.secho(
-            "error: --replicas above 1 and --ray-address need: pip install 'inferd[ray]'", fg="red", err=True
+            "error: --replicas above 1, --max-replicas and --ray-address need: pip install 'inferd[ray]'",
+            fg="red",
+            err=True,
         )
         raise typer.Exit(2) from None
     try:

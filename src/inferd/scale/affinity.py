@@ -145,27 +145,39 @@ class PrefixIndex:
 
 
 class Choosing:
-    """Requests being routed: chosen, not yet sent. Ray counts a request on its replica only once
-    it is sent, so requests arriving together would all see the same idle replica and, stuck
-    there by affinity afterwards, never spread; each one counts where it is headed meanwhile.
+    """Requests being routed: chosen, not yet placed. Ray counts a request on its replica only
+    once it is placed there, so requests arriving together would all see the same idle replica
+    and, stuck there by affinity afterwards, never spread; each one counts where it is headed
+    meanwhile.
 
-    Keyed by the caller's id for the request; an entry whose request never got sent (cancelled
-    while queued) expires after ``ttl_s``."""
+    A request is the router's own object (held, so its id cannot be reused while it counts); it
+    stops counting when ``placed``, when its ``future`` is done (placed, or cancelled while
+    queued), or after ``ttl_s`` whatever happened to it."""
 
     def __init__(self, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl_s = ttl_s
         self._clock = clock
-        self._chosen: dict[Hashable, tuple[Hashable, float]] = {}
+        self._chosen: dict[int, tuple[object, Hashable, float]] = {}
 
-    def chose(self, key: Hashable, replica: Hashable) -> None:
-        self._chosen.setdefault(key, (replica, self._clock()))  # a retried choice keeps its first
+    def chose(self, request: object, replica: Hashable) -> None:
+        """``request`` is headed for ``replica`` (a retried choice replaces the last one: the
+        replica that refused it no longer counts it)."""
+        self._chosen[id(request)] = (request, replica, self._clock())
 
-    def sent(self, key: Hashable) -> None:
-        self._chosen.pop(key, None)
+    def placed(self, request: object) -> None:
+        entry = self._chosen.get(id(request))
+        if entry is not None and entry[0] is request:
+            del self._chosen[id(request)]
 
     def loads(self) -> Counter:
         """Requests headed to each replica."""
         deadline = self._clock() - self._ttl_s
-        for key in [k for k, (_, at) in self._chosen.items() if at < deadline]:
-            del self._chosen[key]
-        return Counter(replica for replica, _ in self._chosen.values())
+        for key, (request, _, at) in list(self._chosen.items()):
+            if at < deadline or _is_done(request):
+                del self._chosen[key]
+        return Counter(replica for _, replica, _ in self._chosen.values())
+
+
+def _is_done(request: object) -> bool:
+    future = getattr(request, "future", None)
+    return future is not None and future.done()

@@ -39,8 +39,17 @@ APP_NAME = "inferd"
 REPLICA_HEADER = b"x-inferd-replica"
 _OFF_LOOP_BYTES = 256 * 1024  # parsing a body this large would stall the ingress's loop
 _ATTEMPTS = 3  # replicas a request may try, when each one dies before answering
-# What a replica's death looks like to its caller (killed, OOM-killed, its node gone).
-REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+_METRICS_WAIT_S = 10.0  # a replica too busy to answer a scrape in this long is left out of it
+# A replica that died (killed, OOM-killed, its node gone): a request it had not answered is
+# retried elsewhere.
+REPLICA_DIED = (
+    ray.exceptions.ActorDiedError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+)
+# Also a replica out of reach (ActorUnavailableError: it may still be running the request, so
+# that one is not retried, and answered 503).
+REPLICA_GONE = (*REPLICA_DIED, ray.exceptions.RayActorError)
 
 
 class EngineReplica:
@@ -92,7 +101,7 @@ class Ingress:
             try:
                 start = await stream.__anext__()
                 first = await anext(stream, b"")
-            except REPLICA_GONE as exc:
+            except REPLICA_DIED as exc:
                 stream.cancel()
                 log.warning(
                     "a replica died before answering %s (try %d of %d): %s",
@@ -102,6 +111,12 @@ class Ingress:
                     type(exc).__name__,
                 )
                 continue
+            except REPLICA_GONE as exc:
+                stream.cancel()
+                unreachable = EngineUnavailableError(
+                    f"the replica is unreachable ({type(exc).__name__}); retry"
+                )
+                return domain_error_response(forwarded.path, unreachable)
             except BaseException:
                 stream.cancel()
                 raise
@@ -122,9 +137,13 @@ class Ingress:
         # request's id, which calls made at once from one request would share.
         for target in targets:
             try:
-                answer = await self._collect(replace(forwarded, target_replica=target))
-            except REPLICA_GONE:
-                continue  # died since the router last heard: left out
+                answer = await asyncio.wait_for(
+                    self._collect(replace(forwarded, target_replica=target)), _METRICS_WAIT_S
+                )
+            except (*REPLICA_GONE, TimeoutError) as exc:
+                # Gone since the router last heard, or too busy: left out of this scrape.
+                log.warning("replica %s left out of /metrics: %s", target, type(exc).__name__)
+                continue
             if isinstance(answer, Response):
                 return answer  # a replica refused (no key, say): its answer is the answer
             replica, text, media_type = answer
@@ -137,11 +156,15 @@ class Ingress:
     async def _collect(self, forwarded: ForwardedRequest) -> tuple[str, str, str] | Response:
         chunks: list[bytes] = []
         start = None
-        async for item in self._engine.forward.remote(forwarded):
-            if isinstance(item, ResponseStart):
-                start = item
-            else:
-                chunks.append(item)
+        stream: DeploymentResponseGenerator = self._engine.forward.remote(forwarded)
+        try:
+            async for item in stream:
+                if isinstance(item, ResponseStart):
+                    start = item
+                else:
+                    chunks.append(item)
+        finally:
+            stream.cancel()  # a no-op once it ended; a scrape given up on stops on the replica
         assert start is not None
         body = b"".join(chunks)
         if start.status != 200:
@@ -285,10 +308,15 @@ def check_cluster(settings: ServerSettings) -> None:
         )
 
 
-def start(settings: ServerSettings, **router: Any) -> None:
-    """Start or join the cluster and deploy; returns once every replica is ready."""
+def connect(settings: ServerSettings) -> None:
+    """Start or join the cluster (once per process)."""
     if not ray.is_initialized():
         ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=True)
+
+
+def start(settings: ServerSettings, **router: Any) -> None:
+    """Start or join the cluster and deploy; returns once every replica is ready."""
+    connect(settings)
     check_cluster(settings)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings, **router), name=APP_NAME, route_prefix="/", blocking=False)
@@ -298,9 +326,11 @@ def start(settings: ServerSettings, **router: Any) -> None:
 def serve_on_ray(settings: ServerSettings) -> None:
     """``inferd serve`` on Ray: deploy, then wait for SIGINT/SIGTERM and take the app down.
 
-    The handlers go in first, so a signal while the replicas load only asks to stop once they
-    are up: as a KeyboardInterrupt it would land in Ray's own waiting loop, which swallows it and
-    leaves the server running."""
+    The handlers go in after ``ray.init`` (which sets its own SIGTERM handler, an exit that would
+    skip the drain) and before deploying, so a signal while the replicas load only asks to stop
+    once they are up: as a KeyboardInterrupt it would land in Ray's own waiting loop, which
+    swallows it and leaves the server running."""
+    connect(settings)
     stop = threading.Event()
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda signum, frame: stop.set())

@@ -36,7 +36,8 @@ class PrefixAffinityRouter(RequestRouter):
         if request is not None and request.target_replica is not None:
             chosen = [r for r in candidate_replicas if r.replica_id.unique_id == request.target_replica]
             if chosen:
-                return [chosen]  # gone meanwhile: routed as usual, and its answer says where it ran
+                return [chosen]
+            # Gone meanwhile: routed as usual below, and its answer says where it ran.
         by_id = {r.replica_id: r for r in candidate_replicas}
         headed = self._choosing.loads()
         loads = {rid: (self.replica_queue_len_cache.get(rid) or 0) + headed[rid] for rid in by_id}
@@ -44,13 +45,13 @@ class PrefixAffinityRouter(RequestRouter):
         ranks = self._index.rank(list(by_id), hashes, loads)
         if ranks and pending_request is not None:
             first = ranks[0][0]
-            self._choosing.chose(id(pending_request), first)
+            self._choosing.chose(pending_request, first)
             if hashes:  # a request with the same prefix arriving meanwhile follows this one
                 self._index.record(first, hashes)
         return [[by_id[rid] for rid in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        self._choosing.sent(id(pending_request))
+        self._choosing.placed(pending_request)
         hashes = _hashes(pending_request)
         if hashes:
             self._index.record(replica_id, hashes)
@@ -58,6 +59,8 @@ class PrefixAffinityRouter(RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._index.forget(replica_id)
+        if replica_id.unique_id in affinity.LIVE_REPLICAS:
+            affinity.LIVE_REPLICAS.remove(replica_id.unique_id)
 
 
 def _forwarded(pending_request: PendingRequest | None) -> ForwardedRequest | None:
