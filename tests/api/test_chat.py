@@ -248,3 +248,21 @@ def test_a_stream_sends_nothing_before_its_first_token(tiny_llama):
         assert first_delta == {"role": "assistant", "content": ""}
         kind, second = received.get(timeout=10)
         assert json.loads(second)["choices"][0]["delta"].get("content")  # the first token, right behind it
+
+
+def test_tokenize_answers_the_ids_and_detokenize_reverses_them(llm_server):
+    prompt = httpx.post(
+        llm_server + "/tokenize", json={"model": "tiny-chat", "prompt": "the cat and the dog"}
+    )
+    assert prompt.status_code == 200
+    answer = prompt.json()
+    assert answer["count"] == len(answer["tokens"]) > 0 and answer["max_model_len"] > 0
+    back = httpx.post(llm_server + "/detokenize", json={"model": "tiny-chat", "tokens": answer["tokens"]})
+    assert "the cat and the dog" in back.json()["prompt"]
+    chat = httpx.post(
+        llm_server + "/tokenize",
+        json={"model": "tiny-chat", "messages": [{"role": "user", "content": "the cat"}]},
+    ).json()
+    assert chat["count"] > len(
+        httpx.post(llm_server + "/tokenize", json={"prompt": "the cat"}).json()["tokens"]
+    )

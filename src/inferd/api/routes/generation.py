@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
 
 from inferd.api.cancellation import unless_disconnected
 from inferd.api.deps import model_table
@@ -15,7 +14,7 @@ from inferd.config import ModelKind
 from inferd.llm.client import LLMClient
 from inferd.protocol.openai_chat import ChatCompletionRequest, num_message_chars
 from inferd.protocol.openai_completions import CompletionRequest
-from inferd.protocol.tokenize import DetokenizeRequest, TokenizeRequest
+from inferd.protocol.tokenize import DetokenizeRequest, TokenizeRequest, TokenizeResponse
 
 router = APIRouter(tags=["openai"])
 
@@ -41,7 +40,7 @@ async def create_completion(
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, models: ModelTable = Depends(model_table)) -> BaseModel:
+async def tokenize(body: TokenizeRequest, models: ModelTable = Depends(model_table)) -> TokenizeResponse:
     client = (await models.get(body.model, ModelKind.CHAT)).client
     ids = await off_loop(_token_ids, body, client)
     return body.response(ids, client.max_model_len)
