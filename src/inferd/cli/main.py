@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from inferd import __version__
-from inferd.cli import client, estimate, models, serve
+from inferd.cli import bench, client, estimate, models, serve
 
 app = typer.Typer(
     name="inferd",
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command("serve", help=serve.HELP)(serve.serve_command())
 models.register(app)
 client.register(app)
+bench.register(app)
 app.command("estimate")(estimate.estimate)
 
 
