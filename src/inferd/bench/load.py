@@ -294,6 +294,14 @@ class ChatWorkload:
 # ---------------------------------------------------------------------------------------------- embed, rerank
 
 
+def _count_error(rows: Any, expected: int, what: str) -> str | None:
+    """None when the answer holds the ``expected`` rows asked for."""
+    if isinstance(rows, list) and len(rows) == expected:
+        return None
+    got = len(rows) if isinstance(rows, list) else "no list of"
+    return f"asked for {expected} {what}, got {got}"
+
+
 class _PostWorkload:
     """One JSON request, one JSON answer; latency is from sending to the answer's last byte."""
 
@@ -377,10 +385,7 @@ class EmbedWorkload(_PostWorkload):
             usage = answer.get("usage") if isinstance(answer, dict) else None
             if isinstance(usage, dict):
                 tokens = _int(usage.get("prompt_tokens"), None)
-        if not isinstance(rows, list) or len(rows) != meta["texts"]:
-            got = len(rows) if isinstance(rows, list) else "no list of"
-            return f"asked for {meta['texts']} embeddings, got {got}", tokens
-        return None, tokens
+        return _count_error(rows, meta["texts"], "embeddings"), tokens
 
 
 class RerankWorkload(_PostWorkload):
@@ -423,15 +428,11 @@ class RerankWorkload(_PostWorkload):
         return out
 
     def check(self, answer: Any, meta: dict) -> tuple[str | None, int | None]:
-        tokens = None
         if self.settings.api == "tei":
             rows = answer if isinstance(answer, list) else None
         else:
             rows = answer.get("results") if isinstance(answer, dict) else None
-        if not isinstance(rows, list) or len(rows) != meta["results"]:
-            got = len(rows) if isinstance(rows, list) else "no list of"
-            return f"asked for {meta['results']} results, got {got}", tokens
-        return None, tokens
+        return _count_error(rows, meta["results"], "results"), None
 
 
 def make_workload(settings: Settings, model: str | None, run_id: str):
