@@ -59,6 +59,10 @@ class LLMConfig:
     dtype: str = "float32"
     cache_dir: str | None = None  # where GGUF files are converted once; None: ~/.cache/inferd
     native_kernels: bool = True  # inferd's C kernels, built with the package (attention, fused ops, linears)
+    # Where the whole step runs on the native kernels (bf16 with native linears): every prompt chunk
+    # attends as query rows too, never through SDPA, so a token's numerics do not depend on how its
+    # prompt was split (alone, chunked, after a prefix hit, in a batch). See ModelRunner._as_rows.
+    batch_invariant: bool = True
     model_impl: str = "auto"  # "auto": inferd's own forward where it has one; "transformers": never
     quantization: str = "none"  # "int8": the decoder's linear layers get int8 weights (CPU, bf16)
     max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429

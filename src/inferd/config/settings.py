@@ -155,6 +155,13 @@ class ServerSettings(BaseSettings):
         "with bf16 also fused element-wise ops and, on CPUs with AMX or AVX-512 BF16, the linear layers "
         "and one call for all layers of a step); off, or without a build, the torch paths run.",
     )
+    batch_invariant: bool = Field(
+        True,
+        description="LLM: where a step runs wholly on the native bf16 kernels, long prompt chunks attend "
+        "through the same row kernel as decodes instead of SDPA, so greedy output is the same whether "
+        "a request runs alone, chunked, after a prefix-cache hit or in a batch (on AMX CPUs a prompt "
+        "chunk over ~220 tokens prefills slower); off, they switch to SDPA where it is faster.",
+    )
     quantization: Literal["none", "int8"] = Field(
         "none",
         description="LLM: int8 quantises the weights of inferd's own forward (every linear layer and the "
@@ -407,6 +414,7 @@ class ServerSettings(BaseSettings):
             enable_prefix_caching=self.enable_prefix_caching,
             model_impl=self.model_impl,
             native_kernels=self.native_kernels,
+            batch_invariant=self.batch_invariant,
             quantization=self.quantization,
             max_n=self.max_n,
             num_threads=self.num_threads or available_cores(),

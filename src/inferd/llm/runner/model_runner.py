@@ -23,6 +23,16 @@ from inferd.llm.runner.kernels import native_ops
 # tokens. With AVX512-BF16 and no AMX (an AMD EPYC), the rows win at every length measured: 0.74x at
 # 220 tokens, 0.69x at 300, 0.57x at 2048 (torch's flash attention is the slow part there), so up to
 # a whole 2048-token chunk without cached context; longer spans were not measured and keep SDPA.
+#
+# Those thresholds are for speed only, and they cost determinism: SDPA and the row kernel round
+# differently, so a token's logits would depend on whether its prompt chunk crossed the line — a
+# prompt alone (one long chunk, SDPA) and the same prompt after a prefix-cache hit or chunked (short
+# chunks, rows) could then greedily answer differently. Every other step of the bf16 native path
+# computes each row in an order that does not depend on the other rows (the linear kernels
+# accumulate K in a fixed order per row and split only columns across threads; norms, rope and
+# attention are per row), so with LLMConfig.batch_invariant (the default) such a step sends every
+# chunk through the rows: its results are bitwise the same however the batch was made up. (fp32
+# runs its linear layers through torch's matmul, whose reduction depends on the row count.)
 NATIVE_ROW_PAIRS = 1800
 NATIVE_ROW_PAIRS_ONE_CALL_AMX = 24576
 NATIVE_ROW_PAIRS_ONE_CALL = 2048 * 2049 // 2
@@ -57,6 +67,8 @@ class ModelRunner:
         self.row_pairs = NATIVE_ROW_PAIRS
         if one_call:
             self.row_pairs = NATIVE_ROW_PAIRS_ONE_CALL_AMX if self.native.amx else NATIVE_ROW_PAIRS_ONE_CALL
+            if config.batch_invariant:
+                self.row_pairs = float("inf")
         self.block_size = config.block_size
         self.device = config.device
         self.num_blocks = num_blocks

