@@ -41,11 +41,6 @@ OTHERS = [
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, logprobs=0)
 
 
-@pytest.fixture(autouse=True)
-def amx_threshold(monkeypatch):
-    monkeypatch.setattr(model_runner, "NATIVE_ROW_PAIRS_ONE_CALL", model_runner.NATIVE_ROW_PAIRS_ONE_CALL_AMX)
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     ops = native_ops()
@@ -110,10 +105,16 @@ async def in_a_batch(client, ids):
 def answers(smollm2):
     # Without prefix caching nothing a situation plays can reach the next one's prompts (the two
     # prompts share the chat template's system prompt).
-    cold = run(smollm2, {"alone": alone, "in a batch of 32": in_a_batch}, enable_prefix_caching=False)
-    cached = run(smollm2, {"after a prefix hit": twice})
-    chunked = run(smollm2, {"chunked by 13": alone}, max_num_batched_tokens=13, enable_prefix_caching=False)
-    return {**cold, **cached, **chunked}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_runner, "NATIVE_ROW_PAIRS_ONE_CALL", model_runner.NATIVE_ROW_PAIRS_ONE_CALL_AMX)
+        cold = run(smollm2, {"alone": alone, "in a batch of 32": in_a_batch}, enable_prefix_caching=False)
+        cached = run(smollm2, {"after a prefix hit": twice})
+        chunked = run(
+            smollm2, {"chunked by 13": alone}, max_num_batched_tokens=13, enable_prefix_caching=False
+        )
+        # the switch batch_invariant turns off: the long prompt alone over the AMX threshold takes SDPA
+        switching = run(smollm2, {"alone": alone}, enable_prefix_caching=False, batch_invariant=False)
+    return {**cold, **cached, **chunked, "alone, switching to SDPA": switching["alone"]}
 
 
 @pytest.mark.parametrize("situation", ["after a prefix hit", "chunked by 13", "in a batch of 32"])
@@ -126,3 +127,10 @@ def test_greedy_tokens_and_logprobs_are_the_same_as_alone(answers, situation, pr
         assert cached > 0  # the full blocks the first run left
     assert tokens == alone_tokens
     assert logprobs == alone_logprobs  # bitwise: the same kernels in the same order per row
+
+
+def test_without_batch_invariance_the_long_prompt_alone_answers_differently(answers):
+    """The control: the AMX machines' switch to SDPA for a long chunk does change the numbers, so
+    the test above would see it if the runner took it."""
+    _, logprobs, _ = answers["alone, switching to SDPA"]["long"]
+    assert logprobs != answers["chunked by 13"]["long"][1]

@@ -281,6 +281,18 @@ def test_native_linear_can_write_float32(ops, linear_kernel, rows):
     torch.testing.assert_close(got, x.float() @ weight.float().T, atol=1e-4, rtol=1e-4)
 
 
+def test_native_linear_gives_a_row_bitwise_the_same_whatever_the_row_count(ops, linear_kernel):
+    """Batch invariance of the linear layers: each output accumulates K in a fixed order and threads
+    split only the columns, so a row's result does not depend on how many rows share the call (1
+    as a decode, 12-row register blocks, 32-row AMX tiles, L2-sized row blocks) or where it sits."""
+    torch.manual_seed(3)
+    weight, x = torch.randn(200, 576).bfloat16(), torch.randn(70, 576).bfloat16()
+    packed = kernels.pack_amx_weight(weight)
+    whole = ops.linear(x, packed, 200, None)
+    for start, stop in ((0, 1), (5, 6), (3, 16), (13, 45), (1, 70)):
+        assert torch.equal(ops.linear(x[start:stop].contiguous(), packed, 200, None), whole[start:stop])
+
+
 def paged_rows(ops, q, k_cache, v_cache, tables, ctx_lens, heads, block, scale, window=0, softcap=0.0):
     """The kernel over query rows q (rows, heads, dim) fp32, each with its own table and length."""
     rows, _, dim = q.shape
@@ -341,6 +353,12 @@ def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window
     width = length // block + 2
     k_cache, v_cache = torch.randn(2, 3 * width * block, kv_heads, dim).bfloat16().unbind(0)
     table, other = torch.randperm(3 * width)[: 2 * width].view(2, width)
+    # NaN wherever no row may look: past each sequence's context and in blocks no table holds
+    readable = torch.zeros(3 * width * block, dtype=torch.bool)
+    for blocks, upto in ((table, length), (other, 40)):
+        readable[(blocks[:, None] * block + torch.arange(block)).flatten()[:upto]] = True
+    k_cache[~readable] = float("nan")
+    v_cache[~readable] = float("nan")
     q = torch.randn(length, heads, dim).bfloat16().float()
     lens = torch.arange(1, length + 1)
 
@@ -358,6 +376,7 @@ def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window
     pieces = torch.cat([attend(list(range(a, min(a + 13, length)))) for a in range(0, length, 13)])
     alone = torch.cat([attend([row]) for row in range(length)])
     among = torch.cat([attend(list(range(a, min(a + 5, length))), others=7) for a in range(0, length, 5)])
+    assert not whole.isnan().any()
     for got in (pieces, alone, among):
         assert torch.equal(got, whole)
 

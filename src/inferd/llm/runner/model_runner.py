@@ -30,8 +30,9 @@ from inferd.llm.runner.kernels import native_ops
 # chunks, rows) could then greedily answer differently. Every other step of the bf16 native path
 # computes each row in an order that does not depend on the other rows (the linear kernels
 # accumulate K in a fixed order per row and split only columns across threads; norms, rope and
-# attention are per row), so with LLMConfig.batch_invariant (the default) such a step sends every
-# chunk through the rows: its results are bitwise the same however the batch was made up. (fp32
+# attention are per row, the bf16 attention with one arithmetic for a decode and a prefill run
+# alike, see paged_decode.c), so with LLMConfig.batch_invariant (the default) such a step sends
+# every chunk through the rows: its results are bitwise the same however the batch was made up. (fp32
 # runs its linear layers through torch's matmul, whose reduction depends on the row count.)
 NATIVE_ROW_PAIRS = 1800
 NATIVE_ROW_PAIRS_ONE_CALL_AMX = 24576
@@ -67,7 +68,10 @@ class ModelRunner:
         self.row_pairs = NATIVE_ROW_PAIRS
         if one_call:
             self.row_pairs = NATIVE_ROW_PAIRS_ONE_CALL_AMX if self.native.amx else NATIVE_ROW_PAIRS_ONE_CALL
-            if config.batch_invariant:
+            # Where the row kernel has its vectorised bf16 path (head_dim a multiple of 32, at most
+            # 256); its scalar fallback would make long prompts slow. Chunks over 2048 tokens
+            # (--max-num-batched-tokens above it) take the rows too, unmeasured against SDPA.
+            if config.batch_invariant and self.facts.head_dim % 32 == 0 and self.facts.head_dim <= 256:
                 self.row_pairs = float("inf")
         self.block_size = config.block_size
         self.device = config.device

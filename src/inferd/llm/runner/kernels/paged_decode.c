@@ -87,9 +87,10 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
 #define RUN_VECTORS 12 /* query vectors scored together */
 #define RUN_PV 6       /* query vectors accumulating p . v together */
 
-/* Floats of one packed copy (keys or values) of a context of ctx_len positions: in blocks of 16
- * from a multiple of 16 (one block more than the positions need, for that alignment). */
-static size_t run_pack_floats(int ctx_len, int head_dim) { return (size_t)((ctx_len + 31) / 16) * 16 * head_dim; }
+/* Scratch floats of a run's packed keys (16-position blocks of head_dim / 2 dword pairs each) and
+ * value-row pointers over at most ctx_len positions from a multiple of 16, rounded to 16 floats. */
+static size_t run_keys_floats(int ctx_len, int head_dim) { return (size_t)((ctx_len + 15) / 16) * 8 * head_dim; }
+static size_t run_rows_floats(int ctx_len) { return ((size_t)2 * ctx_len + 15) / 16 * 16; }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -195,8 +196,8 @@ static inline __m512 exp16(__m512 x) {
 }
 
 /* Scores of `count` query vectors (qp: their dword pairs) over packed blocks b0..b1 - 1 into
- * scores (span floats a vector), -inf outside each vector's positions lo..hi - 1; returns each
- * vector's peak. Inlined per constant count, so the accumulators live in registers. */
+ * scores (span floats a vector), -inf outside each vector's positions lo..hi - 1, and each
+ * vector's peak into peak. Inlined per constant count, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void score_blocks(const int count, const uint32_t (*qp)[MAX_CHUNKS * 8],
                                                                const uint32_t *kt, int half, int b0, int b1,
                                                                const int *lo, const int *hi, float scale,
@@ -394,12 +395,14 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
         b += run;
     }
     /* per thread: scores, one widened cache row, and a task's queries and outputs in fp32; for
-     * runs, the packed context (keys and values) and the chunk's outputs */
-    const size_t run_floats =
-        longest_chunk ? 2 * run_pack_floats((int)longest, head_dim) + (size_t)longest_chunk * width : 0;
+     * runs, the packed keys, the value-row pointers and the chunk's outputs (each area a multiple
+     * of 16 floats, so every thread's share and the pointers in it stay aligned) */
+    const size_t run_floats = longest_chunk ? run_keys_floats((int)longest, head_dim) +
+                                                  run_rows_floats((int)longest) + (size_t)longest_chunk * width
+                                            : 0;
     const int score_rows = longest_chunk && heads_per_task < RUN_VECTORS ? RUN_VECTORS : heads_per_task;
-    const size_t per_thread =
-        (size_t)(score_rows * (longest + 32) + num_kv_heads * head_dim + 2 * width) + run_floats;
+    const size_t base_floats = ((size_t)(score_rows * (longest + 32) + num_kv_heads * head_dim + 2 * width) + 15) / 16 * 16;
+    const size_t per_thread = base_floats + run_floats;
     float *scratch = tasks ? malloc(sizeof(float) * per_thread * (size_t)threads) : 0;
     if (!scratch) {
         free(tasks);
@@ -416,9 +419,9 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
 #ifdef HAVE_BF16_PATH
         if (tasks[task][3]) { /* a run of tasks[task][1] rows */
             const int rows = tasks[task][1];
-            uint32_t *kt = (uint32_t *)(of + width);
-            const uint16_t **vrow = (const uint16_t **)(kt + run_pack_floats((int)longest, head_dim));
-            float *run_out = (float *)(kt + 2 * run_pack_floats((int)longest, head_dim));
+            uint32_t *kt = (uint32_t *)(scores + base_floats);
+            const uint16_t **vrow = (const uint16_t **)(kt + run_keys_floats((int)longest, head_dim));
+            float *run_out = (float *)vrow + run_rows_floats((int)longest);
             const void *q0 = q_bf16 ? (const void *)((const uint16_t *)q + b * q_stride)
                                     : (const void *)((const float *)q + b * q_stride);
             attend_run_bf16(q0, q_bf16, q_stride, k_cache, v_cache, table, ctx_lens + b, rows, window, part,

@@ -1,0 +1,211 @@
+"""The paged attention kernel (paged_decode.c) of this checkout against the same kernel at an earlier
+commit, built the same way for this CPU, on SmolLM2-135M's attention shape (9 query heads, 3 kv
+heads, head_dim 64, bf16 cache, 8-slot blocks as on the CPU), with every thread torch would use.
+
+Shapes: decode batches (one row per sequence, each its own context), prefill runs (consecutive
+rows of one sequence), a short chunk after a long cached context (chunked prefill, a prefix-cache
+hit). Each shape is timed --repeats times after a warm-up, alternating the two libraries, and the
+median is kept. The earlier kernel is compiled from `git show REF:.../paged_decode.c` with the other
+kernel sources of this checkout and the flags of this CPU's variant (kernels/variants.py).
+
+    .venv/bin/python benchmarks/attention_bench.py --ref 1844958 --json benchmarks/out/<dir>/attention.json
+    .venv/bin/python benchmarks/attention_bench.py --from-json benchmarks/out/<dir>/attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from ray_bench import cpu_model
+
+from inferd.llm.runner.kernels import native_ops, prebuilt_library, variants
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "src/inferd/llm/runner/kernels"
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, SCALE = 9, 3, 64, 8, 0.125
+# name -> (context lengths of the call's rows, whether the rows are one sequence's run)
+SHAPES = {
+    "decode 32 x 1000 ctx": ([1000] * 32, False),
+    "decode 32 x 500 ctx": ([500] * 32, False),
+    "decode 1 x 500 ctx": ([500], False),
+    "prefill run of 1500": (list(range(1, 1501)), True),
+    "prefill run of 300": (list(range(1, 301)), True),
+    "16-row chunk after 1000": (list(range(1001, 1017)), True),
+}
+
+
+def this_variant() -> variants.Variant:
+    """The kernel build native_ops loads on this CPU."""
+    (variant,) = [v for v in variants.runnable() if v.name == native_ops().variant]
+    return variant
+
+
+def build_at(ref: str, out_dir: Path) -> Path:
+    """This CPU's variant of the kernel library with paged_decode.c as it was at ``ref``."""
+    variant = this_variant()
+    src = out_dir / "src"
+    src.mkdir()
+    for path in [*KERNELS.glob("*.c"), *KERNELS.glob("*.h")]:
+        shutil.copy(path, src / path.name)
+    old = subprocess.run(
+        ["git", "show", f"{ref}:src/inferd/llm/runner/kernels/paged_decode.c"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    (src / "paged_decode.c").write_text(old)
+    library = out_dir / "paged_at_ref.so"
+    subprocess.run(
+        [
+            "gcc",
+            "-shared",
+            *variants.COMMON_FLAGS,
+            *variant.flags,
+            variants.OPENMP_FLAG,
+            *sorted(str(p) for p in src.glob("*.c")),
+            "-o",
+            str(library),
+            "-lm",
+        ],
+        check=True,
+    )
+    return library
+
+
+def kernel(library: Path):
+    fn = ctypes.CDLL(str(library)).paged_decode_attention
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    fn.argtypes = [p, i, i64, p, p, i, p, i, p, i, i, i, i, i, f, i, f, p, i, i64]
+    return fn
+
+
+def call_args(lens: list[int], run: bool):
+    torch.manual_seed(0)
+    n, width = len(lens), max(lens) // BLOCK + 1
+    k, v = torch.randn(2, n * width * BLOCK, KV_HEADS, HEAD_DIM).bfloat16().unbind(0)
+    tables = torch.randperm(n * width).view(n, width)
+    if run:
+        tables = tables[:1].expand(n, width)
+    tables, ctx = tables.contiguous(), torch.tensor(lens)
+    q = torch.randn(n, HEADS * HEAD_DIM).bfloat16()
+    out = torch.empty_like(q)
+    keep = (k, v, tables, ctx, q, out)
+    args = (
+        q.data_ptr(),
+        1,
+        HEADS * HEAD_DIM,
+        k.data_ptr(),
+        v.data_ptr(),
+        1,
+        tables.data_ptr(),
+        width,
+        ctx.data_ptr(),
+        n,
+        HEADS,
+        KV_HEADS,
+        HEAD_DIM,
+        BLOCK,
+        SCALE,
+        0,
+        0.0,
+        out.data_ptr(),
+        1,
+        HEADS * HEAD_DIM,
+    )
+    return keep, args
+
+
+def time_call(fn, args, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        assert fn(*args) == 0
+    return (time.perf_counter() - start) / calls
+
+
+def run(ref: str, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        libraries = {
+            "this checkout": kernel(prebuilt_library(this_variant())),
+            f"at {ref}": kernel(build_at(ref, Path(tmp))),
+        }
+        rows = []
+        for name, (lens, is_run) in SHAPES.items():
+            keep, args = call_args(lens, is_run)
+            calls = max(1, int(2e6 / sum(lens)))  # about the same work per timing
+            samples = {label: [] for label in libraries}
+            for fn in libraries.values():
+                time_call(fn, args, calls)
+            for _ in range(repeats):
+                for label, fn in libraries.items():
+                    samples[label].append(time_call(fn, args, calls))
+            rows.append(
+                {
+                    "shape": name,
+                    "rows": len(lens),
+                    "calls_per_sample": calls,
+                    "us": {label: [s * 1e6 for s in got] for label, got in samples.items()},
+                }
+            )
+            del keep
+    return {
+        "cpu": cpu_model(),
+        "variant": native_ops().variant,
+        "threads": torch.get_num_threads(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "ref": ref,
+        "repeats": repeats,
+        "shapes": rows,
+    }
+
+
+def render(report: dict) -> str:
+    ref = f"at {report['ref']}"
+    lines = [
+        f"CPU: {report['cpu']}, kernel variant {report['variant']}, {report['threads']} threads, commit "
+        f"{report['commit']}; median of {report['repeats']} samples, microseconds per call",
+        "",
+        f"| shape | this checkout | {ref} | ratio |",
+        "|---|---|---|---|",
+    ]
+    for row in report["shapes"]:
+        now, then = (statistics.median(row["us"][k]) for k in ("this checkout", ref))
+        lines.append(f"| {row['shape']} | {now:.0f} | {then:.0f} | {now / then:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ref", default="HEAD~1", help="the earlier commit to build paged_decode.c from")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="write the raw samples here")
+    parser.add_argument("--from-json", type=Path, help="only render a report written by --json")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        print(render(json.loads(args.from_json.read_text())))
+        return 0
+    if native_ops() is None:
+        print("no native kernel library loads on this machine", file=sys.stderr)
+        return 1
+    report = run(args.ref, args.repeats)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
