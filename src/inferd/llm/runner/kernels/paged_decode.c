@@ -147,9 +147,14 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, const int
                      const uint16_t **vrow) {
     const int half = head_dim / 2, blocks = (last - first + 15) / 16;
     const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
-    /* each position's row in the caches, walking the block table a block at a time */
+    /* each position's row in the caches, walking the block table a block at a time; the same row
+     * of the next block is prefetched a block ahead (the jump between blocks is what the hardware
+     * prefetcher cannot guess) */
+    const int64_t head = (int64_t)kv * head_dim;
+    const int last_blk = (last - 1) / block_size;
     int blk = first / block_size, in_block = first % block_size;
-    int64_t offset = (table[blk] * block_size + in_block) * slot_stride + (int64_t)kv * head_dim;
+    int64_t offset = (table[blk] * block_size + in_block) * slot_stride + head;
+    int64_t ahead = blk < last_blk ? table[blk + 1] * block_size * slot_stride + head : -1;
     for (int b = 0; b < blocks; b++) {
         const uint16_t *krow[16];
         for (int lane = 0; lane < 16; lane++) {
@@ -159,9 +164,17 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, const int
                 continue;
             }
             krow[lane] = k_cache + offset, vrow[pos - first] = v_cache + offset;
+            if (ahead >= 0) {
+                const int64_t at = ahead + in_block * slot_stride;
+                for (int byte = 0; byte < head_dim * 2; byte += 64) {
+                    _mm_prefetch((const char *)(k_cache + at) + byte, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v_cache + at) + byte, _MM_HINT_T0);
+                }
+            }
             if (++in_block == block_size) {
                 in_block = 0, blk++;
-                offset = pos + 1 < last ? (table[blk] * block_size) * slot_stride + (int64_t)kv * head_dim : 0;
+                offset = blk <= last_blk ? table[blk] * block_size * slot_stride + head : 0;
+                ahead = blk < last_blk ? table[blk + 1] * block_size * slot_stride + head : -1;
             } else {
                 offset += slot_stride;
             }
