@@ -31,6 +31,8 @@ RENAMED = {
     "inferd:request_success_total": "vllm:request_success_total",
     "inferd:iteration_tokens": "vllm:iteration_tokens_total",
     "inferd:cache_config_info": "vllm:cache_config_info",
+    "inferd:spec_decode_num_draft_tokens_total": "vllm:spec_decode_num_draft_tokens_total",
+    "inferd:spec_decode_num_accepted_tokens_total": "vllm:spec_decode_num_accepted_tokens_total",
     **{
         f"inferd:{name}": f"vllm:{name}"
         for name in (

@@ -50,6 +50,8 @@ VLLM_NAMES: dict[str, tuple[str, ...]] = {
     "request_queue_time_seconds": ("request_queue_time_seconds",),
     "iteration_tokens": ("iteration_tokens_total",),  # a histogram, whose name ends in _total in vLLM
     "cache_config_info": ("cache_config_info",),
+    "spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens",),
+    "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens",),
 }
 
 
@@ -374,6 +376,16 @@ class _SnapshotCollector(Collector):
             CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
         )
         hits = self._llm(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        drafts = self._llm(
+            CounterMetricFamily,
+            "spec_decode_num_draft_tokens",
+            "Draft tokens speculative decoding proposed and verified.",
+        )
+        accepted = self._llm(
+            CounterMetricFamily,
+            "spec_decode_num_accepted_tokens",
+            "Draft tokens the model chose too (kept without a step of their own).",
+        )
         cache_info = self._llm(
             GaugeMetricFamily,
             "cache_config_info",
@@ -400,11 +412,13 @@ class _SnapshotCollector(Collector):
                 kv.add(name, stats.kv_cache_usage)
                 queries.add(name, stats.num_prefix_queries)
                 hits.add(name, stats.num_prefix_hits)
+                drafts.add(name, stats.num_draft_tokens)
+                accepted.add(name, stats.num_accepted_tokens)
                 layout = (stats.block_size, stats.num_blocks, stats.cache_dtype, stats.enable_prefix_caching)
                 cache_info.add(name, 1, [str(v) for v in layout])
             elif isinstance(client, EncoderClient):
                 encoder_queue.add_metric([name], client.num_queued)
-        for family in (running, waiting, kv, queries, hits, cache_info):
+        for family in (running, waiting, kv, queries, hits, drafts, accepted, cache_info):
             yield from family.metrics()
         yield encoder_queue
         yield resident

@@ -162,6 +162,21 @@ class ServerSettings(BaseSettings):
         "a request runs alone, chunked, after a prefix-cache hit or in a batch (on AMX CPUs a prompt "
         "chunk over ~220 tokens prefills slower); off, they switch to SDPA where it is faster.",
     )
+    speculative_tokens: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="LLM: prompt-lookup speculative decoding: up to this many draft tokens per step for "
+        "each greedy request, copied from where its last tokens occurred before in its prompt or output, "
+        "verified in the same forward (output unchanged: with --batch-invariant, token for token what "
+        "decoding without drafts gives); pays where answers quote their context (RAG). 0: off.",
+    )
+    speculative_max_running: int = Field(
+        4,
+        ge=1,
+        description="LLM: drafts are proposed only while at most this many requests run (one stream "
+        "reads every weight once per step whatever its rows; a full batch pays for every rejected draft).",
+    )
     quantization: Literal["none", "int8"] = Field(
         "none",
         description="LLM: int8 quantises the weights of inferd's own forward (every linear layer and the "
@@ -415,6 +430,8 @@ class ServerSettings(BaseSettings):
             model_impl=self.model_impl,
             native_kernels=self.native_kernels,
             batch_invariant=self.batch_invariant,
+            speculative_tokens=self.speculative_tokens,
+            speculative_max_running=self.speculative_max_running,
             quantization=self.quantization,
             max_n=self.max_n,
             num_threads=self.num_threads or available_cores(),

@@ -205,6 +205,8 @@ class LLMClient:
             num_blocks=kv.pool.num_blocks,
             cache_dtype=self.engine.config.dtype,
             enable_prefix_caching=kv.enable_prefix_caching,
+            num_draft_tokens=self.engine.num_draft_tokens,
+            num_accepted_tokens=self.engine.num_accepted_tokens,
         )
 
     def check_capacity(self, num_requests: int) -> None:

@@ -17,8 +17,9 @@ from inferd.llm.outputs import SCORE, RequestOutput, TokenLogprob
 from inferd.llm.params import Guide, SamplingParams
 from inferd.llm.request import FinishReason, Request
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
-from inferd.llm.sampler import AllowedTokens, Sampler, SamplerOutput, SamplingState
+from inferd.llm.sampler import AllowedTokens, Sampler, SamplerOutput, SamplingState, edits_logits
 from inferd.llm.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from inferd.llm.spec_decode import NgramDrafter
 from inferd.llm.structured import GuideManager, GuideState
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,11 @@ class _Live:
 
 @dataclass(slots=True)
 class _StepRun:
-    """What one forward produced: a token for each of ``sampled`` (row i of ``result``), and the
-    score log-probabilities of each scoring request that reached its prompt's end."""
+    """What one forward produced: tokens for each of ``sampled`` (its rows of ``result``: one, or
+    one per draft and one more when it had drafts), and the score log-probabilities of each scoring
+    request that reached its prompt's end."""
 
-    sampled: list[ScheduledRequest]
+    sampled: list[tuple[ScheduledRequest, list[int]]]
     result: SamplerOutput
     scored: list[tuple[Request, tuple[float, ...]]] = field(default_factory=list)
 
@@ -84,6 +86,9 @@ class LLMEngine:
         )
         self.guides = GuideManager(loaded.tokenizer, loaded.facts.vocab_size, loaded.facts.eos_token_ids)
         self._live: dict[str, _Live] = {}
+        self.drafter = NgramDrafter(config.speculative_tokens) if config.speculative_tokens else None
+        self.num_draft_tokens = 0  # drafts verified so far
+        self.num_accepted_tokens = 0  # of those, the ones the model chose too
         self.num_step_tokens = 0  # tokens the last step computed (for the iteration-tokens metric)
         # The last step's grammar masks: rows masked and seconds spent filling them (for the metric).
         self.num_mask_rows = 0
@@ -246,6 +251,7 @@ class LLMEngine:
             self.scheduler.finish(live.request, FinishReason.ABORT)
 
     def step(self) -> list[RequestOutput]:
+        self._propose_drafts()
         output = self.scheduler.schedule()
         self.num_step_tokens = output.num_tokens
         self.num_mask_rows, self.mask_seconds = 0, 0.0
@@ -264,6 +270,32 @@ class LLMEngine:
         self.scheduler.update_computed(output)
         return self._outputs(run)
 
+    def _propose_drafts(self) -> None:
+        """Drafts for each running greedy request that decodes and whose logits nothing edits
+        (penalties, bias, min_tokens, a grammar: their rows would depend on the drafts before
+        them), while few enough requests run for the extra rows to pay."""
+        running = self.scheduler.running
+        use = self.drafter is not None and len(running) <= self.config.speculative_max_running
+        for request in running:
+            request.draft_token_ids = []
+            if not use or request.num_computed_tokens != request.num_tokens - 1:
+                continue
+            live = self._live.get(request.request_id)
+            if (
+                live is None
+                or live.guide is not None
+                or not request.params.is_greedy
+                or request.params.is_scoring
+            ):
+                continue
+            if edits_logits(live.sampling):
+                continue
+            # the tokens verification may add: the drafts and one more, within max_tokens and the context
+            room = min(
+                request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens
+            )
+            request.draft_token_ids = self.drafter.propose(request.token_ids, room - 1)
+
     def _run(self, scheduled: list[ScheduledRequest]) -> _StepRun:
         """Forward the scheduled chunks, sample a token for each generating request that reached
         its end and score each scoring one that did. It leaves the requests as they were (a prompt
@@ -273,16 +305,48 @@ class LLMEngine:
         sample_rows, prompt_rows, score_rows = self._split_rows(scheduled)
         if prompt_rows:
             self._collect_prompt_logprobs(logits, prompt_rows)
-        sampled = [item for item, _ in sample_rows]
-        lives = [self._live[item.request.request_id] for item in sampled]
+        # one sampler row per logits row: a request with drafts repeats its state (nothing edits its
+        # logits, so each row is sampled as plain decoding would sample it)
+        lives = [self._live[item.request.request_id] for item, rows in sample_rows for _ in rows]
         allowed = self._prepare_masks(lives)
         states = [live.sampling for live in lives]
-        result = self.sampler.sample(logits[[row for _, row in sample_rows]], states, allowed)
+        result = self.sampler.sample(
+            logits[[row for _, rows in sample_rows for row in rows]], states, allowed
+        )
+        sampled, first = [], 0
+        for item, rows in sample_rows:
+            sampled.append((item, list(range(first, first + len(rows)))))
+            first += len(rows)
         return _StepRun(sampled, result, self._score(logits, score_rows) if score_rows else [])
 
     def _outputs(self, run: _StepRun) -> list[RequestOutput]:
-        outputs = [self._update(item.request, run.result, row) for row, item in enumerate(run.sampled)]
+        outputs = []
+        for item, rows in run.sampled:
+            if item.num_drafts:
+                outputs.extend(self._verify(item, run.result, rows))
+            else:
+                outputs.append(self._update(item.request, run.result, rows[0]))
         outputs.extend(self._finish_score(request, logprobs) for request, logprobs in run.scored)
+        return outputs
+
+    def _verify(self, item: ScheduledRequest, result: SamplerOutput, rows: list[int]) -> list[RequestOutput]:
+        """Greedy verification: row i chose the token after the request's last token and drafts
+        0..i-1; each draft it agrees with is kept (its cache entry, computed this step, counts from
+        now on) and the first disagreement, or the row after the last draft, adds the model's own
+        token. Each token goes out as its own delta, as plain decoding would send it."""
+        request, drafts = item.request, request_drafts(item)
+        outputs = []
+        for i, row in enumerate(rows):
+            token_id = result.token_ids[row]
+            outputs.append(self._update(request, result, row))
+            if request.is_finished or i == len(drafts) or token_id != drafts[i]:
+                break
+            request.num_computed_tokens += 1  # the draft's entry holds this token's keys and values
+            self.kv_cache.commit(
+                request.request_id, request.token_ids, request.num_computed_tokens, request.cache_salt
+            )
+            self.num_accepted_tokens += 1
+        self.num_draft_tokens += len(drafts)
         return outputs
 
     def _score(
@@ -341,6 +405,8 @@ class LLMEngine:
         return outputs
 
     def _num_logits(self, item) -> int:
+        if item.num_drafts:
+            return 1 + item.num_drafts
         request = item.request
         if request.wants_prompt_logprobs and request.num_computed_tokens < request.num_prompt_tokens:
             return item.num_new_tokens
@@ -361,8 +427,10 @@ class LLMEngine:
                         prompt_rows.append((request, row + offset, request.prompt_token_ids[position + 1]))
             if item.reaches_end and request.params.is_scoring:
                 score_rows.append((request, row + count - 1))
+            elif item.num_drafts:
+                sample_rows.append((item, list(range(row, row + count))))
             elif item.reaches_end:
-                sample_rows.append((item, row + count - 1))
+                sample_rows.append((item, [row + count - 1]))
             row += count
         return sample_rows, prompt_rows, score_rows
 
@@ -385,9 +453,10 @@ class LLMEngine:
         for item in scheduled:
             request = item.request
             start = request.num_computed_tokens
+            known = item.num_new_tokens - item.num_drafts
             chunks.append(
                 ScheduledChunk(
-                    request.token_ids[start : start + item.num_new_tokens],
+                    request.token_ids[start : start + known] + request_drafts(item),
                     start,
                     self.kv_cache.block_table(request.request_id),
                     self._num_logits(item),
@@ -483,6 +552,11 @@ class LLMEngine:
             arrival_time=request.arrival_time,
             first_scheduled_time=request.first_scheduled_time,
         )
+
+
+def request_drafts(item: ScheduledRequest) -> list[int]:
+    """The draft tokens a scheduled item computes after its request's last known token."""
+    return item.request.draft_token_ids[: item.num_drafts]
 
 
 def _request_error(error: BaseException | None) -> InferdError | None:

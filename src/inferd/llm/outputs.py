@@ -60,3 +60,6 @@ class EngineStats:
     num_blocks: int = 0
     cache_dtype: str = ""
     enable_prefix_caching: bool = True
+    # Speculative decoding: draft tokens verified, and of those the ones the model chose too.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0

@@ -44,6 +44,9 @@ class Request:
     # Who may share this request's prefix-cache blocks: only requests with the same salt (None
     # included) do, so cached_tokens cannot tell one tenant whether another's prompt is cached.
     cache_salt: str | None = None
+    # Tokens proposed to follow token_ids (speculative decoding), verified in the next step with the
+    # last token; set by the engine before each step, empty when it proposes none.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -105,7 +105,7 @@ class Sampler:
         # Columns past vocab_size belong to a padded embedding table and are never valid tokens.
         logits = logits[:, : self.vocab_size]
         has_mask = allowed is not None and bool(allowed.rows)
-        if not has_mask and not any(_edits_logits(state) for state in states):
+        if not has_mask and not any(edits_logits(state) for state in states):
             return logits.float()
         logits = logits.to(torch.float32, copy=True)
         _apply_repetition_penalty(logits, states)
@@ -205,7 +205,7 @@ def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.dev
     return counts[:, :vocab_size]
 
 
-def _edits_logits(state: SamplingState) -> bool:
+def edits_logits(state: SamplingState) -> bool:
     """Whether process_logits changes this row (else it may skip its copy)."""
     params = state.params
     return bool(

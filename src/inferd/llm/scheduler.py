@@ -21,12 +21,14 @@ from inferd.llm.request import FinishReason, Request, RequestStatus
 @dataclass(slots=True)
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # the draft tokens included
+    num_drafts: int = 0  # the request's draft tokens computed after its last known token
 
     @property
     def reaches_end(self) -> bool:
         """Whether this chunk computes the request's last known token, so a new one is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        computed = self.request.num_computed_tokens + self.num_new_tokens - self.num_drafts
+        return computed == self.request.num_tokens
 
 
 @dataclass(slots=True)
@@ -70,13 +72,15 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self._allocate(request, num_new):
+            # A decode may take its drafts along, as far as the budget goes.
+            drafts = min(len(request.draft_token_ids), budget - 1) if num_new == 1 else 0
+            while not self._allocate(request, num_new + drafts):
                 victim = self.running[-1]
                 self._preempt(victim, output)
                 if victim is request:
                     return budget
-            output.scheduled.append(ScheduledRequest(request, num_new))
-            budget -= num_new
+            output.scheduled.append(ScheduledRequest(request, num_new + drafts, drafts))
+            budget -= num_new + drafts
             index += 1
         return budget
 
@@ -135,16 +139,18 @@ class Scheduler:
         self.running.remove(request)
         self.kv_cache.free(request.request_id)
         request.num_computed_tokens = 0
+        request.draft_token_ids = []
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         output.preempted.append(request)
         self.num_preemptions += 1
 
     def update_computed(self, output: SchedulerOutput) -> None:
-        """After a forward: advance each request and cache its newly full blocks."""
+        """After a forward: advance each request and cache its newly full blocks. Draft tokens
+        are not counted: the engine counts each one verification accepts as it appends it."""
         for item in output.scheduled:
             request = item.request
-            request.num_computed_tokens += item.num_new_tokens
+            request.num_computed_tokens += item.num_new_tokens - item.num_drafts
             self.kv_cache.commit(
                 request.request_id, request.token_ids, request.num_computed_tokens, request.cache_salt
             )
@@ -165,6 +171,8 @@ def _shared_full_blocks(a: list[int], b: list[int], size: int, limit: int) -> in
     """How many leading full blocks of ``size`` tokens ``a`` and ``b`` share, within ``limit`` tokens."""
     count = 0
     end = min(len(a), len(b), limit)
-    while (count + 1) * size <= end and a[count * size : (count + 1) * size] == b[count * size : (count + 1) * size]:
+    while (count + 1) * size <= end and a[count * size : (count + 1) * size] == b[
+        count * size : (count + 1) * size
+    ]:
         count += 1
     return count

@@ -62,6 +62,12 @@ CONFIGS = {
     "transformers-impl": LLMConfig(kv_cache_memory=8 * 2**20, model_impl="transformers"),
     # Decode attention through torch's gather + SDPA instead of the native kernel.
     "torch-attention": LLMConfig(kv_cache_memory=8 * 2**20, native_kernels=False),
+    # Prompt-lookup drafts verified with each decode (all eight requests draft), alone and while
+    # requests are preempted (their drafts dropped with their blocks).
+    "speculative": LLMConfig(kv_cache_memory=8 * 2**20, speculative_tokens=4, speculative_max_running=8),
+    "speculative-preemption": LLMConfig(
+        kv_cache_memory=24 * 4 * 512, block_size=4, speculative_tokens=3, speculative_max_running=8
+    ),
 }
 
 
@@ -75,12 +81,15 @@ async def test_concurrent_greedy_equals_generate(tiny_llama, expected, name):
         assert (runner.native is None) == (name == "torch-attention")
         got = await run_all(client, prompt_ids)
         assert got == reference_ids
-        if name == "preemption":
+        if name.endswith("preemption"):
             assert client.engine.scheduler.num_preemptions > 0
+        if name.startswith("speculative"):  # drafts were verified, and some kept
+            assert client.engine.num_accepted_tokens > 0
+            assert client.engine.num_draft_tokens > client.engine.num_accepted_tokens
         # Again: the prompts' blocks are now in the prefix cache.
         hits_before = client.engine.kv_cache.num_prefix_hits
         assert await run_all(client, prompt_ids) == reference_ids
-        if CONFIGS[name].enable_prefix_caching and name != "preemption":
+        if CONFIGS[name].enable_prefix_caching and not name.endswith("preemption"):
             assert client.engine.kv_cache.num_prefix_hits > hits_before
         client.engine.kv_cache.check_integrity()
     finally:
