@@ -42,6 +42,11 @@ class EncoderConfig:
                 raise ValueError(f"{name} must be at least 1")
 
 
+# Draft tokens per step when speculative_tokens is left to the engine (benchmarks/RESULTS.md,
+# "Prompt-lookup speculative decoding").
+DEFAULT_DRAFTS = 4
+
+
 @dataclass(frozen=True, slots=True)
 class LLMConfig:
     """Scheduling, cache and execution limits of the LLM engine."""
@@ -64,11 +69,12 @@ class LLMConfig:
     # prompt was split (alone, chunked, after a prefix hit, in a batch). See ModelRunner._as_rows.
     batch_invariant: bool = True
     # Prompt-lookup speculative decoding (llm/spec_decode.py): up to this many draft tokens per
-    # greedy request and step, copied from its own context; 0 turns it off. Only while at most
-    # speculative_max_running requests run: one stream reads every weight once per step whatever
-    # its rows, a full batch pays for every rejected draft.
-    speculative_tokens: int = 0
-    speculative_max_running: int = 4
+    # greedy request and step, copied from its own context; 0 turns it off; None: DEFAULT_DRAFTS
+    # where the runner is batch-invariant (drafts then change no greedy output), else off. Only
+    # while at most speculative_max_running requests run: one stream reads every weight once per
+    # step whatever its rows, a full batch pays for every rejected draft.
+    speculative_tokens: int | None = None
+    speculative_max_running: int = 8
     model_impl: str = "auto"  # "auto": inferd's own forward where it has one; "transformers": never
     quantization: str = "none"  # "int8": the decoder's linear layers get int8 weights (CPU, bf16)
     max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429
@@ -82,7 +88,7 @@ class LLMConfig:
         for name in (*positive, "max_buffered_outputs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.speculative_tokens < 0 or self.speculative_max_running < 1:
+        if (self.speculative_tokens or 0) < 0 or self.speculative_max_running < 1:
             raise ValueError("speculative_tokens must be at least 0 and speculative_max_running at least 1")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError("kv_cache_fraction must be in (0, 1]")

@@ -162,17 +162,18 @@ class ServerSettings(BaseSettings):
         "a request runs alone, chunked, after a prefix-cache hit or in a batch (on AMX CPUs a prompt "
         "chunk over ~220 tokens prefills slower); off, they switch to SDPA where it is faster.",
     )
-    speculative_tokens: int = Field(
-        0,
+    speculative_tokens: int | None = Field(
+        None,
         ge=0,
         le=16,
         description="LLM: prompt-lookup speculative decoding: up to this many draft tokens per step for "
         "each greedy request, copied from where its last tokens occurred before in its prompt or output, "
-        "verified in the same forward (output unchanged: with --batch-invariant, token for token what "
-        "decoding without drafts gives); pays where answers quote their context (RAG). 0: off.",
+        "and verified in the same forward; pays where answers quote their context (RAG). Unset: 4 where "
+        "the runner is batch-invariant (bf16 native path), where drafts change no greedy output, else "
+        "off; 0: off.",
     )
     speculative_max_running: int = Field(
-        4,
+        8,
         ge=1,
         description="LLM: drafts are proposed only while at most this many requests run (one stream "
         "reads every weight once per step whatever its rows; a full batch pays for every rejected draft).",
@@ -392,7 +393,9 @@ class ServerSettings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def _placement(self, spec: ModelSpec | None, cuda_dtype: str, cpu_dtype: str = "float32") -> tuple[str, str]:
+    def _placement(
+        self, spec: ModelSpec | None, cuda_dtype: str, cpu_dtype: str = "float32"
+    ) -> tuple[str, str]:
         """(device, dtype) for one model: its spec's choice, else the server's; auto dtype is
         ``cpu_dtype`` on the CPU and ``cuda_dtype`` on a GPU."""
         device = (spec.device if spec and spec.device else None) or self.resolved_device()

@@ -7,7 +7,7 @@ import time
 from asyncio import CancelledError
 from dataclasses import dataclass, field, replace
 
-from inferd.config.engine import LLMConfig
+from inferd.config.engine import DEFAULT_DRAFTS, LLMConfig
 from inferd.errors import EngineError, InferdError, InputTooLongError, InvalidRequestError
 from inferd.llm.detokenizer import IncrementalDetokenizer
 from inferd.llm.kv_cache.manager import KVCacheManager
@@ -86,7 +86,10 @@ class LLMEngine:
         )
         self.guides = GuideManager(loaded.tokenizer, loaded.facts.vocab_size, loaded.facts.eos_token_ids)
         self._live: dict[str, _Live] = {}
-        self.drafter = NgramDrafter(config.speculative_tokens) if config.speculative_tokens else None
+        drafts = config.speculative_tokens
+        if drafts is None:
+            drafts = DEFAULT_DRAFTS if self.runner.batch_invariant else 0
+        self.drafter = NgramDrafter(drafts) if drafts else None
         self.num_draft_tokens = 0  # drafts verified so far
         self.num_accepted_tokens = 0  # of those, the ones the model chose too
         self.num_step_tokens = 0  # tokens the last step computed (for the iteration-tokens metric)

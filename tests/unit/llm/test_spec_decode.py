@@ -22,3 +22,28 @@ def test_limits_and_misses():
     assert drafter.propose([5, 2], limit=4) == []  # too short to hold a match and its suffix
     # the match may sit right before the suffix: drafts run out at the end of the tokens
     assert drafter.propose([3, 3, 3], limit=4) == [3]
+
+
+def test_drafts_are_on_by_default_only_where_they_cannot_change_greedy_output(tiny_llama):
+    """Unset, --speculative-tokens is DEFAULT_DRAFTS on the batch-invariant bf16 path (the bundled
+    model's case: tests/integration/test_speculative.py) and off elsewhere (fp32's matmul rounds a
+    row differently with more rows beside it); set, it wins."""
+    import asyncio
+
+    from inferd.config.engine import LLMConfig
+    from inferd.llm.client import LLMClient
+
+    def drafter(**config):
+        loop = asyncio.new_event_loop()
+        client = LLMClient.start(tiny_llama, LLMConfig(kv_cache_memory=8 * 2**20, **config), loop)
+        try:
+            return client.engine.runner.batch_invariant, client.engine.drafter
+        finally:
+            client.close()
+            loop.close()
+
+    invariant, chosen = drafter(dtype="float32")
+    assert not invariant and chosen is None
+    assert drafter(dtype="float32", speculative_tokens=3)[1].num_tokens == 3
+    # bf16, but head_dim 16: the vectorised row attention does not apply, nor batch invariance
+    assert drafter(dtype="bfloat16") == (False, None)

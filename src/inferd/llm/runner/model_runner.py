@@ -66,6 +66,8 @@ class ModelRunner:
         self.facts = loaded.facts
         one_call = self.native is not None and self.native.has_linear and self.facts.dtype == torch.bfloat16
         self.row_pairs = NATIVE_ROW_PAIRS
+        # Whether a row's logits depend on nothing but its request (see above).
+        self.batch_invariant = False
         if one_call:
             self.row_pairs = NATIVE_ROW_PAIRS_ONE_CALL_AMX if self.native.amx else NATIVE_ROW_PAIRS_ONE_CALL
             # Where the row kernel has its vectorised bf16 path (head_dim a multiple of 32, at most
@@ -73,6 +75,7 @@ class ModelRunner:
             # (--max-num-batched-tokens above it) take the rows too, unmeasured against SDPA.
             if config.batch_invariant and self.facts.head_dim % 32 == 0 and self.facts.head_dim <= 256:
                 self.row_pairs = float("inf")
+                self.batch_invariant = True
         self.block_size = config.block_size
         self.device = config.device
         self.num_blocks = num_blocks
