@@ -18,6 +18,8 @@ METRICS: dict[str, str] = {
     "inferd:cache_config_info": GAUGE,  # 1, the KV layout in labels (block_size, num_gpu_blocks, ...)
     "inferd:prefix_cache_queries_total": COUNTER,
     "inferd:prefix_cache_hits_total": COUNTER,
+    "inferd:spec_decode_num_draft_tokens_total": COUNTER,
+    "inferd:spec_decode_num_accepted_tokens_total": COUNTER,
     "inferd:prompt_tokens_total": COUNTER,
     "inferd:generation_tokens_total": COUNTER,
     "inferd:request_success_total": COUNTER,

@@ -109,3 +109,19 @@ def test_answers_that_quote_their_context_accept_most_drafts(runs):
     _, (_, (drafted, accepted)) = runs
     assert drafted > 100
     assert accepted / drafted > 0.5
+
+
+def test_by_default_no_drafts_where_the_forward_is_not_batch_invariant(smollm2):
+    """transformers' classes run torch's bf16 matmuls, whose rounding depends on the row count:
+    drafts there could change greedy output, so the default leaves them off."""
+    settings = load_settings(
+        {"device": "cpu", "dtype": "bfloat16", "kv_cache_memory": 64 * 2**20, "model_impl": "transformers"}
+    )
+    loop = asyncio.new_event_loop()
+    client = LLMClient.start(smollm2, settings.llm_config(), loop)
+    try:
+        assert client.engine.runner.decoder is None
+        assert not client.engine.runner.batch_invariant and client.engine.drafter is None
+    finally:
+        client.close()
+        loop.close()

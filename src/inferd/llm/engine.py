@@ -19,7 +19,7 @@ from inferd.llm.request import FinishReason, Request
 from inferd.llm.runner.model_runner import ModelRunner, ScheduledChunk
 from inferd.llm.sampler import AllowedTokens, Sampler, SamplerOutput, SamplingState, edits_logits
 from inferd.llm.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from inferd.llm.spec_decode import NgramDrafter
+from inferd.llm.spec_decode import NgramDrafter, NgramIndex
 from inferd.llm.structured import GuideManager, GuideState
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class _Live:
     sampling: SamplingState
     detokenizer: IncrementalDetokenizer | None
     guide: GuideState | None = None
+    ngrams: NgramIndex | None = None  # its n-grams, once it drafts (speculative decoding)
 
 
 @dataclass(slots=True)
@@ -297,7 +298,9 @@ class LLMEngine:
             room = min(
                 request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens
             )
-            request.draft_token_ids = self.drafter.propose(request.token_ids, room - 1)
+            if live.ngrams is None:
+                live.ngrams = self.drafter.index()
+            request.draft_token_ids = self.drafter.propose(live.ngrams, request.token_ids, room - 1)
 
     def _run(self, scheduled: list[ScheduledRequest]) -> _StepRun:
         """Forward the scheduled chunks, sample a token for each generating request that reached
@@ -342,14 +345,18 @@ class LLMEngine:
         for i, row in enumerate(rows):
             token_id = result.token_ids[row]
             outputs.append(self._update(request, result, row))
-            if request.is_finished or i == len(drafts) or token_id != drafts[i]:
+            if i == len(drafts):  # the row after the last draft: the model's own next token
+                break
+            self.num_draft_tokens += 1  # a draft compared with the model's choice
+            if token_id != drafts[i]:
+                break
+            self.num_accepted_tokens += 1
+            if request.is_finished:
                 break
             request.num_computed_tokens += 1  # the draft's entry holds this token's keys and values
             self.kv_cache.commit(
                 request.request_id, request.token_ids, request.num_computed_tokens, request.cache_salt
             )
-            self.num_accepted_tokens += 1
-        self.num_draft_tokens += len(drafts)
         return outputs
 
     def _score(

@@ -72,8 +72,11 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            # A decode may take its drafts along, as far as the budget goes.
+            # A decode may take its drafts along, as far as the budget goes and as long as free
+            # blocks hold them: guesses never preempt anyone.
             drafts = min(len(request.draft_token_ids), budget - 1) if num_new == 1 else 0
+            if drafts and not self._allocate(request, num_new + drafts):
+                drafts = 0  # a refused allocate changes nothing
             while not self._allocate(request, num_new + drafts):
                 victim = self.running[-1]
                 self._preempt(victim, output)

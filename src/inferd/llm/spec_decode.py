@@ -8,15 +8,31 @@ rows; greedy verification keeps each draft the model would have chosen itself an
 would not (or one past the last draft). On the batch-invariant bf16 path every row's logits are the
 ones plain decoding computes for that position, so the output is token for token, and logprob for
 logprob, what decoding without drafts gives; a step costs the extra rows, which one stream (reading
-every weight once per step whatever the rows) gets nearly free.
+every weight once per step whatever its rows) gets nearly free.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+
+@dataclass(slots=True)
+class NgramIndex:
+    """One request's n-grams (of min_ngram..max_ngram tokens) that are followed by a token, each
+    mapped to where its latest such occurrence starts; extended with the tokens appended since the
+    last look, so a step costs a few dict operations whatever the context's length."""
+
+    min_ngram: int
+    max_ngram: int
+    indexed: int = 0  # token_ids[:indexed] have been read
+    latest: dict[tuple[int, ...], int] = field(default_factory=dict)
+
+    def extend(self, token_ids: list[int]) -> None:
+        for end in range(max(self.indexed, 1), len(token_ids)):
+            # the n-grams ending just before position `end`, which token `end` follows
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self.latest[tuple(token_ids[end - n : end])] = end - n
+        self.indexed = len(token_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,17 +45,18 @@ class NgramDrafter:
     max_ngram: int = 4
     min_ngram: int = 2
 
-    def propose(self, token_ids: list[int], limit: int) -> list[int]:
+    def index(self) -> NgramIndex:
+        """A request's own index, to pass to every ``propose`` for it."""
+        return NgramIndex(self.min_ngram, self.max_ngram)
+
+    def propose(self, index: NgramIndex, token_ids: list[int], limit: int) -> list[int]:
         """At most ``min(limit, num_tokens)`` draft tokens to follow ``token_ids`` (maybe none)."""
         count = min(limit, self.num_tokens)
-        if count <= 0 or len(token_ids) <= self.min_ngram:
+        if count <= 0:
             return []
-        tokens = np.asarray(token_ids, dtype=np.int64)
-        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
-            # windows starting at 0 .. len - n - 1: each has at least one token after it
-            windows = sliding_window_view(tokens[:-1], n)
-            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n
-                return tokens[start : start + count].tolist()
+        index.extend(token_ids)
+        for n in range(min(self.max_ngram, len(token_ids) - 1), self.min_ngram - 1, -1):
+            start = index.latest.get(tuple(token_ids[-n:]))
+            if start is not None:
+                return token_ids[start + n : start + n + count]
         return []

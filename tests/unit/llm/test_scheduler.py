@@ -85,3 +85,35 @@ def test_no_waiting_without_prefix_caching():
     for i in range(4):
         scheduler.add(request(i, [*SYSTEM, i]))
     assert len(step(scheduler)) == 4
+
+
+def test_drafts_ride_along_only_where_free_blocks_and_the_budget_hold_them():
+    """Speculative drafts are guesses: they take free blocks and budget left over, and never preempt
+    a request (not even their own) to get them."""
+    config = LLMConfig(block_size=4, max_num_batched_tokens=64)
+    scheduler = Scheduler(config, KVCacheManager(4, 4, False))  # 4 blocks of 4 tokens
+    a, b = request(0, [1, 2, 3, 4, 5, 6, 7]), request(1, [11, 12, 13, 14, 15, 16, 17])
+    scheduler.add(a)
+    scheduler.add(b)
+    step(scheduler)  # both prefill 7 tokens (2 blocks each) and sample their 8th
+    assert a.num_tokens == b.num_tokens == 8 and scheduler.kv_cache.pool.num_free_blocks == 0
+    a.draft_token_ids = [21, 22, 23]  # would need a third block: none is free
+    output = scheduler.schedule()
+    assert [(item.request, item.num_new_tokens, item.num_drafts) for item in output.scheduled] == [
+        (a, 1, 0),
+        (b, 1, 0),
+    ]
+    assert not output.preempted and scheduler.num_preemptions == 0
+
+
+def test_drafts_are_cut_to_the_budget_and_not_counted_as_computed():
+    scheduler = make_scheduler(max_num_batched_tokens=3)
+    a = request(0, [1, 2])
+    scheduler.add(a)
+    step(scheduler)
+    a.draft_token_ids = [5, 6, 7, 8]
+    output = scheduler.schedule()
+    (item,) = output.scheduled
+    assert (item.num_new_tokens, item.num_drafts, item.reaches_end) == (3, 2, True)
+    scheduler.update_computed(output)
+    assert a.num_computed_tokens == 3  # the last known token only; the engine counts accepted drafts

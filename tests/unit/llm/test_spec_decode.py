@@ -5,23 +5,49 @@ from inferd.llm.spec_decode import NgramDrafter
 
 def test_the_tokens_after_the_latest_occurrence_of_the_longest_matching_suffix():
     drafter = NgramDrafter(num_tokens=3, max_ngram=3, min_ngram=1)
-    #            0  1  2  3  4  5  6  7  8  9 10 11
     tokens = [7, 1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 1, 2, 3]
     # "1 2 3" occurs at 1 and 6: the latest (6) is followed by 4 5 6
-    assert drafter.propose(tokens, limit=10) == [4, 5, 6]
-    # a longer match beats a later shorter one: "9 1 2" only at 5, though "2" recurs later
-    assert drafter.propose([8, 9, 1, 2, 0, 2, 5, 9, 1, 2], limit=10) == [0, 2, 5]
+    assert propose(drafter, tokens, limit=10) == [4, 5, 6]
+    # a longer match beats a later shorter one: "9 1 2" only at 1, though "2" recurs later
+    assert propose(drafter, [8, 9, 1, 2, 0, 2, 5, 9, 1, 2], limit=10) == [0, 2, 5]
 
 
 def test_limits_and_misses():
     drafter = NgramDrafter(num_tokens=4, max_ngram=4, min_ngram=2)
     tokens = [1, 2, 3, 4, 5, 6, 1, 2]
-    assert drafter.propose(tokens, limit=2) == [3, 4]  # the room left (max_tokens, context)
-    assert drafter.propose(tokens, limit=0) == []
-    assert drafter.propose([1, 2, 3, 4, 5], limit=4) == []  # no earlier "4 5"
-    assert drafter.propose([5, 2], limit=4) == []  # too short to hold a match and its suffix
+    assert propose(drafter, tokens, limit=2) == [3, 4]  # the room left (max_tokens, context)
+    assert propose(drafter, tokens, limit=0) == []
+    assert propose(drafter, [1, 2, 3, 4, 5], limit=4) == []  # no earlier "4 5"
+    assert propose(drafter, [5, 2], limit=4) == []  # too short to hold a match and its suffix
     # the match may sit right before the suffix: drafts run out at the end of the tokens
-    assert drafter.propose([3, 3, 3], limit=4) == [3]
+    assert propose(drafter, [3, 3, 3], limit=4) == [3]
+
+
+def test_the_index_grows_with_the_request_and_answers_as_a_fresh_one():
+    """One index per request, extended with each step's tokens, proposes what an index built
+    from scratch on the same tokens proposes."""
+    import random
+
+    rng = random.Random(0)
+    drafter = NgramDrafter(num_tokens=5)
+    tokens = [rng.randrange(6) for _ in range(40)]
+    index = drafter.index()
+    for _ in range(60):
+        assert drafter.propose(index, tokens, 5) == propose(drafter, tokens, 5)
+        tokens.extend(rng.randrange(6) for _ in range(rng.randint(1, 4)))
+
+
+def propose(drafter: NgramDrafter, tokens: list[int], limit: int) -> list[int]:
+    """A fresh index's proposal, checked against a plain scan for the latest longest match."""
+    got = drafter.propose(drafter.index(), tokens, limit)
+    expected = []
+    for n in range(min(drafter.max_ngram, len(tokens) - 1), drafter.min_ngram - 1, -1):
+        starts = [s for s in range(len(tokens) - n) if tokens[s : s + n] == tokens[-n:]]
+        if starts:
+            expected = tokens[starts[-1] + n : starts[-1] + n + min(limit, drafter.num_tokens)]
+            break
+    assert got == expected
+    return got
 
 
 def test_drafts_are_on_by_default_only_where_they_cannot_change_greedy_output(tiny_llama):

@@ -71,9 +71,11 @@ class ModelRunner:
         if one_call:
             self.row_pairs = NATIVE_ROW_PAIRS_ONE_CALL_AMX if self.native.amx else NATIVE_ROW_PAIRS_ONE_CALL
             # Where the row kernel has its vectorised bf16 path (head_dim a multiple of 32, at most
-            # 256); its scalar fallback would make long prompts slow. Chunks over 2048 tokens
+            # 256; its scalar fallback would make long prompts slow) and the forward is inferd's own
+            # (transformers' classes run torch's matmuls). Chunks over 2048 tokens
             # (--max-num-batched-tokens above it) take the rows too, unmeasured against SDPA.
-            if config.batch_invariant and self.facts.head_dim % 32 == 0 and self.facts.head_dim <= 256:
+            vectorised = self.facts.head_dim % 32 == 0 and self.facts.head_dim <= 256
+            if config.batch_invariant and vectorised and self.decoder is not None:
                 self.row_pairs = float("inf")
                 self.batch_invariant = True
         self.block_size = config.block_size
