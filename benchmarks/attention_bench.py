@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import save_and_render
 from ray_bench import cpu_model
 
 from inferd.llm.runner.kernels import native_ops, prebuilt_library, variants
@@ -199,12 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if native_ops() is None:
         print("no native kernel library loads on this machine", file=sys.stderr)
         return 1
-    report = run(args.ref, args.repeats)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-    print(render(report))
-    return 0
+    return save_and_render(run(args.ref, args.repeats), args.json, render)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,12 @@ def venv_versions(venv: Path | None, packages: tuple[str, ...]) -> dict[str, str
         return json.loads(done.stdout)
     except (subprocess.SubprocessError, ValueError):
         return {}
+
+
+def save_and_render(report: dict, json_path: Path | None, render) -> int:
+    """Write a benchmark's raw report (when asked) and print its table; main's exit status."""
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1))
+    print(render(report))
+    return 0

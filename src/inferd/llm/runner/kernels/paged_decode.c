@@ -190,23 +190,6 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, const int
     }
 }
 
-/* exp of 16 lanes of x <= 0: exp_nonpositive's arithmetic, spelled out so that every lane of every
- * call computes it with the same instructions. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.69314718055994531f));
-    __m512 p = _mm512_set1_ps(1.f / 720.f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(whole), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
 
 /* Scores of `count` query vectors (qp: their dword pairs) over packed blocks b0..b1 - 1 into
  * scores (span floats a vector), -inf outside each vector's positions lo..hi - 1, and each
@@ -323,7 +306,7 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const u
                 __m512 total = _mm512_setzero_ps();
                 for (int l = 0; l < span; l += 16) {
                     const __m512 x = _mm512_loadu_ps(sv + l);
-                    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, none, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(x, top)));
+                    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, none, _CMP_NEQ_OQ), exp_nonpositive16(_mm512_sub_ps(x, top)));
                     _mm512_storeu_ps(sv + l, e);
                     total = _mm512_add_ps(total, e);
                 }
