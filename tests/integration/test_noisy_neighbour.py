@@ -112,7 +112,9 @@ def _assert_family_error(path: str, response: httpx.Response) -> None:
 
 
 async def _stream_text(client: httpx.AsyncClient, prompt: str) -> str:
-    body = {"model": "tiny-chat", "prompt": prompt, "max_tokens": 48, "temperature": 0, "stream": True}
+    # 200 tokens: long enough for the health probes to overlap the attack on a fast CPU (at 48 the
+    # whole noisy run took ~0.1 s on a Zen 5 EPYC, five probes)
+    body = {"model": "tiny-chat", "prompt": prompt, "max_tokens": 200, "temperature": 0, "stream": True}
     text = []
     async with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200

@@ -91,6 +91,12 @@ class LLMEngine:
         if drafts is None:
             drafts = DEFAULT_DRAFTS if self.runner.batch_invariant else 0
         self.drafter = NgramDrafter(drafts) if drafts else None
+        if self.drafter is not None:
+            log.info(
+                "speculative decoding: up to %d prompt-lookup drafts per greedy request while at most %d run",
+                drafts,
+                config.speculative_max_running,
+            )
         self.num_draft_tokens = 0  # drafts verified so far
         self.num_accepted_tokens = 0  # of those, the ones the model chose too
         self.num_step_tokens = 0  # tokens the last step computed (for the iteration-tokens metric)
