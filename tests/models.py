@@ -172,12 +172,16 @@ def build_byte_llama(
     num_layers: int = 2,
     max_position_embeddings: int = 1024,
     seed: int = 3,
+    never_ends: bool = False,
 ) -> Path:
     """A tiny random LlamaForCausalLM whose tokenizer can spell any text: one token per byte
     (GPT-2's byte-level alphabet, no merges), plus ``specials`` (special tokens, ``eos`` among them)
     and ``added`` (added tokens that are not special, e.g. ``<tool_call>`` or ``</think>`` as Qwen
     has them). For tests that need JSON, tool-call markup or any other text a word-level
-    vocabulary cannot write; ``chat_template`` is written in the test in a model family's format."""
+    vocabulary cannot write; ``chat_template`` is written in the test in a model family's format.
+    ``never_ends``: the EOS is a last special token the model's vocabulary leaves out, so it can never
+    be sampled and every answer runs to max_tokens (sampled, a random model writes its EOS after a
+    few hundred tokens on average)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -188,12 +192,15 @@ def build_byte_llama(
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    if never_ends:
+        eos = "<|never|>"
+        backend.add_special_tokens([AddedToken(eos, special=True, normalized=False)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos)
     tokenizer.chat_template = chat_template
     torch.manual_seed(seed)
     eos_id = tokenizer.convert_tokens_to_ids(eos)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) - never_ends,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=num_layers,

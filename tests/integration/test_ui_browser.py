@@ -58,7 +58,10 @@ def _serving(settings: dict) -> Iterator[str]:
 def thinker(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ui-models")
     added = ("<think>", "</think>")
-    return build_byte_llama(root, "thinker", THINKING_TEMPLATE, added=added, max_position_embeddings=8192)
+    # never_ends: a reply to be stopped must still be running when the click comes, however fast the CPU
+    return build_byte_llama(
+        root, "thinker", THINKING_TEMPLATE, added=added, max_position_embeddings=8192, never_ends=True
+    )
 
 
 @pytest.fixture(scope="module")
