@@ -193,6 +193,21 @@ async function streamReply(view, messages, signal) {
   const timing = { start: performance.now(), first: null, end: null };
   let usage = null;
   let reply = "";
+  let thoughts = "";
+  // The text goes on the page once per frame, not once per token: a fast model sends a thousand
+  // deltas a second, and laying out the growing reply for each kept the page (and its Stop
+  // button) from answering until the stream ended.
+  let frame = null;
+  const show = () => {
+    frame = null;
+    const follow = isAtEnd($("chat-log"));
+    if (thoughts) {
+      view.reasoning.hidden = false;
+      view.reasoningText.textContent = thoughts;
+    }
+    view.content.textContent = reply;
+    if (follow) scrollToEnd();
+  };
   try {
     const response = await api("v1/chat/completions", chatRequest(messages), signal);
     for await (const data of serverSentData(response)) {
@@ -204,19 +219,14 @@ async function streamReply(view, messages, signal) {
       const reasoning = delta?.reasoning_content ?? delta?.reasoning;
       if (!reasoning && !delta?.content) continue;
       timing.first ??= performance.now();
-      const follow = isAtEnd($("chat-log"));
-      if (reasoning) {
-        view.reasoning.hidden = false;
-        view.reasoningText.textContent += reasoning;
-      }
-      if (delta.content) {
-        reply += delta.content;
-        view.content.textContent = reply;
-      }
-      if (follow) scrollToEnd();
+      if (reasoning) thoughts += reasoning;
+      if (delta.content) reply += delta.content;
+      frame ??= requestAnimationFrame(show);
     }
   } finally {
     timing.end = performance.now();
+    if (frame !== null) cancelAnimationFrame(frame);
+    show(); // everything that arrived, before the caller reads it back from the page
     const follow = isAtEnd($("chat-log"));
     view.stats.textContent = formatStats(timing, usage, signal.aborted);
     if (follow) scrollToEnd();
