@@ -228,6 +228,12 @@ def test_stop_ends_the_reply_and_keeps_what_arrived(server, session):
     expect(reasoning).not_to_be_empty()
     page.click("#chat-stop")
     expect(_last_reply(page).locator(".stats")).to_contain_text("stopped")
+    # The browser reports the aborted request as an event of its own, which may come a moment after
+    # the page has shown "stopped".
+    for _ in range(100):
+        if session.failed:
+            break
+        page.wait_for_timeout(50)
     (aborted,) = session.failed
     assert aborted.url.endswith("/v1/chat/completions") and aborted.failure == "net::ERR_ABORTED"
     expect(page.locator("#chat-stop")).to_be_disabled()
