@@ -215,40 +215,37 @@ def _chat_table(report: dict, summaries: list[dict]) -> tuple[list[str], list[li
     return columns, rows
 
 
-def _embed_table(report: dict, summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
-    columns = ["conc", "batch", "requests", "errors", "wall s", "req/s", "passages/s", _pcts("latency")]
+def _encoder_table(
+    report: dict, summaries: list[dict], names: tuple[str, str, str, str], key: str, rates: tuple[str, str]
+) -> tuple[list[str], list[list[str]]]:
+    """An embed or rerank level per row. ``names``: the columns of the items per request (its value
+    from settings[``key``]), the requests, and the two rates (summary keys ``rates``)."""
+    size, requests, request_rate, item_rate = names
+    columns = ["conc", size, requests, "errors", "wall s", request_rate, item_rate, _pcts("latency")]
     rows = [
         [
             str(level["concurrency"]),
-            str(report["settings"]["batch"]),
+            str(report["settings"][key]),
             str(m["requests"]),
             str(m["errors"]),
             fmt(m["wall_s"]),
-            fmt(m["requests_per_s"]),
-            fmt(m["passages_per_s"]),
+            fmt(m[rates[0]]),
+            fmt(m[rates[1]]),
             _spread(m["latency_ms"]),
         ]
         for level, m in zip(report["levels"], summaries)
     ]
     return columns, rows
+
+
+def _embed_table(report: dict, summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
+    names = ("batch", "requests", "req/s", "passages/s")
+    return _encoder_table(report, summaries, names, "batch", ("requests_per_s", "passages_per_s"))
 
 
 def _rerank_table(report: dict, summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
-    columns = ["conc", "docs", "queries", "errors", "wall s", "queries/s", "pairs/s", _pcts("latency")]
-    rows = [
-        [
-            str(level["concurrency"]),
-            str(report["settings"]["documents"]),
-            str(m["requests"]),
-            str(m["errors"]),
-            fmt(m["wall_s"]),
-            fmt(m["queries_per_s"]),
-            fmt(m["pairs_per_s"]),
-            _spread(m["latency_ms"]),
-        ]
-        for level, m in zip(report["levels"], summaries)
-    ]
-    return columns, rows
+    names = ("docs", "queries", "queries/s", "pairs/s")
+    return _encoder_table(report, summaries, names, "documents", ("queries_per_s", "pairs_per_s"))
 
 
 _TABLES = {"chat": _chat_table, "embed": _embed_table, "rerank": _rerank_table}

@@ -284,21 +284,17 @@ class LLMEngine:
         """Drafts for each running greedy request that decodes and whose logits nothing edits
         (penalties, bias, min_tokens, a grammar: their rows would depend on the drafts before
         them), while few enough requests run for the extra rows to pay."""
+        if self.drafter is None:  # no request ever gets drafts: nothing to clear either
+            return
         running = self.scheduler.running
-        use = self.drafter is not None and len(running) <= self.config.speculative_max_running
+        use = len(running) <= self.config.speculative_max_running
         for request in running:
             request.draft_token_ids = []
             if not use or request.num_computed_tokens != request.num_tokens - 1:
                 continue
             live = self._live.get(request.request_id)
-            if (
-                live is None
-                or live.guide is not None
-                or not request.params.is_greedy
-                or request.params.is_scoring
-            ):
-                continue
-            if edits_logits(live.sampling):
+            eligible = live is not None and live.guide is None and request.params.is_greedy
+            if not eligible or request.params.is_scoring or edits_logits(live.sampling):
                 continue
             # the tokens verification may add: the drafts and one more, within max_tokens and the context
             room = min(
