@@ -28,6 +28,9 @@ class EncoderConfig:
     num_threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"
+    # The server chose a reduced dtype (auto): serve it only where encoder.precision finds the model
+    # faithful to its float32 self, else float32. A dtype asked for by name is served unchecked.
+    dtype_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in (

@@ -92,8 +92,9 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Weight dtype. auto: float16 for encoders and bfloat16 for chat models on CUDA; "
-        "on the CPU float32 for encoders, and bfloat16 for chat models where the CPU has native "
-        "bf16 (AMX or AVX-512 BF16), else float32.",
+        "on the CPU bfloat16 where the CPU has native bf16 (AMX or AVX-512 BF16), else float32 - "
+        "for an encoder only where its embeddings stay within cosine 0.9999 of float32 (rerankers: "
+        "the same rankings) on probe texts checked at load, else float32.",
     )
     num_threads: int | None = Field(
         None, ge=1, description="Torch threads for inference; default: the cores this process may use."
@@ -405,7 +406,11 @@ class ServerSettings(BaseSettings):
         return device, dtype
 
     def encoder_config(self, spec: ModelSpec | None = None) -> EncoderConfig:
-        device, dtype = self._placement(spec, cuda_dtype="float16")
+        # bf16 matrix products where the CPU has bf16 dot products: ~3x float32's passages/s on
+        # all-MiniLM-L6-v2 (benchmarks/RESULTS.md), kept per model only where it stays faithful.
+        cpu_dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+        device, dtype = self._placement(spec, cuda_dtype="float16", cpu_dtype=cpu_dtype)
+        chosen = (spec.dtype if spec and spec.dtype else None) or self.dtype
         return EncoderConfig(
             max_batch_tokens=self.max_batch_tokens,
             max_batch_requests=self.max_batch_requests,
@@ -415,6 +420,7 @@ class ServerSettings(BaseSettings):
             num_threads=self.num_threads or available_cores(),
             device=device,
             dtype=dtype,
+            dtype_gate=chosen == "auto" and device == "cpu" and dtype != "float32",
         )
 
     def llm_config(self, spec: ModelSpec | None = None) -> LLMConfig:

@@ -119,13 +119,16 @@ def _conversion_peak(gguf_path: Path, config) -> int:
 
 
 def _encoder_need(name: str, path: Path, shape: ModelShape, num_params: int, config) -> ModelNeed:
+    # A checked dtype is decided at load, on the float32 model, which is what it serves on a failed
+    # check: plan for float32.
+    dtype = "float32" if config.dtype_gate else config.dtype
     return ModelNeed(
         name=name,
         device=config.device,
-        dtype=config.dtype,
-        weight_bytes=weight_bytes(num_params, config.dtype),
+        dtype=dtype,
+        weight_bytes=weight_bytes(num_params, dtype),
         activation_bytes=encoder_activation_bytes(
-            shape, config.max_batch_tokens, _encoder_max_len(path, shape), config.dtype
+            shape, config.max_batch_tokens, _encoder_max_len(path, shape), dtype
         ),
         runtime_bytes=RUNTIME_BYTES["cuda" if config.device.startswith("cuda") else "cpu"],
     )

@@ -51,8 +51,12 @@ class EncoderModel(Protocol):
     tokenizer: InputTokenizer
     uses_token_type_ids: bool
     is_packed: bool  # takes unpadded batches (prepare_batch(..., packed=True))
+    dtype: str  # what the matrix products run in: a key of _DTYPES
 
     def forward(self, batch: PreparedBatch) -> torch.Tensor: ...
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Compute in ``dtype`` from now on (encoder.precision decides where that is faithful)."""
 
 
 def prepare_batch(
@@ -91,6 +95,10 @@ def _packed_batch(items: list[Item], uses_token_type_ids: bool) -> PreparedBatch
 
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in _DTYPES.items() if value == dtype)
 
 
 def read_json(path: Path) -> dict:

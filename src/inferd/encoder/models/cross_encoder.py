@@ -7,7 +7,14 @@ from pathlib import Path
 import torch
 
 from inferd.config.engine import EncoderConfig
-from inferd.encoder.models.base import EncoderInfo, PreparedBatch, max_input_tokens, model_inputs, torch_dtype
+from inferd.encoder.models.base import (
+    EncoderInfo,
+    PreparedBatch,
+    dtype_name,
+    max_input_tokens,
+    model_inputs,
+    torch_dtype,
+)
 from inferd.encoder.tokenize import InputTokenizer
 from inferd.errors import ModelLoadError
 
@@ -19,6 +26,7 @@ class CrossEncoderModel:
         from transformers import AutoModelForSequenceClassification
 
         self.device = config.device
+        self.dtype = config.dtype
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(path), dtype=torch_dtype(config.dtype)
@@ -33,6 +41,10 @@ class CrossEncoderModel:
         limit = max_input_tokens(path, model.config.to_dict())
         self.tokenizer = InputTokenizer(path, limit)
         self.info = EncoderInfo(max_input_tokens=limit, scoring="cross-encoder")
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        self.model.to(dtype)
+        self.dtype = dtype_name(dtype)
 
     def forward(self, batch: PreparedBatch) -> torch.Tensor:
         logits = self.model(**model_inputs(batch, self.device)).logits

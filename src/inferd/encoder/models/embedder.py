@@ -13,6 +13,7 @@ from inferd.encoder.attention import ATTENTION_NAME, packed_spans, register_varl
 from inferd.encoder.models.base import (
     EncoderInfo,
     PreparedBatch,
+    dtype_name,
     max_input_tokens,
     model_inputs,
     read_json,
@@ -35,6 +36,7 @@ class SentenceEmbedder:
 
     def __init__(self, path: Path, config: EncoderConfig) -> None:
         self.device = config.device
+        self.dtype = config.dtype
         modules = _read_modules(path)
         transformer_dir = path / modules.get("Transformer", "")
         self.is_packed = _can_pack(transformer_dir)
@@ -70,6 +72,15 @@ class SentenceEmbedder:
             default_prompt_name=st_config.get("default_prompt_name"),
         )
 
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        # The packed BERT keeps its residual stream in float32 (see bert.py); transformers' model
+        # is cast whole. Dense layers stay float32: one small product per text.
+        if self.bert is not None:
+            self.bert.set_matmul_dtype(dtype)
+        else:
+            self.transformer.to(dtype)
+        self.dtype = dtype_name(dtype)
+
     def forward(self, batch: PreparedBatch) -> torch.Tensor:
         inputs = model_inputs(batch, self.device)
         if self.bert is not None:
@@ -80,13 +91,13 @@ class SentenceEmbedder:
         elif self.is_packed:
             with packed_spans(batch.bounds):
                 hidden = self.transformer(**inputs).last_hidden_state[0]
-            vectors = pool_packed(hidden, batch.bounds, self.modes)
+            vectors = pool_packed(hidden.float(), batch.bounds, self.modes)
         else:
             hidden = self.transformer(**inputs).last_hidden_state
-            vectors = pool(hidden, inputs["attention_mask"], self.modes)
+            vectors = pool(hidden.float(), inputs["attention_mask"], self.modes)
         for layer in self.dense:
-            vectors = layer(vectors.to(layer.linear.weight.dtype)).float()
-        return vectors.cpu()
+            vectors = layer(vectors.float())
+        return vectors.float().cpu()
 
 
 class _Dense(nn.Module):
@@ -170,7 +181,7 @@ def _load_dense(path: Path, config: EncoderConfig) -> _Dense:
     state = _load_state(path)
     linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
     layer = _Dense(linear, _activation(settings.get("activation_function")))
-    return layer.to(config.device, torch_dtype(config.dtype)).eval()
+    return layer.to(config.device).eval()  # float32 whatever the encoder's dtype (see set_dtype)
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
