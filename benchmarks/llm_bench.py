@@ -238,14 +238,23 @@ def _llama_server(s: Setup, name: str, gguf: Path, note: str) -> Server:
         "-np", str(n), "-c", str(n * s.ctx_per_seq), "-t", str(s.args.threads),
         # The GGUF's own chat template (SmolLM2's, with its default system prompt), as the other servers use.
         "--jinja",
-        # No extra weight buffers: built for this CPU, ggml puts Q4_1 weights in AMX buffers and its AMX
-        # matmul segfaults on the first decode here (llama.cpp 0c1e5709, Xeon with AMX under a VM).
-        "--no-repack",
+        # On an AMX CPU, no extra weight buffers: built for it, ggml puts Q4_1 weights in AMX buffers and its
+        # AMX matmul segfaults on the first decode (llama.cpp 0c1e5709, Xeon with AMX under a VM). Elsewhere
+        # its repacked weights are its best configuration.
+        *(["--no-repack"] if "amx_tile" in cpu_flags() else []),
         *shlex.split(s.args.llama_args),
     ]
     if s.args.llama_args:
         note = f"{note}; {s.args.llama_args}"
     return Server(name, cmd, f"http://127.0.0.1:{port}", "/health", CHAT_MODEL, note=note)
+
+
+def cpu_flags() -> set[str]:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    return set()
 
 
 def llamacpp_server(s: Setup) -> Server:
