@@ -7,16 +7,19 @@ sentence-transformers' order."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import httpx
 import numpy as np
 import pytest
+import torch
 from sentence_transformers import SentenceTransformer
 
 from inferd.config import load_settings
 from inferd.config.model_spec import ModelKind
 from inferd.config.settings import cpu_has_native_bf16
 from inferd.encoder.models.registry import load_encoder_model
-from inferd.encoder.precision import COSINE_GATE, PROBE_TEXTS
+from inferd.encoder.precision import COSINE_GATE, PROBE_TEXTS, switch_if_faithful
 from tests.conftest import free_port, live_server
 
 pytestmark = pytest.mark.slow
@@ -109,16 +112,24 @@ def reference(bundled_minilm):
     return SentenceTransformer(str(bundled_minilm), device="cpu")
 
 
-def test_the_default_is_bfloat16_where_the_cpu_has_it_and_passes_its_check(bundled_minilm):
-    config = load_settings({}).encoder_config()
-    model = load_encoder_model(bundled_minilm, ModelKind.EMBEDDING, config)
-    # all-MiniLM-L6-v2 passes the load-time check (0.99992 at worst on an AVX512-BF16 EPYC): where
-    # the CPU has native bf16 the default serves it, and the tests below measure bfloat16.
-    assert model.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")
+def test_the_default_follows_the_check_where_the_cpu_has_bf16(bundled_minilm):
+    """Where the CPU has native bf16 the default serves bf16 exactly when the check passes; the tests
+    below then measure it. all-MiniLM-L6-v2 passed on an AVX512-BF16 EPYC at 0.999925 (its one-word
+    probe), close enough to the gate that another CPU's bf16 kernels could decide otherwise: the
+    verdict is printed, not asserted."""
+    config = load_settings({"device": "cpu"}).encoder_config()
+    served = load_encoder_model(bundled_minilm, ModelKind.EMBEDDING, config)
+    if not cpu_has_native_bf16():
+        assert not config.dtype_gate and served.dtype == "float32"
+        return
+    probed = load_encoder_model(bundled_minilm, ModelKind.EMBEDDING, replace(config, dtype="float32"))
+    verdict = switch_if_faithful(probed, torch.bfloat16)
+    print(f"\nall-MiniLM-L6-v2 load-time check on this CPU: {verdict}")
+    assert served.dtype == ("bfloat16" if verdict.passed else "float32")
 
 
 def test_default_embeddings_stay_within_the_cosine_gate(bundled_minilm, reference):
-    settings = load_settings({"model": ["all-minilm-l6-v2"], "port": free_port()})
+    settings = load_settings({"model": ["all-minilm-l6-v2"], "port": free_port(), "device": "cpu"})
     with live_server(settings) as url:
         response = httpx.post(
             url + "/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": CORPUS}, timeout=120
@@ -134,7 +145,9 @@ def test_default_embeddings_stay_within_the_cosine_gate(bundled_minilm, referenc
 
 
 def test_default_rerank_keeps_the_reference_order(bundled_minilm, reference):
-    settings = load_settings({"model": ["all-minilm-l6-v2=minilm-rerank,kind=rerank"], "port": free_port()})
+    settings = load_settings(
+        {"model": ["all-minilm-l6-v2=minilm-rerank,kind=rerank"], "port": free_port(), "device": "cpu"}
+    )
     with live_server(settings) as url:
         for query, documents in GROUPS:
             response = httpx.post(
@@ -143,7 +156,13 @@ def test_default_rerank_keeps_the_reference_order(bundled_minilm, reference):
                 timeout=60,
             )
             assert response.status_code == 200, response.text
-            ours = [r["index"] for r in response.json()["results"]]
+            ours = np.empty(len(documents))
+            for result in response.json()["results"]:
+                ours[result["index"]] = result["relevance_score"]
             vectors = reference.encode([query, *documents], normalize_embeddings=True)
-            expected = list(np.argsort(-(vectors[1:] @ vectors[0]), kind="stable"))
-            assert ours == expected, query
+            theirs = vectors[1:] @ vectors[0]
+            # every pair of documents in the reference's order, but for near-ties (1e-3 of the range)
+            tie = 1e-3 * float(theirs.max() - theirs.min())
+            ahead = theirs[:, None] - theirs[None, :] > tie
+            assert not (ahead & (ours[:, None] - ours[None, :] <= 0)).any(), query
+            assert ahead.sum() >= len(documents), "the groups must tell their documents apart"

@@ -77,7 +77,7 @@ def test_a_cross_encoder_that_cannot_tell_documents_apart_stays_float32(tiny_cro
 
 
 def test_a_cross_encoder_that_keeps_its_rankings_is_served_in_bfloat16(tiny_cross_encoder, monkeypatch):
-    monkeypatch.setattr(precision, "_same_rankings", lambda ref, cand: precision.Verdict(True, "same"))
+    monkeypatch.setattr(precision, "_same_rankings", lambda *args: precision.Verdict(True, "same"))
     model = load_encoder_model(tiny_cross_encoder, ModelKind.RERANK, GATED)
     assert model.dtype == "bfloat16"
     assert next(model.model.parameters()).dtype == torch.bfloat16
@@ -90,14 +90,29 @@ def groups(*scores):
     return np.concatenate([np.array(scores, dtype=np.float32), *rest])
 
 
+BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2**-7
+
+
 def test_rankings_fail_on_a_real_swap_and_allow_near_ties():
     reference = groups(5.0, 1.0, -3.0, -3.000001, 0.0)
-    assert precision._same_rankings(reference, reference).passed
+    assert precision._same_rankings(reference, reference, BF16_EPS).passed
     swapped = groups(1.0, 5.0, -3.0, -3.000001, 0.0)
-    verdict = precision._same_rankings(reference, swapped)
+    verdict = precision._same_rankings(reference, swapped, BF16_EPS)
     assert not verdict.passed and verdict.detail.startswith("1 of 3 probe queries")
     tie_swapped = groups(5.0, 1.0, -3.000001, -3.0, 0.0)  # within 1e-3 of the range (8): a tie
-    assert precision._same_rankings(reference, tie_swapped).passed
+    assert precision._same_rankings(reference, tie_swapped, BF16_EPS).passed
+    assert not precision._same_rankings(reference, groups(5.0, 1.0, 0.0, -3.0, -3.0), BF16_EPS).passed
+
+
+def test_scores_one_bf16_step_apart_are_ties():
+    """Near 10 bf16 logits are 0.0625 apart: two documents 0.03 apart in float32 may come out equal,
+    or swapped by one step, without the model ranking anything differently."""
+    reference = groups(10.03, 10.0, -5.0, 2.0, 0.0)
+    collapsed = groups(10.0, 10.0625, -5.0, 2.0, 0.0)
+    assert precision._same_rankings(reference, collapsed, BF16_EPS).passed
+    assert not precision._same_rankings(reference, collapsed, torch.finfo(torch.float32).eps).passed
+    all_ties = groups(10.03, 10.0, 10.01, 10.02, 10.04)  # nothing this dtype can order: lost
+    assert not precision._same_rankings(all_ties, all_ties, BF16_EPS).passed
 
 
 def test_non_finite_outputs_fail(tiny_embedder, monkeypatch):
@@ -113,6 +128,21 @@ def test_non_finite_outputs_fail(tiny_embedder, monkeypatch):
     monkeypatch.setattr(model, "forward", nan_after_switch)
     verdict = precision.switch_if_faithful(model, torch.bfloat16)
     assert calls == ["float32", "bfloat16"] and not verdict.passed and "non-finite" in verdict.detail
+
+
+def test_a_float32_reference_that_is_not_finite_fails(tiny_cross_encoder, monkeypatch):
+    model = load_encoder_model(tiny_cross_encoder, ModelKind.RERANK, EncoderConfig())
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda batch: forward(batch) * float("nan"))
+    verdict = precision.switch_if_faithful(model, torch.bfloat16)
+    assert not verdict.passed and "non-finite" in verdict.detail
+
+
+def test_a_numbered_cuda_device_gets_the_cuda_default():
+    from inferd.config import ModelSpec
+
+    config = load_settings({}).encoder_config(ModelSpec.model_validate("m,device=cuda:0"))
+    assert (config.dtype, config.dtype_gate) == ("float16", False)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -138,5 +168,5 @@ def test_the_memory_plan_counts_a_checked_dtype_as_float32(tiny_embedder, monkey
     checked = model_need(spec, load_settings({"device": "cpu"}), tiny_embedder)
     named = model_need(spec, load_settings({"device": "cpu", "dtype": "bfloat16"}), tiny_embedder)
     float32 = model_need(spec, load_settings({"device": "cpu", "dtype": "float32"}), tiny_embedder)
-    assert checked.dtype == "float32" and checked.weight_bytes == float32.weight_bytes
+    assert checked.dtype == "bfloat16" and checked.weight_bytes == float32.weight_bytes
     assert named.weight_bytes * 2 == float32.weight_bytes

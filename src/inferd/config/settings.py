@@ -402,7 +402,7 @@ class ServerSettings(BaseSettings):
         device = (spec.device if spec and spec.device else None) or self.resolved_device()
         dtype = (spec.dtype if spec and spec.dtype else None) or self.dtype
         if dtype == "auto":
-            dtype = cuda_dtype if device == "cuda" else cpu_dtype
+            dtype = cuda_dtype if device.startswith("cuda") else cpu_dtype
         return device, dtype
 
     def encoder_config(self, spec: ModelSpec | None = None) -> EncoderConfig:

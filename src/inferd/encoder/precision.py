@@ -95,10 +95,10 @@ def switch_if_faithful(model: EncoderModel, dtype: torch.dtype) -> Verdict:
         reference = model.forward(batch).numpy()
         model.set_dtype(dtype)
         candidate = model.forward(batch).numpy()
-    if not np.isfinite(candidate).all():
+    if not (np.isfinite(reference).all() and np.isfinite(candidate).all()):
         return Verdict(False, "non-finite outputs on the probe inputs")
     if model.info.scoring == "cross-encoder":
-        return _same_rankings(reference, candidate)
+        return _same_rankings(reference, candidate, torch.finfo(dtype).eps)
     cosine = (reference * candidate).sum(1) / (
         np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1) + 1e-30
     )
@@ -109,16 +109,22 @@ def switch_if_faithful(model: EncoderModel, dtype: torch.dtype) -> Verdict:
     )
 
 
-def _same_rankings(reference: np.ndarray, candidate: np.ndarray) -> Verdict:
+def _same_rankings(reference: np.ndarray, candidate: np.ndarray, eps: float) -> Verdict:
     """Whether every probe query ranks its documents as float32 does. Documents whose float32
-    scores lie within RANK_TIE of the group's score range of each other are ties, free to swap."""
+    scores lie within RANK_TIE of the group's score range of each other are ties, free to swap, and
+    so are scores closer than one step of the reduced dtype (``eps`` relative: a cross-encoder cast
+    whole writes its logits in that dtype, 0.0625 apart near 10 in bfloat16); a group whose scores
+    are all ties fails."""
     changed, start = 0, 0
     for _, documents in PROBE_GROUPS:
         end = start + len(documents)
         ref, cand = reference[start:end], candidate[start:end]
         ref_gaps, cand_gaps = ref[:, None] - ref[None, :], cand[:, None] - cand[None, :]
-        tie = RANK_TIE * float(ref.max() - ref.min())
-        if ((ref_gaps > tie) & (cand_gaps <= 0)).any():
+        tie = max(RANK_TIE * float(ref.max() - ref.min()), 2 * eps * float(np.abs(ref).max()))
+        ordered = ref_gaps > tie
+        # A group with nothing but ties is lost too: float32 told its documents apart, the reduced
+        # dtype cannot (a model whose scores differ by less than that dtype resolves).
+        if not ordered.any() or (ordered & (cand_gaps <= 0)).any():
             changed += 1
         start = end
     return Verdict(

@@ -120,15 +120,15 @@ def _conversion_peak(gguf_path: Path, config) -> int:
 
 def _encoder_need(name: str, path: Path, shape: ModelShape, num_params: int, config) -> ModelNeed:
     # A checked dtype is decided at load, on the float32 model, which is what it serves on a failed
-    # check: plan for float32.
-    dtype = "float32" if config.dtype_gate else config.dtype
+    # check: its bytes are planned as float32 (its dtype stays what it may serve: the load's key).
+    planned = "float32" if config.dtype_gate else config.dtype
     return ModelNeed(
         name=name,
         device=config.device,
-        dtype=dtype,
-        weight_bytes=weight_bytes(num_params, dtype),
+        dtype=config.dtype,
+        weight_bytes=weight_bytes(num_params, planned),
         activation_bytes=encoder_activation_bytes(
-            shape, config.max_batch_tokens, _encoder_max_len(path, shape), dtype
+            shape, config.max_batch_tokens, _encoder_max_len(path, shape), planned
         ),
         runtime_bytes=RUNTIME_BYTES["cuda" if config.device.startswith("cuda") else "cpu"],
     )
