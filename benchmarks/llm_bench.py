@@ -229,6 +229,8 @@ def inferd_server(s: Setup) -> Server:
 
 
 def _llama_server(s: Setup, name: str, gguf: Path, note: str) -> Server:
+    from inferd.llm.runner.kernels.variants import cpu_flags
+
     port = free_port()
     n = s.max_concurrency
     cmd = [
@@ -247,14 +249,6 @@ def _llama_server(s: Setup, name: str, gguf: Path, note: str) -> Server:
     if s.args.llama_args:
         note = f"{note}; {s.args.llama_args}"
     return Server(name, cmd, f"http://127.0.0.1:{port}", "/health", CHAT_MODEL, note=note)
-
-
-def cpu_flags() -> set[str]:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
-    return set()
 
 
 def llamacpp_server(s: Setup) -> Server:

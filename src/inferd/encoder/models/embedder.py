@@ -95,9 +95,9 @@ class SentenceEmbedder:
         else:
             hidden = self.transformer(**inputs).last_hidden_state
             vectors = pool(hidden.float(), inputs["attention_mask"], self.modes)
-        for layer in self.dense:
-            vectors = layer(vectors.float())
-        return vectors.float().cpu()
+        for layer in self.dense:  # float32 layers on float32 pooled vectors
+            vectors = layer(vectors)
+        return vectors.cpu()
 
 
 class _Dense(nn.Module):
