@@ -9,6 +9,7 @@ import torch
 from inferd.config.engine import EncoderConfig
 from inferd.encoder.models.bert import PackedBert, load_packed_bert
 from inferd.encoder.models.embedder import SentenceEmbedder
+from inferd.llm.runner import kernels
 from tests.unit.modeling_imports import heavy_modules_after
 
 
@@ -45,6 +46,30 @@ def test_packed_bert_gives_bertmodel_outputs(tiny_embedder, bundled_minilm, whic
     got, bounds, expected = packed_and_reference(transformer_dir(tiny_embedder if which == "tiny" else bundled_minilm))
     for (start, end), reference in zip(bounds, expected, strict=True):
         torch.testing.assert_close(got[start:end], reference, atol=2e-5, rtol=1e-4)
+
+
+def test_native_attention_runs_where_the_cpu_has_its_build_and_changes_nothing(bundled_minilm):
+    """On an AVX-512 CPU the bundled MiniLM (32-wide heads) attends through the native kernel; its
+    outputs match the per-item matrix products'. Elsewhere it keeps those."""
+    from inferd.encoder.models.bert import native_attention
+
+    got, bounds, _ = packed_and_reference(transformer_dir(bundled_minilm))
+    ops = kernels.native_ops()
+    has_kernel = ops is not None and ops.variant in ("amx", "avx512bf16", "avx512")
+    assert (native_attention(32) is not None) == has_kernel
+    if not has_kernel:
+        pytest.skip("no AVX-512 build on this CPU: only the torch path runs here")
+    from transformers import AutoConfig
+
+    path = transformer_dir(bundled_minilm)
+    packed = load_packed_bert(path, AutoConfig.from_pretrained(str(path)), torch.float32, "cpu")
+    assert packed.native is ops
+    packed.native = None
+    ids = torch.tensor([[t for item in ITEMS for t in item]])
+    positions = torch.tensor([[p for item in ITEMS for p in range(len(item))]])
+    with torch.no_grad():
+        without = packed(ids, positions, torch.zeros_like(ids), bounds)
+    torch.testing.assert_close(without, got, atol=1e-5, rtol=1e-4)
 
 
 def test_the_bundled_embedder_runs_on_it(bundled_minilm):

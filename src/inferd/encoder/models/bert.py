@@ -47,6 +47,7 @@ class PackedBert(nn.Module):
     def __init__(self, weights, config) -> None:
         super().__init__()
         self.matmul_dtype = torch.float32
+        self.native = None  # the native kernels, for attention on the CPU (load_packed_bert sets it)
         self.num_heads = config.num_attention_heads
         self.eps = config.layer_norm_eps
         self.approximate = _ACTIVATIONS[config.hidden_act]
@@ -86,24 +87,40 @@ class PackedBert(nn.Module):
         hidden = F.embedding(ids, self.word) + F.embedding(types, self.token_type)
         hidden = hidden + F.embedding(positions, self.position)
         hidden = F.layer_norm(hidden, hidden.shape[-1:], *self.embed_norm, self.eps)
+        spans = torch.tensor(bounds, dtype=torch.int64).view(-1, 2) if self.native is not None else None
         for layer in self.layers:
-            hidden = self._layer(hidden, layer, bounds)
+            hidden = self._layer(hidden, layer, bounds, spans)
         return hidden
 
-    def _layer(self, hidden: torch.Tensor, layer: dict, bounds) -> torch.Tensor:
+    def _layer(self, hidden: torch.Tensor, layer: dict, bounds, spans: torch.Tensor | None) -> torch.Tensor:
         tokens, width = hidden.shape
         head_dim = width // self.num_heads
 
         def linear(x: torch.Tensor, name: str) -> torch.Tensor:  # float32 out, whatever the weights
             return F.linear(x.to(self.matmul_dtype), *layer[name]).float()
 
-        qkv = linear(hidden, "qkv").view(tokens, 3, self.num_heads, head_dim)
-        q, k, v = qkv.permute(1, 2, 0, 3)  # each (heads, tokens, head_dim)
-        attended = _attend_within(q, k, v, bounds, head_dim**-0.5)
-        attended = attended.transpose(0, 1).reshape(tokens, width)
+        qkv = linear(hidden, "qkv")
+        if spans is not None:
+            attended = self.native.varlen_attention(qkv, self.num_heads, head_dim, spans, head_dim**-0.5)
+        else:
+            # each (heads, tokens, head_dim)
+            q, k, v = qkv.view(tokens, 3, self.num_heads, head_dim).permute(1, 2, 0, 3)
+            attended = _attend_within(q, k, v, bounds, head_dim**-0.5)
+            attended = attended.transpose(0, 1).reshape(tokens, width)
         hidden = F.layer_norm(linear(attended, "o") + hidden, (width,), *layer["norm1"], self.eps)
         inner = F.gelu(F.linear(hidden.to(self.matmul_dtype), *layer["up"]), approximate=self.approximate)
         return F.layer_norm(linear(inner, "down") + hidden, (width,), *layer["norm2"], self.eps)
+
+
+def native_attention(head_dim: int):
+    """The native kernels when their build has the encoder attention kernel for heads of
+    ``head_dim`` (the AVX-512 builds), else None: attention then runs as ``_attend_within``. The
+    kernel computes the same float32 attention at 2-2.5x the speed of the per-item matrix products
+    on BERT-sized heads (32 and 64 wide, 32-256 rows), measured on an AVX512-BF16 EPYC."""
+    from inferd.llm.runner.kernels import native_ops
+
+    ops = native_ops()
+    return ops if ops is not None and ops.varlen_attention_takes(head_dim) else None
 
 
 def _attend_within(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds, scale: float) -> torch.Tensor:
@@ -142,6 +159,8 @@ def load_packed_bert(path: Path, config, dtype: torch.dtype, device: str) -> Pac
             return None
         tensors = {name: handle.get_tensor(name).to(device=device, dtype=torch.float32) for name in names}
     bert = PackedBert(tensors.__getitem__, config)
+    if device == "cpu":
+        bert.native = native_attention(config.hidden_size // config.num_attention_heads)
     if dtype != torch.float32:
         bert.set_matmul_dtype(dtype)
     return bert

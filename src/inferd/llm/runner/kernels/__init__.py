@@ -85,6 +85,10 @@ class NativeOps:
         # x, x_stride, rows, K, packed weight, N, bias, out, out_stride, out_fp32
         self._linear = _bind(library.linear_bf16, _P, _I64, _I, _I, _P, _I, _P, _P, _I64, _I, restype=None)
         self._argmax = _bind(library.argmax_rows_f32, _P, _I64, _I, _I, _P, restype=None)
+        # q, k, v, stride, bounds, items, heads, head_dim, scale, out, out_stride
+        self._varlen_attention = _bind(
+            library.varlen_attention_f32, _P, _P, _P, _I64, _P, _I, _I, _I, _F, _P, _I64
+        )
         # Linux grants AMX tile state per process on request; a kernel built without AMX says no.
         self.amx = torch.cpu._is_amx_tile_supported() and bool(library.amx_init())
         # bf16 linear layers through linear_bf16: AMX tiles where granted, else AVX512-BF16 (when
@@ -229,6 +233,40 @@ class NativeOps:
         if status != 0:
             raise MemoryError("the decoder step could not allocate its scratch memory")
         return delta
+
+    def varlen_attention(
+        self, qkv: torch.Tensor, heads: int, head_dim: int, bounds: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """An encoder's attention over a packed batch: ``qkv`` (tokens, 3 * heads * head_dim)
+        float32 rows [q | k | v], ``bounds`` (items, 2) int64 (start, end) spans; each token
+        attends to its own span's tokens. Returns (tokens, heads * head_dim) float32."""
+        width = heads * head_dim
+        tokens = qkv.shape[0]
+        _check(qkv, "qkv", torch.float32, (tokens, 3 * width))
+        _check(bounds, "bounds", torch.int64, (None, 2))
+        if not bounds.is_contiguous():
+            raise KernelArgumentError("bounds: the kernel takes contiguous (start, end) rows")
+        if len(bounds) and not (
+            bool((bounds[:, 0] < bounds[:, 1]).all())
+            and int(bounds.min()) >= 0
+            and int(bounds.max()) <= tokens
+        ):
+            raise KernelArgumentError(f"bounds: every span must be non-empty and lie within {tokens} rows")
+        out = qkv.new_empty(tokens, width)
+        status = self._varlen_attention(
+            qkv.data_ptr(), qkv[:, width:].data_ptr(), qkv[:, 2 * width :].data_ptr(), qkv.stride(0),
+            bounds.data_ptr(), len(bounds), heads, head_dim, scale, out.data_ptr(), width,
+        )  # fmt: skip
+        if status in (-1, -3):
+            raise KernelArgumentError(f"head_dim {head_dim}: the {self.variant} build cannot take it")
+        if status != 0:
+            raise MemoryError("encoder attention could not allocate its scratch memory")
+        return out
+
+    def varlen_attention_takes(self, head_dim: int) -> bool:
+        """Whether ``varlen_attention`` runs heads of ``head_dim`` in this build (AVX-512 builds,
+        head_dim a multiple of 16)."""
+        return self.variant in ("amx", "avx512bf16", "avx512") and head_dim > 0 and head_dim % 16 == 0
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """torch.argmax(logits, dim=-1) for 2-D float32 rows with unit column stride."""

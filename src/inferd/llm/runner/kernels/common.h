@@ -44,6 +44,24 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+/* Softmax in place over the first `span` scores of each of `rows` rows, `stride` floats apart. */
+static inline void softmax_rows(float *scores, int rows, int span, int64_t stride) {
+    for (int h = 0; h < rows; h++) {
+        float *s = scores + h * stride;
+        float peak = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : peak)
+        for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
+#pragma omp simd reduction(+ : total)
+        for (int l = 0; l < span; l++) {
+            s[l] = exp_nonpositive(s[l] - peak);
+            total += s[l];
+        }
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int l = 0; l < span; l++) s[l] *= inv;
+    }
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -61,6 +79,32 @@ static inline __m512 exp_nonpositive16(__m512 y) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, whole);
+}
+
+/* The 16 x 16 dwords of r transposed in place: r[j] gets dword j of each of r[0..15]. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* b[4g + e]: in each 128-bit lane L, dword 4L + e of rows 4g..4g+3 */
+    for (int g = 0; g < 16; g += 4) {
+        b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+        b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+        b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+        b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+    }
+    for (int e = 0; e < 4; e++) {
+        const __m512i x = _mm512_shuffle_i32x4(b[e], b[4 + e], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i y = _mm512_shuffle_i32x4(b[e], b[4 + e], _MM_SHUFFLE(3, 1, 3, 1));
+        const __m512i z = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i w = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], _MM_SHUFFLE(3, 1, 3, 1));
+        r[e] = _mm512_shuffle_i32x4(x, z, _MM_SHUFFLE(2, 0, 2, 0));
+        r[8 + e] = _mm512_shuffle_i32x4(x, z, _MM_SHUFFLE(3, 1, 3, 1));
+        r[4 + e] = _mm512_shuffle_i32x4(y, w, _MM_SHUFFLE(2, 0, 2, 0));
+        r[12 + e] = _mm512_shuffle_i32x4(y, w, _MM_SHUFFLE(3, 1, 3, 1));
+    }
 }
 #endif
 

@@ -14,24 +14,6 @@
 
 #include "common.h"
 
-/* Softmax in place over each of `rows` rows of `span` scores. */
-static void softmax_rows(float *scores, int rows, int span) {
-    for (int h = 0; h < rows; h++) {
-        float *s = scores + (int64_t)h * span;
-        float peak = -INFINITY, total = 0.f;
-#pragma omp simd reduction(max : peak)
-        for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
-#pragma omp simd reduction(+ : total)
-        for (int l = 0; l < span; l++) {
-            s[l] = exp_nonpositive(s[l] - peak);
-            total += s[l];
-        }
-        const float inv = 1.f / total;
-#pragma omp simd
-        for (int l = 0; l < span; l++) s[l] *= inv;
-    }
-}
-
 /* One cache row of head_dim values as floats: a plain pointer for fp32 caches, converted into
  * `scratch` for bf16 caches. */
 static inline const float *cache_row(const void *cache, int is_bf16, int64_t offset, int head_dim,
@@ -65,7 +47,7 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
             scores[(int64_t)(h - h0) * span + l] = dot;
         }
     }
-    softmax_rows(scores, h1 - h0, span);
+    softmax_rows(scores, h1 - h0, span, span);
     memset(out + (int64_t)h0 * head_dim, 0, sizeof(float) * head_dim * (h1 - h0));
     for (int l = 0; l < span; l++) {
         const int pos = start + l;
@@ -112,32 +94,6 @@ static size_t run_rows_floats(int ctx_len) { return ((size_t)2 * ctx_len + 15) /
  * positions with head_dim / 2 dot-pair instructions (vdpbf16ps) and no horizontal sums, each
  * score summed over the dims in order. The weights stay fp32 and p . v adds each position's value
  * row, widened, in position order. */
-
-/* The 16 x 16 dwords of r transposed in place: r[j] gets dword j of each of r[0..15]. */
-static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 16; i += 2) {
-        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    /* b[4g + e]: in each 128-bit lane L, dword 4L + e of rows 4g..4g+3 */
-    for (int g = 0; g < 16; g += 4) {
-        b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
-        b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
-        b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
-        b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
-    }
-    for (int e = 0; e < 4; e++) {
-        const __m512i x = _mm512_shuffle_i32x4(b[e], b[4 + e], _MM_SHUFFLE(2, 0, 2, 0));
-        const __m512i y = _mm512_shuffle_i32x4(b[e], b[4 + e], _MM_SHUFFLE(3, 1, 3, 1));
-        const __m512i z = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], _MM_SHUFFLE(2, 0, 2, 0));
-        const __m512i w = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], _MM_SHUFFLE(3, 1, 3, 1));
-        r[e] = _mm512_shuffle_i32x4(x, z, _MM_SHUFFLE(2, 0, 2, 0));
-        r[8 + e] = _mm512_shuffle_i32x4(x, z, _MM_SHUFFLE(3, 1, 3, 1));
-        r[4 + e] = _mm512_shuffle_i32x4(y, w, _MM_SHUFFLE(2, 0, 2, 0));
-        r[12 + e] = _mm512_shuffle_i32x4(y, w, _MM_SHUFFLE(3, 1, 3, 1));
-    }
-}
 
 /* Keys of positions first..last - 1 of kv head kv (first a multiple of 16) packed into kt, block
  * by block (positions past last in the final block are zeros), and each position's value row
