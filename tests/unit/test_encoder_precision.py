@@ -169,4 +169,23 @@ def test_the_memory_plan_counts_a_checked_dtype_as_float32(tiny_embedder, monkey
     named = model_need(spec, load_settings({"device": "cpu", "dtype": "bfloat16"}), tiny_embedder)
     float32 = model_need(spec, load_settings({"device": "cpu", "dtype": "float32"}), tiny_embedder)
     assert checked.dtype == "bfloat16" and checked.weight_bytes == float32.weight_bytes
-    assert named.weight_bytes * 2 == float32.weight_bytes
+    assert float32.weight_bytes / 2 < named.weight_bytes < float32.weight_bytes
+
+
+def test_the_memory_plan_counts_what_a_named_reduced_dtype_holds(bundled_minilm):
+    """inferd's BERT keeps its embedding tables in float32 under a named bfloat16: the plan counts
+    them so (all-MiniLM-L6-v2: ~69 MB held, not the 45 MB of every value in two bytes)."""
+    from inferd.config import ModelSpec
+    from inferd.encoder.models.embedder import SentenceEmbedder
+    from inferd.memory.server import model_need
+
+    spec = ModelSpec.model_validate(f"{bundled_minilm}=e")
+    settings = load_settings({"device": "cpu", "dtype": "bfloat16"})
+    need = model_need(spec, settings, bundled_minilm)
+    model = SentenceEmbedder(bundled_minilm, settings.encoder_config(spec))
+    bert = model.bert
+    tensors = [bert.word, bert.position, bert.token_type, *bert.embed_norm]
+    tensors += [t for layer in bert.layers for pair in layer.values() for t in pair]
+    held = sum(t.numel() * t.element_size() for t in tensors)
+    assert bert.matmul_dtype == torch.bfloat16
+    assert abs(need.weight_bytes - held) <= 0.01 * held, (need.weight_bytes, held)

@@ -20,6 +20,7 @@ from inferd.memory.estimate import (
     ModelShape,
     count_parameters,
     encoder_activation_bytes,
+    encoder_weight_bytes,
     int8_weight_bytes,
     kv_bytes_per_token,
     llm_activation_bytes,
@@ -126,7 +127,7 @@ def _encoder_need(name: str, path: Path, shape: ModelShape, num_params: int, con
         name=name,
         device=config.device,
         dtype=config.dtype,
-        weight_bytes=weight_bytes(num_params, planned),
+        weight_bytes=encoder_weight_bytes(shape, num_params, planned),
         activation_bytes=encoder_activation_bytes(
             shape, config.max_batch_tokens, _encoder_max_len(path, shape), planned
         ),
