@@ -1,11 +1,12 @@
 """Embedding and rerank throughput of inferd, its peers (Infinity, vLLM CPU) and the in-process ceiling.
 
-Every server gets the same loads over HTTP from one asyncio + httpx load generator:
+Every server gets the same loads over HTTP from ``inferd bench``'s load generator (inferd.bench.load, one
+asyncio loop and one httpx client per load; figures by inferd.bench.stats, as docs/BENCH.md defines them):
 
 * ``POST /v1/embeddings`` (``/embeddings`` on Infinity) at (concurrency, batch) = (1, 1), (8, 1), (4, 32):
   each of C workers sends requests of B passages until the corpus is used up, each passage once;
 * rerank: Q queries x 32 passages at concurrency 4 (TEI ``POST /rerank`` on inferd, ``POST /rerank``
-  with ``documents`` on vLLM; n/a where a server has no rerank for a bi-encoder).
+  with Cohere's ``documents`` and ``top_n`` on vLLM; n/a where a server has no rerank for a bi-encoder).
 
 The corpus is 2,048 passages (256 with --quick) cut from Python standard-library docstrings: a quarter of
 about 16 tokens, half of about 64, a quarter of about 200 (the model's tokenizer counts them; every
@@ -21,7 +22,6 @@ Peers run from their own venvs under benchmarks/.venvs/ (``bash benchmarks/setup
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import gc
 import hashlib
@@ -44,7 +44,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from harness import OUT_DIR, ROOT, VENVS, Running, free_port, percentile, venv_versions, vllm_preload
+from harness import OUT_DIR, ROOT, VENVS, Running, fmt, free_port, measure_level, venv_versions, vllm_preload
+
+from inferd.bench import stats
+from inferd.bench.load import JSON_HEADERS, EmbedWorkload, RerankWorkload, Settings
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -236,21 +239,20 @@ class Server:
     ready_path: str
     embed_path: str
     embed_model: str
-    # Builds a rerank body from (query, documents); None: no rerank for a bi-encoder (reported n/a).
+    # Its rerank API as inferd bench names it (tei: {query, texts}; cohere: {model, query, documents,
+    # top_n}) and route; None: no rerank for a bi-encoder (reported n/a).
+    rerank_api: str | None
     rerank_path: str | None
-    rerank_body: Callable[[str, list[str]], dict] | None
+    rerank_extra: dict = field(default_factory=dict)  # more fields in every rerank body
     env: dict[str, str] = field(default_factory=dict)
     venv: Path | None = None
     note: str = ""
 
 
 def inferd_server(args: argparse.Namespace, mdir: Path) -> Server:
-    def body(q: str, docs: list[str]) -> dict:
-        return {"query": q, "texts": docs}
-
     if args.url:
         return Server("inferd", None, args.url.rstrip("/"), "/ready", "/v1/embeddings", EMBED_MODEL,
-                      "/rerank", body, note="external")
+                      "tei", "/rerank", note="external")
     binary = ROOT / ".venv" / "bin" / "inferd"
     exe = str(binary) if binary.exists() else shutil.which("inferd")
     if exe is None:
@@ -261,7 +263,7 @@ def inferd_server(args: argparse.Namespace, mdir: Path) -> Server:
     cmd = [exe, "serve", *models, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
            "--dtype", args.dtype, *shlex.split(args.inferd_args)]
     return Server("inferd", cmd, f"http://127.0.0.1:{port}", "/ready", "/v1/embeddings", EMBED_MODEL,
-                  "/rerank", body, venv=Path(exe).parent.parent)
+                  "tei", "/rerank", venv=Path(exe).parent.parent)
 
 
 def infinity_server(args: argparse.Namespace, mdir: Path) -> Server:
@@ -274,15 +276,11 @@ def infinity_server(args: argparse.Namespace, mdir: Path) -> Server:
         # On by default: answers cached by request hash would turn repeated passages into lookups.
         "--no-vector-disk-cache",
     ]
-
-    def body(q: str, docs: list[str]) -> dict:
-        return {"model": EMBED_MODEL, "query": q, "documents": docs, "return_documents": False}
-
     # Infinity's /rerank needs a cross-encoder: for a bi-encoder the warm-up's probe gets an error and
     # the load is reported n/a with it.
     return Server("infinity", cmd, f"http://127.0.0.1:{port}", "/health", "/embeddings", EMBED_MODEL,
-                  "/rerank", body, env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
-                  venv=venv)
+                  "cohere", "/rerank", {"return_documents": False},
+                  env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}, venv=venv)
 
 
 def vllm_server(args: argparse.Namespace, mdir: Path, bind: bool = True) -> Server:
@@ -296,10 +294,6 @@ def vllm_server(args: argparse.Namespace, mdir: Path, bind: bool = True) -> Serv
         "--host", "127.0.0.1", "--port", str(port),
         "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log",
     ]
-
-    def body(q: str, docs: list[str]) -> dict:
-        return {"model": EMBED_MODEL, "query": q, "documents": docs}
-
     # Compute threads bound to every core: its best configuration on an AMX Xeon (issue 17). Its
     # default ("auto", the vllm-auto peer) leaves one core to the API server, so on two cores it
     # computes on one; bound to both, its spinning OpenMP threads compete with its API server for
@@ -312,7 +306,7 @@ def vllm_server(args: argparse.Namespace, mdir: Path, bind: bool = True) -> Serv
     if "LD_PRELOAD" in env:
         placement += f"; LD_PRELOAD={env['LD_PRELOAD']}"
     return Server("vllm" if bind else "vllm-auto", cmd, f"http://127.0.0.1:{port}", "/health", "/v1/embeddings",
-                  EMBED_MODEL, "/rerank", body, env=env, venv=venv,
+                  EMBED_MODEL, "cohere", "/rerank", env=env, venv=venv,
                   note=f"{placement}; rerank: cosine of embeddings")
 
 
@@ -341,73 +335,55 @@ class LoadResult:
     concurrency: int
     batch: int
     requests: int
-    items: int  # passages, or (query, passage) pairs for rerank
+    items: int  # passages, or (query, passage) pairs for rerank, of the successful requests
     wall_s: float
-    items_per_s: float
-    p50_ms: float
-    p95_ms: float
-    mean_ms: float
+    items_per_s: float | None
+    p50_ms: float | None  # None: no successful request
+    p95_ms: float | None
+    mean_ms: float | None
     client_cpu_s: float = 0.0  # the load generator's own CPU time: it shares the machine's cores
     errors: int = 0
     first_error: str | None = None
     latencies_ms: list[float] = field(default_factory=list)
 
 
-async def run_load(base_url: str, path: str, bodies: list[tuple[bytes, int]], concurrency: int, name: str,
-                   batch: int) -> LoadResult:
-    """C workers take pre-serialised bodies from one shared iterator until none is left. A response
-    is checked cheaply: status 200 and one ``"index"`` per item (both OpenAI data and rerank results
-    carry one)."""
-    url = base_url + path
-    headers = {"content-type": "application/json"}
-    latencies: list[float] = []
-    errors: list[str] = []
-    work = iter(bodies)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+def embed_workload(server: Server, passages: list[str], batch: int) -> EmbedWorkload:
+    """inferd bench's embedding load on ``server``: request i embeds passages i*B .. i*B+B-1."""
+    settings = Settings("embed", server.base_url, "openai", batch=batch, timeout_s=REQUEST_TIMEOUT_S)
+    return EmbedWorkload(settings, server.embed_model, texts=passages, path=server.embed_path,
+                         extra_body={"encoding_format": "float"})
 
-    async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S, trust_env=False) as client:
 
-        async def worker() -> None:
-            for body, n in work:
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(url, content=body, headers=headers)
-                except httpx.HTTPError as exc:
-                    errors.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                latencies.append(time.perf_counter() - t0)
-                if r.status_code != 200:
-                    errors.append(f"HTTP {r.status_code}: {r.text[:300]}")
-                elif r.content.count(b'"index"') != n:
-                    errors.append(f"expected {n} results: {r.text[:300]}")
+def rerank_workload(server: Server, tasks: list[tuple[str, list[str]]]) -> RerankWorkload:
+    """inferd bench's rerank load on ``server``: request k ranks task k's passages against its query
+    (the tasks' passages laid end to end, RERANK_DOCS a request)."""
+    assert server.rerank_api is not None
+    settings = Settings("rerank", server.base_url, server.rerank_api, documents=RERANK_DOCS,
+                        timeout_s=REQUEST_TIMEOUT_S)
+    return RerankWorkload(settings, server.embed_model, texts=[d for _, docs in tasks for d in docs],
+                          queries=[q for q, _ in tasks], path=server.rerank_path, extra_body=server.rerank_extra)
 
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
 
-    items = sum(n for _, n in bodies)
-    ms = [x * 1000 for x in latencies]
+def run_load(name: str, workload: EmbedWorkload | RerankWorkload, requests: int, concurrency: int,
+             batch: int) -> LoadResult:
+    """The workload's first ``requests`` through ``concurrency`` workers; an answer with the wrong number
+    of embeddings or results is an error."""
+    wall, samples, cpu = measure_level(workload, workload.prepare(name, requests), concurrency)
+    level = {"samples": samples, "wall_s": wall}
+    if isinstance(workload, RerankWorkload):
+        summary = stats.rerank_summary(level)
+        items, rate = summary["pairs"], summary["pairs_per_s"]
+    else:
+        summary = stats.embed_summary(level)
+        items, rate = summary["passages"], summary["passages_per_s"]
+    ms = [s["latency_ms"] for s in samples if s["error"] is None]
+    errors = [s["error"] for s in samples if s["error"] is not None]
     return LoadResult(
-        load=name, concurrency=concurrency, batch=batch, requests=len(bodies), items=items, wall_s=wall,
-        items_per_s=items / wall if wall > 0 else math.nan, p50_ms=percentile(ms, 0.5),
-        p95_ms=percentile(ms, 0.95), mean_ms=sum(ms) / len(ms) if ms else math.nan, client_cpu_s=cpu,
-        errors=len(errors),
-        first_error=errors[0] if errors else None, latencies_ms=[round(x, 3) for x in ms],
+        load=name, concurrency=concurrency, batch=batch, requests=len(samples), items=items, wall_s=wall,
+        items_per_s=rate, p50_ms=stats.percentile(ms, 50), p95_ms=stats.percentile(ms, 95),
+        mean_ms=summary["latency_ms"]["mean"], client_cpu_s=cpu, errors=len(errors),
+        first_error=errors[0] if errors else None, latencies_ms=ms,
     )
-
-
-def embed_bodies(server: Server, passages: list[str], batch: int) -> list[tuple[bytes, int]]:
-    out = []
-    for i in range(0, len(passages), batch):
-        chunk = passages[i:i + batch]
-        body = {"model": server.embed_model, "input": chunk, "encoding_format": "float"}
-        out.append((json.dumps(body).encode(), len(chunk)))
-    return out
-
-
-def rerank_bodies(server: Server, tasks: list[tuple[str, list[str]]]) -> list[tuple[bytes, int]]:
-    assert server.rerank_body is not None
-    return [(json.dumps(server.rerank_body(q, docs)).encode(), len(docs)) for q, docs in tasks]
 
 
 def load_name(kind: str, concurrency: int, batch: int, queries: int = 0) -> str:
@@ -429,12 +405,17 @@ def _cos(a: list[float], b: list[float]) -> float:
 
 
 def warm_up_and_check(server: Server, corpus: Corpus, tasks, reference: dict | None) -> dict:
-    """Untimed requests that warm the server, and a comparison of its answers with sentence-transformers."""
+    """Untimed requests that warm the server, and a comparison of its answers with sentence-transformers;
+    each request is one the loads send."""
     check: dict = {}
     with httpx.Client(base_url=server.base_url, timeout=REQUEST_TIMEOUT_S, trust_env=False) as client:
+
+        def post(workload, prepared):
+            return client.post(workload.path, content=prepared.body, headers=JSON_HEADERS)
+
         probe = corpus.passages[:8]
-        r = client.post(server.embed_path,
-                        json={"model": server.embed_model, "input": probe, "encoding_format": "float"})
+        probes = embed_workload(server, probe, len(probe))
+        r = post(probes, probes.prepare("check", 1)[0])
         if r.status_code != 200:
             raise RuntimeError(f"{server.name} {server.embed_path}: HTTP {r.status_code}: {r.text[:500]}")
         data = sorted(r.json()["data"], key=lambda d: d["index"])
@@ -446,28 +427,28 @@ def warm_up_and_check(server: Server, corpus: Corpus, tasks, reference: dict | N
             check["min_cosine_vs_in_process"] = round(
                 min(_cos(v, ref) for v, ref in zip(vectors, reference["embeddings"], strict=True)), 6)
         # Warm every shape the loads use: single passages, batches of 32 of each length class.
-        batches = [[p] for p in corpus.passages[:8]]
-        batches += [corpus.passages[i:i + 32] for i in range(0, min(len(corpus.passages), 8 * 32), 32)]
-        for batch in batches:
-            client.post(server.embed_path,
-                        json={"model": server.embed_model, "input": batch, "encoding_format": "float"})
-        if server.rerank_path is not None and server.rerank_body is not None:
-            q, docs = tasks[0]
-            r = client.post(server.rerank_path, json=server.rerank_body(q, docs))
+        for batch, requests in ((1, 8), (32, min(len(corpus.passages) // 32, 8))):
+            workload = embed_workload(server, corpus.passages, batch)
+            for prepared in workload.prepare("warm-up", requests):
+                post(workload, prepared)
+        if server.rerank_api is not None:
+            rerank = rerank_workload(server, tasks)
+            first, *more = rerank.prepare("check", 3)
+            r = post(rerank, first)
             if r.status_code != 200:
                 check["rerank_error"] = f"HTTP {r.status_code}: {r.text[:300]}"
             else:
                 payload = r.json()
                 results = payload if isinstance(payload, list) else payload.get("results", [])
                 scores = {d["index"]: d.get("score", d.get("relevance_score")) for d in results}
-                if reference is not None and len(scores) == len(docs):
+                if reference is not None and len(scores) == RERANK_DOCS:
                     ref = reference["rerank_scores"]
                     diff = max(abs(scores[i] - ref[i]) for i in scores)
                     check["rerank_max_abs_diff_vs_cosine"] = round(diff, 6)
                     top = max(range(len(ref)), key=ref.__getitem__)
                     check["rerank_same_top1"] = max(scores, key=scores.get) == top
-                for q2, docs2 in tasks[1:3]:
-                    client.post(server.rerank_path, json=server.rerank_body(q2, docs2))
+                for prepared in more:
+                    post(rerank, prepared)
     return check
 
 
@@ -545,20 +526,19 @@ def bench_server(server: Server, corpus: Corpus, tasks, reference, log_dir: Path
             print(f"   checks: {out['check']}", flush=True)
             for concurrency, batch in EMBED_LOADS:
                 name = load_name("embed", concurrency, batch)
-                bodies = embed_bodies(server, corpus.passages, batch)
-                result = asyncio.run(run_load(server.base_url, server.embed_path, bodies, concurrency,
-                                              name, batch))
+                # Each passage once: the corpus' size is a multiple of every batch.
+                workload = embed_workload(server, corpus.passages, batch)
+                result = run_load(name, workload, len(corpus.passages) // batch, concurrency, batch)
                 out["loads"][name] = asdict(result)
                 print(f"   {_summary(result)}", flush=True)
             name = load_name("rerank", RERANK_CONCURRENCY, RERANK_DOCS, len(tasks))
-            if server.rerank_path is None or "rerank_error" in out["check"]:
-                reason = server.note if server.rerank_path is None else out["check"]["rerank_error"]
+            if server.rerank_api is None or "rerank_error" in out["check"]:
+                reason = server.note if server.rerank_api is None else out["check"]["rerank_error"]
                 out["loads"][name] = {"load": name, "na": reason}
                 print(f"   {name}: n/a ({reason})", flush=True)
             else:
-                bodies = rerank_bodies(server, tasks)
-                result = asyncio.run(run_load(server.base_url, server.rerank_path, bodies, RERANK_CONCURRENCY,
-                                              name, RERANK_DOCS))
+                result = run_load(name, rerank_workload(server, tasks), len(tasks), RERANK_CONCURRENCY,
+                                  RERANK_DOCS)
                 out["loads"][name] = asdict(result)
                 print(f"   {_summary(result)}", flush=True)
     except Exception as exc:  # noqa: BLE001 - one server failing should not lose the others' numbers
@@ -569,8 +549,8 @@ def bench_server(server: Server, corpus: Corpus, tasks, reference, log_dir: Path
 
 def _summary(r: LoadResult) -> str:
     err = f", {r.errors} errors (first: {r.first_error})" if r.errors else ""
-    return (f"{r.load}: {r.items_per_s:.1f}/s over {r.wall_s:.2f}s, p50 {r.p50_ms:.1f} ms, "
-            f"p95 {r.p95_ms:.1f} ms, load generator {r.client_cpu_s:.2f}s CPU{err}")
+    return (f"{r.load}: {fmt(r.items_per_s, 1)}/s over {r.wall_s:.2f}s, p50 {fmt(r.p50_ms, 1)} ms, "
+            f"p95 {fmt(r.p95_ms, 1)} ms, load generator {r.client_cpu_s:.2f}s CPU{err}")
 
 
 def render_table(report: dict) -> str:
@@ -607,7 +587,7 @@ def render_table(report: dict) -> str:
             r = load["items_per_s"]
             ratio = f"{base / r:.2f}" if base and r and not load["errors"] else "-"
             flag = f"  ({load['errors']} errors)" if load["errors"] else ""
-            rows.append((server["name"], f"{r:.1f}", f"{load['p50_ms']:.1f}", f"{load['p95_ms']:.1f}", ratio,
+            rows.append((server["name"], fmt(r, 1), fmt(load["p50_ms"], 1), fmt(load["p95_ms"], 1), ratio,
                          flag))
         if kind in ceiling:
             c = ceiling[kind]["items_per_s"]

@@ -1,11 +1,13 @@
-"""What embed_bench.py and llm_bench.py share: paths, server processes, percentiles, versions.
+"""What embed_bench.py and llm_bench.py share: paths, server processes, a level of load, percentiles,
+versions.
 
 Each server runs as a subprocess in its own process group (so a server's own children go with it),
-its output in a log file under benchmarks/out/.
+its output in a log file under benchmarks/out/. The load is ``inferd bench``'s own (inferd.bench.load).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -17,6 +19,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from inferd.bench.load import Prepared, run_level
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -101,6 +105,32 @@ class Running:
                 break
         with contextlib.suppress(ProcessLookupError):  # children left behind by a server that exited
             os.killpg(pgid, signal.SIGKILL)
+
+
+def measure_level(workload, prepared: list[Prepared], concurrency: int) -> tuple[float, list[dict], float]:
+    """One level of ``inferd bench``'s load: ``prepared`` through ``concurrency`` workers on a client of
+    its own (a connection per worker, no proxy from the environment). The level's wall time in seconds,
+    its samples in request order, and the load generator's CPU time over it, in seconds: it shares the
+    machine's cores with the server."""
+
+    async def level() -> tuple[float, list[dict], float]:
+        settings = workload.settings
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        timeout = httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 30.0))
+        async with httpx.AsyncClient(base_url=settings.url, limits=limits, timeout=timeout,
+                                     trust_env=False) as client:
+            cpu0 = time.process_time()
+            wall, samples = await run_level(client, workload, prepared, concurrency, settings.timeout_s)
+            return wall, samples, time.process_time() - cpu0
+
+    return asyncio.run(level())
+
+
+def fmt(x: float | None, digits: int = 0) -> str:
+    """A figure for a table: "-" when there is none."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
 
 
 def percentile(values: list[float], q: float) -> float:

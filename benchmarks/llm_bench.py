@@ -1,17 +1,20 @@
 """Streaming chat throughput and latency of inferd and LLM peers (llama.cpp, vLLM CPU, transformers serve).
 
-Every server gets the same load over HTTP from one asyncio + httpx load generator: streaming
-``POST /v1/chat/completions`` with temperature 0, ``max_tokens`` 128 and EOS ignored (so every answer is
-exactly 128 tokens long), for 64 fixed prompts (16 topics x 4 templates, from a one-line question to four
-notes to compare: 34 to 326 tokens after the chat template, 128 on average) at concurrency 1, 8 and 32.
-Each level sends its prompts through C workers that take the next prompt as soon as their last answer
-ends; concurrency 1 sends only the first 16 prompts.
+Every server gets the same load over HTTP from ``inferd bench``'s load generator (inferd.bench.load, one
+asyncio loop and one httpx client per level): streaming ``POST /v1/chat/completions`` with temperature 0,
+``max_tokens`` 128 and EOS ignored (so every answer is exactly 128 tokens long), for 64 fixed prompts (16
+topics x 4 templates, from a one-line question to four notes to compare: 34 to 326 tokens after the chat
+template, 128 on average) at concurrency 1, 8 and 32. Each level sends its prompts through C workers that
+take the next prompt as soon as their last answer ends; concurrency 1 sends only the first 16 prompts.
+Every prompt opens with inferd bench's cold marker (about 13 tokens), its own per run, level and request
+and the same for every server, so no server sees a prompt twice.
 
-Per level: output tokens/s (generated tokens over the level's wall time; tokens from the final usage
-chunk, ``stream_options.include_usage``, else one per content chunk), TTFT p50/p95 (request sent to the
-first non-empty content delta), ITL p50/p95 (gaps between a stream's content deltas, pooled), and the
-server's memory summed over its process tree from /proc (RSS sampled every second, its peak; PSS as the
-level ends). Per server: the time from start to ready.
+Per level, computed by inferd.bench.stats from the samples (docs/BENCH.md defines each): output tokens/s
+(generated tokens over the level's wall time; tokens from the final usage chunk,
+``stream_options.include_usage``, else one per content delta), TTFT p50/p95 (request sent to the first
+event with non-empty text), ITL p50/p95 (gaps between a stream's text deltas, pooled), and the server's
+memory summed over its process tree from /proc (RSS sampled every second, its peak; PSS as the level
+ends). Per server: the time from start to ready.
 
     .venv/bin/python benchmarks/llm_bench.py --quick                  # smoke test
     .venv/bin/python benchmarks/llm_bench.py --json benchmarks/out/llm.json
@@ -25,13 +28,12 @@ the bundled GGUF (Q4_1, and F32 and Q8_0 GGUFs of the same weights when set up),
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib.metadata
 import json
-import math
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -43,7 +45,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from harness import OUT_DIR, ROOT, VENVS, Running, free_port, percentile, venv_versions, vllm_preload
+from harness import OUT_DIR, ROOT, VENVS, Running, fmt, free_port, measure_level, venv_versions, vllm_preload
+
+from inferd.bench import stats
+from inferd.bench.load import ChatWorkload, Prepared, Settings
 
 BENCH_DIR = Path(__file__).resolve().parent
 LLAMA_DIR = VENVS / "llama.cpp"
@@ -58,7 +63,7 @@ KV_CACHE_GIB = 1
 TRANSFORMERS_PAGE_SIZE = 256  # tokens per block of transformers' paged cache (its default)
 REQUEST_TIMEOUT_S = 900
 MEMORY_INTERVAL_S = 1.0
-JSON_HEADERS = {"content-type": "application/json"}
+WARM_UP_TOKENS = 8
 
 # (prompts, max_tokens, levels, prompts at concurrency 1)
 FULL = (64, 128, (1, 8, 32), 16)
@@ -153,16 +158,10 @@ def build_prompts() -> list[str]:
     return prompts
 
 
-PROMPTS = build_prompts()
-# Makes every prompt of one invocation unique to it: a server already running (--url) has not seen them.
-RUN_TAG = os.urandom(3).hex()
-
-
-def cold(prompts: list[str], tag: str) -> list[str]:
-    """The prompts made unseen: each opens with its own marker, so no two requests of a run (warm-up,
-    levels) share more than the chat template's system prompt, and TTFT is measured on prompts no
-    cache holds (prefix caches hit the system prompt only, as any production traffic would)."""
-    return [f"(request {RUN_TAG}-{tag}-{i}) {p}" for i, p in enumerate(prompts)]
+CHATS = [[{"role": "user", "content": p}] for p in build_prompts()]
+# The cold markers' run id: every prompt of one invocation is unique to it, so a server already running
+# (--url) has not seen them either.
+RUN_ID = secrets.token_hex(4)
 
 # ---------------------------------------------------------------------------------------------- servers
 
@@ -443,75 +442,6 @@ class MemorySampler:
 
 
 @dataclass
-class Stream:
-    """What one streamed request saw; times in seconds from sending it."""
-
-    first_content_s: float | None = None
-    content_times: list[float] = field(default_factory=list)
-    end_s: float = 0.0
-    usage_tokens: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-def _handle_event(s: Stream, event: dict, now: float) -> None:
-    if event.get("error"):
-        s.error = f"stream error: {str(event['error'])[:300]}"
-        return
-    usage = event.get("usage")
-    if usage and usage.get("completion_tokens") is not None:
-        s.usage_tokens = int(usage["completion_tokens"])
-    for choice in event.get("choices") or ():
-        delta = choice.get("delta") or {}
-        if delta.get("content"):
-            if s.first_content_s is None:
-                s.first_content_s = now
-            s.content_times.append(now)
-        if choice.get("finish_reason"):
-            s.finish_reason = choice["finish_reason"]
-
-
-async def stream_one(client: httpx.AsyncClient, url: str, body: bytes) -> Stream:
-    """One streamed request, parsed line by line: ``data: {json}`` events up to ``data: [DONE]``. A read
-    that carries several events stamps them all with its arrival time."""
-    s = Stream()
-    t0 = time.perf_counter()
-    done = False
-    try:
-        async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as r:
-            if r.status_code != 200:
-                s.error = f"HTTP {r.status_code}: {(await r.aread())[:300].decode(errors='replace')}"
-                return s
-            buf = b""
-            async for chunk in r.aiter_bytes():
-                now = time.perf_counter() - t0
-                buf += chunk
-                while not done:
-                    nl = buf.find(b"\n")
-                    if nl < 0:
-                        break
-                    line, buf = buf[:nl].strip(), buf[nl + 1:]
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        break
-                    try:
-                        _handle_event(s, json.loads(payload), now)
-                    except ValueError:
-                        s.error = f"bad event: {payload[:200]!r}"
-                if done:
-                    break
-    except httpx.HTTPError as exc:
-        s.error = f"{type(exc).__name__}: {exc}"
-    s.end_s = time.perf_counter() - t0
-    if s.error is None and s.first_content_s is None:
-        s.error = f"no content (finish_reason {s.finish_reason}, completion tokens {s.usage_tokens}, done {done})"
-    return s
-
-
-@dataclass
 class LevelResult:
     load: str
     concurrency: int
@@ -519,14 +449,16 @@ class LevelResult:
     max_tokens: int
     wall_s: float
     output_tokens: int
-    tokens_from: str  # "usage" or "chunks"
-    tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p95_ms: float
-    itl_p50_ms: float
-    itl_p95_ms: float
-    e2e_p50_ms: float
-    short_answers: int  # answers under max_tokens: the server stopped early (EOS not ignored)
+    tokens_from: str  # "usage", or "deltas" ("chunks" in reports from before inferd.bench)
+    tokens_per_s: float | None
+    ttft_p50_ms: float | None  # None: no value to take it from
+    ttft_p95_ms: float | None
+    itl_p50_ms: float | None
+    itl_p95_ms: float | None
+    e2e_p50_ms: float | None
+    # Answers under max_tokens: the server stopped early (EOS not ignored); None when it counted no tokens.
+    short_answers: int | None
+    empty_answers: int = 0  # answers without any text (an error in reports from before inferd.bench)
     peak_rss_mib: float | None = None
     end_pss_mib: float | None = None  # read as the level ends
     client_cpu_s: float = 0.0  # the load generator's own CPU time: it shares the machine's cores
@@ -556,60 +488,38 @@ STRUCTURED_FORMAT = {
 RESPONSE_FORMAT: dict | None = None  # set by --structured
 
 
-def request_body(server: Server, prompt: str, max_tokens: int) -> bytes:
-    body = {
-        "model": server.request_model,
-        "messages": [{"role": "user", "content": prompt}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "temperature": 0,
-        "max_tokens": max_tokens,
-        **server.extra_body(max_tokens),
-        **({"response_format": RESPONSE_FORMAT} if RESPONSE_FORMAT else {}),
-    }
-    return json.dumps(body).encode()
+def chat_workload(server: Server, max_tokens: int, chats: list[list[dict]] = CHATS) -> ChatWorkload:
+    """inferd bench's streamed chat load on ``server``: temperature 0, ``max_tokens`` per answer, and in
+    every body the server's way of ignoring EOS and --structured's response_format."""
+    settings = Settings("chat", server.base_url, "openai", max_tokens=max_tokens, temperature=0.0,
+                        timeout_s=REQUEST_TIMEOUT_S)
+    extra = {**server.extra_body(max_tokens), **({"response_format": RESPONSE_FORMAT} if RESPONSE_FORMAT else {})}
+    return ChatWorkload(settings, server.request_model, RUN_ID, prompts=chats, extra_body=extra)
 
 
-async def run_level(server: Server, prompts: list[str], concurrency: int, max_tokens: int,
-                    memory_root: int | None) -> LevelResult:
-    """C workers take the next prompt from one shared iterator until none is left."""
-    url = server.base_url + "/v1/chat/completions"
-    bodies = [request_body(server, p, max_tokens) for p in prompts]
-    results: list[Stream | None] = [None] * len(bodies)
-    work = iter(enumerate(bodies))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30)
+def level_requests(workload: ChatWorkload, concurrency: int, requests: int) -> list[Prepared]:
+    """A level's requests: its first ``requests`` prompts, each behind a cold marker of its own, the same
+    for every server."""
+    return workload.prepare(f"c{concurrency}", requests)
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
 
-        async def worker() -> None:
-            for i, body in work:
-                results[i] = await stream_one(client, url, body)
-
-        with MemorySampler(memory_root) as memory:
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-
-    streams = [s for s in results if s is not None]
-    ok = [s for s in streams if s.error is None]
-    errors = [s.error for s in streams if s.error is not None]
-    from_usage = bool(ok) and all(s.usage_tokens is not None for s in ok)
-    counts = [s.usage_tokens if from_usage else len(s.content_times) for s in ok]
-    tokens = sum(counts)
-    ttft = [s.first_content_s * 1000 for s in ok if s.first_content_s is not None]
-    itl = [(b - a) * 1000 for s in ok for a, b in zip(s.content_times, s.content_times[1:])]
-    e2e = [s.end_s * 1000 for s in ok]
+def level_result(concurrency: int, max_tokens: int, wall: float, samples: list[dict], cpu: float,
+                 memory: MemorySampler) -> LevelResult:
+    """A level's figures, from its samples by inferd.bench.stats."""
+    summary = stats.chat_summary({"samples": samples, "wall_s": wall}, max_tokens=max_tokens)
+    ttft = [s["ttft_ms"] for s in samples if s["error"] is None and s["ttft_ms"] is not None]
+    itl = stats.pooled_itl(samples)
+    errors = [s["error"] for s in samples if s["error"] is not None]
     return LevelResult(
-        load=f"c={concurrency}", concurrency=concurrency, requests=len(bodies), max_tokens=max_tokens,
-        wall_s=wall, output_tokens=tokens, tokens_from="usage" if from_usage else "chunks",
-        tokens_per_s=tokens / wall if wall > 0 else math.nan,
-        ttft_p50_ms=percentile(ttft, 0.5), ttft_p95_ms=percentile(ttft, 0.95),
-        itl_p50_ms=percentile(itl, 0.5), itl_p95_ms=percentile(itl, 0.95), e2e_p50_ms=percentile(e2e, 0.5),
-        short_answers=sum(1 for n in counts if n < max_tokens) if from_usage else 0,
-        peak_rss_mib=memory.peak_rss if memory_root is not None else None,
-        end_pss_mib=memory.end_pss, client_cpu_s=cpu, errors=len(errors),
-        first_error=errors[0] if errors else None, ttft_ms=[round(x, 2) for x in ttft],
+        load=f"c={concurrency}", concurrency=concurrency, requests=len(samples), max_tokens=max_tokens,
+        wall_s=wall, output_tokens=summary["output_tokens"], tokens_from=summary["tokens_from"],
+        tokens_per_s=summary["output_tokens_per_s"],
+        ttft_p50_ms=stats.percentile(ttft, 50), ttft_p95_ms=stats.percentile(ttft, 95),
+        itl_p50_ms=stats.percentile(itl, 50), itl_p95_ms=stats.percentile(itl, 95),
+        e2e_p50_ms=summary["e2e_ms"]["p50"], short_answers=summary["short_answers"],
+        empty_answers=summary["empty_answers"],
+        peak_rss_mib=memory.peak_rss if memory.root is not None else None, end_pss_mib=memory.end_pss,
+        client_cpu_s=cpu, errors=len(errors), first_error=errors[0] if errors else None, ttft_ms=ttft,
     )
 
 
@@ -640,26 +550,30 @@ def server_versions(server: Server) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def warm_up(server: Server, prompts: list[str], concurrency: int, root: int | None) -> dict:
-    """Untimed: one short answer alone, then `concurrency` at once, on prompts of their own (the
-    measured ones stay cold); checks that answers come back with the length asked for (ignore_eos
-    honoured) and how tokens are counted."""
-    n = 8
-    out: dict = {}
+def warm_up(server: Server, prompts: int, concurrency: int) -> dict:
+    """Untimed: one short answer alone (on the last of the first ``prompts`` prompts), then
+    ``concurrency`` at once (on the first ones), each behind a warm-up marker (the measured prompts
+    stay cold); checks that answers come back with the length asked for (ignore_eos honoured) and how
+    tokens are counted."""
+    n = WARM_UP_TOKENS
     t0 = time.perf_counter()
-    single = asyncio.run(run_level(server, cold(prompts[-1:], "warm1"), 1, n, root))
-    batch = asyncio.run(run_level(server, cold((prompts * concurrency)[:concurrency], "warm"), concurrency, n, root))
-    out["wall_s"] = round(time.perf_counter() - t0, 2)
-    for r in (single, batch):
-        if r.errors:
-            raise RuntimeError(f"{server.name}: warm-up failed: {r.first_error}")
-    out["tokens_from"] = batch.tokens_from
-    out["tokens_per_answer"] = round(batch.output_tokens / batch.requests, 2)
-    out["ignore_eos_honoured"] = batch.short_answers == 0 and batch.output_tokens == n * batch.requests
-    return out
+    for chats, tag, c in ((CHATS[prompts - 1:prompts], "warm1", 1), (CHATS[:prompts], "warm", concurrency)):
+        workload = chat_workload(server, n, chats)
+        wall, samples, _ = measure_level(workload, workload.prepare(tag, c, warmup=True), c)
+        errors = [s["error"] for s in samples if s["error"] is not None]
+        if errors:
+            raise RuntimeError(f"{server.name}: warm-up failed: {errors[0]}")
+    # The batch, run last, says how tokens are counted and whether EOS was ignored.
+    batch = stats.chat_summary({"samples": samples, "wall_s": wall}, max_tokens=n)
+    return {
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "tokens_from": batch["tokens_from"],
+        "tokens_per_answer": round(batch["output_tokens"] / batch["requests"], 2),
+        "ignore_eos_honoured": not batch["short_answers"] and batch["output_tokens"] == n * batch["requests"],
+    }
 
 
-def bench_server(server: Server, levels: list[tuple[int, list[str]]], max_tokens: int, log_dir: Path) -> dict:
+def bench_server(server: Server, levels: list[tuple[int, int]], max_tokens: int, log_dir: Path) -> dict:
     out: dict = {"name": server.name, "base_url": server.base_url, "command": server.command,
                  "note": server.note, "ignore_eos": server.ignore_eos, "levels": {}}
     out["versions"] = server_versions(server)
@@ -677,10 +591,14 @@ def bench_server(server: Server, levels: list[tuple[int, list[str]]], max_tokens
                 with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
                     r = httpx.get(server.base_url + "/version", trust_env=False)
                     out["versions"]["inferd"] = r.json()["version"]
-            out["warm_up"] = warm_up(server, levels[-1][1], max(c for c, _ in levels), root)
+            out["warm_up"] = warm_up(server, levels[-1][1], max(c for c, _ in levels))
             print(f"   warm-up: {out['warm_up']}", flush=True)
-            for concurrency, prompts in levels:
-                result = asyncio.run(run_level(server, prompts, concurrency, max_tokens, root))
+            workload = chat_workload(server, max_tokens)
+            for concurrency, requests in levels:
+                prepared = level_requests(workload, concurrency, requests)
+                with MemorySampler(root) as memory:
+                    wall, samples, cpu = measure_level(workload, prepared, concurrency)
+                result = level_result(concurrency, max_tokens, wall, samples, cpu, memory)
                 out["levels"][result.load] = asdict(result)
                 print(f"   {_summary(result)}", flush=True)
             if root is not None:
@@ -694,17 +612,12 @@ def bench_server(server: Server, levels: list[tuple[int, list[str]]], max_tokens
 def _summary(r: LevelResult) -> str:
     err = f", {r.errors} errors (first: {r.first_error})" if r.errors else ""
     short = f", {r.short_answers} answers short of max_tokens" if r.short_answers else ""
+    empty = f", {r.empty_answers} answers without text" if r.empty_answers else ""
     mem = f", peak RSS {r.peak_rss_mib:.0f} MiB" if r.peak_rss_mib is not None else ""
-    return (f"{r.load}: {r.requests} requests, {r.tokens_per_s:.1f} tok/s over {r.wall_s:.1f}s "
-            f"({r.output_tokens} tokens from {r.tokens_from}), TTFT p50 {r.ttft_p50_ms:.0f} ms "
-            f"p95 {r.ttft_p95_ms:.0f} ms, ITL p50 {r.itl_p50_ms:.1f} ms p95 {r.itl_p95_ms:.1f} ms{mem}, "
-            f"load generator {r.client_cpu_s:.1f}s CPU{short}{err}")
-
-
-def _fmt(x: float | None, digits: int = 0) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}f}"
+    return (f"{r.load}: {r.requests} requests, {fmt(r.tokens_per_s, 1)} tok/s over {r.wall_s:.1f}s "
+            f"({r.output_tokens} tokens from {r.tokens_from}), TTFT p50 {fmt(r.ttft_p50_ms)} ms "
+            f"p95 {fmt(r.ttft_p95_ms)} ms, ITL p50 {fmt(r.itl_p50_ms, 1)} ms p95 {fmt(r.itl_p95_ms, 1)} ms{mem}, "
+            f"load generator {r.client_cpu_s:.1f}s CPU{short}{empty}{err}")
 
 
 def render_table(report: dict) -> str:
@@ -733,21 +646,23 @@ def render_table(report: dict) -> str:
                 flags.append(f"{level['errors']} errors")
             if level["short_answers"]:
                 flags.append(f"{level['short_answers']} short")
+            if level.get("empty_answers"):
+                flags.append(f"{level['empty_answers']} empty")
             if level["tokens_from"] != "usage":
                 flags.append("tokens from chunks")
             flag = f"  ({', '.join(flags)})" if flags else ""
             lines.append(
-                f"{label:<16} {server['name']:<14} {_fmt(r, 1):>8} {_fmt(level['ttft_p50_ms']):>9} "
-                f"{_fmt(level['ttft_p95_ms']):>7} {_fmt(level['itl_p50_ms'], 1):>8} "
-                f"{_fmt(level['itl_p95_ms'], 1):>7} {_fmt(level['peak_rss_mib']):>8} "
-                f"{_fmt(level['end_pss_mib']):>8} {ratio:>9}{flag}".rstrip())
+                f"{label:<16} {server['name']:<14} {fmt(r, 1):>8} {fmt(level['ttft_p50_ms']):>9} "
+                f"{fmt(level['ttft_p95_ms']):>7} {fmt(level['itl_p50_ms'], 1):>8} "
+                f"{fmt(level['itl_p95_ms'], 1):>7} {fmt(level['peak_rss_mib']):>8} "
+                f"{fmt(level['end_pss_mib']):>8} {ratio:>9}{flag}".rstrip())
         lines.append("")
     lines.append(f"{'server':<14} {'ready s':>8} {'RSS MiB':>8} {'PSS MiB':>8}  ignore_eos / note")
     for server in servers:
         mem = server.get("ready_memory") or {}
         note = "; ".join(x for x in (server.get("ignore_eos"), server.get("note")) if x)
-        lines.append(f"{server['name']:<14} {_fmt(server.get('ready_s'), 1):>8} "
-                     f"{_fmt(mem.get('rss_mib')):>8} {_fmt(mem.get('pss_mib')):>8}  {note}")
+        lines.append(f"{server['name']:<14} {fmt(server.get('ready_s'), 1):>8} "
+                     f"{fmt(mem.get('rss_mib')):>8} {fmt(mem.get('pss_mib')):>8}  {note}")
     lines.append("")
     lines.append("tok/s: output tokens over the level's wall time; TTFT, ITL in ms; RSS: peak over the "
                  "level, PSS: as it ends, both summed over the server's processes (ready rows: just after "
@@ -814,19 +729,20 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens = args.max_tokens
     if args.prompts:
         n_prompts = c1_prompts = args.prompts
-    n_prompts = min(n_prompts, len(PROMPTS))
-    levels = [
-        (c, cold(PROMPTS[: min(c1_prompts if c == 1 else n_prompts, len(PROMPTS))], f"c{c}")) for c in level_list
-    ]
+    n_prompts = min(n_prompts, len(CHATS))
+    levels = [(c, min(c1_prompts if c == 1 else n_prompts, len(CHATS))) for c in level_list]
 
     gguf = bundled_gguf()
     hf_dir = hf_folder()
-    prompt_tokens = count_prompt_tokens(hf_dir, [p for _, ps in levels for p in ps])
+    # The chats as every level sends them (cold markers included), to count their tokens.
+    marked = ChatWorkload(Settings("chat", "", "openai"), None, RUN_ID, prompts=CHATS)
+    prompt_tokens = count_prompt_tokens(
+        hf_dir, [json.loads(p.body)["messages"] for c, n in levels for p in level_requests(marked, c, n)])
     # Per-sequence context for llama.cpp's slots and vLLM's max-model-len: the longest prompt, the
     # answer and some slack, rounded up to 256.
     ctx = (max(prompt_tokens) + max_tokens + 64 + 255) // 256 * 256
     setup = Setup(args, gguf, hf_dir, max(level_list), ctx, kv_bytes_per_token(hf_dir, args.dtype))
-    print(f"prompts: {n_prompts} ({len(levels[0][1])} at concurrency {levels[0][0]}), chat-templated "
+    print(f"prompts: {n_prompts} ({levels[0][1]} at concurrency {levels[0][0]}), chat-templated "
           f"lengths {min(prompt_tokens)}-{max(prompt_tokens)} tokens (mean "
           f"{sum(prompt_tokens) / len(prompt_tokens):.0f}); max_tokens {max_tokens}; levels "
           f"{', '.join(str(c) for c in level_list)}; context per sequence {ctx}", flush=True)
@@ -837,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         "response_format": RESPONSE_FORMAT,
         "dtype": args.dtype,
         "max_tokens": max_tokens,
-        "levels": [(f"c={c}", len(ps)) for c, ps in levels],
+        "levels": [(f"c={c}", n) for c, n in levels],
         "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens),
                           "mean": round(sum(prompt_tokens) / len(prompt_tokens), 1)},
         "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
@@ -874,14 +790,13 @@ def kv_bytes_per_token(hf_dir: Path, dtype: str) -> int:
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * itemsize
 
 
-def count_prompt_tokens(hf_dir: Path, prompts: list[str]) -> list[int]:
-    """Each prompt's length after SmolLM2's chat template (default system prompt included)."""
+def count_prompt_tokens(hf_dir: Path, chats: list[list[dict]]) -> list[int]:
+    """Each chat's length after SmolLM2's chat template (default system prompt included)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    return [len(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
-                                              add_generation_prompt=True, return_dict=False))
-            for p in prompts]
+    return [len(tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False))
+            for chat in chats]
 
 
 def _header(report: dict) -> str:

@@ -201,14 +201,44 @@ def _int(value: Any, default: int | None) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-class ChatWorkload:
-    """Streamed ``POST /v1/chat/completions``; prompt i of a level is prompt i mod the set's size."""
+class _Workload:
+    """What every workload shares: the route and the encoding of its bodies. A caller that drives
+    the load itself (benchmarks/llm_bench.py, embed_bench.py) may name another ``path`` (a server
+    that serves the API elsewhere, such as Infinity's ``/embeddings``) and ``extra_body``: fields
+    added to every body, replacing the workload's own of the same name (a server's extensions or
+    settings: ``ignore_eos``, a ``response_format``, ``encoding_format``)."""
 
-    def __init__(self, settings: Settings, model: str | None, run_id: str) -> None:
+    def __init__(
+        self, settings: Settings, model: str | None, path: str | None, extra_body: dict | None
+    ) -> None:
         self.settings = settings
         self.model = model
+        self.path = path or settings.path
+        self.extra_body = extra_body or {}
+
+    def _encode(self, body: dict) -> bytes:
+        return orjson.dumps({**body, **self.extra_body})
+
+
+class ChatWorkload(_Workload):
+    """Streamed ``POST /v1/chat/completions``; prompt i of a level is prompt i mod the set's size
+    (``prompts``, chats given by the caller; else ``--prompts`` or the built-in set)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: str | None,
+        run_id: str,
+        *,
+        prompts: list[list[dict]] | None = None,
+        path: str | None = None,
+        extra_body: dict | None = None,
+    ) -> None:
+        super().__init__(settings, model, path, extra_body)
         self.run_id = run_id
-        if settings.prompts_file:
+        if prompts is not None:
+            self.prompts = prompts
+        elif settings.prompts_file:
             self.prompts = prompt_sets.load_prompts(Path(settings.prompts_file))
         else:
             self.prompts = prompt_sets.builtin_prompts()
@@ -230,7 +260,7 @@ class ChatWorkload:
                 body["temperature"] = s.temperature
             if s.ignore_eos:
                 body["ignore_eos"] = True
-            out.append(Prepared(orjson.dumps(body), {"prompt": p, "marker": marker}))
+            out.append(Prepared(self._encode(body), {"prompt": p, "marker": marker}))
         return out
 
     async def send(
@@ -265,7 +295,7 @@ class ChatWorkload:
 
         parser = SSEParser()
         try:
-            async with client.stream("POST", self.settings.path, content=body, headers=JSON_HEADERS) as r:
+            async with client.stream("POST", self.path, content=body, headers=JSON_HEADERS) as r:
                 st.status = r.status_code
                 if not 200 <= r.status_code < 300:
                     st.fail(f"HTTP {r.status_code}: {await _first_bytes(r)}")
@@ -302,17 +332,26 @@ def _count_error(rows: Any, expected: int, what: str) -> str | None:
     return f"asked for {expected} {what}, got {got}"
 
 
-class _PostWorkload:
-    """One JSON request, one JSON answer; latency is from sending to the answer's last byte."""
+class _PostWorkload(_Workload):
+    """One JSON request, one JSON answer; latency is from sending to the answer's last byte. Texts
+    are ``texts`` given by the caller, else ``--texts`` or the built-in passages."""
 
-    def __init__(self, settings: Settings, model: str | None) -> None:
-        self.settings = settings
-        self.model = model
-        self.texts = (
-            prompt_sets.load_lines(Path(settings.texts_file))
-            if settings.texts_file
-            else prompt_sets.builtin_passages()
-        )
+    def __init__(
+        self,
+        settings: Settings,
+        model: str | None,
+        *,
+        texts: list[str] | None = None,
+        path: str | None = None,
+        extra_body: dict | None = None,
+    ) -> None:
+        super().__init__(settings, model, path, extra_body)
+        if texts is not None:
+            self.texts = texts
+        elif settings.texts_file:
+            self.texts = prompt_sets.load_lines(Path(settings.texts_file))
+        else:
+            self.texts = prompt_sets.builtin_passages()
 
     def check(self, answer: Any, meta: dict) -> tuple[str | None, int | None]:
         """An error text when the answer is not what was asked for; input tokens when it says."""
@@ -329,7 +368,7 @@ class _PostWorkload:
         sent = time.perf_counter()
         try:
             r = await asyncio.wait_for(
-                client.post(self.settings.path, content=prep.body, headers=JSON_HEADERS), timeout_s
+                client.post(self.path, content=prep.body, headers=JSON_HEADERS), timeout_s
             )
         except asyncio.TimeoutError:
             error = f"timed out after {timeout_s:g} s"
@@ -373,7 +412,7 @@ class EmbedWorkload(_PostWorkload):
                 body: dict = {"inputs": texts}
             else:
                 body = {"input": texts} | ({"model": self.model} if self.model is not None else {})
-            out.append(Prepared(orjson.dumps(body), {"first_text": first, "texts": batch}))
+            out.append(Prepared(self._encode(body), {"first_text": first, "texts": batch}))
         return out
 
     def check(self, answer: Any, meta: dict) -> tuple[str | None, int | None]:
@@ -390,15 +429,26 @@ class EmbedWorkload(_PostWorkload):
 
 class RerankWorkload(_PostWorkload):
     """``--api cohere``: ``POST /v1/rerank {model, query, documents, top_n}``; ``--api tei``:
-    ``POST /rerank {query, texts}``. Request i ranks texts i*D .. i*D+D-1 against query i."""
+    ``POST /rerank {query, texts}``. Request i ranks texts i*D .. i*D+D-1 against query i (mod the
+    sets' sizes); queries are ``queries`` given by the caller, else ``--queries`` or the built-in ones."""
 
-    def __init__(self, settings: Settings, model: str | None) -> None:
-        super().__init__(settings, model)
-        self.queries = (
-            prompt_sets.load_lines(Path(settings.queries_file))
-            if settings.queries_file
-            else prompt_sets.builtin_queries()
-        )
+    def __init__(
+        self,
+        settings: Settings,
+        model: str | None,
+        *,
+        texts: list[str] | None = None,
+        queries: list[str] | None = None,
+        path: str | None = None,
+        extra_body: dict | None = None,
+    ) -> None:
+        super().__init__(settings, model, texts=texts, path=path, extra_body=extra_body)
+        if queries is not None:
+            self.queries = queries
+        elif settings.queries_file:
+            self.queries = prompt_sets.load_lines(Path(settings.queries_file))
+        else:
+            self.queries = prompt_sets.builtin_queries()
 
     def prepare(self, tag: str, n: int, warmup: bool = False) -> list[Prepared]:
         docs = self.settings.documents or 1
@@ -421,7 +471,7 @@ class RerankWorkload(_PostWorkload):
                 expect = top_n
             out.append(
                 Prepared(
-                    orjson.dumps(body),
+                    self._encode(body),
                     {"query": q, "first_text": first, "documents": docs, "results": expect},
                 )
             )
