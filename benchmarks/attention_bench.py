@@ -5,10 +5,13 @@ heads, head_dim 64, bf16 cache, 8-slot blocks as on the CPU), with every thread 
 Shapes: decode batches (one row per sequence, each its own context), prefill runs (consecutive
 rows of one sequence), a short chunk after a long cached context (chunked prefill, a prefix-cache
 hit). Each shape is timed --repeats times after a warm-up, alternating the two libraries, and the
-median is kept. The earlier kernel is compiled from `git show REF:.../paged_decode.c` with the other
-kernel sources of this checkout and the flags of this CPU's variant (kernels/variants.py).
+median is kept. With --layers N every call is made on N caches of their own in turn, as a step
+of an N-layer model makes it: the caches then come from memory, not from the CPU's caches. The
+earlier kernel is compiled from the kernel sources at REF (`git show`) with the flags of this
+CPU's variant (kernels/variants.py).
 
     .venv/bin/python benchmarks/attention_bench.py --ref 1844958 --json benchmarks/out/<dir>/attention.json
+    .venv/bin/python benchmarks/attention_bench.py --ref HEAD --layers 30   # a 30-layer step, cold caches
     .venv/bin/python benchmarks/attention_bench.py --from-json benchmarks/out/<dir>/attention.json
 """
 
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK, SCALE = 9, 3, 64, 8, 0.125
 SHAPES = {
     "decode 32 x 1000 ctx": ([1000] * 32, False),
     "decode 32 x 500 ctx": ([500] * 32, False),
+    "decode 32 x 200 ctx": ([200] * 32, False),
     "decode 1 x 500 ctx": ([500], False),
     "prefill run of 1500": (list(range(1, 1501)), True),
     "prefill run of 300": (list(range(1, 301)), True),
@@ -52,20 +55,19 @@ def this_variant() -> variants.Variant:
 
 
 def build_at(ref: str, out_dir: Path) -> Path:
-    """This CPU's variant of the kernel library with paged_decode.c as it was at ``ref``."""
+    """This CPU's variant of the kernel library as its sources were at ``ref`` (all of them: a
+    helper may have moved between paged_decode.c and common.h)."""
     variant = this_variant()
     src = out_dir / "src"
     src.mkdir()
-    for path in [*KERNELS.glob("*.c"), *KERNELS.glob("*.h")]:
-        shutil.copy(path, src / path.name)
-    old = subprocess.run(
-        ["git", "show", f"{ref}:src/inferd/llm/runner/kernels/paged_decode.c"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    (src / "paged_decode.c").write_text(old)
+    kernels = KERNELS.relative_to(ROOT).as_posix()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+    for name in git("ls-tree", "--name-only", f"{ref}:{kernels}").split():
+        if name.endswith((".c", ".h")):
+            (src / name).write_text(git("show", f"{ref}:{kernels}/{name}"))
     library = out_dir / "paged_at_ref.so"
     subprocess.run(
         [
@@ -91,18 +93,24 @@ def kernel(library: Path):
     return fn
 
 
-def call_args(lens: list[int], run: bool):
+def call_args(lens: list[int], run: bool, layers: int = 1) -> tuple[tuple, list[tuple]]:
+    """The tensors to keep alive and one call's arguments per layer (each layer its own caches)."""
     torch.manual_seed(0)
     n, width = len(lens), max(lens) // BLOCK + 1
-    k, v = torch.randn(2, n * width * BLOCK, KV_HEADS, HEAD_DIM).bfloat16().unbind(0)
-    tables = torch.randperm(n * width).view(n, width)
+    blocks = width if run else n * width  # a run's rows share one sequence's blocks
+    tables = torch.randperm(blocks).view(-1, width)
     if run:
-        tables = tables[:1].expand(n, width)
+        tables = tables.expand(n, width)
     tables, ctx = tables.contiguous(), torch.tensor(lens)
     q = torch.randn(n, HEADS * HEAD_DIM).bfloat16()
     out = torch.empty_like(q)
-    keep = (k, v, tables, ctx, q, out)
-    args = (
+    caches = [torch.randn(2, blocks * BLOCK, KV_HEADS, HEAD_DIM).bfloat16().unbind(0) for _ in range(layers)]
+    keep = (caches, tables, ctx, q, out)
+    return keep, [_args(q, k, v, tables, width, ctx, n, out) for k, v in caches]
+
+
+def _args(q, k, v, tables, width, ctx, n, out) -> tuple:
+    return (
         q.data_ptr(),
         1,
         HEADS * HEAD_DIM,
@@ -124,17 +132,18 @@ def call_args(lens: list[int], run: bool):
         1,
         HEADS * HEAD_DIM,
     )
-    return keep, args
 
 
-def time_call(fn, args, calls: int) -> float:
+def time_call(fn, layer_args: list[tuple], calls: int) -> float:
+    """Seconds a call of every layer in turn (a step's attention) takes."""
     start = time.perf_counter()
     for _ in range(calls):
-        assert fn(*args) == 0
+        for args in layer_args:
+            assert fn(*args) == 0
     return (time.perf_counter() - start) / calls
 
 
-def run(ref: str, repeats: int) -> dict:
+def run(ref: str, repeats: int, layers: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         libraries = {
             "this checkout": kernel(prebuilt_library(this_variant())),
@@ -142,8 +151,8 @@ def run(ref: str, repeats: int) -> dict:
         }
         rows = []
         for name, (lens, is_run) in SHAPES.items():
-            keep, args = call_args(lens, is_run)
-            calls = max(1, int(2e6 / sum(lens)))  # about the same work per timing
+            keep, args = call_args(lens, is_run, layers)
+            calls = max(1, int(2e6 / sum(lens) / layers))  # about the same work per timing
             samples = {label: [] for label in libraries}
             for fn in libraries.values():
                 time_call(fn, args, calls)
@@ -168,6 +177,7 @@ def run(ref: str, repeats: int) -> dict:
         ).stdout.strip(),
         "ref": ref,
         "repeats": repeats,
+        "layers": layers,
         "shapes": rows,
     }
 
@@ -176,7 +186,8 @@ def render(report: dict) -> str:
     ref = f"at {report['ref']}"
     lines = [
         f"CPU: {report['cpu']}, kernel variant {report['variant']}, {report['threads']} threads, commit "
-        f"{report['commit']}; median of {report['repeats']} samples, microseconds per call",
+        f"{report['commit']}; median of {report['repeats']} samples, microseconds per call"
+        + (f" of each of {report['layers']} layers' caches in turn" if report.get("layers", 1) > 1 else ""),
         "",
         f"| shape | this checkout | {ref} | ratio |",
         "|---|---|---|---|",
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref", default="HEAD~1", help="the earlier commit to build paged_decode.c from")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--layers", type=int, default=1, help="caches per call, each called in turn")
     parser.add_argument("--json", type=Path, help="write the raw samples here")
     parser.add_argument("--from-json", type=Path, help="only render a report written by --json")
     args = parser.parse_args(argv)
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if native_ops() is None:
         print("no native kernel library loads on this machine", file=sys.stderr)
         return 1
-    return save_and_render(run(args.ref, args.repeats), args.json, render)
+    return save_and_render(run(args.ref, args.repeats, args.layers), args.json, render)
 
 
 if __name__ == "__main__":
