@@ -200,7 +200,7 @@ def render(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ref", default="HEAD~1", help="the earlier commit to build paged_decode.c from")
+    parser.add_argument("--ref", default="HEAD~1", help="the earlier commit whose kernel sources to build")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", type=int, default=1, help="caches per call, each called in turn")
     parser.add_argument("--json", type=Path, help="write the raw samples here")

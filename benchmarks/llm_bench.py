@@ -649,7 +649,7 @@ def render_table(report: dict) -> str:
             if level.get("empty_answers"):
                 flags.append(f"{level['empty_answers']} empty")
             if level["tokens_from"] != "usage":
-                flags.append("tokens from chunks")
+                flags.append(f"tokens from {level['tokens_from']}")
             flag = f"  ({', '.join(flags)})" if flags else ""
             lines.append(
                 f"{label:<16} {server['name']:<14} {fmt(r, 1):>8} {fmt(level['ttft_p50_ms']):>9} "

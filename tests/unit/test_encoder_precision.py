@@ -172,6 +172,17 @@ def test_the_memory_plan_counts_a_checked_dtype_as_float32(tiny_embedder, monkey
     assert float32.weight_bytes / 2 < named.weight_bytes < float32.weight_bytes
 
 
+def test_a_bert_cross_encoder_is_planned_cast_whole(tiny_cross_encoder):
+    """Cross-encoders load through transformers' class, every tensor in the named dtype."""
+    from inferd.config import ModelSpec
+    from inferd.memory.server import model_need
+
+    spec = ModelSpec.model_validate(f"{tiny_cross_encoder}=r,kind=rerank")
+    named = model_need(spec, load_settings({"device": "cpu", "dtype": "bfloat16"}), tiny_cross_encoder)
+    float32 = model_need(spec, load_settings({"device": "cpu", "dtype": "float32"}), tiny_cross_encoder)
+    assert named.weight_bytes * 2 == float32.weight_bytes
+
+
 def test_the_memory_plan_counts_what_a_named_reduced_dtype_holds(bundled_minilm):
     """inferd's BERT keeps its embedding tables in float32 under a named bfloat16: the plan counts
     them so (all-MiniLM-L6-v2: ~69 MB held, not the 45 MB of every value in two bytes)."""

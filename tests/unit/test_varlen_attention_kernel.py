@@ -99,24 +99,49 @@ def test_the_kernel_reads_rows_of_a_wider_buffer(fast_ops):
 
 
 def test_only_the_avx512_builds_take_it_and_the_others_refuse_it(ops):
-    qkv, bounds = torch.randn(8, 3 * 2 * 32), torch.tensor([(0, 8)])
+    torch.manual_seed(2)
+    qkv, spans = torch.randn(40, 3 * 2 * 32), [(0, 8), (8, 40)]
+    bounds = torch.tensor(spans)
     if ops.variant in AVX512_BUILDS:
         assert ops.varlen_attention_takes(32) and ops.varlen_attention_takes(64)
         assert not ops.varlen_attention_takes(40) and not ops.varlen_attention_takes(8)
-        ops.varlen_attention(qkv, 2, 32, bounds, 0.1)
+        got = ops.varlen_attention(qkv, 2, 32, bounds, 0.1)
+        torch.testing.assert_close(got.double(), reference(qkv, 2, 32, spans, 0.1), atol=2e-5, rtol=1e-4)
     else:
         assert not ops.varlen_attention_takes(32)
         with pytest.raises(kernels.KernelArgumentError, match="cannot take"):
             ops.varlen_attention(qkv, 2, 32, bounds, 0.1)
 
 
+def test_a_nan_or_an_infinity_comes_out_as_nan_in_its_item_only(fast_ops):
+    """As torch's softmax gives it: a fault upstream shows, it is not averaged into a finite row."""
+    torch.manual_seed(3)
+    heads, head_dim, bounds = 2, 32, [(0, 5), (5, 12), (12, 20)]
+    qkv = torch.randn(20, 3 * heads * head_dim)
+    width = heads * head_dim
+    qkv[1, width + 3] = float("nan")  # a key of item 0, head 0
+    qkv[7, 2] = float("inf")  # the query of row 7 (item 1), head 0
+    got = fast_ops.varlen_attention(qkv, heads, head_dim, torch.tensor(bounds), 0.1)
+    expected = reference(qkv, heads, head_dim, bounds, 0.1)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert got[0:5, :head_dim].isnan().all() and got[7, :head_dim].isnan().all()
+    assert got[12:20].isfinite().all() and got[0:5, head_dim:].isfinite().all()
+    finite = expected.isfinite()
+    torch.testing.assert_close(got.double()[finite], expected[finite], atol=2e-5, rtol=1e-4)
+
+
 def test_the_boundary_refuses_spans_and_tensors_the_kernel_would_misread(fast_ops):
     qkv = torch.randn(10, 3 * 2 * 32)
     cases = [
         (qkv, torch.tensor([(0, 11)])),  # past the last row
-        (qkv, torch.tensor([(-1, 4)])),
-        (qkv, torch.tensor([(3, 3)])),  # an empty item
-        (qkv, torch.tensor([(0, 4)], dtype=torch.int32)),
+        (qkv, torch.tensor([(-1, 10)])),
+        (qkv, torch.tensor([(0, 3), (3, 3), (3, 10)])),  # an empty item
+        (qkv, torch.tensor([(0, 6), (4, 10)])),  # overlapping: two tasks would write rows 4-5
+        (qkv, torch.tensor([(0, 4), (6, 10)])),  # a gap: rows 4-5 never written
+        (qkv, torch.tensor([(0, 4)])),  # rows 4.. never written
+        (qkv, torch.tensor([(4, 10), (0, 4)])),  # out of order
+        (qkv, torch.zeros(0, 2, dtype=torch.int64)),  # no items for 10 rows
+        (qkv, torch.tensor([(0, 10)], dtype=torch.int32)),
         (qkv, torch.tensor([0, 4, 4, 10])),  # not (items, 2)
         (qkv[:, :100], torch.tensor([(0, 10)])),  # narrower than 3 * heads * head_dim
         (qkv.double(), torch.tensor([(0, 10)])),
@@ -127,3 +152,6 @@ def test_the_boundary_refuses_spans_and_tensors_the_kernel_would_misread(fast_op
             fast_ops.varlen_attention(tensor, 2, 32, bounds, 0.1)
     with pytest.raises(kernels.KernelArgumentError):
         fast_ops.varlen_attention(torch.randn(10, 3 * 2 * 40), 2, 40, torch.tensor([(0, 10)]), 0.1)
+    with pytest.raises(kernels.KernelArgumentError):
+        fast_ops.varlen_attention(qkv, 0, 32, torch.tensor([(0, 10)]), 0.1)
+    assert fast_ops.varlen_attention(qkv, 2, 32, torch.tensor([(0, 4), (4, 10)]), 0.1).isfinite().all()

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from inferd.config import ModelSpec, ServerSettings
+from inferd.config.model_spec import ModelKind
 from inferd.errors import ModelLoadError
 from inferd.hub.gguf import conversion_folder, is_converted, read_gguf_info
 from inferd.hub.inspect import inspect_model
@@ -88,7 +89,9 @@ def model_need(spec: ModelSpec, settings: ServerSettings, path: Path) -> ModelNe
         if files.is_gguf:
             need = replace(need, load_peak_bytes=_conversion_peak(path, config))
         return need
-    return _encoder_need(spec.served_name, path, shape, num_params, settings.encoder_config(spec))
+    # inferd's BERT runs sentence embedders with absolute positions (encoder/models/bert.py)
+    packed = files.kind is ModelKind.EMBEDDING and files.config.get("position_embedding_type", "absolute") == "absolute"
+    return _encoder_need(spec.served_name, path, shape, num_params, settings.encoder_config(spec), packed)
 
 
 def _llm_need(name: str, shape: ModelShape, num_params: int, config) -> ModelNeed:
@@ -119,7 +122,9 @@ def _conversion_peak(gguf_path: Path, config) -> int:
     return read_gguf_info(gguf_path).conversion(config.dtype).peak_bytes
 
 
-def _encoder_need(name: str, path: Path, shape: ModelShape, num_params: int, config) -> ModelNeed:
+def _encoder_need(
+    name: str, path: Path, shape: ModelShape, num_params: int, config, embedder: bool
+) -> ModelNeed:
     # A checked dtype is decided at load, on the float32 model, which is what it serves on a failed
     # check: its bytes are planned as float32 (its dtype stays what it may serve: the load's key).
     planned = "float32" if config.dtype_gate else config.dtype
@@ -127,7 +132,7 @@ def _encoder_need(name: str, path: Path, shape: ModelShape, num_params: int, con
         name=name,
         device=config.device,
         dtype=config.dtype,
-        weight_bytes=encoder_weight_bytes(shape, num_params, planned),
+        weight_bytes=encoder_weight_bytes(shape, num_params, planned, embedder),
         activation_bytes=encoder_activation_bytes(
             shape, config.max_batch_tokens, _encoder_max_len(path, shape), planned
         ),

@@ -238,20 +238,30 @@ class NativeOps:
         self, qkv: torch.Tensor, heads: int, head_dim: int, bounds: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """An encoder's attention over a packed batch: ``qkv`` (tokens, 3 * heads * head_dim)
-        float32 rows [q | k | v], ``bounds`` (items, 2) int64 (start, end) spans; each token
-        attends to its own span's tokens. Returns (tokens, heads * head_dim) float32."""
+        float32 rows [q | k | v], ``bounds`` (items, 2) int64 (start, end) spans that tile the
+        rows in order; each token attends to its own span's tokens. Returns (tokens, heads *
+        head_dim) float32 (a row is NaN where its scores or values hold a NaN or an infinity)."""
         width = heads * head_dim
         tokens = qkv.shape[0]
         _check(qkv, "qkv", torch.float32, (tokens, 3 * width))
         _check(bounds, "bounds", torch.int64, (None, 2))
         if not bounds.is_contiguous():
             raise KernelArgumentError("bounds: the kernel takes contiguous (start, end) rows")
-        if len(bounds) and not (
+        # Every row written exactly once: spans that overlapped would race, a gap stay unwritten.
+        tiled = (
             bool((bounds[:, 0] < bounds[:, 1]).all())
-            and int(bounds.min()) >= 0
-            and int(bounds.max()) <= tokens
-        ):
-            raise KernelArgumentError(f"bounds: every span must be non-empty and lie within {tokens} rows")
+            and int(bounds[0, 0]) == 0
+            and bool((bounds[1:, 0] == bounds[:-1, 1]).all())
+            and int(bounds[-1, 1]) == tokens
+            if len(bounds)
+            else tokens == 0
+        )
+        if not tiled:
+            raise KernelArgumentError(
+                f"bounds: non-empty (start, end) spans must tile the {tokens} rows in order"
+            )
+        if heads <= 0:
+            raise KernelArgumentError(f"heads: {heads}, not a count of heads")
         out = qkv.new_empty(tokens, width)
         status = self._varlen_attention(
             qkv.data_ptr(), qkv[:, width:].data_ptr(), qkv[:, 2 * width :].data_ptr(), qkv.stride(0),

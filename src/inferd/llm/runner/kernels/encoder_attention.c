@@ -67,16 +67,26 @@ static void score_rows(const float *q, int64_t stride, int rows, float scale, co
     if (j < padded) SCORE_BLOCK(1);
 }
 
-/* exp(score - the row's peak) in place over each row's n scores, and 1 / the row's total in inv. */
+/* exp(score - the row's peak) in place over each row's n scores, and 1 / the row's total in inv:
+ * NaN when a score is NaN or the peak is infinite (an input that was NaN or infinite), so the row
+ * comes out NaN as torch's softmax makes it, never a finite average that hides the fault. */
 static void exp_rows(float *scores, int rows, int n, int padded, float *inv) {
     for (int r = 0; r < rows; r++) {
         float *s = scores + r * padded;
         __m512 peak = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+        __mmask16 nan = 0;
         for (int j = 0; j < n; j += 16) {
             const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-            peak = _mm512_mask_max_ps(peak, m, peak, _mm512_maskz_loadu_ps(m, s + j));
+            const __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+            nan |= _mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q);
+            peak = _mm512_mask_max_ps(peak, m, peak, x);
         }
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
+        const float most = _mm512_reduce_max_ps(peak);
+        if (nan || !isfinite(most)) {
+            inv[r] = NAN;
+            continue;
+        }
+        const __m512 top = _mm512_set1_ps(most);
         for (int j = 0; j < n; j += 16) {
             const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
             const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + j), top)));
@@ -125,16 +135,17 @@ int varlen_attention_f32(const float *q, const float *k, const float *v, int64_t
         longest = n > longest ? n : longest;
         tasks += (n + CHUNK - 1) / CHUNK;
     }
-    if (!tasks) return 0;
     tasks *= heads;
+    if (!tasks) return 0;
     /* task t: (item, head, first row), an item's heads in turn, each head's row blocks in turn (a
      * thread taking the next block of the same head reuses its packed keys) */
     int64_t *task = malloc(sizeof(int64_t) * 3 * tasks);
     if (!task) return -2;
-    for (int i = 0, t = 0; i < items; i++)
+    int64_t filled = 0;
+    for (int i = 0; i < items; i++)
         for (int h = 0; h < heads; h++)
-            for (int64_t r = bounds[2 * i]; r < bounds[2 * i + 1]; r += CHUNK, t++)
-                task[3 * t] = i, task[3 * t + 1] = h, task[3 * t + 2] = r;
+            for (int64_t r = bounds[2 * i]; r < bounds[2 * i + 1]; r += CHUNK, filled++)
+                task[3 * filled] = i, task[3 * filled + 1] = h, task[3 * filled + 2] = r;
     const int padded = (int)((longest + 15) / 16 * 16);
     int failed = 0;
 #pragma omp parallel
