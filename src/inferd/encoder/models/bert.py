@@ -115,8 +115,10 @@ class PackedBert(nn.Module):
 def native_attention(head_dim: int):
     """The native kernels when their build has the encoder attention kernel for heads of
     ``head_dim`` (the AVX-512 builds), else None: attention then runs as ``_attend_within``. The
-    kernel computes the same float32 attention at 2-2.5x the speed of the per-item matrix products
-    on BERT-sized heads (32 and 64 wide, 32-256 rows), measured on an AVX512-BF16 EPYC."""
+    kernel computes the same float32 attention up to rounding (its exp is a polynomial; NaN and
+    infinite inputs give NaN rows, as torch's softmax does) at 2-2.5x the speed of the per-item
+    matrix products on BERT-sized heads (32 and 64 wide, 32-256 rows), measured on an
+    AVX512-BF16 EPYC."""
     from inferd.llm.runner.kernels import native_ops
 
     ops = native_ops()
