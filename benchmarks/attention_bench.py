@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import save_and_render
+from harness import add_report_args, render_from_json, save_and_render
 from ray_bench import cpu_model
 
 from inferd.llm.runner.kernels import native_ops, prebuilt_library, variants
@@ -203,11 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref", default="HEAD~1", help="the earlier commit whose kernel sources to build")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", type=int, default=1, help="caches per call, each called in turn")
-    parser.add_argument("--json", type=Path, help="write the raw samples here")
-    parser.add_argument("--from-json", type=Path, help="only render a report written by --json")
+    add_report_args(parser)
     args = parser.parse_args(argv)
-    if args.from_json:
-        print(render(json.loads(args.from_json.read_text())))
+    if render_from_json(args, render):
         return 0
     if native_ops() is None:
         print("no native kernel library loads on this machine", file=sys.stderr)

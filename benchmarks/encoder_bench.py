@@ -13,16 +13,14 @@ share is timed around its call in each layer.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from embed_bench import build_corpus, model_dir
-from harness import ROOT, save_and_render
+from harness import ROOT, add_report_args, render_from_json, save_and_render
 from ray_bench import cpu_model
 
 from inferd.config import load_settings
@@ -124,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passages", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="write the raw samples here")
-    parser.add_argument("--from-json", type=Path, help="only render a report written by --json")
+    add_report_args(parser)
     args = parser.parse_args(argv)
-    if args.from_json:
-        print(render(json.loads(args.from_json.read_text())))
+    if render_from_json(args, render):
         return 0
     return save_and_render(run(args.passages, args.repeats), args.json, render)
 

@@ -163,6 +163,20 @@ def venv_versions(venv: Path | None, packages: tuple[str, ...]) -> dict[str, str
         return {}
 
 
+def add_report_args(parser) -> None:
+    """--json (write the raw report) and --from-json (render one, run nothing)."""
+    parser.add_argument("--json", type=Path, help="write the raw samples here")
+    parser.add_argument("--from-json", type=Path, help="only render a report written by --json")
+
+
+def render_from_json(args, render) -> bool:
+    """Print the table of --from-json's report when one was given (then nothing is to run)."""
+    if args.from_json is None:
+        return False
+    print(render(json.loads(args.from_json.read_text())))
+    return True
+
+
 def save_and_render(report: dict, json_path: Path | None, render) -> int:
     """Write a benchmark's raw report (when asked) and print its table; main's exit status."""
     if json_path is not None:
