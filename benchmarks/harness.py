@@ -107,15 +107,18 @@ class Running:
             os.killpg(pgid, signal.SIGKILL)
 
 
-def measure_level(workload, prepared: list[Prepared], concurrency: int) -> tuple[float, list[dict], float]:
+def measure_level(
+    workload, prepared: list[Prepared], concurrency: int, keep_alive: bool = True
+) -> tuple[float, list[dict], float]:
     """One level of ``inferd bench``'s load: ``prepared`` through ``concurrency`` workers on a client of
-    its own (a connection per worker, no proxy from the environment). The level's wall time in seconds,
-    its samples in request order, and the load generator's CPU time over it, in seconds: it shares the
-    machine's cores with the server."""
+    its own (a connection per worker, kept alive unless ``keep_alive`` is False: then one per request;
+    no proxy from the environment). The level's wall time in seconds, its samples in request order,
+    and the load generator's CPU time over it, in seconds: it shares the machine's cores with the
+    server."""
 
     async def level() -> tuple[float, list[dict], float]:
         settings = workload.settings
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency if keep_alive else 0)
         timeout = httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 30.0))
         async with httpx.AsyncClient(base_url=settings.url, limits=limits, timeout=timeout,
                                      trust_env=False) as client:

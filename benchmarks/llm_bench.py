@@ -559,7 +559,7 @@ def warm_up(server: Server, prompts: int, concurrency: int) -> dict:
     t0 = time.perf_counter()
     for chats, tag, c in ((CHATS[prompts - 1:prompts], "warm1", 1), (CHATS[:prompts], "warm", concurrency)):
         workload = chat_workload(server, n, chats)
-        wall, samples, _ = measure_level(workload, workload.prepare(tag, c, warmup=True), c)
+        wall, samples, _ = measure_level(workload, workload.prepare(tag, c, warmup=True), c, keep_alive=False)
         errors = [s["error"] for s in samples if s["error"] is not None]
         if errors:
             raise RuntimeError(f"{server.name}: warm-up failed: {errors[0]}")
@@ -597,7 +597,10 @@ def bench_server(server: Server, levels: list[tuple[int, int]], max_tokens: int,
             for concurrency, requests in levels:
                 prepared = level_requests(workload, concurrency, requests)
                 with MemorySampler(root) as memory:
-                    wall, samples, cpu = measure_level(workload, prepared, concurrency)
+                    # A connection per stream, as before inferd.bench: llama.cpp's server drops a
+                    # kept-alive connection now and then (1 request in 16 at one stream failed with
+                    # "Server disconnected without sending a response" when they were reused).
+                    wall, samples, cpu = measure_level(workload, prepared, concurrency, keep_alive=False)
                 result = level_result(concurrency, max_tokens, wall, samples, cpu, memory)
                 out["levels"][result.load] = asdict(result)
                 print(f"   {_summary(result)}", flush=True)
