@@ -120,3 +120,42 @@ def test_embed_and_rerank_workloads_take_the_callers_texts_queries_route_and_ext
         "query": tei.queries[0],
         "texts": texts[:2],
     }
+
+
+def _drops_first(answer):
+    """A server that closes the first connection unanswered (a dropped kept-alive connection)."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return answer(request)
+
+    return handler
+
+
+def test_a_request_whose_connection_was_dropped_unanswered_is_sent_once_more():
+    chat = Settings("chat", "http://bench.test", "openai", max_tokens=2)
+    workload = ChatWorkload(chat, "m", "run1", prompts=[[{"role": "user", "content": "x"}]])
+    _, samples = serve(workload.prepare("L0", 2), workload, 1, _drops_first(lambda r: httpx.Response(200, content=SSE)))
+    assert [s["error"] for s in samples] == [None, None]
+    assert [s["retried"] for s in samples] == [True, False]
+
+    embed = Settings("embed", "http://bench.test", "openai", batch=1)
+    workload = EmbedWorkload(embed, "m", texts=["a", "b"])
+    rows = {"data": [{"index": 0, "embedding": [0.0]}]}
+    _, samples = serve(workload.prepare("L0", 2), workload, 1, _drops_first(lambda r: httpx.Response(200, json=rows)))
+    assert [s["error"] for s in samples] == [None, None]
+    assert [s["retried"] for s in samples] == [True, False]
+
+
+def test_a_server_that_drops_every_connection_is_reported_not_retried_forever():
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    chat = Settings("chat", "http://bench.test", "openai", max_tokens=2)
+    workload = ChatWorkload(chat, "m", "run1", prompts=[[{"role": "user", "content": "x"}]])
+    seen, samples = serve(workload.prepare("L0", 2), workload, 1, lambda r: handler(r))
+    assert len(seen) == 4  # each request sent twice, no more
+    assert all(s["error"].startswith("RemoteProtocolError") and s["retried"] for s in samples)

@@ -112,6 +112,16 @@ def _transport_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:ERROR_BYTES]
 
 
+def _stale_connection(exc: Exception, status: int | None, attempt: int) -> bool:
+    """Whether to send a request once more: its first attempt ended with the connection closed
+    before any answer, which is how a kept-alive connection the server has dropped fails (some
+    servers close one after a few requests; llama.cpp's did once in 16). A second such failure is
+    the server's own, and is reported."""
+    import httpx
+
+    return attempt == 0 and status is None and isinstance(exc, httpx.RemoteProtocolError)
+
+
 # ---------------------------------------------------------------------------------------------- chat
 
 
@@ -155,6 +165,7 @@ class ChatStream:
         self.cached_tokens: int | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.retried = False  # sent again: the server closed its kept-alive connection unanswered
 
     def event(self, payload: bytes, now: float) -> None:
         """One ``data:`` payload. Text is content or reasoning (``reasoning_content`` /
@@ -288,34 +299,40 @@ class ChatWorkload(_Workload):
             "cached_tokens": st.cached_tokens,
             "finish_reason": st.finish_reason,
             "error": st.error,
+            "retried": st.retried,
         }
 
     async def _stream(self, client: httpx.AsyncClient, body: bytes, st: ChatStream, sent: float) -> None:
         import httpx
 
-        parser = SSEParser()
-        try:
-            async with client.stream("POST", self.path, content=body, headers=JSON_HEADERS) as r:
-                st.status = r.status_code
-                if not 200 <= r.status_code < 300:
-                    st.fail(f"HTTP {r.status_code}: {await _first_bytes(r)}")
-                    return
-                async for chunk in r.aiter_bytes():
-                    if st.done_at is not None:
-                        continue  # read to the end, so the connection is reused
-                    now = time.perf_counter() - sent
-                    for payload in parser.feed(chunk):
-                        st.event(payload, now)
+        for attempt in (0, 1):
+            parser = SSEParser()
+            try:
+                async with client.stream("POST", self.path, content=body, headers=JSON_HEADERS) as r:
+                    st.status = r.status_code
+                    if not 200 <= r.status_code < 300:
+                        st.fail(f"HTTP {r.status_code}: {await _first_bytes(r)}")
+                        return
+                    async for chunk in r.aiter_bytes():
                         if st.done_at is not None:
-                            break
-                end = time.perf_counter() - sent
+                            continue  # read to the end, so the connection is reused
+                        now = time.perf_counter() - sent
+                        for payload in parser.feed(chunk):
+                            st.event(payload, now)
+                            if st.done_at is not None:
+                                break
+                    end = time.perf_counter() - sent
+                    if st.done_at is None:
+                        for payload in parser.flush():
+                            st.event(payload, end)
+            except httpx.HTTPError as exc:
+                if _stale_connection(exc, st.status, attempt):
+                    st.retried = True
+                    continue
                 if st.done_at is None:
-                    for payload in parser.flush():
-                        st.event(payload, end)
-        except httpx.HTTPError as exc:
-            if st.done_at is None:
-                st.fail(_transport_error(exc))
-            return
+                    st.fail(_transport_error(exc))
+                return
+            break
         if st.done_at is None and st.finish_reason is None:
             other = f": {_snippet(parser.other)}" if parser.other else ""
             st.fail(f"stream ended before [DONE]{other}")
@@ -365,15 +382,21 @@ class _PostWorkload(_Workload):
         error: str | None = None
         status: int | None = None
         tokens: int | None = None
+        retried = False
         sent = time.perf_counter()
-        try:
-            r = await asyncio.wait_for(
-                client.post(self.path, content=prep.body, headers=JSON_HEADERS), timeout_s
-            )
-        except asyncio.TimeoutError:
-            error = f"timed out after {timeout_s:g} s"
-        except httpx.HTTPError as exc:
-            error = _transport_error(exc)
+        for attempt in (0, 1):
+            try:
+                r = await asyncio.wait_for(
+                    client.post(self.path, content=prep.body, headers=JSON_HEADERS), timeout_s
+                )
+            except asyncio.TimeoutError:
+                error = f"timed out after {timeout_s:g} s"
+            except httpx.HTTPError as exc:
+                if _stale_connection(exc, None, attempt):
+                    retried = True
+                    continue
+                error = _transport_error(exc)
+            break
         latency = time.perf_counter() - sent
         if error is None:
             status = r.status_code
@@ -393,6 +416,7 @@ class _PostWorkload(_Workload):
             "latency_ms": _ms(latency),
             "prompt_tokens": tokens,
             "error": error,
+            "retried": retried,
         }
 
 
