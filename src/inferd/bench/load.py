@@ -212,6 +212,13 @@ def _int(value: Any, default: int | None) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+def _inputs(given: list | None, file: str | None, load, builtin) -> list:
+    """The caller's inputs, else those of the file the command named, else the built-in set."""
+    if given is not None:
+        return given
+    return load(Path(file)) if file else builtin()
+
+
 class _Workload:
     """What every workload shares: the route and the encoding of its bodies. A caller that drives
     the load itself (benchmarks/llm_bench.py, embed_bench.py) may name another ``path`` (a server
@@ -247,12 +254,7 @@ class ChatWorkload(_Workload):
     ) -> None:
         super().__init__(settings, model, path, extra_body)
         self.run_id = run_id
-        if prompts is not None:
-            self.prompts = prompts
-        elif settings.prompts_file:
-            self.prompts = prompt_sets.load_prompts(Path(settings.prompts_file))
-        else:
-            self.prompts = prompt_sets.builtin_prompts()
+        self.prompts = _inputs(prompts, settings.prompts_file, prompt_sets.load_prompts, prompt_sets.builtin_prompts)
 
     def prepare(self, tag: str, n: int, warmup: bool = False) -> list[Prepared]:
         """Warm-up prompts always carry a marker, so they are never the measured prompts."""
@@ -363,12 +365,7 @@ class _PostWorkload(_Workload):
         extra_body: dict | None = None,
     ) -> None:
         super().__init__(settings, model, path, extra_body)
-        if texts is not None:
-            self.texts = texts
-        elif settings.texts_file:
-            self.texts = prompt_sets.load_lines(Path(settings.texts_file))
-        else:
-            self.texts = prompt_sets.builtin_passages()
+        self.texts = _inputs(texts, settings.texts_file, prompt_sets.load_lines, prompt_sets.builtin_passages)
 
     def check(self, answer: Any, meta: dict) -> tuple[str | None, int | None]:
         """An error text when the answer is not what was asked for; input tokens when it says."""
@@ -467,12 +464,7 @@ class RerankWorkload(_PostWorkload):
         extra_body: dict | None = None,
     ) -> None:
         super().__init__(settings, model, texts=texts, path=path, extra_body=extra_body)
-        if queries is not None:
-            self.queries = queries
-        elif settings.queries_file:
-            self.queries = prompt_sets.load_lines(Path(settings.queries_file))
-        else:
-            self.queries = prompt_sets.builtin_queries()
+        self.queries = _inputs(queries, settings.queries_file, prompt_sets.load_lines, prompt_sets.builtin_queries)
 
     def prepare(self, tag: str, n: int, warmup: bool = False) -> list[Prepared]:
         docs = self.settings.documents or 1

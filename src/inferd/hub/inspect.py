@@ -35,6 +35,20 @@ class ModelFiles:
         return sum(size for _, size in self.files)
 
 
+# Families whose embeddings take plain 0-based position ids and whose attention goes through
+# transformers' attention interface, so a packed row (positions restarting per item) is exact.
+_PACKABLE_MODEL_TYPES = frozenset({"bert"})
+
+
+def packs_unpadded(config: dict) -> bool:
+    """Whether a sentence embedder with this config.json runs unpadded (packed) batches; a plain
+    BERT checkpoint among them runs on inferd's own BERT (encoder/models/bert.py)."""
+    return (
+        config.get("model_type") in _PACKABLE_MODEL_TYPES
+        and config.get("position_embedding_type", "absolute") == "absolute"
+    )
+
+
 def inspect_model(path: Path) -> ModelFiles:
     """Read config.json (or a GGUF header) and count parameters from safetensors headers."""
     if path.is_file():

@@ -143,13 +143,13 @@ def weight_bytes(num_params: int, dtype: str) -> int:
     return math.ceil(num_params * dtype_bytes(dtype))
 
 
-def encoder_weight_bytes(shape: ModelShape, num_params: int, dtype: str, embedder: bool) -> int:
-    """An encoder's weights in ``dtype``. inferd's own BERT (encoder/models/bert.py, which runs
-    BERT sentence embedders with absolute positions) takes a reduced dtype in its matrix products
-    only: its embedding tables stay float32 (its norms too, a rounding error). Cross-encoders and
-    other families are cast whole; so is an embedder that falls back to transformers' class
-    (another tensor layout), planned high by the tables' two bytes a value, never low."""
-    if not embedder or shape.model_type != "bert" or dtype_bytes(dtype) >= 4:
+def encoder_weight_bytes(shape: ModelShape, num_params: int, dtype: str, packed_bert: bool) -> int:
+    """An encoder's weights in ``dtype``. inferd's own BERT (``packed_bert``: a BERT sentence
+    embedder that runs packed, hub.inspect.packs_unpadded) takes a reduced dtype in its matrix
+    products only: its embedding tables stay float32 (its norms too, a rounding error). Other
+    encoders are cast whole; so is a BERT embedder that falls back to transformers' class (another
+    tensor layout), planned high by the tables' two bytes a value, never low."""
+    if not packed_bert or dtype_bytes(dtype) >= 4:
         return weight_bytes(num_params, dtype)
     tables = (shape.vocab_size + shape.max_position_embeddings + shape.type_vocab_size) * shape.hidden_size
     return math.ceil(tables * 4 + (num_params - tables) * dtype_bytes(dtype))

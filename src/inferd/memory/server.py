@@ -14,7 +14,7 @@ from inferd.config import ModelSpec, ServerSettings
 from inferd.config.model_spec import ModelKind
 from inferd.errors import ModelLoadError
 from inferd.hub.gguf import conversion_folder, is_converted, read_gguf_info
-from inferd.hub.inspect import inspect_model
+from inferd.hub.inspect import inspect_model, packs_unpadded
 from inferd.hub.resolve import is_causal_lm, resolve_model
 from inferd.memory.estimate import (
     RUNTIME_BYTES,
@@ -89,8 +89,7 @@ def model_need(spec: ModelSpec, settings: ServerSettings, path: Path) -> ModelNe
         if files.is_gguf:
             need = replace(need, load_peak_bytes=_conversion_peak(path, config))
         return need
-    # inferd's BERT runs sentence embedders with absolute positions (encoder/models/bert.py)
-    packed = files.kind is ModelKind.EMBEDDING and files.config.get("position_embedding_type", "absolute") == "absolute"
+    packed = files.kind is ModelKind.EMBEDDING and packs_unpadded(files.config)
     return _encoder_need(spec.served_name, path, shape, num_params, settings.encoder_config(spec), packed)
 
 
@@ -123,7 +122,7 @@ def _conversion_peak(gguf_path: Path, config) -> int:
 
 
 def _encoder_need(
-    name: str, path: Path, shape: ModelShape, num_params: int, config, embedder: bool
+    name: str, path: Path, shape: ModelShape, num_params: int, config, packed_bert: bool
 ) -> ModelNeed:
     # A checked dtype is decided at load, on the float32 model, which is what it serves on a failed
     # check: its bytes are planned as float32 (its dtype stays what it may serve: the load's key).
@@ -132,7 +131,7 @@ def _encoder_need(
         name=name,
         device=config.device,
         dtype=config.dtype,
-        weight_bytes=encoder_weight_bytes(shape, num_params, planned, embedder),
+        weight_bytes=encoder_weight_bytes(shape, num_params, planned, packed_bert),
         activation_bytes=encoder_activation_bytes(
             shape, config.max_batch_tokens, _encoder_max_len(path, shape), planned
         ),

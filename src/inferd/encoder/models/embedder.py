@@ -23,6 +23,7 @@ from inferd.encoder.models.bert import load_packed_bert
 from inferd.encoder.pooling import pool, pool_packed, pooling_modes
 from inferd.encoder.tokenize import InputTokenizer
 from inferd.errors import ModelLoadError
+from inferd.hub.inspect import packs_unpadded
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +140,8 @@ def _module_folder(path: Path, folder: object) -> str:
     return folder
 
 
-# Families whose embeddings take plain 0-based position ids and whose attention goes through
-# transformers' attention interface, so a packed row (positions restarting per item) is exact.
-_PACKABLE_MODEL_TYPES = {"bert"}
-
-
 def _can_pack(path: Path) -> bool:
-    config = read_json(path / "config.json")
-    return (
-        config.get("model_type") in _PACKABLE_MODEL_TYPES
-        and config.get("position_embedding_type", "absolute") == "absolute"
-    )
+    return packs_unpadded(read_json(path / "config.json"))
 
 
 def _read_config(path: Path):

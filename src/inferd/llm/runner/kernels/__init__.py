@@ -89,6 +89,7 @@ class NativeOps:
         self._varlen_attention = _bind(
             library.varlen_attention_f32, _P, _P, _P, _I64, _P, _I, _I, _I, _F, _P, _I64
         )
+        self._has_varlen_attention = bool(_bind(library.varlen_attention_available)())
         # Linux grants AMX tile state per process on request; a kernel built without AMX says no.
         self.amx = torch.cpu._is_amx_tile_supported() and bool(library.amx_init())
         # bf16 linear layers through linear_bf16: AMX tiles where granted, else AVX512-BF16 (when
@@ -274,9 +275,9 @@ class NativeOps:
         return out
 
     def varlen_attention_takes(self, head_dim: int) -> bool:
-        """Whether ``varlen_attention`` runs heads of ``head_dim`` in this build (AVX-512 builds,
-        head_dim a multiple of 16)."""
-        return self.variant in ("amx", "avx512bf16", "avx512") and head_dim > 0 and head_dim % 16 == 0
+        """Whether ``varlen_attention`` runs heads of ``head_dim`` in this build (the AVX-512
+        builds have it; head_dim a multiple of 16)."""
+        return self._has_varlen_attention and head_dim > 0 and head_dim % 16 == 0
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """torch.argmax(logits, dim=-1) for 2-D float32 rows with unit column stride."""

@@ -44,24 +44,6 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* Softmax in place over the first `span` scores of each of `rows` rows, `stride` floats apart. */
-static inline void softmax_rows(float *scores, int rows, int span, int64_t stride) {
-    for (int h = 0; h < rows; h++) {
-        float *s = scores + h * stride;
-        float peak = -INFINITY, total = 0.f;
-#pragma omp simd reduction(max : peak)
-        for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
-#pragma omp simd reduction(+ : total)
-        for (int l = 0; l < span; l++) {
-            s[l] = exp_nonpositive(s[l] - peak);
-            total += s[l];
-        }
-        const float inv = 1.f / total;
-#pragma omp simd
-        for (int l = 0; l < span; l++) s[l] *= inv;
-    }
-}
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 

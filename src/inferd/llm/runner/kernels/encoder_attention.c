@@ -192,3 +192,12 @@ int varlen_attention_f32(const float *q, const float *k, const float *v, int64_t
 }
 
 #endif
+
+/* 1 when varlen_attention_f32 was built into this library (it needs AVX-512). */
+int varlen_attention_available(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}

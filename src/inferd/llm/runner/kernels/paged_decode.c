@@ -14,6 +14,24 @@
 
 #include "common.h"
 
+/* Softmax in place over each of `rows` rows of `span` scores. */
+static void softmax_rows(float *scores, int rows, int span) {
+    for (int h = 0; h < rows; h++) {
+        float *s = scores + (int64_t)h * span;
+        float peak = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : peak)
+        for (int l = 0; l < span; l++) peak = s[l] > peak ? s[l] : peak;
+#pragma omp simd reduction(+ : total)
+        for (int l = 0; l < span; l++) {
+            s[l] = exp_nonpositive(s[l] - peak);
+            total += s[l];
+        }
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int l = 0; l < span; l++) s[l] *= inv;
+    }
+}
+
 /* One cache row of head_dim values as floats: a plain pointer for fp32 caches, converted into
  * `scratch` for bf16 caches. */
 static inline const float *cache_row(const void *cache, int is_bf16, int64_t offset, int head_dim,
@@ -47,7 +65,7 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
             scores[(int64_t)(h - h0) * span + l] = dot;
         }
     }
-    softmax_rows(scores, h1 - h0, span, span);
+    softmax_rows(scores, h1 - h0, span);
     memset(out + (int64_t)h0 * head_dim, 0, sizeof(float) * head_dim * (h1 - h0));
     for (int l = 0; l < span; l++) {
         const int pos = start + l;
