@@ -1,6 +1,7 @@
 """The paged attention kernel (paged_decode.c) of this checkout against the same kernel at an earlier
 commit, built the same way for this CPU, on SmolLM2-135M's attention shape (9 query heads, 3 kv
-heads, head_dim 64, bf16 cache, 8-slot blocks as on the CPU), with every thread torch would use.
+heads, head_dim 64, bf16 cache, 8-slot blocks as on the CPU), with every thread torch would use;
+each library reads the key cache in the layout it keeps (packed by block where it can).
 
 Shapes: decode batches (one row per sequence, each its own context), prefill runs (consecutive
 rows of one sequence), a short chunk after a long cached context (chunked prefill, a prefix-cache
@@ -30,7 +31,7 @@ import torch
 from harness import add_report_args, render_from_json, save_and_render
 from ray_bench import cpu_model
 
-from inferd.llm.runner.kernels import native_ops, prebuilt_library, variants
+from inferd.llm.runner.kernels import native_ops, packed_key_cache, prebuilt_library, variants
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "src/inferd/llm/runner/kernels"
@@ -86,14 +87,20 @@ def build_at(ref: str, out_dir: Path) -> Path:
 
 
 def kernel(library: Path):
-    fn = ctypes.CDLL(str(library)).paged_decode_attention
+    """The library's kernel, and whether it reads packed key caches (kernels.packed_key_cache; a
+    library from before them takes no k_packed argument and reads plain caches)."""
+    lib = ctypes.CDLL(str(library))
+    fn, flag = lib.paged_decode_attention, hasattr(lib, "packed_keys_take")
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [p, i, i64, p, p, i, p, i, p, i, i, i, i, i, f, i, f, p, i, i64]
-    return fn
+    fn.argtypes = [p, i, i64, p, p, i, *([i] if flag else []), p, i, p, i, i, i, i, i, f, i, f, p, i, i64]
+    # (None: the call takes no k_packed argument)
+    return fn, (bool(lib.packed_keys_take(HEAD_DIM, BLOCK)) if flag else None)
 
 
-def call_args(lens: list[int], run: bool, layers: int = 1) -> tuple[tuple, list[tuple]]:
-    """The tensors to keep alive and one call's arguments per layer (each layer its own caches)."""
+def call_args(lens: list[int], run: bool, layers: int = 1) -> tuple[tuple, dict]:
+    """The tensors to keep alive and one call's arguments per layer (each layer its own caches),
+    for plain key caches (False; None: a library from before packed keys) and the same keys
+    packed (True)."""
     torch.manual_seed(0)
     n, width = len(lens), max(lens) // BLOCK + 1
     blocks = width if run else n * width  # a run's rows share one sequence's blocks
@@ -104,11 +111,21 @@ def call_args(lens: list[int], run: bool, layers: int = 1) -> tuple[tuple, list[
     q = torch.randn(n, HEADS * HEAD_DIM).bfloat16()
     out = torch.empty_like(q)
     caches = [torch.randn(2, blocks * BLOCK, KV_HEADS, HEAD_DIM).bfloat16().unbind(0) for _ in range(layers)]
-    keep = (caches, tables, ctx, q, out)
-    return keep, [_args(q, k, v, tables, width, ctx, n, out) for k, v in caches]
+    packed = [
+        packed_key_cache(blocks, KV_HEADS, HEAD_DIM, BLOCK).copy_(
+            k.view(blocks, BLOCK, KV_HEADS, HEAD_DIM // 2, 2).permute(0, 2, 3, 1, 4)
+        )
+        for k, _ in caches
+    ]
+    keep = (caches, packed, tables, ctx, q, out)
+    return keep, {
+        None: [_args(q, k, v, None, tables, width, ctx, n, out) for k, v in caches],
+        False: [_args(q, k, v, False, tables, width, ctx, n, out) for k, v in caches],
+        True: [_args(q, pk, v, True, tables, width, ctx, n, out) for pk, (_, v) in zip(packed, caches)],
+    }
 
 
-def _args(q, k, v, tables, width, ctx, n, out) -> tuple:
+def _args(q, k, v, packed: bool | None, tables, width, ctx, n, out) -> tuple:
     return (
         q.data_ptr(),
         1,
@@ -116,6 +133,7 @@ def _args(q, k, v, tables, width, ctx, n, out) -> tuple:
         k.data_ptr(),
         v.data_ptr(),
         1,
+        *([] if packed is None else [int(packed)]),
         tables.data_ptr(),
         width,
         ctx.data_ptr(),
@@ -153,11 +171,11 @@ def run(ref: str, repeats: int, layers: int = 1) -> dict:
             keep, args = call_args(lens, is_run, layers)
             calls = max(1, int(2e6 / sum(lens) / layers))  # about the same work per timing
             samples = {label: [] for label in libraries}
-            for fn in libraries.values():
-                time_call(fn, args, calls)
+            for fn, packed in libraries.values():
+                time_call(fn, args[packed], calls)
             for _ in range(repeats):
-                for label, fn in libraries.items():
-                    samples[label].append(time_call(fn, args, calls))
+                for label, (fn, packed) in libraries.items():
+                    samples[label].append(time_call(fn, args[packed], calls))
             rows.append(
                 {
                     "shape": name,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from inferd.llm.runner import kernels
+from inferd.llm.runner.attention import keys_at
 from inferd.llm.runner.kernels import variants
 from tests.unit.llm.kernel_helpers import LINEAR_KERNELS, linear_kernel_selected
 
@@ -87,6 +88,7 @@ def test_kernel_matches_sdpa_over_a_paged_cache(ops, dtype, heads, kv_heads, hea
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         int(dtype == torch.bfloat16),
+        0,
         tables.data_ptr(),
         width,
         ctx_lens.data_ptr(),
@@ -110,6 +112,10 @@ def test_kernel_matches_sdpa_over_a_paged_cache(ops, dtype, heads, kv_heads, hea
         k, v = k_cache[slots].float().transpose(0, 1), v_cache[slots].float().transpose(0, 1)  # (KVH, L, D)
         expected = F.scaled_dot_product_attention(q[row][:, None], k, v, scale=0.2, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[row], expected, atol=2e-5, rtol=1e-4)
+    if dtype == torch.bfloat16 and ops.packs_keys(head_dim, block):
+        # keys packed by block (as the runner keeps them for this build): bitwise the same output
+        packed = pack_keys(k_cache, block)
+        assert torch.equal(paged_rows(ops, q, packed, v_cache, tables, ctx_lens, heads, block, 0.2, window), out)
 
 
 def test_without_a_build_for_this_cpu_one_warning_says_why_and_how_to_fix_it(
@@ -185,17 +191,24 @@ def test_silu_mul_matches_torch(ops, rows, width):
     bf16_close(ops.silu_mul(gate_up), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("tokens", [1, 20])
-def test_rope_and_cache_rotates_in_place_and_stores_k_and_v(ops, tokens):
+def test_rope_and_cache_rotates_in_place_and_stores_k_and_v(ops, tokens, packed):
     torch.manual_seed(0)
     heads, kv_heads, dim = 9, 3, 64
+    if packed and not ops.packs_keys(dim, 8):
+        pytest.skip(f"the {ops.variant} build keeps no packed keys")
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).bfloat16()
     original = qkv.float().view(tokens, -1, dim)
     angles = torch.rand(tokens, dim // 2) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     slots = torch.randperm(64)[:tokens]
     k_cache, v_cache = torch.zeros(2, 64, kv_heads, dim).bfloat16().unbind(0)
+    if packed:  # 8 blocks of 8 slots, read back through the runner's own accessor
+        k_cache = kernels.packed_key_cache(8, kv_heads, dim, 8).zero_()
     ops.rope_and_cache(qkv, heads, kv_heads, dim, cos, sin, slots, k_cache, v_cache)
+    if packed:
+        k_cache = keys_at(k_cache, torch.arange(64))
     x = original[:, : heads + kv_heads]
     rotated = torch.cat((-x[..., dim // 2 :], x[..., : dim // 2]), -1)
     expected = x * cos[:, None] + rotated * sin[:, None]
@@ -227,6 +240,7 @@ def test_decode_reads_strided_bf16_queries_and_writes_bf16(ops):
             k_cache.data_ptr(),
             v_cache.data_ptr(),
             1,
+            0,
             tables.data_ptr(),
             width,
             ctx_lens.data_ptr(),
@@ -293,12 +307,22 @@ def test_native_linear_gives_a_row_bitwise_the_same_whatever_the_row_count(ops, 
         assert torch.equal(ops.linear(x[start:stop].contiguous(), packed, 200, None), whole[start:stop])
 
 
+def pack_keys(k_cache: torch.Tensor, block: int) -> torch.Tensor:
+    """A plain (slots, kv_heads, dim) bf16 key cache in the packed layout (kernels.packed_key_cache)."""
+    slots, kv_heads, dim = k_cache.shape
+    packed = kernels.packed_key_cache(slots // block, kv_heads, dim, block)
+    packed.copy_(k_cache.view(slots // block, block, kv_heads, dim // 2, 2).permute(0, 2, 3, 1, 4))
+    return packed
+
+
 def paged_rows(ops, q, k_cache, v_cache, tables, ctx_lens, heads, block, scale, window=0, softcap=0.0):
-    """The kernel over query rows q (rows, heads, dim) fp32, each with its own table and length."""
+    """The kernel over query rows q (rows, heads, dim) fp32, each with its own table and length;
+    k_cache plain or packed (pack_keys)."""
     rows, _, dim = q.shape
     out = torch.empty_like(q)
+    packed = kernels.packed_key_block(k_cache) > 0
     status = ops.paged_decode(
-        *(q.data_ptr(), 0, heads * dim, k_cache.data_ptr(), v_cache.data_ptr(), 1),
+        *(q.data_ptr(), 0, heads * dim, k_cache.data_ptr(), v_cache.data_ptr(), 1, int(packed)),
         *(tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(), rows, heads, k_cache.shape[1], dim),
         *(block, scale, window, softcap, out.data_ptr(), 0, heads * dim),
     )
@@ -343,11 +367,12 @@ def test_prefill_runs_match_causal_attention(ops, spans, window, softcap):
         torch.testing.assert_close(out[row], expected, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("block, window", [(8, 0), (16, 0), (16, 24), (32, 0)])
-def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window):
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("block, window", [(8, 0), (16, 0), (16, 24), (32, 0), (8, 24), (32, 24)])
+def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window, packed):
     """Batch invariance: a row's output does not depend on the rows it shares a call with — a whole
     prefill chunk, the chunk split in pieces (as chunked prefill or a prefix-cache hit leaves it),
-    the row alone as a decode, or next to other sequences' rows."""
+    the row alone as a decode, or next to other sequences' rows; nor on the key cache's layout."""
     torch.manual_seed(2)
     heads, kv_heads, dim, scale, length = 9, 3, 64, 0.125, 53
     width = length // block + 2
@@ -361,6 +386,9 @@ def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window
     v_cache[~readable] = float("nan")
     q = torch.randn(length, heads, dim).bfloat16().float()
     lens = torch.arange(1, length + 1)
+    if packed and not ops.packs_keys(dim, block):
+        pytest.skip(f"the {ops.variant} build keeps no packed keys")
+    keys = pack_keys(k_cache, block) if packed else k_cache
 
     def attend(rows: list[int], others: int = 0) -> torch.Tensor:
         """The rows (positions of the sequence) in one call, after `others` rows of another sequence."""
@@ -368,9 +396,7 @@ def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window
         tables = torch.cat([other.expand(others, width), table.expand(len(rows), width)]).contiguous()
         ctx_lens = torch.cat([torch.arange(40 - others, 40), lens[rows]]).contiguous()
         qs = torch.cat([extra_q, q[rows]]).contiguous()
-        return paged_rows(ops, qs, k_cache, v_cache, tables, ctx_lens, heads, block, scale, window, 0.0)[
-            others:
-        ]
+        return paged_rows(ops, qs, keys, v_cache, tables, ctx_lens, heads, block, scale, window, 0.0)[others:]
 
     whole = attend(list(range(length)))
     pieces = torch.cat([attend(list(range(a, min(a + 13, length)))) for a in range(0, length, 13)])
@@ -379,6 +405,9 @@ def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window
     assert not whole.isnan().any()
     for got in (pieces, alone, among):
         assert torch.equal(got, whole)
+    if packed:
+        keys = k_cache
+        assert torch.equal(attend(list(range(length))), whole)
 
 
 _THREADS_SCRIPT = """

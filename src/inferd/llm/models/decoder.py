@@ -20,7 +20,7 @@ from torch import nn
 
 from inferd.config.settings import cpu_has_native_bf16
 from inferd.llm.runner.attention import attend_fused_qkv, attend_paged, current_batch
-from inferd.llm.runner.kernels import pack_amx_weight, pack_int8_weight
+from inferd.llm.runner.kernels import pack_amx_weight, pack_int8_weight, packed_key_block
 
 FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
@@ -177,6 +177,7 @@ class Decoder(nn.Module):
             delta = native.decoder_layers(
                 table, hidden, self._step_shape, first.eps, first.scaling, cos, sin, batch.slot_mapping,
                 batch.row_tables, batch.row_ctx_lens, batch.block_size,
+                packed_key_block(batch.kv_caches[0][0]) > 0,
             )  # fmt: skip
         else:
             delta = None

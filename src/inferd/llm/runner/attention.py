@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from inferd.llm.runner.kernels import packed_key_block
+
 ATTENTION_NAME = "inferd_attention"
 _current = threading.local()
 
@@ -34,7 +36,10 @@ class PrefillSpan:
 class AttentionBatch:
     """The layout of one forward: where new K/V go and which context each query attends to."""
 
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (num_slots, kv_heads, head_dim) × 2
+    # per layer (keys, values): (num_slots, kv_heads, head_dim) each, or the keys packed by block
+    # for the native bf16 attention (kernels.packed_key_cache; read and write them with keys_at
+    # and store_keys)
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     slot_mapping: torch.Tensor  # (num_tokens,) cache slot of each new token
     block_size: int = 16
     # Query rows attended one by one over the paged cache: every decode token and, with the native
@@ -110,7 +115,7 @@ def attend_paged(layer_idx, q, k, v, scaling=None, window=None, softcap=None) ->
     k_cache, v_cache = batch.kv_caches[layer_idx]
     k = k.to(k_cache.dtype)
     v = v.to(v_cache.dtype)
-    k_cache.index_copy_(0, batch.slot_mapping, k)
+    store_keys(k_cache, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
     return _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap)
 
@@ -145,7 +150,7 @@ def _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap) -
     if native:
         out[batch.row_idx] = _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap)
     elif batch.row_idx is not None:
-        ctx_k = k_cache[batch.row_ctx_slots].transpose(1, 2)  # (B, KVH, L, D)
+        ctx_k = keys_at(k_cache, batch.row_ctx_slots).transpose(1, 2)  # (B, KVH, L, D)
         ctx_v = v_cache[batch.row_ctx_slots].transpose(1, 2)
         queries = q[batch.row_idx].unsqueeze(2)  # (B, H, 1, D)
         attended = _attend(queries, ctx_k, ctx_v, batch.row_mask(window), scaling, softcap, False)
@@ -155,7 +160,7 @@ def _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap) -
         if span.ctx_slots is None:
             ctx_k, ctx_v = k[span.start : end], v[span.start : end]
         else:
-            ctx_k, ctx_v = k_cache[span.ctx_slots], v_cache[span.ctx_slots]
+            ctx_k, ctx_v = keys_at(k_cache, span.ctx_slots), v_cache[span.ctx_slots]
         mask = batch.prefill_mask(span, window)
         attended = _attend(
             q[span.start : end].transpose(0, 1)[None],
@@ -189,6 +194,7 @@ def _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torch.
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         int(k_cache.dtype == bf16),
+        int(packed_key_block(k_cache) > 0),
         tables.data_ptr(),
         tables.shape[1],
         batch.row_ctx_lens.data_ptr(),
@@ -204,9 +210,29 @@ def _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torch.
         int(out.dtype == bf16),
         out.stride(0),
     )
+    if status == -2:
+        raise RuntimeError(f"the {batch.native.variant} build cannot read a packed key cache")
     if status != 0:
         raise MemoryError("the decode-attention kernel could not allocate its scratch memory")
     return out.to(q.dtype)
+
+
+def keys_at(k_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The keys (*slots.shape, kv_heads, head_dim) stored at ``slots`` of a key cache in either
+    layout."""
+    block = packed_key_block(k_cache)
+    if not block:
+        return k_cache[slots]
+    return k_cache.permute(0, 3, 1, 2, 4)[slots // block, slots % block].flatten(-2)
+
+
+def store_keys(k_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor) -> None:
+    """Write k (tokens, kv_heads, head_dim) at ``slots`` of a key cache in either layout."""
+    block = packed_key_block(k_cache)
+    if not block:
+        k_cache.index_copy_(0, slots, k)
+    else:
+        k_cache.permute(0, 3, 1, 2, 4)[slots // block, slots % block] = k.unflatten(-1, (-1, 2))
 
 
 def _attend(q, k, v, mask, scale, softcap, is_causal):

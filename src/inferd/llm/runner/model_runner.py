@@ -10,7 +10,7 @@ import torch
 from inferd.config.engine import LLMConfig
 from inferd.llm.models.loader import LoadedModel
 from inferd.llm.runner.attention import AttentionBatch, PrefillSpan, attention_batch
-from inferd.llm.runner.kernels import native_ops
+from inferd.llm.runner.kernels import native_ops, packed_key_cache
 
 # A short prefill chunk goes through the native paged kernel as query rows (each token a query over
 # its own causal context, read in place from the cache; consecutive rows of a chunk share one packing
@@ -87,11 +87,25 @@ class ModelRunner:
         self.null_slot = num_blocks * config.block_size
         shape = (self.null_slot + 1, self.facts.num_kv_heads, self.facts.head_dim)
         # torch.empty: on Linux the pages are committed as blocks are first written, not up front.
+        # Where the native bf16 attention reads them, keys are kept packed by block (see
+        # kernels.packed_key_cache): it copies a block's keys at each step instead of transposing
+        # them. The null slot opens one more block there.
+        packed_keys = (
+            self.native is not None
+            and self.facts.dtype == torch.bfloat16
+            and self.native.packs_keys(self.facts.head_dim, config.block_size)
+        )
         self.kv_caches = []
         for _ in range(self.facts.num_layers):
-            k_cache = torch.empty(shape, dtype=self.facts.dtype, device=self.device)
+            if packed_keys:
+                k_cache = packed_key_cache(
+                    num_blocks + 1, self.facts.num_kv_heads, self.facts.head_dim, config.block_size, self.device
+                )
+                k_cache[num_blocks].zero_()
+            else:
+                k_cache = torch.empty(shape, dtype=self.facts.dtype, device=self.device)
+                k_cache[self.null_slot].zero_()
             v_cache = torch.empty(shape, dtype=self.facts.dtype, device=self.device)
-            k_cache[self.null_slot].zero_()
             v_cache[self.null_slot].zero_()
             self.kv_caches.append((k_cache, v_cache))
 

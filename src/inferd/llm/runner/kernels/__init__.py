@@ -74,7 +74,7 @@ class NativeOps:
         self.paged_decode = _bind(
             library.paged_decode_attention,
             *(_P, _I, _I64),  # q, q_bf16, q_stride
-            *(_P, _P, _I),  # k_cache, v_cache, is_bf16
+            *(_P, _P, _I, _I),  # k_cache, v_cache, is_bf16, k_packed (see packs_keys)
             *(_P, _I, _P),  # block_tables, table_width, ctx_lens
             *(_I, _I, _I, _I, _I),  # num_seqs, num_heads, num_kv_heads, head_dim, block_size
             *(_F, _I, _F),  # scale, window, softcap
@@ -102,14 +102,15 @@ class NativeOps:
         )
         self.has_int8_linear = bool(library.linear_int8_available())
         self._rope_and_cache = _bind(
-            library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, restype=None
+            library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, restype=None
         )
+        self._packed_keys_take = _bind(library.packed_keys_take, _I, _I)
         self._decoder_layers = _bind(
             library.decoder_layers_bf16,
             *(_P, _I, _P, _P, _I),  # layers, num_layers, hidden, delta, has_delta
             *(_I, _I, _I, _I, _I, _I),  # tokens, hidden_size, intermediate, heads, kv heads, head_dim
             *(_F, _F, _P, _P, _P),  # eps, scale, cos, sin, slots
-            *(_P, _I, _P, _I),  # tables, table_width, ctx_lens, block_size
+            *(_P, _I, _P, _I, _I),  # tables, table_width, ctx_lens, block_size, k_packed
         )
 
     def add_rms_norm(
@@ -143,22 +144,32 @@ class NativeOps:
     def rope_and_cache(
         self, qkv, num_heads, num_kv_heads, head_dim, cos, sin, slots, k_cache, v_cache
     ) -> None:
-        """Rotate q and k in place in the fused qkv rows; store k and v at each token's slot."""
+        """Rotate q and k in place in the fused qkv rows; store k and v at each token's slot (the
+        key cache in either layout, see ``packs_keys``)."""
         tokens, width = qkv.shape[0], (num_heads + 2 * num_kv_heads) * head_dim
         _check(qkv, "qkv", torch.bfloat16, (tokens, width))
         for name, table in (("cos", cos), ("sin", sin)):
             _check(table, name, torch.float32, (tokens, head_dim))
         _check(slots, "slots", torch.int64, (tokens,))
-        num_slots = k_cache.numel() // (num_kv_heads * head_dim)
+        num_slots = min(k_cache.numel(), v_cache.numel()) // (num_kv_heads * head_dim)
+        k_block = packed_key_block(k_cache)
         for name, kv in (("k_cache", k_cache), ("v_cache", v_cache)):
             if (
                 kv.dtype != torch.bfloat16
                 or not kv.is_contiguous()
-                or kv.shape[-2:] != (num_kv_heads, head_dim)
+                or (kv.shape[-2:] != (num_kv_heads, head_dim) and not (kv is k_cache and k_block))
             ):
                 raise KernelArgumentError(
                     f"{name}: the kernel takes a contiguous bf16 (..., {num_kv_heads}, {head_dim}) cache"
                 )
+        if k_block and (
+            k_cache.shape[1:] != (num_kv_heads, head_dim // 2, k_block, 2)
+            or not self.packs_keys(head_dim, k_block)
+        ):
+            raise KernelArgumentError(
+                f"k_cache: a packed key cache of this build is (blocks, {num_kv_heads}, {head_dim // 2}, "
+                f"block_size, 2), got {tuple(k_cache.shape)}"
+            )
         # Every layer of a step gets the same slot tensor: its range (a reduction) is read once.
         if slots is not self._checked_slots:
             if tokens and not 0 <= int(slots.min()) <= int(slots.max()) < num_slots:
@@ -174,9 +185,16 @@ class NativeOps:
             cos.data_ptr(),
             sin.data_ptr(),
             slots.data_ptr(),
+            k_block,
             k_cache.data_ptr(),
             v_cache.data_ptr(),
         )
+
+    def packs_keys(self, head_dim: int, block_size: int) -> bool:
+        """Whether a bf16 key cache of heads of ``head_dim`` in blocks of ``block_size`` slots may be
+        kept packed for this build's attention (``packed_key_cache``): the AVX-512 bf16 builds,
+        head_dim a multiple of 32 up to 256, block_size a multiple of 8."""
+        return bool(self._packed_keys_take(head_dim, block_size))
 
     def linear(
         self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None,
@@ -219,18 +237,21 @@ class NativeOps:
         return True
 
     def decoder_layers(
-        self, layers, hidden, shape, eps, scale, cos, sin, slots, tables, ctx_lens, block_size
+        self, layers, hidden, shape, eps, scale, cos, sin, slots, tables, ctx_lens, block_size, packed_keys
     ) -> torch.Tensor:
         """Every layer of a bf16 decoder in one call (needs ``has_linear``): ``layers`` a LayerWeights array,
         ``hidden`` the (tokens, hidden_size) residual stream, updated in place; ``shape`` is
-        (intermediate, heads, kv_heads, head_dim). Returns the last layer's MLP output."""
+        (intermediate, heads, kv_heads, head_dim); ``packed_keys`` whether the layers' key caches
+        are packed (``packed_key_cache``). Returns the last layer's MLP output."""
         tokens, hidden_size = hidden.shape
         delta = torch.empty_like(hidden)
         status = self._decoder_layers(
             layers, len(layers), hidden.data_ptr(), delta.data_ptr(), 0, tokens, hidden_size, *shape,
             eps, scale, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
-            ctx_lens.data_ptr(), block_size,
+            ctx_lens.data_ptr(), block_size, int(packed_keys),
         )  # fmt: skip
+        if status == -2:
+            raise KernelArgumentError(f"packed key caches: the {self.variant} build cannot read them")
         if status != 0:
             raise MemoryError("the decoder step could not allocate its scratch memory")
         return delta
@@ -295,6 +316,24 @@ def pack_amx_weight(weight: torch.Tensor) -> torch.Tensor:
     if padded != n:
         weight = torch.cat([weight, weight.new_zeros(padded - n, k)])
     return weight.reshape(padded // 32, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
+
+
+def packed_key_cache(
+    num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int, device=None
+) -> torch.Tensor:
+    """An uninitialised bf16 key cache of ``num_blocks`` blocks in the packed layout the bf16
+    attention reads (paged_decode.c, packed_keys_take): per block and kv head, head_dim / 2 rows of
+    block_size (dim 2j, dim 2j + 1) pairs, so a block's keys need no transposing at each step.
+    Slot s lies at block s // block_size, offset s % block_size, as in the plain layout."""
+    return torch.empty(
+        num_blocks, num_kv_heads, head_dim // 2, block_size, 2, dtype=torch.bfloat16, device=device
+    )
+
+
+def packed_key_block(k_cache: torch.Tensor) -> int:
+    """The block size of a key cache from ``packed_key_cache``; 0 for a plain (slots, kv_heads,
+    head_dim) cache."""
+    return k_cache.shape[3] if k_cache.dim() == 5 else 0
 
 
 def pack_int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,13 +13,13 @@ void add_rms_norm_bf16(uint16_t *residual, const uint16_t *delta, const uint16_t
 void silu_mul_bf16(const uint16_t *gate_up, int rows, int width, uint16_t *out);
 void rope_and_cache_bf16(uint16_t *qkv, int tokens, int qkv_stride, int num_heads, int num_kv_heads,
                          int head_dim, const float *cos, const float *sin, const int64_t *slots,
-                         uint16_t *k_cache, uint16_t *v_cache);
+                         int k_block, uint16_t *k_cache, uint16_t *v_cache);
 void linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                      const float *bias, void *out, int64_t out_stride, int out_fp32);
 void linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
                  int n, const float *bias, void *out, int64_t out_stride, int out_fp32);
 int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const void *k_cache,
-                           const void *v_cache, int is_bf16, const int64_t *block_tables,
+                           const void *v_cache, int is_bf16, int k_packed, const int64_t *block_tables,
                            int table_width, const int64_t *ctx_lens, int num_seqs, int num_heads,
                            int num_kv_heads, int head_dim, int block_size, float scale, int window,
                            float softcap, void *out, int out_bf16, int64_t out_stride);
@@ -49,12 +49,13 @@ static void layer_linear(const uint16_t *x, int m, int k, const void *w, const f
  * on entry the previous layer's output or ignored when has_delta is 0, on return the last layer's
  * MLP output (not yet added to hidden). cos, sin: (tokens, head_dim) float32; slots: each token's
  * cache slot; tables (tokens, table_width) and ctx_lens (tokens,): each token's sequence's block
- * table and the positions it attends (0..len-1). Returns 0, -1 when scratch memory ran out. */
+ * table and the positions it attends (0..len-1); k_packed: the key caches are packed
+ * (paged_decode.c, packed_keys_take). Returns 0, -1 when scratch memory ran out, -2 when packed keys cannot be read here. */
 int decoder_layers_bf16(const layer_weights *layers, int num_layers, uint16_t *hidden, uint16_t *delta,
                         int has_delta, int tokens, int hidden_size, int intermediate, int num_heads,
                         int num_kv_heads, int head_dim, float eps, float scale, const float *cos,
                         const float *sin, const int64_t *slots, const int64_t *tables, int table_width,
-                        const int64_t *ctx_lens, int block_size) {
+                        const int64_t *ctx_lens, int block_size, int k_packed) {
     const int q_width = num_heads * head_dim, qkv_width = q_width + 2 * num_kv_heads * head_dim;
     const int64_t per_token = (int64_t)hidden_size + qkv_width + q_width + 3 * (int64_t)intermediate;
     uint16_t *scratch = malloc(sizeof(uint16_t) * per_token * tokens);
@@ -67,8 +68,8 @@ int decoder_layers_bf16(const layer_weights *layers, int num_layers, uint16_t *h
         add_rms_norm_bf16(hidden, (l > 0 || has_delta) ? delta : 0, w->input_norm, eps, tokens, hidden_size, x);
         layer_linear(x, tokens, hidden_size, w->qkv, w->qkv_scale, qkv_width, w->qkv_bias, qkv);
         rope_and_cache_bf16(qkv, tokens, qkv_width, num_heads, num_kv_heads, head_dim, cos, sin, slots,
-                            w->k_cache, w->v_cache);
-        status = paged_decode_attention(qkv, 1, qkv_width, w->k_cache, w->v_cache, 1, tables, table_width,
+                            k_packed ? block_size : 0, w->k_cache, w->v_cache);
+        status = paged_decode_attention(qkv, 1, qkv_width, w->k_cache, w->v_cache, 1, k_packed, tables, table_width,
                                         ctx_lens, tokens, num_heads, num_kv_heads, head_dim, block_size, scale,
                                         (int)w->window, 0.f, attn, 1, q_width);
         /* delta was consumed by the first norm: it takes o_proj's output, then the MLP's */

@@ -135,17 +135,25 @@ void silu_mul_bf16(const uint16_t *gate_up, int rows, int width, uint16_t *out) 
 /* Rotary embedding of q and k in place in the fused qkv rows (neox layout: each head's halves
  * rotate as pairs (d, d + head_dim/2)), then the rotated k and the v of every token stored in the
  * paged caches at its slot. qkv: (tokens, qkv_stride) with q, k, v heads packed at the start of a
- * row; cos, sin: (tokens, head_dim) float32; caches: (slots, num_kv_heads, head_dim). */
+ * row; cos, sin: (tokens, head_dim) float32; caches: (slots, num_kv_heads, head_dim), or with
+ * k_block > 0 the key cache packed in blocks of k_block slots (paged_decode.c, packed_keys_take). */
 void rope_and_cache_bf16(uint16_t *qkv, int tokens, int qkv_stride, int num_heads, int num_kv_heads,
-                         int head_dim, const float *cos, const float *sin, const int64_t *slots,
+                         int head_dim, const float *cos, const float *sin, const int64_t *slots, int k_block,
                          uint16_t *k_cache, uint16_t *v_cache) {
-    const int rotated = num_heads + num_kv_heads;
+    const int rotated = num_heads + num_kv_heads, half = head_dim / 2;
     const int64_t kv_row = (int64_t)num_kv_heads * head_dim;
 #pragma omp parallel for if ((int64_t)tokens * qkv_stride >= PARALLEL_ELEMENTS) schedule(static)
     for (int t = 0; t < tokens; t++) {
         uint16_t *row = qkv + (int64_t)t * qkv_stride;
         rope_row(row, rotated, head_dim, cos + (int64_t)t * head_dim, sin + (int64_t)t * head_dim);
-        memcpy(k_cache + slots[t] * kv_row, row + (int64_t)num_heads * head_dim, sizeof(uint16_t) * kv_row);
+        const uint16_t *k = row + (int64_t)num_heads * head_dim;
+        if (k_block) { /* the packed key layout of paged_decode.c's packed_keys_take */
+            const int64_t block = slots[t] / k_block, offset = slots[t] % k_block;
+            uint32_t *dst = (uint32_t *)k_cache + block * num_kv_heads * half * k_block + offset;
+            for (int j = 0; j < num_kv_heads * half; j++) memcpy(dst + (int64_t)j * k_block, k + 2 * j, 4);
+        } else {
+            memcpy(k_cache + slots[t] * kv_row, k, sizeof(uint16_t) * kv_row);
+        }
         memcpy(v_cache + slots[t] * kv_row, row + (int64_t)rotated * head_dim, sizeof(uint16_t) * kv_row);
     }
 }

@@ -1,7 +1,8 @@
 /* Paged decode attention for the CPU: one query token per sequence, attending over that
  * sequence's cached keys and values read in place from the paged cache (no gather copy).
  *
- * Cache layout: (num_slots, num_kv_heads, head_dim), slot = block * block_size + offset.
+ * Cache layout: (num_slots, num_kv_heads, head_dim), slot = block * block_size + offset; or for
+ * the keys, where packed_keys_take says so, packed by block (see there).
  * Query heads are grouped over kv heads as transformers' repeat_kv does: kv head j serves query
  * heads j * group .. (j + 1) * group - 1. Work is split over (sequence, kv head) pairs with
  * OpenMP; torch ships libgomp.so.1, so this library shares torch's thread pool.
@@ -86,6 +87,9 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
 #define RUN_SPLIT 4    /* fewest rows of a run's chunk when a run is split across threads */
 #define RUN_VECTORS 12 /* query vectors scored together */
 #define RUN_PV 6       /* query vectors accumulating p . v together */
+#ifndef PACKED_AHEAD
+#define PACKED_AHEAD 2 /* 16-position blocks between a packed key block copied and one prefetched */
+#endif
 
 /* Scratch floats of a run's packed keys (16-position blocks of head_dim / 2 dword pairs each) and
  * value-row pointers over at most ctx_len positions from a multiple of 16, rounded to 16 floats. */
@@ -107,20 +111,25 @@ static size_t run_rows_floats(int ctx_len) { return ((size_t)2 * ctx_len + 15) /
  * is a run of one.
  *
  * The keys are packed in blocks of 16 positions, aligned to absolute positions (so the packing,
- * and with it every sum, is the same whichever row a run starts at), transposed into dword pairs
- * (kt: for each pair of dims, the 16 positions' pairs side by side): a query vector scores 16
- * positions with head_dim / 2 dot-pair instructions (vdpbf16ps) and no horizontal sums, each
- * score summed over the dims in order. The weights stay fp32 and p . v adds each position's value
+ * and with it every sum, is the same whichever row a run starts at), as dword pairs (kt: for each
+ * pair of dims, the 16 positions' pairs side by side; transposed from plain key rows, copied from
+ * packed ones): a query vector scores 16 positions with head_dim / 2 dot-pair instructions
+ * (vdpbf16ps) and no horizontal sums, each score summed over the dims in order. The weights stay fp32 and p . v adds each position's value
  * row, widened, in position order. */
 
 /* Keys of positions first..last - 1 of kv head kv (first a multiple of 16) packed into kt, block
  * by block (positions past last in the final block are zeros), and each position's value row
- * in vrow. */
-static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int first,
-                     int last, int kv, int num_kv_heads, int head_dim, int block_size, uint32_t *kt,
+ * in vrow. With k_packed the key cache already holds that layout per cache block (see
+ * packed_keys_take): a 16-position block is two 8-slot halves copied side by side; else each
+ * position's key row is read and 16 rows are transposed. */
+static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, int k_packed, const int64_t *table,
+                     int first, int last, int kv, int num_kv_heads, int head_dim, int block_size, uint32_t *kt,
                      const uint16_t **vrow) {
     const int half = head_dim / 2, blocks = (last - first + 15) / 16;
     const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
+    /* a packed block's keys of this kv head: half x block_size dwords */
+    const int64_t packed_stride = (int64_t)num_kv_heads * half * block_size, packed_head = (int64_t)kv * half * block_size;
+    const uint32_t *k_dwords = (const uint32_t *)k_cache;
     /* each position's row in the caches, walking the block table a block at a time; the same row
      * of the next block is prefetched a block ahead (the jump between blocks is what the hardware
      * prefetcher cannot guess) */
@@ -128,7 +137,7 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, const int
     const int last_blk = (last - 1) / block_size;
     int blk = first / block_size, in_block = first % block_size;
     int64_t offset = (table[blk] * block_size + in_block) * slot_stride + head;
-    int64_t ahead = blk < last_blk ? table[blk + 1] * block_size * slot_stride + head : -1;
+    int64_t ahead = blk < last_blk ? table[blk + 1] : -1;
     for (int b = 0; b < blocks; b++) {
         const uint16_t *krow[16];
         for (int lane = 0; lane < 16; lane++) {
@@ -139,21 +148,55 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, const int
             }
             krow[lane] = k_cache + offset, vrow[pos - first] = v_cache + offset;
             if (ahead >= 0) {
-                const int64_t at = ahead + in_block * slot_stride;
+                const int64_t at = (ahead * block_size + in_block) * slot_stride + head;
+                /* packed keys: this position's share of the next block's half x block_size dwords */
+                const char *k_ahead = k_packed ? (const char *)(k_dwords + ahead * packed_stride + packed_head) +
+                                                     (int64_t)in_block * head_dim * 2
+                                               : (const char *)(k_cache + at);
                 for (int byte = 0; byte < head_dim * 2; byte += 64) {
-                    _mm_prefetch((const char *)(k_cache + at) + byte, _MM_HINT_T0);
+                    _mm_prefetch(k_ahead + byte, _MM_HINT_T0);
                     _mm_prefetch((const char *)(v_cache + at) + byte, _MM_HINT_T0);
                 }
             }
             if (++in_block == block_size) {
                 in_block = 0, blk++;
                 offset = blk <= last_blk ? table[blk] * block_size * slot_stride + head : 0;
-                ahead = blk < last_blk ? table[blk + 1] * block_size * slot_stride + head : -1;
+                ahead = blk < last_blk ? table[blk + 1] : -1;
             } else {
                 offset += slot_stride;
             }
         }
         uint32_t *kb = kt + (size_t)b * 16 * half;
+        if (k_packed) {
+            const uint32_t *src[2];
+            __mmask8 valid[2];
+            for (int h = 0; h < 2; h++) {
+                const int pos = first + 16 * b + 8 * h, n = last - pos < 8 ? last - pos : 8;
+                valid[h] = n > 0 ? (__mmask8)((1u << n) - 1) : 0;
+                src[h] = n > 0 ? k_dwords + table[pos / block_size] * packed_stride + packed_head + pos % block_size
+                               : k_dwords;
+            }
+            /* the keys and values of the 16 positions PACKED_AHEAD blocks on, from memory while
+             * these are copied (a slot block's keys are one contiguous run here) */
+            for (int h = 0; h < 2; h++) {
+                const int pos = first + 16 * (b + PACKED_AHEAD) + 8 * h;
+                if (pos >= last) break;
+                const int64_t cache_block = table[pos / block_size], at = pos % block_size;
+                const char *k_next = (const char *)(k_dwords + cache_block * packed_stride + packed_head + at);
+                for (int j = 0; j < half; j += block_size == 8 ? 2 : 1) /* rows of block_size dwords */
+                    _mm_prefetch(k_next + (int64_t)j * block_size * 4, _MM_HINT_T0);
+                const uint16_t *v_next = v_cache + (cache_block * block_size + at) * slot_stride + head;
+                for (int slot = 0; slot < 8; slot++)
+                    for (int byte = 0; byte < head_dim * 2; byte += 64)
+                        _mm_prefetch((const char *)(v_next + slot * slot_stride) + byte, _MM_HINT_T0);
+            }
+            for (int j = 0; j < half; j++) {
+                const __m256i lo = _mm256_maskz_loadu_epi32(valid[0], src[0] + (int64_t)j * block_size);
+                const __m256i hi = _mm256_maskz_loadu_epi32(valid[1], src[1] + (int64_t)j * block_size);
+                _mm512_storeu_si512(kb + (size_t)j * 16, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+            }
+            continue;
+        }
         for (int c = 0; c < half / 16; c++) { /* dword pairs 16c..16c + 15 of the 16 positions */
             __m512i r[16];
             for (int lane = 0; lane < 16; lane++)
@@ -163,7 +206,6 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, const int
         }
     }
 }
-
 
 /* Scores of `count` query vectors (qp: their dword pairs) over packed blocks b0..b1 - 1 into
  * scores (span floats a vector), -inf outside each vector's positions lo..hi - 1, and each
@@ -233,14 +275,14 @@ static inline __attribute__((always_inline)) void pv_rows(const int n, const flo
         break;
 
 static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const uint16_t *k_cache,
-                            const uint16_t *v_cache, const int64_t *table, const int64_t *ctx_lens, int rows,
+                            const uint16_t *v_cache, int k_packed, const int64_t *table, const int64_t *ctx_lens, int rows,
                             int window, int kv, int num_kv_heads, int head_dim, int group, int block_size,
                             float scale, float softcap, float *scores, uint32_t *kt, const uint16_t **vrow,
                             float *out, int64_t out_stride) {
     const int half = head_dim / 2, wide = head_dim / 16;
     const int first_len = (int)ctx_lens[0], last_len = (int)ctx_lens[rows - 1];
     const int first = ((window > 0 && first_len > window) ? first_len - window : 0) / 16 * 16;
-    pack_run(k_cache, v_cache, table, first, last_len, kv, num_kv_heads, head_dim, block_size, kt, vrow);
+    pack_run(k_cache, v_cache, k_packed, table, first, last_len, kv, num_kv_heads, head_dim, block_size, kt, vrow);
     /* RUN_VECTORS query vectors (rows x the kv head's query heads) at a time: each packed key and
      * value vector loaded is used by all of them (register blocking; L2 bandwidth bound otherwise). */
     const int per_pass = group >= RUN_VECTORS ? 1 : RUN_VECTORS / group;
@@ -308,13 +350,28 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const u
 }
 #endif
 
+/* 1 when a bf16 key cache of heads of head_dim in blocks of block_size slots may be kept packed
+ * for this library's bf16 path: per cache block and kv head, head_dim / 2 rows of block_size
+ * dwords, row j holding every slot's dims 2j, 2j + 1 — (blocks, kv_heads, head_dim / 2,
+ * block_size, 2) in bf16. Attention then copies a slot block's keys instead of transposing them
+ * from per-slot rows at every step; rope_and_cache_bf16 writes them so. */
+int packed_keys_take(int head_dim, int block_size) {
+#ifdef HAVE_BF16_PATH
+    return head_dim > 0 && head_dim % 32 == 0 && head_dim <= 16 * MAX_CHUNKS && block_size > 0 && block_size % 8 == 0;
+#else
+    (void)head_dim, (void)block_size;
+    return 0;
+#endif
+}
+
 /* q: (num_seqs, num_heads * head_dim) rows q_stride elements apart, fp32 or bf16 (q_bf16);
  * out: rows out_stride elements apart, fp32 or bf16 (out_bf16).
  * block_tables: (num_seqs, table_width); ctx_lens: (num_seqs,) positions 0..len-1 are attended.
  * window > 0 limits attention to the last `window` positions; softcap > 0 applies tanh capping.
- * Returns 0, or -1 when scratch memory could not be allocated. */
+ * k_packed: the key cache is in the packed layout (only where packed_keys_take says so).
+ * Returns 0, -1 when scratch memory could not be allocated, -2 when k_packed cannot be read here. */
 int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const void *k_cache,
-                           const void *v_cache, int is_bf16, const int64_t *block_tables,
+                           const void *v_cache, int is_bf16, int k_packed, const int64_t *block_tables,
                            int table_width, const int64_t *ctx_lens, int num_seqs, int num_heads,
                            int num_kv_heads, int head_dim, int block_size, float scale, int window,
                            float softcap, void *out, int out_bf16, int64_t out_stride) {
@@ -331,6 +388,7 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
 #else
     const int fast = 0;
 #endif
+    if (k_packed && !(fast && packed_keys_take(head_dim, block_size))) return -2;
     /* Tasks: (first row, rows, part, is_run). On the bf16 path every row is part of a run:
      * consecutive rows of one sequence (same block table, context growing by one; a decode is a
      * run of one), split into as few row chunks (of RUN_SPLIT rows or more) as keep every thread
@@ -394,7 +452,7 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
             float *run_out = (float *)vrow + run_rows_floats((int)longest);
             const void *q0 = q_bf16 ? (const void *)((const uint16_t *)q + b * q_stride)
                                     : (const void *)((const float *)q + b * q_stride);
-            attend_run_bf16(q0, q_bf16, q_stride, k_cache, v_cache, table, ctx_lens + b, rows, window, part,
+            attend_run_bf16(q0, q_bf16, q_stride, k_cache, v_cache, k_packed, table, ctx_lens + b, rows, window, part,
                             num_kv_heads, head_dim, group, block_size, scale, softcap, scores, kt, vrow, run_out,
                             width);
             first = part * group * head_dim, count = group * head_dim;
