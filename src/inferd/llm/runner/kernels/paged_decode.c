@@ -114,8 +114,8 @@ static size_t run_rows_floats(int ctx_len) { return ((size_t)2 * ctx_len + 15) /
  * and with it every sum, is the same whichever row a run starts at), as dword pairs (kt: for each
  * pair of dims, the 16 positions' pairs side by side; transposed from plain key rows, copied from
  * packed ones): a query vector scores 16 positions with head_dim / 2 dot-pair instructions
- * (vdpbf16ps) and no horizontal sums, each score summed over the dims in order. The weights stay fp32 and p . v adds each position's value
- * row, widened, in position order. */
+ * (vdpbf16ps) and no horizontal sums, each score summed over the dims in order. The weights stay
+ * fp32 and p . v adds each position's value row, widened, in position order. */
 
 /* Keys of positions first..last - 1 of kv head kv (first a multiple of 16) packed into kt, block
  * by block (positions past last in the final block are zeros), and each position's value row
