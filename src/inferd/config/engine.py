@@ -79,7 +79,7 @@ class LLMConfig:
     speculative_tokens: int | None = None
     speculative_max_running: int = 8
     model_impl: str = "auto"  # "auto": inferd's own forward where it has one; "transformers": never
-    quantization: str = "none"  # "int8": the decoder's linear layers get int8 weights (CPU, bf16)
+    quantization: str = "none"  # "int8": the decoder's linear layers in int8 x int8 (CPU, bf16)
     max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429
     max_prompt_chars: int | None = None  # None: 32 per token of the context (LLMClient.max_prompt_chars)
     # Outputs (one per generated token) a request may have waiting unread; past it the client is

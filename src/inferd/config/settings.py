@@ -182,8 +182,9 @@ class ServerSettings(BaseSettings):
     quantization: Literal["none", "int8"] = Field(
         "none",
         description="LLM: int8 quantises the weights of inferd's own forward (every linear layer and the "
-        "LM head, per output channel) at load and runs them against bf16 activations: half the weight "
-        "bytes a token reads. Needs the CPU, bf16, the native kernels and AVX-512 BF16.",
+        "LM head, per output channel) at load and multiplies them with int8 activations (each row "
+        "quantised per group of 32 inputs): half the weight bytes a token reads, twice the arithmetic "
+        "rate. Needs the CPU, bf16, the native kernels and AVX-512 BF16 with VNNI.",
     )
     max_n: int = Field(16, ge=1, description="LLM: most choices (n) in one request.")
     cache_dir: str | None = Field(

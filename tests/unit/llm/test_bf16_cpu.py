@@ -102,25 +102,39 @@ needs_int8 = pytest.mark.skipif(
 )
 
 
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as linear_int8 quantises it (bf16_linear.c): each row per group of 32 inputs, symmetric int8
+    with the group's own scale (peak / 127), values rounded half to even; returned dequantised."""
+    groups = x.float().view(x.shape[0], -1, 32)
+    peak = groups.abs().amax(-1, keepdim=True)
+    inv = torch.where(peak > 0, 127 / peak, torch.zeros_like(peak))  # float32, as the kernel's
+    return (torch.round(groups * inv) * (peak / 127)).view(x.shape)
+
+
 @needs_int8
-@pytest.mark.parametrize("rows", [1, 5, 12, 13, 33])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 12, 33])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_matches_its_dequantised_weights(rows, bias):
+def test_int8_linear_is_int8_weights_times_int8_activations(rows, bias):
     torch.manual_seed(rows)
     linear = torch.nn.Linear(96, 200, bias=bias).to(torch.bfloat16)  # 200 outputs: a partial column block
     layer = NativeLinear(linear, native_ops(), int8=True)
-    quantised = torch.round(linear.weight.float() / layer.scale[:200, None]).clamp(-127, 127)
+    scale = layer.scale[:200, None]
+    quantised = torch.round(linear.weight.float() / scale).clamp(-127, 127)
     # Per column, the int8 weights are the bf16 ones to within half a step of that column's scale.
-    assert ((quantised * layer.scale[:200, None] - linear.weight.float()).abs() <= layer.scale[:200, None] / 2 + 1e-6).all()
-    x = torch.randn(rows, 96, dtype=torch.bfloat16)
-    bias_f = None if linear.bias is None else linear.bias.float()
-    expected = F.linear(x.float(), quantised * layer.scale[:200, None], bias_f)
-    got = layer(x)
-    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
-    torch.testing.assert_close(got.float(), expected, atol=0.03, rtol=0.02)
+    assert ((quantised * scale - linear.weight.float()).abs() <= scale / 2 + 1e-6).all()
+    x = torch.randn(rows, 96, dtype=torch.bfloat16) * torch.logspace(-3, 1, 96).bfloat16()  # uneven groups
+    x[0, 32:64] = 0  # a group of zeros
+    bias_f = None if linear.bias is None else linear.bias.double()
+    expected = F.linear(int8_activations(x).double(), (quantised * scale).double(), bias_f)
+    # exact int32 sums within a group; float32 only across the 3 groups and in the scales
     head = NativeLinear(linear, native_ops(), fp32_out=True, int8=True)(x)
     assert head.dtype == torch.float32
-    torch.testing.assert_close(head, expected, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(head.double(), expected, atol=1e-5, rtol=1e-5)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    assert torch.equal(got, head.bfloat16())
+    # a row's result is its own: the same alone as among the others
+    assert torch.equal(layer(x[-1:].contiguous()), got[-1:])
 
 
 @needs_int8

@@ -287,10 +287,11 @@ class NativeLinear(nn.Module):
     """A linear layer through inferd's own kernels over one weight packed once into tile order: bf16
     through AMX tiles (amx_linear.c) where the CPU has AMX, else AVX512-BF16 dot products
     (bf16_linear.c); or, with ``int8``, int8 weights with per-column scales (``pack_int8_weight``)
-    through the AVX512-BF16 kernel. Against oneDNN's prepacked matmul on this project's shapes: AMX
+    times int8 activations (linear_int8, AVX512-VNNI). Against oneDNN's prepacked matmul on this project's shapes: AMX
     1.3-1.8x faster at 1-32 rows (decode batches) and level on prefill batches; AVX512-BF16 (an AMD
     EPYC without AMX) 1.2-1.5x faster from 1 to 128 rows, a one-row pass over SmolLM2's layers 3.4
-    vs 5.1 ms. int8 halves the weight bytes: 0.6x the bf16 kernel's time at 1-8 rows, 0.9x at 32."""
+    vs 5.1 ms. int8 halves the weight bytes and doubles the arithmetic rate: 0.3-0.7x the bf16
+    kernel's time at 1 row, 0.6-0.9x at 8-32, 0.5-0.7x at 128 (AMD EPYC Zen 5)."""
 
     def __init__(self, linear: nn.Linear, native, fp32_out: bool = False, int8: bool = False) -> None:
         super().__init__()

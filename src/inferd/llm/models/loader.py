@@ -86,7 +86,7 @@ def _check_int8(config: LLMConfig, text_config, native) -> None:
     if config.device != "cpu" or config.dtype != "bfloat16":
         why = f"it runs on the CPU in bfloat16 (this model: {config.device}, {config.dtype})"
     elif native is None or not native.has_int8_linear:
-        why = "it needs the native kernels and a CPU with AVX-512 BF16"
+        why = "it needs the native kernels and a CPU with AVX-512 BF16 and VNNI"
     elif config.model_impl != "auto" or not can_build(text_config):
         why = f"it runs on inferd's own forward (llama, mistral, qwen2, qwen3), not {text_config.model_type!r}"
     else:

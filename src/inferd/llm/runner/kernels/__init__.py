@@ -97,9 +97,7 @@ class NativeOps:
         self._select_linear = _bind(library.linear_bf16_select, _I)
         self.has_linear = bool(self._select_linear(int(self.amx)))
         # x, x_stride, rows, K, packed int8 weight, scales, N, bias, out, out_stride, out_fp32
-        self._linear_int8 = _bind(
-            library.linear_int8, _P, _I64, _I, _I, _P, _P, _I, _P, _P, _I64, _I, restype=None
-        )
+        self._linear_int8 = _bind(library.linear_int8, _P, _I64, _I, _I, _P, _P, _I, _P, _P, _I64, _I)
         self.has_int8_linear = bool(library.linear_int8_available())
         self._rope_and_cache = _bind(
             library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, restype=None
@@ -222,8 +220,8 @@ class NativeOps:
         )
         if scale is None:
             self._linear(*rows, *rest)
-        else:
-            self._linear_int8(*rows, scale.data_ptr(), *rest)
+        elif self._linear_int8(*rows, scale.data_ptr(), *rest) != 0:
+            raise MemoryError("the int8 linear kernel could not allocate its scratch memory")
         return out
 
     def use_linear_kernel(self, amx: bool) -> bool:
@@ -338,15 +336,21 @@ def packed_key_block(k_cache: torch.Tensor) -> int:
 
 def pack_int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (N, K) weight quantised per output column to int8 (symmetric: scale = max |w| / 127, every
-    column's largest weight kept exactly up to rounding) and packed in the tile order of
-    ``pack_amx_weight``; with the float32 scales, zero-padded to the packed N."""
-    n = weight.shape[0]
+    column's largest weight kept exactly up to rounding) for linear_int8 (bf16_linear.c): stored
+    plus 128 as unsigned bytes (what VPDPBUSD multiplies), N padded to a multiple of 32 with zero
+    weights, laid out [N/32][K/4][2][16][4] (for each 4 inputs, the two 16-column blocks' 64-byte
+    lines); with the float32 scales, zero-padded to the packed N. K % 32 == 0."""
+    n, k = weight.shape
     w = weight.float()
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    quantised = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    padded = torch.zeros(-(-n // 32) * 32)
+    quantised = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int16)
+    padded_n = -(-n // 32) * 32
+    stored = torch.full((padded_n, k), 128, dtype=torch.int16)
+    stored[:n] = quantised + 128
+    packed = stored.to(torch.uint8).reshape(padded_n // 32, 2, 16, k // 4, 4).permute(0, 3, 1, 2, 4).contiguous()
+    padded = torch.zeros(padded_n)
     padded[:n] = scale
-    return pack_amx_weight(quantised), padded
+    return packed, padded
 
 
 @cache

@@ -9,6 +9,7 @@
  * bf16 matmul reads a one-row decode's weights at ~37 GB/s on this project's 2-core machine
  * (memory reads run at ~47), this kernel is written to stay at the read bandwidth. */
 #include <stdint.h>
+#include <stdlib.h>
 
 void amx_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                      const float *bias, void *out, int64_t out_stride, int out_fp32);
@@ -34,23 +35,13 @@ static inline void store_row(__m512 acc, int n0, int n_valid, const float *scale
         _mm256_mask_storeu_epi16((uint16_t *)out + n0, mask, (__m256i)_mm512_cvtneps_pbh(acc));
 }
 
-/* One 16-column line of K pairs as 32 bf16: read as it is, or 32 int8 widened exactly (every int8
- * is a bf16) for the int8 weights. */
-static inline __attribute__((always_inline)) __m512bh load_line(const char *line, const int int8) {
-    if (!int8) return (__m512bh)_mm512_loadu_si512(line);
-    const __m128i lo = _mm_loadu_si128((const __m128i *)line), hi = _mm_loadu_si128((const __m128i *)(line + 16));
-    return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
-                               _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)));
-}
-
-/* rows (1..MAX_ROWS) rows of x against one 32-column pair; inlined per constant row count and
- * weight type so the accumulators live in registers. A step of 32 K is 2 KB of bf16 (1 KB of
- * int8): two halves of 16 lines, one per 16-column block. */
-static inline __attribute__((always_inline)) void pair_rows(const int rows, const int int8, const uint16_t *x,
-                                                            int64_t x_stride, int k, const char *w, int n0, int n,
-                                                            const float *scale, const float *bias, char *out,
-                                                            int64_t out_row_bytes, int out_fp32) {
-    const int line = int8 ? 32 : 64, half = 16 * line, step = 2 * half;
+/* rows (1..MAX_ROWS) rows of x against one 32-column pair; inlined per constant row count so the
+ * accumulators live in registers. A step of 32 K is 2 KB: two halves of 16 lines, one per
+ * 16-column block. */
+static inline __attribute__((always_inline)) void pair_rows(const int rows, const uint16_t *x, int64_t x_stride,
+                                                            int k, const char *w, int n0, int n, const float *bias,
+                                                            char *out, int64_t out_row_bytes, int out_fp32) {
+    const int line = 64, half = 16 * line, step = 2 * half;
     __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
 #pragma GCC unroll 12
     for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
@@ -59,12 +50,10 @@ static inline __attribute__((always_inline)) void pair_rows(const int rows, cons
 #pragma GCC unroll 16
         for (int p = 0; p < 16; p++) {
             /* PREFETCH_STEPS steps of 32 K ahead: the lines this pair reads there */
-            if (!int8 || (p & 1) == 0) {
-                _mm_prefetch(ws + PREFETCH_STEPS * step + p * line, _MM_HINT_T0);
-                _mm_prefetch(ws + PREFETCH_STEPS * step + half + p * line, _MM_HINT_T0);
-            }
-            const __m512bh w0 = load_line(ws + p * line, int8);
-            const __m512bh w1 = load_line(ws + half + p * line, int8);
+            _mm_prefetch(ws + PREFETCH_STEPS * step + p * line, _MM_HINT_T0);
+            _mm_prefetch(ws + PREFETCH_STEPS * step + half + p * line, _MM_HINT_T0);
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(ws + p * line);
+            const __m512bh w1 = (__m512bh)_mm512_loadu_si512(ws + half + p * line);
             const int kk = s * 32 + 2 * p;
 #pragma GCC unroll 12
             for (int r = 0; r < rows; r++) {
@@ -78,63 +67,174 @@ static inline __attribute__((always_inline)) void pair_rows(const int rows, cons
     }
 #pragma GCC unroll 12
     for (int r = 0; r < rows; r++) {
-        store_row(acc0[r], n0, n - n0, scale, bias, out + r * out_row_bytes, out_fp32);
-        store_row(acc1[r], n0 + 16, n - n0 - 16, scale, bias, out + r * out_row_bytes, out_fp32);
+        store_row(acc0[r], n0, n - n0, 0, bias, out + r * out_row_bytes, out_fp32);
+        store_row(acc1[r], n0 + 16, n - n0 - 16, 0, bias, out + r * out_row_bytes, out_fp32);
     }
 }
 
 #define CASE(R)                                                                                          \
     case R:                                                                                              \
-        if (int8)                                                                                        \
-            pair_rows(R, 1, x, x_stride, k, w, n0, n, scale, bias, out, out_row_bytes, out_fp32);        \
-        else                                                                                             \
-            pair_rows(R, 0, x, x_stride, k, w, n0, n, scale, bias, out, out_row_bytes, out_fp32);        \
+        pair_rows(R, x, x_stride, k, w, n0, n, bias, out, out_row_bytes, out_fp32);                      \
         break;
 
-static void pair_block(int rows, int int8, const uint16_t *x, int64_t x_stride, int k, const char *w, int n0,
-                       int n, const float *scale, const float *bias, char *out, int64_t out_row_bytes,
-                       int out_fp32) {
+static void pair_block(int rows, const uint16_t *x, int64_t x_stride, int k, const char *w, int n0, int n,
+                       const float *bias, char *out, int64_t out_row_bytes, int out_fp32) {
     switch (rows) {
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
     }
 }
 
 /* x: (m, k) bf16, rows x_stride elements apart; out: (m, n) bf16 (or fp32 with out_fp32), rows
- * out_stride elements apart; k a multiple of 32. int8 weights (packed like the bf16 ones, one byte
- * an element) come with a float32 scale per output column: out = (x W^T) * scale + bias. */
-static void avx512_linear(const uint16_t *x, int64_t x_stride, int m, int k, const void *packed, int int8,
-                          const float *scale, int n, const float *bias, void *out, int64_t out_stride,
-                          int out_fp32) {
+ * out_stride elements apart; k a multiple of 32. */
+void avx512_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
+                        const float *bias, void *out, int64_t out_stride, int out_fp32) {
     const int pairs = (n + 31) / 32;
-    const int64_t pair_bytes = (int64_t)(k / 32) * (int8 ? 1024 : 2048);
+    const int64_t pair_bytes = (int64_t)(k / 32) * 2048;
     const int64_t out_row_bytes = out_stride * (out_fp32 ? 4 : 2);
 #pragma omp parallel for schedule(static)
     for (int p = 0; p < pairs; p++) {
         const char *w = (const char *)packed + p * pair_bytes;
         for (int m0 = 0; m0 < m; m0 += MAX_ROWS) {
             const int rows = m - m0 < MAX_ROWS ? m - m0 : MAX_ROWS;
-            pair_block(rows, int8, x + m0 * x_stride, x_stride, k, w, p * 32, n, scale, bias,
-                       (char *)out + m0 * out_row_bytes, out_row_bytes, out_fp32);
+            pair_block(rows, x + m0 * x_stride, x_stride, k, w, p * 32, n, bias, (char *)out + m0 * out_row_bytes,
+                       out_row_bytes, out_fp32);
         }
     }
 }
 
-void avx512_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
-                        const float *bias, void *out, int64_t out_stride, int out_fp32) {
-    avx512_linear(x, x_stride, m, k, packed, 0, 0, n, bias, out, out_stride, out_fp32);
+/* int8 linear layers (--quantization int8) on AVX512-VNNI: int8 weights (per output column scale)
+ * times int8 activations, each row of x quantised per group of 32 inputs (symmetric, its own
+ * scale), products summed exactly in int32 within a group (VPDPBUSD) and the groups in float32 in
+ * order. A row's result depends on that row alone, whatever the batch (batch invariance, as the
+ * bf16 kernels). VPDPBUSD multiplies unsigned by signed bytes: the weights are stored plus 128
+ * (unsigned), which adds 128 x (the group's sum of quantised x) to every column's sum; that term
+ * is the same for every column of a row, so it is taken off once at the end. */
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+#define I8_ROWS 6
+#define I8_GROUP 32 /* quantise_row reads a group as two 16-value halves */
+
+/* Row r of x: each group's int8 values (q), scale (scales) and the row's total of
+ * scale x 128 x sum(q) over its groups (corr). */
+static void quantise_row(const uint16_t *x, int k, int8_t *q, float *scales, float *corr) {
+    float total = 0.f;
+    for (int g = 0; g < k / I8_GROUP; g++) {
+        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + g * I8_GROUP))), 16));
+        const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + g * I8_GROUP + 16))), 16));
+        const float peak = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        /* a group of zeros (or one holding a NaN/inf: peak not finite) quantises to zeros x 0 or NaN */
+        const float inv = peak > 0.f ? 127.f / peak : 0.f, scale = peak / 127.f;
+        const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
+        const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(q + g * I8_GROUP), _mm512_cvtsepi32_epi8(qlo));
+        _mm_storeu_si128((__m128i *)(q + g * I8_GROUP + 16), _mm512_cvtsepi32_epi8(qhi));
+        scales[g] = scale;
+        total += scale * 128.f * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    }
+    *corr = total;
 }
 
-void linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
-                 int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
-    avx512_linear(x, x_stride, m, k, packed, 1, scale, n, bias, out, out_stride, out_fp32);
+/* rows (1..I8_ROWS) quantised rows against one 32-column pair of packed int8 weights
+ * ([K/4][2][16][4] bytes: for each 4 inputs, the two 16-column blocks' 64-byte lines). */
+static inline __attribute__((always_inline)) void i8_pair_rows(const int rows, const int8_t *q, const float *scales,
+                                                               const float *corr, int k, const char *w, int n0, int n,
+                                                               const float *wscale, const float *bias, char *out,
+                                                               int64_t out_row_bytes, int out_fp32) {
+    const int groups = k / I8_GROUP, quads = I8_GROUP / 4;
+    __m512 f0[I8_ROWS], f1[I8_ROWS];
+#pragma GCC unroll 6
+    for (int r = 0; r < rows; r++) f0[r] = f1[r] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        const char *wg = w + (int64_t)g * quads * 128;
+        __m512i i0[I8_ROWS], i1[I8_ROWS];
+#pragma GCC unroll 6
+        for (int r = 0; r < rows; r++) i0[r] = i1[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int u = 0; u < quads; u++) {
+            _mm_prefetch(wg + PREFETCH_STEPS * 1024 + u * 128, _MM_HINT_T0);
+            _mm_prefetch(wg + PREFETCH_STEPS * 1024 + u * 128 + 64, _MM_HINT_T0);
+            const __m512i w0 = _mm512_loadu_si512(wg + u * 128), w1 = _mm512_loadu_si512(wg + u * 128 + 64);
+#pragma GCC unroll 6
+            for (int r = 0; r < rows; r++) {
+                int32_t quad;
+                __builtin_memcpy(&quad, q + (int64_t)r * k + g * I8_GROUP + 4 * u, sizeof(quad));
+                const __m512i b = _mm512_set1_epi32(quad);
+                i0[r] = _mm512_dpbusd_epi32(i0[r], w0, b);
+                i1[r] = _mm512_dpbusd_epi32(i1[r], w1, b);
+            }
+        }
+#pragma GCC unroll 6
+        for (int r = 0; r < rows; r++) {
+            const __m512 s = _mm512_set1_ps(scales[(int64_t)r * groups + g]);
+            f0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[r]), s, f0[r]);
+            f1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[r]), s, f1[r]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < rows; r++) {
+        const __m512 c = _mm512_set1_ps(corr[r]);
+        store_row(_mm512_sub_ps(f0[r], c), n0, n - n0, wscale, bias, out + r * out_row_bytes, out_fp32);
+        store_row(_mm512_sub_ps(f1[r], c), n0 + 16, n - n0 - 16, wscale, bias, out + r * out_row_bytes, out_fp32);
+    }
+}
+
+#define I8_CASE(R)                                                                                       \
+    case R:                                                                                              \
+        i8_pair_rows(R, q, scales, corr, k, w, n0, n, wscale, bias, out, out_row_bytes, out_fp32);       \
+        break;
+
+static void i8_pair_block(int rows, const int8_t *q, const float *scales, const float *corr, int k, const char *w,
+                          int n0, int n, const float *wscale, const float *bias, char *out, int64_t out_row_bytes,
+                          int out_fp32) {
+    switch (rows) { I8_CASE(1) I8_CASE(2) I8_CASE(3) I8_CASE(4) I8_CASE(5) I8_CASE(6) }
+}
+
+/* x: (m, k) bf16, rows x_stride elements apart, k a multiple of 32; packed: pack_int8_weight's
+ * weights with per-column scales; out as avx512_linear_bf16's. Returns 0, -1 when scratch memory
+ * ran out. */
+static int vnni_linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed,
+                            const float *scale, int n, const float *bias, void *out, int64_t out_stride,
+                            int out_fp32) {
+    const int groups = k / I8_GROUP, pairs = (n + 31) / 32;
+    int8_t *q = malloc((size_t)m * k + sizeof(float) * ((size_t)m * groups + m));
+    if (!q) return -1;
+    float *scales = (float *)(q + (size_t)m * k), *corr = scales + (size_t)m * groups;
+    const int64_t pair_bytes = (int64_t)k * 32, out_row_bytes = out_stride * (out_fp32 ? 4 : 2);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < m; r++)
+            quantise_row(x + r * x_stride, k, q + (int64_t)r * k, scales + (int64_t)r * groups, corr + r);
+#pragma omp for schedule(static)
+        for (int p = 0; p < pairs; p++) {
+            const char *w = (const char *)packed + p * pair_bytes;
+            for (int m0 = 0; m0 < m; m0 += I8_ROWS) {
+                const int rows = m - m0 < I8_ROWS ? m - m0 : I8_ROWS;
+                i8_pair_block(rows, q + (int64_t)m0 * k, scales + (int64_t)m0 * groups, corr + m0, k, w, p * 32, n,
+                              scale, bias, (char *)out + m0 * out_row_bytes, out_row_bytes, out_fp32);
+            }
+        }
+    }
+    free(q);
+    return 0;
+}
+#pragma GCC pop_options
+
+int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
+                int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
+    return vnni_linear_int8(x, x_stride, m, k, packed, scale, n, bias, out, out_stride, out_fp32);
 }
 #define HAVE_AVX512_LINEAR 1
 #else
 #define HAVE_AVX512_LINEAR 0
 void avx512_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                         const float *bias, void *out, int64_t out_stride, int out_fp32) {}
-void linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
-                 int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {}
+int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
+                int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
+    return -2;
+}
 #endif
 
 static int use_amx = 0;
@@ -146,8 +246,15 @@ int linear_bf16_select(int amx) {
     return amx || HAVE_AVX512_LINEAR;
 }
 
-/* 1 when linear_int8 was built into this library (it needs AVX512-BF16). */
-int linear_int8_available(void) { return HAVE_AVX512_LINEAR; }
+/* 1 when linear_int8 was built into this library (the AVX512-BF16 builds) and this CPU has the
+ * AVX512-VNNI it runs on. */
+int linear_int8_available(void) {
+#if HAVE_AVX512_LINEAR
+    return __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
 
 void linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                  const float *bias, void *out, int64_t out_stride, int out_fp32) {

@@ -16,8 +16,8 @@ void rope_and_cache_bf16(uint16_t *qkv, int tokens, int qkv_stride, int num_head
                          int k_block, uint16_t *k_cache, uint16_t *v_cache);
 void linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                      const float *bias, void *out, int64_t out_stride, int out_fp32);
-void linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
-                 int n, const float *bias, void *out, int64_t out_stride, int out_fp32);
+int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
+                int n, const float *bias, void *out, int64_t out_stride, int out_fp32);
 int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const void *k_cache,
                            const void *v_cache, int is_bf16, int k_packed, const int64_t *block_tables,
                            int table_width, const int64_t *ctx_lens, int num_seqs, int num_heads,
@@ -36,13 +36,13 @@ typedef struct {
     const float *qkv_scale, *o_scale, *gate_up_scale, *down_scale;
 } layer_weights;
 
-/* One matrix of a layer: bf16 weights through linear_bf16, int8 ones (scale given) through linear_int8. */
-static void layer_linear(const uint16_t *x, int m, int k, const void *w, const float *scale, int n,
-                         const float *bias, uint16_t *out) {
-    if (scale)
-        linear_int8(x, k, m, k, w, scale, n, bias, out, n, 0);
-    else
-        linear_bf16(x, k, m, k, w, n, bias, out, n, 0);
+/* One matrix of a layer: bf16 weights through linear_bf16, int8 ones (scale given) through linear_int8.
+ * Returns 0, -1 when scratch memory ran out. */
+static int layer_linear(const uint16_t *x, int m, int k, const void *w, const float *scale, int n,
+                        const float *bias, uint16_t *out) {
+    if (scale) return linear_int8(x, k, m, k, w, scale, n, bias, out, n, 0) ? -1 : 0;
+    linear_bf16(x, k, m, k, w, n, bias, out, n, 0);
+    return 0;
 }
 
 /* hidden: (tokens, hidden_size) residual stream, updated in place; delta: (tokens, hidden_size),
@@ -63,21 +63,23 @@ int decoder_layers_bf16(const layer_weights *layers, int num_layers, uint16_t *h
     uint16_t *x = scratch, *qkv = x + (int64_t)tokens * hidden_size, *attn = qkv + (int64_t)tokens * qkv_width;
     uint16_t *gate_up = attn + (int64_t)tokens * q_width, *act = gate_up + (int64_t)tokens * 2 * intermediate;
     int status = 0;
-    for (int l = 0; l < num_layers && status == 0; l++) {
+    for (int l = 0; l < num_layers; l++) {
         const layer_weights *w = layers + l;
         add_rms_norm_bf16(hidden, (l > 0 || has_delta) ? delta : 0, w->input_norm, eps, tokens, hidden_size, x);
-        layer_linear(x, tokens, hidden_size, w->qkv, w->qkv_scale, qkv_width, w->qkv_bias, qkv);
+        if ((status = layer_linear(x, tokens, hidden_size, w->qkv, w->qkv_scale, qkv_width, w->qkv_bias, qkv))) break;
         rope_and_cache_bf16(qkv, tokens, qkv_width, num_heads, num_kv_heads, head_dim, cos, sin, slots,
                             k_packed ? block_size : 0, w->k_cache, w->v_cache);
         status = paged_decode_attention(qkv, 1, qkv_width, w->k_cache, w->v_cache, 1, k_packed, tables, table_width,
                                         ctx_lens, tokens, num_heads, num_kv_heads, head_dim, block_size, scale,
                                         (int)w->window, 0.f, attn, 1, q_width);
+        if (status) break;
         /* delta was consumed by the first norm: it takes o_proj's output, then the MLP's */
-        layer_linear(attn, tokens, q_width, w->o, w->o_scale, hidden_size, w->o_bias, delta);
+        if ((status = layer_linear(attn, tokens, q_width, w->o, w->o_scale, hidden_size, w->o_bias, delta))) break;
         add_rms_norm_bf16(hidden, delta, w->post_norm, eps, tokens, hidden_size, x);
-        layer_linear(x, tokens, hidden_size, w->gate_up, w->gate_up_scale, 2 * intermediate, 0, gate_up);
+        status = layer_linear(x, tokens, hidden_size, w->gate_up, w->gate_up_scale, 2 * intermediate, 0, gate_up);
+        if (status) break;
         silu_mul_bf16(gate_up, tokens, intermediate, act);
-        layer_linear(act, tokens, intermediate, w->down, w->down_scale, hidden_size, 0, delta);
+        status = layer_linear(act, tokens, intermediate, w->down, w->down_scale, hidden_size, 0, delta);
     }
     free(scratch);
     return status;
