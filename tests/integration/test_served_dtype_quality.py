@@ -2,8 +2,8 @@
 fixed English text under the bf16 serving path and under --quantization int8 stays within 1 % of
 float32's, and along float32's own greedy answers fed back (teacher forcing) the served dtype's
 top token is float32's at nearly every position. The share of free-running greedy tokens that stay
-identical is reported only: one near-tie flipped early sends a whole answer elsewhere (bf16's
-first answer differs from its first token), so it measures luck more than quality. Everything goes through the engine's own runner, the way serve runs it: the
+identical is held only to a sanity floor: one near-tie flipped early sends a whole answer
+elsewhere (bf16's first answer differs from float32's at its first token). Everything goes through the engine's own runner, the way serve runs it: the
 perplexity comes from prompt logprobs (completions' echo + logprobs), the configuration from the
 server's settings. A dtype this CPU cannot serve skips with the engine's own reason."""
 
@@ -57,13 +57,20 @@ QUESTIONS = [
     "What is the capital of France?",
     "Write a short story about a lighthouse keeper.",
     "Explain why the sky is blue.",
+    "Give three tips for learning to cook.",
+    "How does a bicycle stay upright?",
+    "Summarise the plot of a mystery novel you invent.",
+    "What should I pack for a weekend of hiking?",
+    "Describe the water cycle to a ten-year-old.",
 ]
 GREEDY_TOKENS = 64
 # Served dtypes against float32: (--dtype, --quantization).
 SERVED = {"bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8")}
-# Teacher-forced top-1 agreement with float32 (bf16 ~99 %, int8 ~96 % on the AMD EPYC Zen 5 of
-# session 14): a served dtype whose top token differs at more than 1 position in 10 is broken.
-AGREEMENT_FLOOR = 0.9
+# Teacher-forced top-1 agreement with float32 (bf16 99.2 %, int8 96.9 % over the 8 prompts on the
+# AMD EPYC Zen 5 of session 14): a served dtype whose top token differs from float32's at more than
+# 7 positions in 100 of float32's own answers has lost more than rounding.
+FORCED_FLOOR = 0.93
+GREEDY_FLOOR = 0.25  # free-running agreement: a sanity floor only (near-tie flips drift a whole answer)
 
 
 @pytest.fixture(scope="module")
@@ -190,4 +197,5 @@ def test_served_dtype_perplexity_within_1_percent_of_float32(fp32, smollm2_gguf,
         f"{len(matches)} positions"
     )
     assert abs(relative) <= 0.01
-    assert forced >= AGREEMENT_FLOOR
+    assert forced >= FORCED_FLOOR
+    assert sum(shares) / len(shares) >= GREEDY_FLOOR

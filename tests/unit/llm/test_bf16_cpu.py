@@ -107,7 +107,8 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
     with the group's own scale (peak / 127), values rounded half to even; returned dequantised."""
     groups = x.float().view(x.shape[0], -1, 32)
     peak = groups.abs().amax(-1, keepdim=True)
-    inv = torch.where(peak > 0, 127 / peak, torch.zeros_like(peak))  # float32, as the kernel's
+    # 127 / peak divided once in float32 as the kernel does (torch's 127 / t multiplies by 1 / t)
+    inv = torch.where(peak > 1e-30, torch.full_like(peak, 127) / peak, torch.zeros_like(peak))
     return (torch.round(groups * inv) * (peak / 127)).view(x.shape)
 
 
@@ -135,6 +136,22 @@ def test_int8_linear_is_int8_weights_times_int8_activations(rows, bias):
     assert torch.equal(got, head.bfloat16())
     # a row's result is its own: the same alone as among the others
     assert torch.equal(layer(x[-1:].contiguous()), got[-1:])
+
+
+@needs_int8
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("at", [0, 20, 40])
+def test_int8_linear_rows_with_a_nan_or_infinity_give_nan(bad, at):
+    """As torch would: a NaN or an infinity in a row makes that row's outputs NaN (never finite
+    garbage), in either half of a group, and leaves the other rows alone."""
+    torch.manual_seed(0)
+    layer = NativeLinear(torch.nn.Linear(64, 40).to(torch.bfloat16), native_ops(), fp32_out=True, int8=True)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    clean = layer(x)
+    x[1, at] = bad
+    got = layer(x)
+    assert got[1].isnan().all()
+    assert torch.equal(got[[0, 2]], clean[[0, 2]])
 
 
 @needs_int8

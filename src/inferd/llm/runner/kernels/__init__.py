@@ -203,6 +203,12 @@ class NativeOps:
         ``has_int8_linear``); the result in bf16, or float32 with ``fp32_out`` (logits: no rounding,
         no conversion after)."""
         _check(x, "x", torch.bfloat16, (None, None))
+        if x.shape[1] % 32:
+            raise KernelArgumentError(f"x: the kernels take rows of a multiple of 32 values, got {x.shape[1]}")
+        if scale is not None:
+            _check(scale, "scale", torch.float32, (None,))
+            if scale.numel() < out_features:
+                raise KernelArgumentError(f"scale: {scale.numel()} scales for {out_features} columns")
         if packed.numel() * packed.element_size() < x.shape[1] * out_features * (
             1 if scale is not None else 2
         ):
@@ -341,13 +347,14 @@ def pack_int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     weights, laid out [N/32][K/4][2][16][4] (for each 4 inputs, the two 16-column blocks' 64-byte
     lines); with the float32 scales, zero-padded to the packed N. K % 32 == 0."""
     n, k = weight.shape
+    if k % 32:
+        raise ValueError(f"int8 weights need K a multiple of 32, got {k}")
     w = weight.float()
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    quantised = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int16)
     padded_n = -(-n // 32) * 32
-    stored = torch.full((padded_n, k), 128, dtype=torch.int16)
-    stored[:n] = quantised + 128
-    packed = stored.to(torch.uint8).reshape(padded_n // 32, 2, 16, k // 4, 4).permute(0, 3, 1, 2, 4).contiguous()
+    stored = torch.full((padded_n, k), 128, dtype=torch.uint8)
+    stored[:n] = (torch.round(w / scale[:, None]).clamp(-127, 127) + 128).to(torch.uint8)
+    packed = stored.reshape(padded_n // 32, 2, 16, k // 4, 4).permute(0, 3, 1, 2, 4).contiguous()
     padded = torch.zeros(padded_n)
     padded[:n] = scale
     return packed, padded

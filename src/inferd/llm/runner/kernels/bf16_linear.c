@@ -9,6 +9,7 @@
  * bf16 matmul reads a one-row decode's weights at ~37 GB/s on this project's 2-core machine
  * (memory reads run at ~47), this kernel is written to stay at the read bandwidth. */
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 
 void amx_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
@@ -107,39 +108,41 @@ void avx512_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const
  * scale), products summed exactly in int32 within a group (VPDPBUSD) and the groups in float32 in
  * order. A row's result depends on that row alone, whatever the batch (batch invariance, as the
  * bf16 kernels). VPDPBUSD multiplies unsigned by signed bytes: the weights are stored plus 128
- * (unsigned), which adds 128 x (the group's sum of quantised x) to every column's sum; that term
- * is the same for every column of a row, so it is taken off once at the end. */
-#pragma GCC push_options
-#pragma GCC target("avx512vnni")
+ * (unsigned), which adds 128 x (the group's sum of quantised x) to every column's sum: the same
+ * for every column, taken off each group's int32 sums before they are scaled. The functions carry
+ * the avx512vnni target themselves (the build targets AVX512-BF16; linear_int8_available asks the
+ * CPU for VNNI). */
+#define VNNI __attribute__((target("avx512vnni")))
 #define I8_ROWS 6
 #define I8_GROUP 32 /* quantise_row reads a group as two 16-value halves */
 
-/* Row r of x: each group's int8 values (q), scale (scales) and the row's total of
- * scale x 128 x sum(q) over its groups (corr). */
-static void quantise_row(const uint16_t *x, int k, int8_t *q, float *scales, float *corr) {
-    float total = 0.f;
+/* Row r of x: each group's int8 values (q), scale (scales; NaN where the group holds a NaN or an
+ * infinity, so the row's outputs are NaN as torch's would be) and 128 x sum(q) (offsets). */
+static VNNI void quantise_row(const uint16_t *x, int k, int8_t *q, float *scales, int32_t *offsets) {
     for (int g = 0; g < k / I8_GROUP; g++) {
         const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(
             _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + g * I8_GROUP))), 16));
         const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(
             _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + g * I8_GROUP + 16))), 16));
         const float peak = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        /* a group of zeros (or one holding a NaN/inf: peak not finite) quantises to zeros x 0 or NaN */
-        const float inv = peak > 0.f ? 127.f / peak : 0.f, scale = peak / 127.f;
+        const int finite = !(_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) &&
+                           peak <= 3.4e38f;
+        /* a group of zeros (or of values so small that 127 / peak overflows) quantises to zeros */
+        const float inv = finite && peak > 1e-30f ? 127.f / peak : 0.f, scale = finite ? peak / 127.f : NAN;
         const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
         const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
         _mm_storeu_si128((__m128i *)(q + g * I8_GROUP), _mm512_cvtsepi32_epi8(qlo));
         _mm_storeu_si128((__m128i *)(q + g * I8_GROUP + 16), _mm512_cvtsepi32_epi8(qhi));
         scales[g] = scale;
-        total += scale * 128.f * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+        offsets[g] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
     }
-    *corr = total;
 }
 
 /* rows (1..I8_ROWS) quantised rows against one 32-column pair of packed int8 weights
  * ([K/4][2][16][4] bytes: for each 4 inputs, the two 16-column blocks' 64-byte lines). */
-static inline __attribute__((always_inline)) void i8_pair_rows(const int rows, const int8_t *q, const float *scales,
-                                                               const float *corr, int k, const char *w, int n0, int n,
+static inline VNNI __attribute__((always_inline)) void i8_pair_rows(const int rows, const int8_t *q,
+                                                                    const float *scales, const int32_t *offsets,
+                                                                    int k, const char *w, int n0, int n,
                                                                const float *wscale, const float *bias, char *out,
                                                                int64_t out_row_bytes, int out_fp32) {
     const int groups = k / I8_GROUP, quads = I8_GROUP / 4;
@@ -167,26 +170,27 @@ static inline __attribute__((always_inline)) void i8_pair_rows(const int rows, c
         }
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) {
-            const __m512 s = _mm512_set1_ps(scales[(int64_t)r * groups + g]);
-            f0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[r]), s, f0[r]);
-            f1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[r]), s, f1[r]);
+            const int64_t at = (int64_t)r * groups + g;
+            const __m512 s = _mm512_set1_ps(scales[at]);
+            const __m512i offset = _mm512_set1_epi32(offsets[at]);
+            f0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i0[r], offset)), s, f0[r]);
+            f1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i1[r], offset)), s, f1[r]);
         }
     }
 #pragma GCC unroll 6
     for (int r = 0; r < rows; r++) {
-        const __m512 c = _mm512_set1_ps(corr[r]);
-        store_row(_mm512_sub_ps(f0[r], c), n0, n - n0, wscale, bias, out + r * out_row_bytes, out_fp32);
-        store_row(_mm512_sub_ps(f1[r], c), n0 + 16, n - n0 - 16, wscale, bias, out + r * out_row_bytes, out_fp32);
+        store_row(f0[r], n0, n - n0, wscale, bias, out + r * out_row_bytes, out_fp32);
+        store_row(f1[r], n0 + 16, n - n0 - 16, wscale, bias, out + r * out_row_bytes, out_fp32);
     }
 }
 
 #define I8_CASE(R)                                                                                       \
     case R:                                                                                              \
-        i8_pair_rows(R, q, scales, corr, k, w, n0, n, wscale, bias, out, out_row_bytes, out_fp32);       \
+        i8_pair_rows(R, q, scales, offsets, k, w, n0, n, wscale, bias, out, out_row_bytes, out_fp32);    \
         break;
 
-static void i8_pair_block(int rows, const int8_t *q, const float *scales, const float *corr, int k, const char *w,
-                          int n0, int n, const float *wscale, const float *bias, char *out, int64_t out_row_bytes,
+static VNNI void i8_pair_block(int rows, const int8_t *q, const float *scales, const int32_t *offsets, int k,
+                               const char *w, int n0, int n, const float *wscale, const float *bias, char *out, int64_t out_row_bytes,
                           int out_fp32) {
     switch (rows) { I8_CASE(1) I8_CASE(2) I8_CASE(3) I8_CASE(4) I8_CASE(5) I8_CASE(6) }
 }
@@ -194,33 +198,33 @@ static void i8_pair_block(int rows, const int8_t *q, const float *scales, const 
 /* x: (m, k) bf16, rows x_stride elements apart, k a multiple of 32; packed: pack_int8_weight's
  * weights with per-column scales; out as avx512_linear_bf16's. Returns 0, -1 when scratch memory
  * ran out. */
-static int vnni_linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed,
+static VNNI int vnni_linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed,
                             const float *scale, int n, const float *bias, void *out, int64_t out_stride,
                             int out_fp32) {
     const int groups = k / I8_GROUP, pairs = (n + 31) / 32;
-    int8_t *q = malloc((size_t)m * k + sizeof(float) * ((size_t)m * groups + m));
+    int8_t *q = malloc((size_t)m * k + (sizeof(float) + sizeof(int32_t)) * (size_t)m * groups);
     if (!q) return -1;
-    float *scales = (float *)(q + (size_t)m * k), *corr = scales + (size_t)m * groups;
+    float *scales = (float *)(q + (size_t)m * k);
+    int32_t *offsets = (int32_t *)(scales + (size_t)m * groups);
     const int64_t pair_bytes = (int64_t)k * 32, out_row_bytes = out_stride * (out_fp32 ? 4 : 2);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int r = 0; r < m; r++)
-            quantise_row(x + r * x_stride, k, q + (int64_t)r * k, scales + (int64_t)r * groups, corr + r);
+            quantise_row(x + r * x_stride, k, q + (int64_t)r * k, scales + (int64_t)r * groups, offsets + (int64_t)r * groups);
 #pragma omp for schedule(static)
         for (int p = 0; p < pairs; p++) {
             const char *w = (const char *)packed + p * pair_bytes;
             for (int m0 = 0; m0 < m; m0 += I8_ROWS) {
                 const int rows = m - m0 < I8_ROWS ? m - m0 : I8_ROWS;
-                i8_pair_block(rows, q + (int64_t)m0 * k, scales + (int64_t)m0 * groups, corr + m0, k, w, p * 32, n,
-                              scale, bias, (char *)out + m0 * out_row_bytes, out_row_bytes, out_fp32);
+                i8_pair_block(rows, q + (int64_t)m0 * k, scales + (int64_t)m0 * groups, offsets + (int64_t)m0 * groups,
+                              k, w, p * 32, n, scale, bias, (char *)out + m0 * out_row_bytes, out_row_bytes, out_fp32);
             }
         }
     }
     free(q);
     return 0;
 }
-#pragma GCC pop_options
 
 int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
                 int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
@@ -250,7 +254,7 @@ int linear_bf16_select(int amx) {
  * AVX512-VNNI it runs on. */
 int linear_int8_available(void) {
 #if HAVE_AVX512_LINEAR
-    return __builtin_cpu_supports("avx512vnni");
+    return __builtin_cpu_supports("avx512vnni") != 0;
 #else
     return 0;
 #endif
