@@ -1,7 +1,8 @@
 """Greedy decoding on the default bf16 path is batch-invariant: the same request at temperature 0
 gives the same tokens, with bitwise the same logprobs, whether it runs alone, again after a partial
 prefix-cache hit, with its prompt chunked 13 tokens at a time, or inside a batch of 31 others —
-on the bundled SmolLM2-135M-Instruct, through the engine as serve runs it.
+on the bundled SmolLM2-135M-Instruct, through the engine as serve runs it; and so does
+--quantization int8 (its activations are quantised per row, its sums exact in int32).
 
 On CPUs without AMX the runner already sends every chunk up to 2048 tokens through the row kernel
 for speed, so a short prompt alone would not show a switch; the test applies the AMX machines'
@@ -19,6 +20,7 @@ import inferd.llm.runner.model_runner as model_runner
 from inferd.config.settings import load_settings
 from inferd.llm.client import LLMClient
 from inferd.llm.params import SamplingParams
+from inferd.llm.runner.kernels import native_ops
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +51,12 @@ async def answer(client: LLMClient, ids: list[int]) -> tuple[list[int], list[flo
     return tokens, logprobs, cached
 
 
-def run(gguf, situations, **overrides) -> dict[str, dict]:
+def run(gguf, situations, quantization="none", **overrides) -> dict[str, dict]:
     """Start the engine as serve would in bf16 (with ``overrides``), then play each situation in
     order: ``name -> async fn(client, ids) -> answer``; returns {situation: {prompt: answer}}."""
     config = load_settings(
-        {"device": "cpu", "dtype": "bfloat16", "kv_cache_memory": 256 * 2**20, **overrides}
+        {"device": "cpu", "dtype": "bfloat16", "quantization": quantization, "kv_cache_memory": 256 * 2**20,
+         **overrides}
     )
     loop = asyncio.new_event_loop()
     client = LLMClient.start(gguf, config.llm_config(), loop)
@@ -86,21 +89,28 @@ async def in_a_batch(client, ids):
     return (await asyncio.gather(answer(client, ids), *others))[0]
 
 
-@pytest.fixture(scope="module")
-def answers(smollm2_bf16):
+@pytest.fixture(scope="module", params=["none", "int8"], ids=["bf16", "int8"])
+def answers(request, smollm2_bf16):
+    quantization = request.param
+    if quantization == "int8" and not (native_ops() and native_ops().has_int8_linear):
+        pytest.skip("no int8 linear kernel for this CPU")
     # Without prefix caching nothing a situation plays can reach the next one's prompts (the two
     # prompts share the chat template's system prompt).
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model_runner, "NATIVE_ROW_PAIRS_ONE_CALL", model_runner.NATIVE_ROW_PAIRS_ONE_CALL_AMX)
         cold = run(
-            smollm2_bf16, {"alone": alone, "in a batch of 32": in_a_batch}, enable_prefix_caching=False
-        )
-        cached = run(smollm2_bf16, {"after a prefix hit": twice})
+            smollm2_bf16, {"alone": alone, "in a batch of 32": in_a_batch}, quantization,
+            enable_prefix_caching=False,
+        )  # fmt: skip
+        cached = run(smollm2_bf16, {"after a prefix hit": twice}, quantization)
         chunked = run(
-            smollm2_bf16, {"chunked by 13": alone}, max_num_batched_tokens=13, enable_prefix_caching=False
-        )
+            smollm2_bf16, {"chunked by 13": alone}, quantization, max_num_batched_tokens=13,
+            enable_prefix_caching=False,
+        )  # fmt: skip
         # the switch batch_invariant turns off: the long prompt alone over the AMX threshold takes SDPA
-        switching = run(smollm2_bf16, {"alone": alone}, enable_prefix_caching=False, batch_invariant=False)
+        switching = run(
+            smollm2_bf16, {"alone": alone}, quantization, enable_prefix_caching=False, batch_invariant=False
+        )
     return {**cold, **cached, **chunked, "alone, switching to SDPA": switching["alone"]}
 
 
