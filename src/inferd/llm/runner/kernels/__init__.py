@@ -151,23 +151,15 @@ class NativeOps:
         _check(slots, "slots", torch.int64, (tokens,))
         num_slots = min(k_cache.numel(), v_cache.numel()) // (num_kv_heads * head_dim)
         k_block = packed_key_block(k_cache)
-        for name, kv in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if (
-                kv.dtype != torch.bfloat16
-                or not kv.is_contiguous()
-                or (kv.shape[-2:] != (num_kv_heads, head_dim) and not (kv is k_cache and k_block))
-            ):
-                raise KernelArgumentError(
-                    f"{name}: the kernel takes a contiguous bf16 (..., {num_kv_heads}, {head_dim}) cache"
-                )
-        if k_block and (
-            k_cache.shape[1:] != (num_kv_heads, head_dim // 2, k_block, 2)
-            or not self.packs_keys(head_dim, k_block)
+        plain = (num_kv_heads, head_dim)
+        for name, kv, tail in (
+            ("k_cache", k_cache, (num_kv_heads, head_dim // 2, k_block, 2) if k_block else plain),
+            ("v_cache", v_cache, plain),
         ):
-            raise KernelArgumentError(
-                f"k_cache: a packed key cache of this build is (blocks, {num_kv_heads}, {head_dim // 2}, "
-                f"block_size, 2), got {tuple(k_cache.shape)}"
-            )
+            if kv.dtype != torch.bfloat16 or not kv.is_contiguous() or kv.shape[-len(tail) :] != tail:
+                raise KernelArgumentError(
+                    f"{name}: the kernel takes a contiguous bf16 (..., {', '.join(map(str, tail))}) cache"
+                )
         # Every layer of a step gets the same slot tensor: its range (a reduction) is read once.
         if slots is not self._checked_slots:
             if tokens and not 0 <= int(slots.min()) <= int(slots.max()) < num_slots:

@@ -197,10 +197,9 @@ static VNNI void i8_pair_block(int rows, const int8_t *q, const float *scales, c
 
 /* x: (m, k) bf16, rows x_stride elements apart, k a multiple of 32; packed: pack_int8_weight's
  * weights with per-column scales; out as avx512_linear_bf16's. Returns 0, -1 when scratch memory
- * ran out. */
-static VNNI int vnni_linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed,
-                            const float *scale, int n, const float *bias, void *out, int64_t out_stride,
-                            int out_fp32) {
+ * ran out (-2 from a build without it). */
+VNNI int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
+                     int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
     const int groups = k / I8_GROUP, pairs = (n + 31) / 32;
     int8_t *q = malloc((size_t)m * k + (sizeof(float) + sizeof(int32_t)) * (size_t)m * groups);
     if (!q) return -1;
@@ -224,11 +223,6 @@ static VNNI int vnni_linear_int8(const uint16_t *x, int64_t x_stride, int m, int
     }
     free(q);
     return 0;
-}
-
-int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
-                int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
-    return vnni_linear_int8(x, x_stride, m, k, packed, scale, n, bias, out, out_stride, out_fp32);
 }
 #define HAVE_AVX512_LINEAR 1
 #else
