@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated
 
 import typer
@@ -53,15 +52,11 @@ def settings(markdown: bool = typer.Option(False, "--markdown", help="Print the 
     Console().print(Markdown(text))
 
 
-# OpenMP workers spin this many iterations after a parallel region before sleeping (libgomp's
-# default is 300,000, ~0.1 ms+). The engine loop, the event loop and the encoders share few cores
-# with torch's workers; long spinning steals them. Measured with benchmarks/llm_bench.py on 2
-# cores: 1.3x output tok/s at 8 streams and 15% lower single-stream ITL. libgomp reads it when torch
-# loads it, so it is set here, before anything imports torch; a value the user set wins.
-OMP_SPIN_ENV = {"GOMP_SPINCOUNT": "10000"}
-
-
 def main() -> None:
-    for name, value in OMP_SPIN_ENV.items():
-        os.environ.setdefault(name, value)
+    # OpenMP workers keep libgomp's own spin before sleeping at a barrier (300,000 iterations).
+    # Serve shortened it to 10,000 while the forward was many torch ops with Python between them.
+    # Now that a step's layers run in one native call, on 2 cores (benchmarks/RESULTS.md,
+    # 2026-12-04): on a quiet machine the two are within run-to-run noise; with another process
+    # busy 12 % of one core, the default served chat 10-22 % more tok/s at 32 streams (+11-18 % at
+    # one and eight under int8) and a lower ITL p95 at every load.
     app()
