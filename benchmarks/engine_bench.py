@@ -1,0 +1,178 @@
+"""The chat engine in process (no HTTP, no server): llm_bench.py's 64 prompts through C workers
+(default 32), 128 greedy tokens each with EOS ignored, on the bundled SmolLM2-135M-Instruct as
+`serve` loads it. What llm_bench's served figure would be with no event loop, no load generator
+and nothing else on the cores: the gap between the two is what the rest of the machine costs.
+
+Rounds alternate "quiet" and, with --busy, "busy": another process spinning 1.2 ms of every 10 ms
+(12 % of one core) while the round runs. Every round sends prompts no earlier round sent (each
+opens with inferd bench's cold marker), after one untimed warm-up round. Per round: output tokens
+over the wall time, and the mean time of a step and of its native decoder call (the layers' one
+call into the kernels, timed around it).
+
+    .venv/bin/python benchmarks/engine_bench.py --quantization int8 --busy --json benchmarks/out/<dir>/engine.json
+    .venv/bin/python benchmarks/engine_bench.py --from-json benchmarks/out/<dir>/engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from harness import ROOT, add_report_args, render_from_json, save_and_render
+from llm_bench import CHATS
+from ray_bench import cpu_model
+
+from inferd.bench.prompts import cold_marker, with_marker
+from inferd.config.settings import load_settings
+from inferd.hub.bundled import bundled_model_path
+from inferd.llm import engine as engine_module
+from inferd.llm.client import LLMClient
+from inferd.llm.params import SamplingParams
+from inferd.llm.runner import kernels
+
+BUSY = """
+import time
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.0012:
+        pass
+    time.sleep(0.0088)
+"""
+
+
+class Clock:
+    """Steps and seconds: LLMEngine.step and NativeOps.decoder_layers, timed around each call."""
+
+    def __init__(self) -> None:
+        self.reset()
+        engine_module.LLMEngine.step = self.timed(engine_module.LLMEngine.step, "step")
+        kernels.NativeOps.decoder_layers = self.timed(kernels.NativeOps.decoder_layers, "native")
+
+    def reset(self) -> None:
+        self.seconds = {"step": 0.0, "native": 0.0}
+        self.calls = {"step": 0, "native": 0}
+
+    def timed(self, fn, key: str):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+                self.calls[key] += 1
+
+        return call
+
+
+async def one_round(client: LLMClient, tag: str, concurrency: int, max_tokens: int) -> tuple[int, float]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    queue = [
+        client.render_chat(with_marker(chat, cold_marker("engine_bench", tag, i)))
+        for i, chat in enumerate(CHATS)
+    ]
+    counts: list[int] = []
+
+    async def answer(ids: list[int]) -> int:
+        n = 0
+        async for out in client.generate(ids, params):
+            n += len(out.new_token_ids)
+        return n
+
+    async def worker() -> None:
+        while queue:
+            counts.append(await answer(queue.pop(0)))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sum(counts), time.perf_counter() - start
+
+
+def run(args) -> dict:
+    config = load_settings({"device": "cpu", "dtype": args.dtype, "quantization": args.quantization})
+    clock = Clock()
+    loop = asyncio.new_event_loop()
+    client = LLMClient.start(bundled_model_path("smollm2-135m-instruct"), config.llm_config(), loop)
+    run_id = str(time.time())
+    rounds = []
+    try:
+        loop.run_until_complete(one_round(client, f"{run_id}/warm", args.concurrency, args.max_tokens))
+        for i in range(args.rounds):
+            for mode in ("quiet", "busy") if args.busy else ("quiet",):
+                busy = subprocess.Popen([sys.executable, "-c", BUSY]) if mode == "busy" else None
+                clock.reset()
+                try:
+                    tokens, wall = loop.run_until_complete(
+                        one_round(client, f"{run_id}/{i}/{mode}", args.concurrency, args.max_tokens)
+                    )
+                finally:
+                    if busy is not None:
+                        busy.kill()
+                        busy.wait()
+                rounds.append({
+                    "mode": mode, "tokens": tokens, "wall_s": wall, "steps": clock.calls["step"],
+                    "step_s": clock.seconds["step"], "native_s": clock.seconds["native"],
+                })  # fmt: skip
+    finally:
+        client.close()
+        loop.close()
+    return {
+        "cpu": cpu_model(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "dtype": config.dtype,
+        "quantization": args.quantization,
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "concurrency": args.concurrency,
+        "prompts": len(CHATS),
+        "max_tokens": args.max_tokens,
+        "rounds": rounds,
+    }
+
+
+def render(report: dict) -> str:
+    lines = [
+        f"CPU: {report['cpu']}, commit {report['commit']}, {report['dtype']}, quantization "
+        f"{report['quantization']}, GOMP_SPINCOUNT {report['gomp_spincount'] or 'unset'}; "
+        f"{report['prompts']} prompts x {report['max_tokens']} tokens through {report['concurrency']} workers",
+        "",
+        "| round | tok/s | ms a step | native decoder call, ms a step |",
+        "|---|---|---|---|",
+    ]
+    by_mode: dict[str, list[float]] = {}
+    for r in report["rounds"]:
+        rate = r["tokens"] / r["wall_s"]
+        by_mode.setdefault(r["mode"], []).append(rate)
+        lines.append(
+            f"| {r['mode']} | {rate:.1f} | {r['step_s'] / r['steps'] * 1e3:.2f} | "
+            f"{r['native_s'] / r['steps'] * 1e3:.2f} |"
+        )
+    lines.append("")
+    lines += [
+        f"{mode}: median {statistics.median(v):.1f} tok/s over {len(v)} rounds" for mode, v in by_mode.items()
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", default="auto", help="as serve's --dtype (default: auto)")
+    parser.add_argument("--quantization", default="none", choices=["none", "int8"])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--busy", action="store_true", help="alternate each quiet round with a busy one")
+    add_report_args(parser)
+    args = parser.parse_args(argv)
+    if render_from_json(args, render):
+        return 0
+    return save_and_render(run(args), args.json, render)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
