@@ -56,8 +56,9 @@ def main() -> None:
     # OpenMP workers keep libgomp's own spin before sleeping at a barrier (300,000 iterations).
     # Serve shortened it to 10,000 while the forward was many torch ops with Python between them.
     # Now that a step's layers run in one native call, on 2 cores (benchmarks/RESULTS.md,
-    # 2026-12-04): served on a quiet machine the two are within run-to-run noise; with another
-    # process busy 12 % of one core the default served chat 10-22 % more tok/s at 32 streams
-    # (+11-18 % at one and eight under int8) with a lower ITL p95 at every load, and the engine
-    # alone (benchmarks/engine_bench.py) runs 12-13 % faster with it, quiet or busy.
+    # 2026-12-04): served on a quiet machine the two are mostly within run-to-run noise; beside a
+    # process busy 12 % of one core the default served chat up to 22 % more tok/s (int8, 32
+    # streams) with a lower ITL p95 at every load in two runs. The engine alone
+    # (benchmarks/engine_bench.py) is the same with either: the spin decides how the server's
+    # own threads and the engine's workers share the cores.
     app()
