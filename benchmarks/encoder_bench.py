@@ -20,7 +20,7 @@ import time
 
 import torch
 from embed_bench import build_corpus, model_dir
-from harness import ROOT, add_report_args, render_from_json, save_and_render
+from harness import ROOT, add_report_args, render_from_json, save_and_render, timed
 from ray_bench import cpu_model
 
 from inferd.config import load_settings
@@ -36,19 +36,12 @@ class AttentionClock:
 
     def __init__(self, native) -> None:
         self.seconds = 0.0
-        bert_module._attend_within = self.timed(bert_module._attend_within)
+        bert_module._attend_within = timed(bert_module._attend_within, self.add)
         if native is not None:
-            native.varlen_attention = self.timed(native.varlen_attention)
+            native.varlen_attention = timed(native.varlen_attention, self.add)
 
-    def timed(self, fn):
-        def call(*args):
-            start = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        return call
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
 
 
 def run(passages: int, repeats: int) -> dict:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from harness import ROOT, add_report_args, render_from_json, save_and_render
+from harness import ROOT, add_report_args, render_from_json, save_and_render, timed
 from llm_bench import CHATS
 from ray_bench import cpu_model
 
@@ -50,23 +50,19 @@ class Clock:
 
     def __init__(self) -> None:
         self.reset()
-        engine_module.LLMEngine.step = self.timed(engine_module.LLMEngine.step, "step")
-        kernels.NativeOps.decoder_layers = self.timed(kernels.NativeOps.decoder_layers, "native")
+        engine_module.LLMEngine.step = timed(engine_module.LLMEngine.step, self.recorder("step"))
+        kernels.NativeOps.decoder_layers = timed(kernels.NativeOps.decoder_layers, self.recorder("native"))
 
     def reset(self) -> None:
         self.seconds = {"step": 0.0, "native": 0.0}
         self.calls = {"step": 0, "native": 0}
 
-    def timed(self, fn, key: str):
-        def call(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[key] += time.perf_counter() - start
-                self.calls[key] += 1
+    def recorder(self, key: str):
+        def record(seconds: float) -> None:
+            self.seconds[key] += seconds
+            self.calls[key] += 1
 
-        return call
+        return record
 
 
 async def one_round(client: LLMClient, tag: str, concurrency: int, max_tokens: int) -> tuple[int, float]:

@@ -166,6 +166,19 @@ def venv_versions(venv: Path | None, packages: tuple[str, ...]) -> dict[str, str
         return {}
 
 
+def timed(fn, record):
+    """``fn`` wrapped to pass the seconds each call took to ``record`` (also when it raises)."""
+
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            record(time.perf_counter() - start)
+
+    return call
+
+
 def add_report_args(parser) -> None:
     """--json (write the raw report) and --from-json (render one, run nothing)."""
     parser.add_argument("--json", type=Path, help="write the raw samples here")
