@@ -87,6 +87,7 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
 #define RUN_SPLIT 4    /* fewest rows of a run's chunk when a run is split across threads */
 #define RUN_VECTORS 12 /* query vectors scored together */
 #define RUN_PV 6       /* query vectors accumulating p . v together */
+#define PV_CHUNKS 4    /* 16-dim chunks of those vectors accumulated together */
 #ifndef PACKED_AHEAD
 #define PACKED_AHEAD 2 /* 16-position blocks between a packed key block copied and one prefetched */
 #endif
@@ -116,6 +117,25 @@ static size_t run_rows_floats(int ctx_len) { return ((size_t)2 * ctx_len + 15) /
  * packed ones): a query vector scores 16 positions with head_dim / 2 dot-pair instructions
  * (vdpbf16ps) and no horizontal sums, each score summed over the dims in order. The weights stay
  * fp32 and p . v adds each position's value row, widened, in position order. */
+
+/* Prefetch the packed keys and the values of kv head kv at the 16 positions from pos (two 8-slot
+ * halves), those below last. */
+static inline void prefetch_packed(const uint32_t *k_dwords, const uint16_t *v_cache, const int64_t *table, int pos,
+                                   int last, int kv, int num_kv_heads, int head_dim, int block_size) {
+    const int half = head_dim / 2;
+    const int64_t slot_stride = (int64_t)num_kv_heads * head_dim, packed_stride = (int64_t)num_kv_heads * half * block_size;
+    for (int h = 0; h < 2; h++, pos += 8) {
+        if (pos >= last) break;
+        const int64_t cache_block = table[pos / block_size], at = pos % block_size;
+        const char *k_next = (const char *)(k_dwords + cache_block * packed_stride + (int64_t)kv * half * block_size + at);
+        for (int j = 0; j < half; j += block_size == 8 ? 2 : 1) /* rows of block_size dwords */
+            _mm_prefetch(k_next + (int64_t)j * block_size * 4, _MM_HINT_T0);
+        const uint16_t *v_next = v_cache + (cache_block * block_size + at) * slot_stride + (int64_t)kv * head_dim;
+        for (int slot = 0; slot < 8; slot++)
+            for (int byte = 0; byte < head_dim * 2; byte += 64)
+                _mm_prefetch((const char *)(v_next + slot * slot_stride) + byte, _MM_HINT_T0);
+    }
+}
 
 /* Keys of positions first..last - 1 of kv head kv (first a multiple of 16) packed into kt, block
  * by block (positions past last in the final block are zeros), and each position's value row
@@ -177,19 +197,14 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, int k_pac
                                : k_dwords;
             }
             /* the keys and values of the 16 positions PACKED_AHEAD blocks on, from memory while
-             * these are copied (a slot block's keys are one contiguous run here) */
-            for (int h = 0; h < 2; h++) {
-                const int pos = first + 16 * (b + PACKED_AHEAD) + 8 * h;
-                if (pos >= last) break;
-                const int64_t cache_block = table[pos / block_size], at = pos % block_size;
-                const char *k_next = (const char *)(k_dwords + cache_block * packed_stride + packed_head + at);
-                for (int j = 0; j < half; j += block_size == 8 ? 2 : 1) /* rows of block_size dwords */
-                    _mm_prefetch(k_next + (int64_t)j * block_size * 4, _MM_HINT_T0);
-                const uint16_t *v_next = v_cache + (cache_block * block_size + at) * slot_stride + head;
-                for (int slot = 0; slot < 8; slot++)
-                    for (int byte = 0; byte < head_dim * 2; byte += 64)
-                        _mm_prefetch((const char *)(v_next + slot * slot_stride) + byte, _MM_HINT_T0);
-            }
+             * these are copied (a slot block's keys are one contiguous run here); the first
+             * blocks' before the first copy */
+            if (b == 0)
+                for (int a = 0; a < PACKED_AHEAD; a++)
+                    prefetch_packed(k_dwords, v_cache, table, first + 16 * a, last, kv, num_kv_heads, head_dim,
+                                    block_size);
+            prefetch_packed(k_dwords, v_cache, table, first + 16 * (b + PACKED_AHEAD), last, kv, num_kv_heads, head_dim,
+                            block_size);
             for (int j = 0; j < half; j++) {
                 const __m256i lo = _mm256_maskz_loadu_epi32(valid[0], src[0] + (int64_t)j * block_size);
                 const __m256i hi = _mm256_maskz_loadu_epi32(valid[1], src[1] + (int64_t)j * block_size);
@@ -207,42 +222,67 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, int k_pac
     }
 }
 
+/* One vector's 16 scores of block b (acc, before scaling) stored, and its peak updated. */
+static inline __attribute__((always_inline)) void score_finish(__m512 acc, int v, int b, int b0, const int *lo,
+                                                               const int *hi, float scale, float softcap,
+                                                               float *scores, int span, float *peak) {
+    __m512 x = _mm512_mul_ps(acc, _mm512_set1_ps(scale));
+    if (softcap > 0.f) {
+        float lanes[16];
+        _mm512_storeu_ps(lanes, x);
+        for (int i = 0; i < 16; i++) lanes[i] = tanhf(lanes[i] / softcap) * softcap;
+        x = _mm512_loadu_ps(lanes);
+    }
+    /* lanes outside the vector's positions take no weight */
+    const int below = lo[v] - 16 * b, upto = hi[v] - 16 * b;
+    const __mmask16 low = below > 0 ? (__mmask16)((1u << (below > 16 ? 16 : below)) - 1) : 0;
+    const __mmask16 high = upto >= 16 ? 0xffff : (upto <= 0 ? 0 : (__mmask16)((1u << upto) - 1));
+    x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), high & ~low, x);
+    _mm512_storeu_ps(scores + (size_t)v * span + 16 * (b - b0), x);
+    peak[v] = fmaxf(peak[v], _mm512_reduce_max_ps(x));
+}
+
+/* Blocks b..b + nb - 1 (nb <= 4) scored side by side. */
+static inline __attribute__((always_inline)) void score_group(const int count, const int nb,
+                                                              const uint32_t (*qp)[MAX_CHUNKS * 8], const uint32_t *kt,
+                                                              int half, int b, int b0, const int *lo, const int *hi,
+                                                              float scale, float softcap, float *scores, int span,
+                                                              float *peak) {
+    __m512 acc[4][RUN_VECTORS];
+#pragma GCC unroll 4
+    for (int i = 0; i < nb; i++)
+#pragma GCC unroll 12
+        for (int v = 0; v < count; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int j = 0; j < half; j++) {
+        __m512bh k[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < nb; i++) k[i] = (__m512bh)_mm512_loadu_si512(kt + ((size_t)(b + i) * half + j) * 16);
+#pragma GCC unroll 12
+        for (int v = 0; v < count; v++) {
+            const __m512bh q = (__m512bh)_mm512_set1_epi32((int)qp[v][j]);
+#pragma GCC unroll 4
+            for (int i = 0; i < nb; i++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], q, k[i]);
+        }
+    }
+    for (int i = 0; i < nb; i++)
+        for (int v = 0; v < count; v++) score_finish(acc[i][v], v, b + i, b0, lo, hi, scale, softcap, scores, span, peak);
+}
+
 /* Scores of `count` query vectors (qp: their dword pairs) over packed blocks b0..b1 - 1 into
  * scores (span floats a vector), -inf outside each vector's positions lo..hi - 1, and each
- * vector's peak into peak. Inlined per constant count, so the accumulators live in registers. */
+ * vector's peak into peak. Inlined per constant count, so the accumulators live in registers.
+ * Each score is a chain of head_dim / 2 dependent dot-pair steps: with few vectors, `per` blocks
+ * are scored side by side so that enough chains run at once (every sum keeps its order). */
 static inline __attribute__((always_inline)) void score_blocks(const int count, const uint32_t (*qp)[MAX_CHUNKS * 8],
                                                                const uint32_t *kt, int half, int b0, int b1,
                                                                const int *lo, const int *hi, float scale,
                                                                float softcap, float *scores, int span, float *peak) {
+    const int per = count >= 6 ? 1 : count >= 3 ? 12 / count : 4; /* blocks side by side */
     for (int v = 0; v < count; v++) peak[v] = -INFINITY;
-    for (int b = b0; b < b1; b++) {
-        const uint32_t *kb = kt + (size_t)b * 16 * half;
-        __m512 acc[RUN_VECTORS];
-#pragma GCC unroll 12
-        for (int v = 0; v < count; v++) acc[v] = _mm512_setzero_ps();
-        for (int j = 0; j < half; j++) {
-            const __m512bh k = (__m512bh)_mm512_loadu_si512(kb + j * 16);
-#pragma GCC unroll 12
-            for (int v = 0; v < count; v++)
-                acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_set1_epi32((int)qp[v][j]), k);
-        }
-        for (int v = 0; v < count; v++) {
-            __m512 x = _mm512_mul_ps(acc[v], _mm512_set1_ps(scale));
-            if (softcap > 0.f) {
-                float lanes[16];
-                _mm512_storeu_ps(lanes, x);
-                for (int i = 0; i < 16; i++) lanes[i] = tanhf(lanes[i] / softcap) * softcap;
-                x = _mm512_loadu_ps(lanes);
-            }
-            /* lanes outside the vector's positions take no weight */
-            const int below = lo[v] - 16 * b, upto = hi[v] - 16 * b;
-            const __mmask16 low = below > 0 ? (__mmask16)((1u << (below > 16 ? 16 : below)) - 1) : 0;
-            const __mmask16 high = upto >= 16 ? 0xffff : (upto <= 0 ? 0 : (__mmask16)((1u << upto) - 1));
-            x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), high & ~low, x);
-            _mm512_storeu_ps(scores + (size_t)v * span + 16 * (b - b0), x);
-            peak[v] = fmaxf(peak[v], _mm512_reduce_max_ps(x));
-        }
-    }
+    int b = b0;
+    for (; b + per <= b1; b += per)
+        score_group(count, per, qp, kt, half, b, b0, lo, hi, scale, softcap, scores, span, peak);
+    for (; b < b1; b++) score_group(count, 1, qp, kt, half, b, b0, lo, hi, scale, softcap, scores, span, peak);
 }
 
 #define SCORE_CASE(N)                                                                                       \
@@ -250,39 +290,61 @@ static inline __attribute__((always_inline)) void score_blocks(const int count, 
         score_blocks(N, qp, kt, half, b0, b1, lo, hi, scale, softcap, scores, span, peak);                  \
         break;
 
-/* p . v of n (1..RUN_PV) vectors for 16 dims (chunk c): their weights sv (fp32, relative to
- * position first + l0) times the value rows of positions l0..l1 - 1 (vrow, relative to first),
- * summed position by position in fp32; out[u] = sum * inv[u]. A weight of zero (a position
- * outside a vector's range) adds exactly nothing. */
-static inline __attribute__((always_inline)) void pv_rows(const int n, const float *const *sv,
+/* p . v of n (1..RUN_PV) vectors for 16 x nc dims (chunks c..c + nc - 1): their weights sv (fp32,
+ * relative to position first + l0) times the value rows of positions l0..l1 - 1 (vrow, relative to
+ * first), summed position by position in fp32; out[u] + 16 i = sum * inv[u] for chunk c + i. A
+ * weight of zero (a position outside a vector's range) adds exactly nothing. The chunks run side
+ * by side: each sum is a chain of dependent adds, one per position. */
+static inline __attribute__((always_inline)) void pv_rows(const int n, const int nc, const float *const *sv,
                                                           const uint16_t *const *vrow, int c, int l0, int l1,
                                                           const float *inv, float *const *out) {
-    __m512 acc[RUN_PV];
+    __m512 acc[RUN_PV][PV_CHUNKS];
 #pragma GCC unroll 6
-    for (int u = 0; u < n; u++) acc[u] = _mm512_setzero_ps();
+    for (int u = 0; u < n; u++)
+#pragma GCC unroll 4
+        for (int i = 0; i < nc; i++) acc[u][i] = _mm512_setzero_ps();
     for (int l = l0; l < l1; l++) {
-        const __m512 v = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vrow[l] + 16 * c))), 16));
+        __m512 v[PV_CHUNKS];
+#pragma GCC unroll 4
+        for (int i = 0; i < nc; i++)
+            v[i] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vrow[l] + 16 * (c + i)))), 16));
 #pragma GCC unroll 6
-        for (int u = 0; u < n; u++) acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(sv[u][l - l0]), v, acc[u]);
+        for (int u = 0; u < n; u++) {
+            const __m512 p = _mm512_set1_ps(sv[u][l - l0]);
+#pragma GCC unroll 4
+            for (int i = 0; i < nc; i++) acc[u][i] = _mm512_fmadd_ps(p, v[i], acc[u][i]);
+        }
     }
-    for (int u = 0; u < n; u++) _mm512_storeu_ps(out[u], _mm512_mul_ps(acc[u], _mm512_set1_ps(inv[u])));
+    for (int u = 0; u < n; u++)
+        for (int i = 0; i < nc; i++) _mm512_storeu_ps(out[u] + 16 * i, _mm512_mul_ps(acc[u][i], _mm512_set1_ps(inv[u])));
 }
 
 #define PV_CASE(N)                                                                                          \
     case N:                                                                                                 \
-        pv_rows(N, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                                 \
+        if (nc == PV_CHUNKS)                                                                                \
+            pv_rows(N, PV_CHUNKS, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                   \
+        else                                                                                                \
+            pv_rows(N, 2, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                           \
         break;
 
 static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const uint16_t *k_cache,
                             const uint16_t *v_cache, int k_packed, const int64_t *table, const int64_t *ctx_lens, int rows,
                             int window, int kv, int num_kv_heads, int head_dim, int group, int block_size,
                             float scale, float softcap, float *scores, uint32_t *kt, const uint16_t **vrow,
-                            float *out, int64_t out_stride) {
+                            float *out, int64_t out_stride, const int64_t *next_table, const int64_t *next_lens,
+                            int next_rows, int next_kv) {
     const int half = head_dim / 2, wide = head_dim / 16;
     const int first_len = (int)ctx_lens[0], last_len = (int)ctx_lens[rows - 1];
     const int first = ((window > 0 && first_len > window) ? first_len - window : 0) / 16 * 16;
     pack_run(k_cache, v_cache, k_packed, table, first, last_len, kv, num_kv_heads, head_dim, block_size, kt, vrow);
+    if (k_packed && next_table) {
+        const int next_len = (int)next_lens[0], next_last = (int)next_lens[next_rows - 1];
+        const int next_first = ((window > 0 && next_len > window) ? next_len - window : 0) / 16 * 16;
+        for (int a = 0; a < PACKED_AHEAD; a++)
+            prefetch_packed((const uint32_t *)k_cache, v_cache, next_table, next_first + 16 * a, next_last, next_kv,
+                            num_kv_heads, head_dim, block_size);
+    }
     /* RUN_VECTORS query vectors (rows x the kv head's query heads) at a time: each packed key and
      * value vector loaded is used by all of them (register blocking; L2 bandwidth bound otherwise). */
     const int per_pass = group >= RUN_VECTORS ? 1 : RUN_VECTORS / group;
@@ -334,7 +396,8 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const u
                 const int n = count - v0 < RUN_PV ? count - v0 : RUN_PV;
                 const float *sv[RUN_PV];
                 for (int u = 0; u < n; u++) sv[u] = scores + (size_t)(v0 + u) * span;
-                for (int c = 0; c < wide; c++) {
+                for (int c = 0; c < wide; c += PV_CHUNKS) {
+                    const int nc = wide - c < PV_CHUNKS ? wide - c : PV_CHUNKS; /* wide is even */
                     float *o[RUN_PV];
                     for (int u = 0; u < n; u++) {
                         const int v = v0 + u;
@@ -452,9 +515,14 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
             float *run_out = (float *)vrow + run_rows_floats((int)longest);
             const void *q0 = q_bf16 ? (const void *)((const uint16_t *)q + b * q_stride)
                                     : (const void *)((const float *)q + b * q_stride);
+            /* the task this thread most likely takes next (the threads take turns): its first keys
+             * and values are prefetched once this one's are read */
+            const int next = task + threads, has_next = next < num_tasks && tasks[next][3];
+            const int64_t *next_table = has_next ? block_tables + (int64_t)tasks[next][0] * table_width : 0;
             attend_run_bf16(q0, q_bf16, q_stride, k_cache, v_cache, k_packed, table, ctx_lens + b, rows, window, part,
                             num_kv_heads, head_dim, group, block_size, scale, softcap, scores, kt, vrow, run_out,
-                            width);
+                            width, next_table, has_next ? ctx_lens + tasks[next][0] : 0, has_next ? tasks[next][1] : 0,
+                            has_next ? tasks[next][2] : 0);
             first = part * group * head_dim, count = group * head_dim;
             for (int r = 0; r < rows; r++) {
                 const float *src = run_out + (int64_t)r * width;
