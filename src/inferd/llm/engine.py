@@ -318,9 +318,11 @@ class LLMEngine:
         lives = [self._live[item.request.request_id] for item, rows in sample_rows for _ in rows]
         allowed = self._prepare_masks(lives)
         states = [live.sampling for live in lives]
-        result = self.sampler.sample(
-            logits[[row for _, rows in sample_rows for row in rows]], states, allowed
-        )
+        picked = [row for _, rows in sample_rows for row in rows]
+        # A decode step samples every row in order: indexing would only copy the whole (rows,
+        # vocab) float32 logits (6 MB at 32 rows of a 49k vocabulary).
+        every_row = len(picked) == len(logits) and picked == list(range(len(logits)))
+        result = self.sampler.sample(logits if every_row else logits[picked], states, allowed)
         sampled, first = [], 0
         for item, rows in sample_rows:
             sampled.append((item, list(range(first, first + len(rows)))))
