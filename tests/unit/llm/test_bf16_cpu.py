@@ -113,7 +113,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_int8
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 12, 33])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 12, 33, 400])  # 400: three blocks of rows (ROW_BLOCK)
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_linear_is_int8_weights_times_int8_activations(rows, bias):
     torch.manual_seed(rows)
@@ -134,8 +134,9 @@ def test_int8_linear_is_int8_weights_times_int8_activations(rows, bias):
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == expected.shape
     assert torch.equal(got, head.bfloat16())
-    # a row's result is its own: the same alone as among the others
+    # a row's result is its own: the same alone as among the others, in any block of rows
     assert torch.equal(layer(x[-1:].contiguous()), got[-1:])
+    assert torch.equal(layer(x[rows // 2 :].contiguous()), got[rows // 2 :])
 
 
 @needs_int8

@@ -300,10 +300,10 @@ def test_native_linear_gives_a_row_bitwise_the_same_whatever_the_row_count(ops, 
     split only the columns, so a row's result does not depend on how many rows share the call (1
     as a decode, 12-row register blocks, 32-row AMX tiles, L2-sized row blocks) or where it sits."""
     torch.manual_seed(3)
-    weight, x = torch.randn(200, 576).bfloat16(), torch.randn(70, 576).bfloat16()
+    weight, x = torch.randn(200, 576).bfloat16(), torch.randn(420, 576).bfloat16()
     packed = kernels.pack_amx_weight(weight)
     whole = ops.linear(x, packed, 200, None)
-    for start, stop in ((0, 1), (5, 6), (3, 16), (13, 45), (1, 70)):
+    for start, stop in ((0, 1), (5, 6), (3, 16), (13, 45), (1, 70), (150, 420), (191, 193)):
         assert torch.equal(ops.linear(x[start:stop].contiguous(), packed, 200, None), whole[start:stop])
 
 
