@@ -307,6 +307,32 @@ def test_native_linear_gives_a_row_bitwise_the_same_whatever_the_row_count(ops, 
         assert torch.equal(ops.linear(x[start:stop].contiguous(), packed, 200, None), whole[start:stop])
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_gated_linear_is_the_layer_then_silu_mul_to_the_bit(ops, linear_kernel, int8):
+    """linear_gated computes silu(gate) * up from the gate_up layer's registers: the same bf16
+    values as the layer's output followed by silu_mul, at any row count (register blocks, row
+    blocks) and wherever the 16 gate columns sit in the packed pairs."""
+    if int8 and not ops.has_int8_linear:
+        pytest.skip("no int8 linear kernel here")
+    torch.manual_seed(7)
+    width, k = 80, 96  # 80: gate and up halves fall at odd 16-column blocks of the pairs
+    weight = torch.randn(2 * width, k).bfloat16()
+    packed, scale = kernels.pack_int8_weight(weight) if int8 else (kernels.pack_amx_weight(weight), None)
+    x = torch.randn(400, k).bfloat16() * 3
+    got = ops.linear_gated(x, packed, width, scale)
+    if linear_kernel == "amx" and not int8:
+        assert got is None  # no gated form there: the caller runs the two steps
+        return
+    want = ops.silu_mul(ops.linear(x, packed, 2 * width, None, scale=scale))
+    assert torch.equal(got, want)
+    for start, stop in ((0, 1), (3, 10), (190, 200)):
+        assert torch.equal(ops.linear_gated(x[start:stop].contiguous(), packed, width, scale), want[start:stop])
+    # a width that is not a multiple of 16 has no gated form
+    odd = torch.randn(2 * 24, k).bfloat16()
+    odd_packed, odd_scale = kernels.pack_int8_weight(odd) if int8 else (kernels.pack_amx_weight(odd), None)
+    assert ops.linear_gated(x, odd_packed, 24, odd_scale) is None
+
+
 def pack_keys(k_cache: torch.Tensor, block: int) -> torch.Tensor:
     """A plain (slots, kv_heads, dim) bf16 key cache in the packed layout (kernels.packed_key_cache)."""
     slots, kv_heads, dim = k_cache.shape

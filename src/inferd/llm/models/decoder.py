@@ -125,7 +125,8 @@ class DecoderLayer(nn.Module):
         x = native.add_rms_norm(
             hidden, self.o_proj(attended.view(hidden.shape[0], -1)), self.post_norm, self.eps
         )
-        return self.down(native.silu_mul(self.gate_up(x)))
+        act = self.gate_up.gated(x) if isinstance(self.gate_up, NativeLinear) else None
+        return self.down(native.silu_mul(self.gate_up(x)) if act is None else act)
 
 
 class Decoder(nn.Module):
@@ -310,6 +311,15 @@ class NativeLinear(nn.Module):
         if x.stride(-1) != 1:
             x = x.contiguous()
         return self.native.linear(x, self.weight, self.out_features, self.bias, self.fp32_out, self.scale)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For a gated MLP's fused gate_up: silu(gate) * up in one pass (``NativeOps.linear_gated``),
+        or None where the kernel has no gated form."""
+        if self.bias is not None or self.fp32_out or self.out_features % 2:
+            return None
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        return self.native.linear_gated(x, self.weight, self.out_features // 2, self.scale)
 
 
 def pack_for_cpu(decoder: Decoder, native=None, quantization: str = "none") -> None:

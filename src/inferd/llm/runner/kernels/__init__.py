@@ -99,6 +99,8 @@ class NativeOps:
         # x, x_stride, rows, K, packed int8 weight, scales, N, bias, out, out_stride, out_fp32
         self._linear_int8 = _bind(library.linear_int8, _P, _I64, _I, _I, _P, _P, _I, _P, _P, _I64, _I)
         self.has_int8_linear = bool(library.linear_int8_available())
+        # x, x_stride, rows, K, packed gate_up weight, scales or NULL, width, out, out_stride
+        self._linear_gated = _bind(library.linear_gated, _P, _I64, _I, _I, _P, _P, _I, _P, _I64)
         self._rope_and_cache = _bind(
             library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, restype=None
         )
@@ -220,6 +222,33 @@ class NativeOps:
             self._linear(*rows, *rest)
         elif self._linear_int8(*rows, scale.data_ptr(), *rest) != 0:
             raise MemoryError("the int8 linear kernel could not allocate its scratch memory")
+        return out
+
+    def linear_gated(
+        self, x: torch.Tensor, packed: torch.Tensor, width: int, scale: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """silu(gate) * up of a gated MLP in one pass: ``packed`` the fused gate_up weight (2 x
+        ``width`` outputs, no bias) as ``linear`` takes it; bitwise ``silu_mul(linear(...))``.
+        None where the kernel has no gated form (this build, AMX selected, ``width`` not a multiple
+        of 16): run the two steps."""
+        _check(x, "x", torch.bfloat16, (None, None))
+        if x.shape[1] % 32 or x.stride(1) != 1:
+            raise KernelArgumentError(f"x: the kernels take rows of a multiple of 32 unit-stride values, got {x.shape[1]}")
+        if packed.numel() * packed.element_size() < x.shape[1] * 2 * width * (1 if scale is not None else 2):
+            raise KernelArgumentError(f"packed: too small for a ({2 * width}, {x.shape[1]}) weight")
+        if scale is not None:
+            _check(scale, "scale", torch.float32, (None,))
+            if scale.numel() < 2 * width:
+                raise KernelArgumentError(f"scale: {scale.numel()} scales for {2 * width} columns")
+        out = x.new_empty(x.shape[0], width)
+        status = self._linear_gated(
+            x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr(),
+            None if scale is None else scale.data_ptr(), width, out.data_ptr(), width,
+        )  # fmt: skip
+        if status == -3:
+            return None
+        if status != 0:
+            raise MemoryError("the gated linear kernel could not allocate its scratch memory")
         return out
 
     def use_linear_kernel(self, amx: bool) -> bool:

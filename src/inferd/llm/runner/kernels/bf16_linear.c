@@ -14,8 +14,12 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "common.h"
+
 void amx_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                      const float *bias, void *out, int64_t out_stride, int out_fp32);
+
+static int use_amx = 0; /* linear_bf16 runs amx_linear_bf16 (see linear_bf16_select) */
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -41,25 +45,45 @@ static inline void store_row(__m512 acc, int n0, int n_valid, const float *scale
         _mm256_mask_storeu_epi16((uint16_t *)out + n0, mask, (__m256i)_mm512_cvtneps_pbh(acc));
 }
 
+/* One row's two 16-column accumulators: stored at columns n0 and n0 + 16 of n; or, with gated > 0
+ * (a gated MLP's gate_up, see linear_bf16_gated), acc0 holds gate columns n0.. and acc1 the up
+ * columns gated + n0.., each rounded to bf16 as the plain layer would store it, and silu(gate) * up
+ * is stored at n0 (bias unused). */
+static inline void store_pair(__m512 acc0, __m512 acc1, int n0, int n, const float *scale, const float *bias,
+                              void *out, int out_fp32, int gated) {
+    if (!gated) {
+        store_row(acc0, n0, n - n0, scale, bias, out, out_fp32);
+        store_row(acc1, n0 + 16, n - n0 - 16, scale, bias, out, out_fp32);
+        return;
+    }
+    if (scale) {
+        acc0 = _mm512_mul_ps(acc0, _mm512_loadu_ps(scale + n0));
+        acc1 = _mm512_mul_ps(acc1, _mm512_loadu_ps(scale + gated + n0));
+    }
+    const __m512 gate = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(acc0)), up = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(acc1));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)out + n0), (__m256i)_mm512_cvtneps_pbh(silu_mul16(gate, up)));
+}
+
 /* rows (1..MAX_ROWS) rows of x against one 32-column pair; inlined per constant row count so the
  * accumulators live in registers. A step of 32 K is 2 KB: two halves of 16 lines, one per
  * 16-column block. */
 static inline __attribute__((always_inline)) void pair_rows(const int rows, const uint16_t *x, int64_t x_stride,
-                                                            int k, const char *w, int n0, int n, const float *bias,
-                                                            char *out, int64_t out_row_bytes, int out_fp32) {
+                                                            int k, const char *w_lo, const char *w_hi, int n0, int n,
+                                                            const float *bias, char *out, int64_t out_row_bytes,
+                                                            int out_fp32, int gated) {
     const int line = 64, half = 16 * line, step = 2 * half;
     __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
 #pragma GCC unroll 12
     for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int s = 0; s < k / 32; s++) {
-        const char *ws = w + (int64_t)s * step;
+        const char *ws0 = w_lo + (int64_t)s * step, *ws1 = w_hi + (int64_t)s * step;
 #pragma GCC unroll 16
         for (int p = 0; p < 16; p++) {
             /* PREFETCH_STEPS steps of 32 K ahead: the lines this pair reads there */
-            _mm_prefetch(ws + PREFETCH_STEPS * step + p * line, _MM_HINT_T0);
-            _mm_prefetch(ws + PREFETCH_STEPS * step + half + p * line, _MM_HINT_T0);
-            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(ws + p * line);
-            const __m512bh w1 = (__m512bh)_mm512_loadu_si512(ws + half + p * line);
+            _mm_prefetch(ws0 + PREFETCH_STEPS * step + p * line, _MM_HINT_T0);
+            _mm_prefetch(ws1 + PREFETCH_STEPS * step + p * line, _MM_HINT_T0);
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(ws0 + p * line);
+            const __m512bh w1 = (__m512bh)_mm512_loadu_si512(ws1 + p * line);
             const int kk = s * 32 + 2 * p;
 #pragma GCC unroll 12
             for (int r = 0; r < rows; r++) {
@@ -72,19 +96,16 @@ static inline __attribute__((always_inline)) void pair_rows(const int rows, cons
         }
     }
 #pragma GCC unroll 12
-    for (int r = 0; r < rows; r++) {
-        store_row(acc0[r], n0, n - n0, 0, bias, out + r * out_row_bytes, out_fp32);
-        store_row(acc1[r], n0 + 16, n - n0 - 16, 0, bias, out + r * out_row_bytes, out_fp32);
-    }
+    for (int r = 0; r < rows; r++) store_pair(acc0[r], acc1[r], n0, n, 0, bias, out + r * out_row_bytes, out_fp32, gated);
 }
 
 #define CASE(R)                                                                                          \
     case R:                                                                                              \
-        pair_rows(R, x, x_stride, k, w, n0, n, bias, out, out_row_bytes, out_fp32);                      \
+        pair_rows(R, x, x_stride, k, w_lo, w_hi, n0, n, bias, out, out_row_bytes, out_fp32, gated);      \
         break;
 
-static void pair_block(int rows, const uint16_t *x, int64_t x_stride, int k, const char *w, int n0, int n,
-                       const float *bias, char *out, int64_t out_row_bytes, int out_fp32) {
+static void pair_block(int rows, const uint16_t *x, int64_t x_stride, int k, const char *w_lo, const char *w_hi,
+                       int n0, int n, const float *bias, char *out, int64_t out_row_bytes, int out_fp32, int gated) {
     switch (rows) {
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
     }
@@ -92,27 +113,48 @@ static void pair_block(int rows, const uint16_t *x, int64_t x_stride, int k, con
 
 /* x: (m, k) bf16, rows x_stride elements apart; out: (m, n) bf16 (or fp32 with out_fp32), rows
  * out_stride elements apart; k a multiple of 32. */
-void avx512_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
-                        const float *bias, void *out, int64_t out_stride, int out_fp32) {
-    const int pairs = (n + 31) / 32;
+/* Where unit u of a layer's output reads its weights, in a packed weight of pairs pair_bytes long
+ * whose 16-column halves are half_bytes apart within each step: unit u is pair u (n0 = 32 u), or,
+ * with gated > 0, gate columns 16 u.. with up columns gated + 16 u.. (n0 = 16 u). */
+static inline int unit_weights(const char *packed, int64_t pair_bytes, int half_bytes, int u, int gated,
+                               const char **w_lo, const char **w_hi) {
+    if (!gated) {
+        *w_lo = packed + u * pair_bytes, *w_hi = *w_lo + half_bytes;
+        return 32 * u;
+    }
+    const int up = gated / 16 + u;
+    *w_lo = packed + (u / 2) * pair_bytes + (u % 2) * half_bytes;
+    *w_hi = packed + (up / 2) * pair_bytes + (up % 2) * half_bytes;
+    return 16 * u;
+}
+
+static void avx512_bf16_units(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
+                              const float *bias, void *out, int64_t out_stride, int out_fp32, int gated) {
+    const int units = gated ? gated / 16 : (n + 31) / 32;
     const int64_t pair_bytes = (int64_t)(k / 32) * 2048;
     const int64_t out_row_bytes = out_stride * (out_fp32 ? 4 : 2);
 #pragma omp parallel
     {
         const int threads = omp_get_num_threads(), me = omp_get_thread_num();
-        const int p0 = (int)((int64_t)pairs * me / threads), p1 = (int)((int64_t)pairs * (me + 1) / threads);
+        const int u0 = (int)((int64_t)units * me / threads), u1 = (int)((int64_t)units * (me + 1) / threads);
         for (int mb = 0; mb < m; mb += ROW_BLOCK) {
             const int mend = m - mb < ROW_BLOCK ? m : mb + ROW_BLOCK;
-            for (int p = p0; p < p1; p++) {
-                const char *w = (const char *)packed + p * pair_bytes;
+            for (int u = u0; u < u1; u++) {
+                const char *w_lo, *w_hi;
+                const int n0 = unit_weights((const char *)packed, pair_bytes, 1024, u, gated, &w_lo, &w_hi);
                 for (int m0 = mb; m0 < mend; m0 += MAX_ROWS) {
                     const int rows = mend - m0 < MAX_ROWS ? mend - m0 : MAX_ROWS;
-                    pair_block(rows, x + m0 * x_stride, x_stride, k, w, p * 32, n, bias,
-                               (char *)out + m0 * out_row_bytes, out_row_bytes, out_fp32);
+                    pair_block(rows, x + m0 * x_stride, x_stride, k, w_lo, w_hi, n0, gated ? gated : n, bias,
+                               (char *)out + m0 * out_row_bytes, out_row_bytes, out_fp32, gated);
                 }
             }
         }
     }
+}
+
+void avx512_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
+                        const float *bias, void *out, int64_t out_stride, int out_fp32) {
+    avx512_bf16_units(x, x_stride, m, k, packed, n, bias, out, out_stride, out_fp32, 0);
 }
 
 /* int8 linear layers (--quantization int8) on AVX512-VNNI: int8 weights (per output column scale)
@@ -154,23 +196,24 @@ static VNNI void quantise_row(const uint16_t *x, int k, int8_t *q, float *scales
  * ([K/4][2][16][4] bytes: for each 4 inputs, the two 16-column blocks' 64-byte lines). */
 static inline VNNI __attribute__((always_inline)) void i8_pair_rows(const int rows, const int8_t *q,
                                                                     const float *scales, const int32_t *offsets,
-                                                                    int k, const char *w, int n0, int n,
-                                                               const float *wscale, const float *bias, char *out,
-                                                               int64_t out_row_bytes, int out_fp32) {
+                                                                    int k, const char *w_lo, const char *w_hi,
+                                                                    int n0, int n, const float *wscale,
+                                                                    const float *bias, char *out,
+                                                                    int64_t out_row_bytes, int out_fp32, int gated) {
     const int groups = k / I8_GROUP, quads = I8_GROUP / 4;
     __m512 f0[I8_ROWS], f1[I8_ROWS];
 #pragma GCC unroll 6
     for (int r = 0; r < rows; r++) f0[r] = f1[r] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
-        const char *wg = w + (int64_t)g * quads * 128;
+        const char *wg0 = w_lo + (int64_t)g * quads * 128, *wg1 = w_hi + (int64_t)g * quads * 128;
         __m512i i0[I8_ROWS], i1[I8_ROWS];
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) i0[r] = i1[r] = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int u = 0; u < quads; u++) {
-            _mm_prefetch(wg + PREFETCH_STEPS * 1024 + u * 128, _MM_HINT_T0);
-            _mm_prefetch(wg + PREFETCH_STEPS * 1024 + u * 128 + 64, _MM_HINT_T0);
-            const __m512i w0 = _mm512_loadu_si512(wg + u * 128), w1 = _mm512_loadu_si512(wg + u * 128 + 64);
+            _mm_prefetch(wg0 + PREFETCH_STEPS * 1024 + u * 128, _MM_HINT_T0);
+            _mm_prefetch(wg1 + PREFETCH_STEPS * 1024 + u * 128, _MM_HINT_T0);
+            const __m512i w0 = _mm512_loadu_si512(wg0 + u * 128), w1 = _mm512_loadu_si512(wg1 + u * 128);
 #pragma GCC unroll 6
             for (int r = 0; r < rows; r++) {
                 int32_t quad;
@@ -190,29 +233,27 @@ static inline VNNI __attribute__((always_inline)) void i8_pair_rows(const int ro
         }
     }
 #pragma GCC unroll 6
-    for (int r = 0; r < rows; r++) {
-        store_row(f0[r], n0, n - n0, wscale, bias, out + r * out_row_bytes, out_fp32);
-        store_row(f1[r], n0 + 16, n - n0 - 16, wscale, bias, out + r * out_row_bytes, out_fp32);
-    }
+    for (int r = 0; r < rows; r++) store_pair(f0[r], f1[r], n0, n, wscale, bias, out + r * out_row_bytes, out_fp32, gated);
 }
 
 #define I8_CASE(R)                                                                                       \
     case R:                                                                                              \
-        i8_pair_rows(R, q, scales, offsets, k, w, n0, n, wscale, bias, out, out_row_bytes, out_fp32);    \
+        i8_pair_rows(R, q, scales, offsets, k, w_lo, w_hi, n0, n, wscale, bias, out, out_row_bytes, out_fp32, \
+                     gated);                                                                             \
         break;
 
 static VNNI void i8_pair_block(int rows, const int8_t *q, const float *scales, const int32_t *offsets, int k,
-                               const char *w, int n0, int n, const float *wscale, const float *bias, char *out, int64_t out_row_bytes,
-                          int out_fp32) {
+                               const char *w_lo, const char *w_hi, int n0, int n, const float *wscale,
+                               const float *bias, char *out, int64_t out_row_bytes, int out_fp32, int gated) {
     switch (rows) { I8_CASE(1) I8_CASE(2) I8_CASE(3) I8_CASE(4) I8_CASE(5) I8_CASE(6) }
 }
 
 /* x: (m, k) bf16, rows x_stride elements apart, k a multiple of 32; packed: pack_int8_weight's
  * weights with per-column scales; out as avx512_linear_bf16's. Returns 0, -1 when scratch memory
  * ran out (-2 from a build without it). */
-VNNI int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
-                     int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
-    const int groups = k / I8_GROUP, pairs = (n + 31) / 32;
+static VNNI int int8_units(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
+                          int n, const float *bias, void *out, int64_t out_stride, int out_fp32, int gated) {
+    const int groups = k / I8_GROUP, units = gated ? gated / 16 : (n + 31) / 32;
     int8_t *q = malloc((size_t)m * k + (sizeof(float) + sizeof(int32_t)) * (size_t)m * groups);
     if (!q) return -1;
     float *scales = (float *)(q + (size_t)m * k);
@@ -224,21 +265,43 @@ VNNI int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const in
         for (int r = 0; r < m; r++)
             quantise_row(x + r * x_stride, k, q + (int64_t)r * k, scales + (int64_t)r * groups, offsets + (int64_t)r * groups);
         const int threads = omp_get_num_threads(), me = omp_get_thread_num();
-        const int p0 = (int)((int64_t)pairs * me / threads), p1 = (int)((int64_t)pairs * (me + 1) / threads);
+        const int u0 = (int)((int64_t)units * me / threads), u1 = (int)((int64_t)units * (me + 1) / threads);
         for (int mb = 0; mb < m; mb += ROW_BLOCK) {
             const int mend = m - mb < ROW_BLOCK ? m : mb + ROW_BLOCK;
-            for (int p = p0; p < p1; p++) {
-                const char *w = (const char *)packed + p * pair_bytes;
+            for (int u = u0; u < u1; u++) {
+                const char *w_lo, *w_hi;
+                const int n0 = unit_weights((const char *)packed, pair_bytes, 64, u, gated, &w_lo, &w_hi);
                 for (int m0 = mb; m0 < mend; m0 += I8_ROWS) {
                     const int rows = mend - m0 < I8_ROWS ? mend - m0 : I8_ROWS;
                     i8_pair_block(rows, q + (int64_t)m0 * k, scales + (int64_t)m0 * groups,
-                                  offsets + (int64_t)m0 * groups, k, w, p * 32, n, scale, bias,
-                                  (char *)out + m0 * out_row_bytes, out_row_bytes, out_fp32);
+                                  offsets + (int64_t)m0 * groups, k, w_lo, w_hi, n0, gated ? gated : n, scale, bias,
+                                  (char *)out + m0 * out_row_bytes, out_row_bytes, out_fp32, gated);
                 }
             }
         }
     }
     free(q);
+    return 0;
+}
+
+VNNI int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
+                     int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
+    return int8_units(x, x_stride, m, k, packed, scale, n, bias, out, out_stride, out_fp32, 0);
+}
+
+/* A gated MLP's activation in one pass: out = silu(gate) * up, (m, width) bf16 rows out_stride
+ * apart, where the packed weight is the layer's fused gate_up (2 x width outputs: the gate's
+ * columns, then the up's; no bias) and width a multiple of 16. Each thread takes 16 gate columns
+ * with the matching 16 up columns, so the activation is computed from registers instead of from
+ * a (m, 2 x width) output written and read back; bitwise what the layer followed by silu_mul_bf16
+ * gives. Returns 0, -1 when scratch memory ran out, -3 when this build (or the kernel linear_bf16
+ * runs: AMX) has no gated form: the caller runs the two steps. int8 weights where scale is given. */
+int linear_gated(const uint16_t *x, int64_t x_stride, int m, int k, const void *packed, const float *scale,
+                 int width, void *out, int64_t out_stride) {
+    if (width % 16) return -3;
+    if (scale) return int8_units(x, x_stride, m, k, packed, scale, 2 * width, 0, out, out_stride, 0, width);
+    if (use_amx) return -3;
+    avx512_bf16_units(x, x_stride, m, k, packed, 2 * width, 0, out, out_stride, 0, width);
     return 0;
 }
 #define HAVE_AVX512_LINEAR 1
@@ -250,9 +313,12 @@ int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t 
                 int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
     return -2;
 }
+int linear_gated(const uint16_t *x, int64_t x_stride, int m, int k, const void *packed, const float *scale,
+                 int width, void *out, int64_t out_stride) {
+    return -3;
+}
 #endif
 
-static int use_amx = 0;
 
 /* Which kernel linear_bf16 runs: 1 AMX (once the OS granted it), 0 AVX512-BF16. Returns 1 when the
  * chosen kernel was built into this library (0: the caller must not call linear_bf16). */

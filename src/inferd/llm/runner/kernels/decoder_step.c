@@ -18,6 +18,8 @@ void linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16
                      const float *bias, void *out, int64_t out_stride, int out_fp32);
 int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
                 int n, const float *bias, void *out, int64_t out_stride, int out_fp32);
+int linear_gated(const uint16_t *x, int64_t x_stride, int m, int k, const void *packed, const float *scale,
+                 int width, void *out, int64_t out_stride);
 int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const void *k_cache,
                            const void *v_cache, int is_bf16, int k_packed, const int64_t *block_tables,
                            int table_width, const int64_t *ctx_lens, int num_seqs, int num_heads,
@@ -76,9 +78,14 @@ int decoder_layers_bf16(const layer_weights *layers, int num_layers, uint16_t *h
         /* delta was consumed by the first norm: it takes o_proj's output, then the MLP's */
         if ((status = layer_linear(attn, tokens, q_width, w->o, w->o_scale, hidden_size, w->o_bias, delta))) break;
         add_rms_norm_bf16(hidden, delta, w->post_norm, eps, tokens, hidden_size, x);
-        status = layer_linear(x, tokens, hidden_size, w->gate_up, w->gate_up_scale, 2 * intermediate, 0, gate_up);
+        /* silu(gate) * up straight from the gate_up layer's registers where the kernel can */
+        status = linear_gated(x, hidden_size, tokens, hidden_size, w->gate_up, w->gate_up_scale, intermediate, act,
+                              intermediate);
+        if (status == -3) {
+            status = layer_linear(x, tokens, hidden_size, w->gate_up, w->gate_up_scale, 2 * intermediate, 0, gate_up);
+            if (!status) silu_mul_bf16(gate_up, tokens, intermediate, act);
+        }
         if (status) break;
-        silu_mul_bf16(gate_up, tokens, intermediate, act);
         status = layer_linear(act, tokens, intermediate, w->down, w->down_scale, hidden_size, 0, delta);
     }
     free(scratch);

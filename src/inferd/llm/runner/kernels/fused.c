@@ -49,17 +49,9 @@ static void rms_row(uint16_t *x, const uint16_t *d, const uint16_t *weight, floa
 }
 
 static void silu_mul_row(const uint16_t *gate, const uint16_t *up, uint16_t *out, int width) {
-    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
     for (int i = 0; i < width; i += 16) {
         const __mmask16 m = lanes(width - i);
-        const __m512 x = load_bf16(gate + i, m);
-        const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x))); /* exp(-|x|) */
-        const __m512 denom = _mm512_add_ps(one, e);
-        __m512 inv = _mm512_rcp14_ps(denom);
-        inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(denom, inv, two)); /* one Newton step: ~23 bits */
-        const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
-        const __m512 sigmoid = _mm512_mul_ps(_mm512_mask_blend_ps(positive, e, one), inv);
-        store_bf16(out + i, m, round_bf16(_mm512_mul_ps(_mm512_mul_ps(x, sigmoid), load_bf16(up + i, m))));
+        store_bf16(out + i, m, round_bf16(silu_mul16(load_bf16(gate + i, m), load_bf16(up + i, m))));
     }
 }
 
