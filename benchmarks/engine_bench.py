@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from harness import ROOT, add_report_args, render_from_json, save_and_render, timed
+from harness import add_report_args, render_from_json, save_and_render, timed
 from llm_bench import CHATS
 from ray_bench import cpu_model
 
+import inferd
 from inferd.bench.prompts import cold_marker, with_marker
 from inferd.config.settings import load_settings
 from inferd.hub.bundled import bundled_model_path
@@ -95,6 +98,10 @@ def run(args) -> dict:
     clock = Clock()
     loop = asyncio.new_event_loop()
     client = LLMClient.start(bundled_model_path("smollm2-135m-instruct"), llm, loop)
+    # as serve does once its models are loaded (api/app.py): what lives as long as the process is
+    # kept out of the collector's passes
+    gc.collect()
+    gc.freeze()
     run_id = str(time.time())
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     rounds = []
@@ -126,8 +133,9 @@ def run(args) -> dict:
         "started": started,
         "cpu": cpu_model(),
         "threads": llm.num_threads,
+        # the checkout the engine was imported from (an older one on PYTHONPATH, for an A/B)
         "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(inferd.__file__).parents[2], capture_output=True, text=True
         ).stdout.strip(),
         "dtype": llm.dtype,
         "quantization": args.quantization,
