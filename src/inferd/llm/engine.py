@@ -320,7 +320,8 @@ class LLMEngine:
         states = [live.sampling for live in lives]
         picked = [row for _, rows in sample_rows for row in rows]
         # A decode step samples every row in order: indexing would only copy the whole (rows,
-        # vocab) float32 logits (6 MB at 32 rows of a 49k vocabulary).
+        # vocab) float32 logits (6 MB at 32 rows of a 49k vocabulary). The sampler edits only a
+        # copy of its own (process_logits), so the logits stay as the runner returned them.
         every_row = len(picked) == len(logits) and picked == list(range(len(logits)))
         result = self.sampler.sample(logits if every_row else logits[picked], states, allowed)
         sampled, first = [], 0

@@ -68,6 +68,11 @@ def test_a_variant_needs_exactly_its_levels_cpu_flags():
         (torch.bfloat16, 8, 8, 128, 16, [50, 3], 0),
         (torch.bfloat16, 9, 3, 64, 16, [40, 300], 24),
         (torch.bfloat16, 9, 3, 64, 32, [31, 33, 100], 0),  # blocks of 32 slots
+        # 4 and 5 query heads a kv head: 3 and 2 key blocks scored side by side; head_dim 96: p . v
+        # over 4 chunks of 16 dims, then 2
+        (torch.bfloat16, 8, 2, 64, 16, [1, 40, 300], 0),
+        (torch.bfloat16, 10, 2, 64, 8, [2, 100], 0),
+        (torch.bfloat16, 6, 2, 96, 16, [5, 70], 0),
         # head_dim 48 is not a multiple of 32: the portable path, also over bf16.
         (torch.bfloat16, 4, 2, 48, 8, [7, 33], 0),
     ],

@@ -96,6 +96,7 @@ class NativeOps:
         # the build has it: only the amx and avx512bf16 builds, or -march=native on such a CPU).
         self._select_linear = _bind(library.linear_bf16_select, _I)
         self.has_linear = bool(self._select_linear(int(self.amx)))
+        self._amx_selected = self.amx  # which kernel linear_bf16 runs (use_linear_kernel)
         # x, x_stride, rows, K, packed int8 weight, scales, N, bias, out, out_stride, out_fp32
         self._linear_int8 = _bind(library.linear_int8, _P, _I64, _I, _I, _P, _P, _I, _P, _P, _I64, _I)
         self.has_int8_linear = bool(library.linear_int8_available())
@@ -232,8 +233,13 @@ class NativeOps:
         None where the kernel has no gated form (this build, AMX selected, ``width`` not a multiple
         of 16): run the two steps."""
         _check(x, "x", torch.bfloat16, (None, None))
-        if x.shape[1] % 32 or x.stride(1) != 1:
-            raise KernelArgumentError(f"x: the kernels take rows of a multiple of 32 unit-stride values, got {x.shape[1]}")
+        if x.shape[1] % 32:
+            raise KernelArgumentError(f"x: the kernels take rows of a multiple of 32 values, got {x.shape[1]}")
+        # pack_int8_weight's bytes with scales, pack_amx_weight's bf16 without
+        if packed.dtype != (torch.uint8 if scale is not None else torch.bfloat16):
+            raise KernelArgumentError(f"packed: {packed.dtype} weights {'with' if scale is not None else 'without'} scales")
+        if scale is None and self._amx_selected:
+            return None  # the AMX kernel has no gated form
         if packed.numel() * packed.element_size() < x.shape[1] * 2 * width * (1 if scale is not None else 2):
             raise KernelArgumentError(f"packed: too small for a ({2 * width}, {x.shape[1]}) weight")
         if scale is not None:
@@ -258,7 +264,9 @@ class NativeOps:
             return False
         if not self._select_linear(int(amx)):
             self._select_linear(int(self.amx))
+            self._amx_selected = self.amx
             return False
+        self._amx_selected = amx
         return True
 
     def decoder_layers(

@@ -3,8 +3,8 @@
  *
  * The weight is packed as for amx_linear.c ([N/32][K/32][2][16][16][2]): each 64-byte line there
  * holds one pair of K for 16 output columns, which is exactly the operand VDPBF16PS multiplies
- * with a broadcast pair of x. A thread owns whole 32-column pairs and streams each one once per
- * block of ROW_BLOCK rows: every line loaded feeds up to 12 rows (24 accumulators), and the next
+ * with a broadcast pair of x. A thread owns whole 32-column pairs (a gated layer: 16 gate columns with
+ * their 16 up columns, see linear_gated) and streams each one once per block of ROW_BLOCK rows: every line loaded feeds up to 12 rows (24 accumulators), and the next
  * rows re-read the pair from L1/L2 (K x 32 columns, 36-96 KB on this project's models). A block of
  * rows stays in L2 while the thread's pairs pass (prefills: re-reading all rows of x from L3 for
  * every pair cost 5-13 % on 1,900 rows). Where oneDNN's packed
@@ -46,7 +46,7 @@ static inline void store_row(__m512 acc, int n0, int n_valid, const float *scale
 }
 
 /* One row's two 16-column accumulators: stored at columns n0 and n0 + 16 of n; or, with gated > 0
- * (a gated MLP's gate_up, see linear_bf16_gated), acc0 holds gate columns n0.. and acc1 the up
+ * (a gated MLP's gate_up, see linear_gated), acc0 holds gate columns n0.. and acc1 the up
  * columns gated + n0.., each rounded to bf16 as the plain layer would store it, and silu(gate) * up
  * is stored at n0 (bias unused). */
 static inline void store_pair(__m512 acc0, __m512 acc1, int n0, int n, const float *scale, const float *bias,
@@ -111,8 +111,6 @@ static void pair_block(int rows, const uint16_t *x, int64_t x_stride, int k, con
     }
 }
 
-/* x: (m, k) bf16, rows x_stride elements apart; out: (m, n) bf16 (or fp32 with out_fp32), rows
- * out_stride elements apart; k a multiple of 32. */
 /* Where unit u of a layer's output reads its weights, in a packed weight of pairs pair_bytes long
  * whose 16-column halves are half_bytes apart within each step: unit u is pair u (n0 = 32 u), or,
  * with gated > 0, gate columns 16 u.. with up columns gated + 16 u.. (n0 = 16 u). */
@@ -152,6 +150,8 @@ static void avx512_bf16_units(const uint16_t *x, int64_t x_stride, int m, int k,
     }
 }
 
+/* x: (m, k) bf16, rows x_stride elements apart; out: (m, n) bf16 (or fp32 with out_fp32), rows
+ * out_stride elements apart; k a multiple of 32. */
 void avx512_linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                         const float *bias, void *out, int64_t out_stride, int out_fp32) {
     avx512_bf16_units(x, x_stride, m, k, packed, n, bias, out, out_stride, out_fp32, 0);
@@ -193,7 +193,8 @@ static VNNI void quantise_row(const uint16_t *x, int k, int8_t *q, float *scales
 }
 
 /* rows (1..I8_ROWS) quantised rows against one 32-column pair of packed int8 weights
- * ([K/4][2][16][4] bytes: for each 4 inputs, the two 16-column blocks' 64-byte lines). */
+ * ([K/4][2][16][4] bytes: for each 4 inputs, the two 16-column blocks' 64-byte lines), read from
+ * w_lo and w_hi: a pair's two halves, or (gated) a gate half and an up half of different pairs. */
 static inline VNNI __attribute__((always_inline)) void i8_pair_rows(const int rows, const int8_t *q,
                                                                     const float *scales, const int32_t *offsets,
                                                                     int k, const char *w_lo, const char *w_hi,
@@ -248,9 +249,8 @@ static VNNI void i8_pair_block(int rows, const int8_t *q, const float *scales, c
     switch (rows) { I8_CASE(1) I8_CASE(2) I8_CASE(3) I8_CASE(4) I8_CASE(5) I8_CASE(6) }
 }
 
-/* x: (m, k) bf16, rows x_stride elements apart, k a multiple of 32; packed: pack_int8_weight's
- * weights with per-column scales; out as avx512_linear_bf16's. Returns 0, -1 when scratch memory
- * ran out (-2 from a build without it). */
+/* The int8 layer's units (see unit_weights; a unit's halves are 64 bytes apart in each 128-byte
+ * quad), each thread its own range of them, after the rows of x are quantised. */
 static VNNI int int8_units(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
                           int n, const float *bias, void *out, int64_t out_stride, int out_fp32, int gated) {
     const int groups = k / I8_GROUP, units = gated ? gated / 16 : (n + 31) / 32;
@@ -284,6 +284,9 @@ static VNNI int int8_units(const uint16_t *x, int64_t x_stride, int m, int k, co
     return 0;
 }
 
+/* x: (m, k) bf16, rows x_stride elements apart, k a multiple of 32; packed: pack_int8_weight's
+ * weights with per-column scales; out as avx512_linear_bf16's. Returns 0, -1 when scratch memory
+ * ran out (-2 from a build without it). */
 VNNI int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
                      int n, const float *bias, void *out, int64_t out_stride, int out_fp32) {
     return int8_units(x, x_stride, m, k, packed, scale, n, bias, out, out_stride, out_fp32, 0);

@@ -7,7 +7,7 @@
  * heads j * group .. (j + 1) * group - 1. Work is split over (sequence, kv head) pairs with
  * OpenMP; torch ships libgomp.so.1, so this library shares torch's thread pool.
  *
- * Built on first use by inferd/llm/runner/kernels/__init__.py (gcc -O3 -march=native -fopenmp).
+ * Built with the package, one library per instruction-set level (setup.py, kernels/variants.py).
  * q may be fp32 or bf16 and strided (rows of a fused qkv output); out fp32 or bf16.
  */
 #include <omp.h>
@@ -390,14 +390,15 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const u
                 }
                 inv[v] = 1.f / _mm512_reduce_add_ps(total);
             }
-            /* p . v for up to RUN_PV vectors and 16 dims at a time, over the positions any of them attends */
+            /* p . v for up to RUN_PV vectors and 16 x PV_CHUNKS dims at a time, over the positions any of them attends */
             const int l1 = hi[count - 1];
             for (int v0 = 0; v0 < count; v0 += RUN_PV) {
                 const int n = count - v0 < RUN_PV ? count - v0 : RUN_PV;
                 const float *sv[RUN_PV];
                 for (int u = 0; u < n; u++) sv[u] = scores + (size_t)(v0 + u) * span;
                 for (int c = 0; c < wide; c += PV_CHUNKS) {
-                    const int nc = wide - c < PV_CHUNKS ? wide - c : PV_CHUNKS; /* wide is even */
+                    /* 4 or, at the end, 2: head_dim is a multiple of 32 here, so wide is even (PV_CASE) */
+                    const int nc = wide - c < PV_CHUNKS ? wide - c : PV_CHUNKS;
                     float *o[RUN_PV];
                     for (int u = 0; u < n; u++) {
                         const int v = v0 + u;
@@ -515,8 +516,9 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
             float *run_out = (float *)vrow + run_rows_floats((int)longest);
             const void *q0 = q_bf16 ? (const void *)((const uint16_t *)q + b * q_stride)
                                     : (const void *)((const float *)q + b * q_stride);
-            /* the task this thread most likely takes next (the threads take turns): its first keys
-             * and values are prefetched once this one's are read */
+            /* a guess at the task this thread takes next (schedule(dynamic, 1): the threads mostly take
+             * turns): its first keys and values are prefetched once this one's are read; a wrong
+             * guess only fetches lines another thread reads */
             const int next = task + threads, has_next = next < num_tasks && tasks[next][3];
             const int64_t *next_table = has_next ? block_tables + (int64_t)tasks[next][0] * table_width : 0;
             attend_run_bf16(q0, q_bf16, q_stride, k_cache, v_cache, k_packed, table, ctx_lens + b, rows, window, part,
