@@ -103,6 +103,8 @@ class KVCacheManager:
         """
         assert num_computed_tokens >= 0 and num_new_tokens >= 0, (num_computed_tokens, num_new_tokens)
         table = self._block_tables.get(request_id)
+        if table is not None and cached is None and len(table) * self.block_size >= num_computed_tokens + num_new_tokens:
+            return table  # a decode within its last block (most steps): nothing to take or check
         cached = cached or _NO_CACHED_PREFIX
         assert table is None or not cached.block_ids, "a cached prefix is only given on the first call"
         assert cached.num_tokens <= num_computed_tokens, "num_computed_tokens must count the cached prefix"
