@@ -9,7 +9,9 @@ hit). Each shape is timed --repeats times after a warm-up, alternating the two l
 median is kept. With --layers N every call is made on N caches of their own in turn, as a step
 of an N-layer model makes it: the caches then come from memory, not from the CPU's caches. The
 earlier kernel is compiled from the kernel sources at REF (`git show`) with the flags of this
-CPU's variant (kernels/variants.py).
+CPU's variant (kernels/variants.py). Where this checkout's kernel reads int8 caches
+(--kv-cache-dtype int8), it is also timed over the same keys and values quantised, in the same
+alternation: the last two columns.
 
     .venv/bin/python benchmarks/attention_bench.py --ref 1844958 --json benchmarks/out/<dir>/attention.json
     .venv/bin/python benchmarks/attention_bench.py --ref HEAD --layers 30   # a 30-layer step, cold caches
@@ -31,7 +33,14 @@ import torch
 from harness import add_report_args, render_from_json, save_and_render
 from ray_bench import cpu_model
 
-from inferd.llm.runner.kernels import native_ops, packed_key_cache, prebuilt_library, variants
+from inferd.llm.runner.kernels import (
+    kv_scale_cache,
+    native_ops,
+    packed_key_cache,
+    prebuilt_library,
+    quantise_vectors,
+    variants,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "src/inferd/llm/runner/kernels"
@@ -46,6 +55,8 @@ SHAPES = {
     "prefill run of 300": (list(range(1, 301)), True),
     "16-row chunk after 1000": (list(range(1001, 1017)), True),
 }
+
+INT8 = "this checkout, int8 cache"  # the label of this checkout's kernel over int8 caches
 
 
 def this_variant() -> variants.Variant:
@@ -86,21 +97,26 @@ def build_at(ref: str, out_dir: Path) -> Path:
     return library
 
 
-def kernel(library: Path):
-    """The library's kernel, and whether it reads packed key caches (kernels.packed_key_cache; a
-    library from before them takes no k_packed argument and reads plain caches)."""
+def kernel(library: Path, source: Path):
+    """The library's kernel; whether it reads packed key caches (kernels.packed_key_cache; a
+    library from before them takes no k_packed argument and reads plain caches: None); and
+    whether it takes int8 caches' scales (a kv_scales argument: its paged_decode.c says so)."""
     lib = ctypes.CDLL(str(library))
     fn, flag = lib.paged_decode_attention, hasattr(lib, "packed_keys_take")
+    scales = "const float *kv_scales)" in source.read_text()
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [p, i, i64, p, p, i, *([i] if flag else []), p, i, p, i, i, i, i, i, f, i, f, p, i, i64]
-    # (None: the call takes no k_packed argument)
-    return fn, (bool(lib.packed_keys_take(HEAD_DIM, BLOCK)) if flag else None)
+    fn.argtypes = [
+        *(p, i, i64, p, p, i, *([i] if flag else []), p, i, p, i, i, i, i, i, f, i, f, p, i, i64),
+        *([p] if scales else []),
+    ]
+    return fn, (bool(lib.packed_keys_take(HEAD_DIM, BLOCK)) if flag else None), scales
 
 
-def call_args(lens: list[int], run: bool, layers: int = 1) -> tuple[tuple, dict]:
+def call_args(lens: list[int], run: bool, layers: int = 1, scales: bool = False) -> tuple[tuple, dict]:
     """The tensors to keep alive and one call's arguments per layer (each layer its own caches),
-    for plain key caches (False; None: a library from before packed keys) and the same keys
-    packed (True)."""
+    for plain key caches (False; None: a library from before packed keys), the same keys packed
+    (True) and the same keys and values in int8 ("int8"); with ``scales`` each call passes a
+    kv_scales argument (None but for the int8 caches)."""
     torch.manual_seed(0)
     n, width = len(lens), max(lens) // BLOCK + 1
     blocks = width if run else n * width  # a run's rows share one sequence's blocks
@@ -117,15 +133,29 @@ def call_args(lens: list[int], run: bool, layers: int = 1) -> tuple[tuple, dict]
         )
         for k, _ in caches
     ]
-    keep = (caches, packed, tables, ctx, q, out)
+    int8 = [int8_caches(k, v, blocks) for k, v in caches] if scales else []
+    keep = (caches, packed, int8, tables, ctx, q, out)
+    tail = [None] if scales else []
     return keep, {
-        None: [_args(q, k, v, None, tables, width, ctx, n, out) for k, v in caches],
-        False: [_args(q, k, v, False, tables, width, ctx, n, out) for k, v in caches],
-        True: [_args(q, pk, v, True, tables, width, ctx, n, out) for pk, (_, v) in zip(packed, caches)],
+        None: [_args(q, k, v, None, tables, width, ctx, n, out, *tail) for k, v in caches],
+        False: [_args(q, k, v, False, tables, width, ctx, n, out, *tail) for k, v in caches],
+        True: [_args(q, pk, v, True, tables, width, ctx, n, out, *tail) for pk, (_, v) in zip(packed, caches)],
+        "int8": [_args(q, k8, v8, True, tables, width, ctx, n, out, s.data_ptr()) for k8, v8, s in int8],
     }
 
 
-def _args(q, k, v, packed: bool | None, tables, width, ctx, n, out) -> tuple:
+def int8_caches(k: torch.Tensor, v: torch.Tensor, blocks: int) -> tuple:
+    """Plain bf16 keys and values as an int8 cache holds them: packed keys, values, scales."""
+    (kq, ks), (vq, vs) = quantise_vectors(k), quantise_vectors(v)
+    packed = packed_key_cache(blocks, KV_HEADS, HEAD_DIM, BLOCK, dtype=torch.int8)
+    packed.copy_(kq.view(blocks, BLOCK, KV_HEADS, HEAD_DIM // 2, 2).permute(0, 2, 3, 1, 4))
+    scales = kv_scale_cache(blocks, KV_HEADS, BLOCK)
+    scales[:, :, 0] = ks.view(blocks, BLOCK, KV_HEADS).transpose(1, 2)
+    scales[:, :, 1] = vs.view(blocks, BLOCK, KV_HEADS).transpose(1, 2)
+    return packed, vq, scales
+
+
+def _args(q, k, v, packed: bool | None, tables, width, ctx, n, out, *scales) -> tuple:
     return (
         q.data_ptr(),
         1,
@@ -148,6 +178,7 @@ def _args(q, k, v, packed: bool | None, tables, width, ctx, n, out) -> tuple:
         out.data_ptr(),
         1,
         HEADS * HEAD_DIM,
+        *scales,
     )
 
 
@@ -162,20 +193,22 @@ def time_call(fn, layer_args: list[tuple], calls: int) -> float:
 
 def run(ref: str, repeats: int, layers: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        libraries = {
-            "this checkout": kernel(prebuilt_library(this_variant())),
-            f"at {ref}": kernel(build_at(ref, Path(tmp))),
-        }
+        now = kernel(prebuilt_library(this_variant()), KERNELS / "paged_decode.c")
+        libraries = {"this checkout": now, f"at {ref}": kernel(build_at(ref, Path(tmp)), Path(tmp) / "src/paged_decode.c")}
+        if now[1] and now[2]:  # this checkout reads int8 caches where it packs keys
+            libraries[INT8] = (now[0], "int8", True)
         rows = []
         for name, (lens, is_run) in SHAPES.items():
-            keep, args = call_args(lens, is_run, layers)
+            keeps, args = {}, {}
+            for scales in {s for _, _, s in libraries.values()}:
+                keeps[scales], args[scales] = call_args(lens, is_run, layers, scales)
             calls = max(1, int(2e6 / sum(lens) / layers))  # about the same work per timing
             samples = {label: [] for label in libraries}
-            for fn, packed in libraries.values():
-                time_call(fn, args[packed], calls)
+            for fn, packed, scales in libraries.values():
+                time_call(fn, args[scales][packed], calls)
             for _ in range(repeats):
-                for label, (fn, packed) in libraries.items():
-                    samples[label].append(time_call(fn, args[packed], calls))
+                for label, (fn, packed, scales) in libraries.items():
+                    samples[label].append(time_call(fn, args[scales][packed], calls))
             rows.append(
                 {
                     "shape": name,
@@ -184,7 +217,7 @@ def run(ref: str, repeats: int, layers: int = 1) -> dict:
                     "us": {label: [s * 1e6 for s in got] for label, got in samples.items()},
                 }
             )
-            del keep
+            del keeps
     return {
         "cpu": cpu_model(),
         "variant": native_ops().variant,
@@ -201,17 +234,22 @@ def run(ref: str, repeats: int, layers: int = 1) -> dict:
 
 def render(report: dict) -> str:
     ref = f"at {report['ref']}"
+    int8 = INT8 in report["shapes"][0]["us"]
     lines = [
         f"CPU: {report['cpu']}, kernel variant {report['variant']}, {report['threads']} threads, commit "
         f"{report['commit']}; median of {report['repeats']} samples, microseconds per call"
         + (f" of each of {report['layers']} layers' caches in turn" if report.get("layers", 1) > 1 else ""),
         "",
-        f"| shape | this checkout | {ref} | ratio |",
-        "|---|---|---|---|",
+        f"| shape | this checkout | {ref} | ratio |" + (" int8 cache | int8 / bf16 |" if int8 else ""),
+        "|---|---|---|---|" + ("---|---|" if int8 else ""),
     ]
     for row in report["shapes"]:
         now, then = (statistics.median(row["us"][k]) for k in ("this checkout", ref))
-        lines.append(f"| {row['shape']} | {now:.0f} | {then:.0f} | {now / then:.2f}x |")
+        line = f"| {row['shape']} | {now:.0f} | {then:.0f} | {now / then:.2f}x |"
+        if int8:
+            q8 = statistics.median(row["us"][INT8])
+            line += f" {q8:.0f} | {q8 / now:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 

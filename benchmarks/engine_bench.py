@@ -92,9 +92,10 @@ async def one_round(client: LLMClient, tag: str, concurrency: int, max_tokens: i
 
 
 def run(args) -> dict:
-    llm = load_settings(
-        {"device": "cpu", "dtype": args.dtype, "quantization": args.quantization}
-    ).llm_config()
+    overrides = {"device": "cpu", "dtype": args.dtype, "quantization": args.quantization}
+    if args.kv_cache_dtype != "auto":  # an older checkout (A/B) may not know the setting
+        overrides["kv_cache_dtype"] = args.kv_cache_dtype
+    llm = load_settings(overrides).llm_config()
     clock = Clock()
     loop = asyncio.new_event_loop()
     client = LLMClient.start(bundled_model_path("smollm2-135m-instruct"), llm, loop)
@@ -139,6 +140,7 @@ def run(args) -> dict:
         ).stdout.strip(),
         "dtype": llm.dtype,
         "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "concurrency": args.concurrency,
         "prompts": len(CHATS),
@@ -150,7 +152,7 @@ def run(args) -> dict:
 def render(report: dict) -> str:
     lines = [
         f"CPU: {report['cpu']}, commit {report['commit']}, {report['dtype']}, quantization "
-        f"{report['quantization']}, GOMP_SPINCOUNT {report['gomp_spincount'] or 'unset'}; "
+        f"{report['quantization']}, KV cache {report.get('kv_cache_dtype', 'auto')}, GOMP_SPINCOUNT {report['gomp_spincount'] or 'unset'}; "
         f"{report['prompts']} prompts x {report['max_tokens']} tokens through {report['concurrency']} workers",
         "",
         "| round | tok/s | ms a step | ms a native decoder call (decode steps) |",
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="auto", help="as serve's --dtype (default: auto)")
     parser.add_argument("--quantization", default="none", choices=["none", "int8"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)

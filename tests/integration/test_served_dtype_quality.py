@@ -1,5 +1,6 @@
 """What the served dtypes cost in quality on the bundled SmolLM2-135M-Instruct: the perplexity of a
-fixed English text under the bf16 serving path and under --quantization int8 stays within 1 % of
+fixed English text under the bf16 serving path, under --quantization int8 and with an int8 KV cache
+(--kv-cache-dtype int8, alone and with int8 weights) stays within 1 % of
 float32's, and along float32's own greedy answers fed back (teacher forcing) the served dtype's
 top token is float32's at nearly every position. The share of free-running greedy tokens that stay
 identical is held only to a sanity floor: one near-tie flipped early sends a whole answer
@@ -64,8 +65,13 @@ QUESTIONS = [
     "Describe the water cycle to a ten-year-old.",
 ]
 GREEDY_TOKENS = 64
-# Served dtypes against float32: (--dtype, --quantization).
-SERVED = {"bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8")}
+# Served dtypes against float32: (--dtype, --quantization, --kv-cache-dtype).
+SERVED = {
+    "bfloat16": ("bfloat16", "none", "auto"),
+    "int8": ("bfloat16", "int8", "auto"),
+    "kv-int8": ("bfloat16", "none", "int8"),
+    "int8+kv-int8": ("bfloat16", "int8", "int8"),
+}
 # Teacher-forced top-1 agreement with float32 (bf16 99.2 %, int8 96.9 % over the 8 prompts on the
 # AMD EPYC Zen 5 of session 14): a served dtype whose top token differs from float32's at more than
 # 7 positions in 100 of float32's own answers has lost more than rounding.
@@ -81,8 +87,11 @@ def smollm2_gguf():
     return gguf  # served as serve serves it: the engine converts it for each dtype
 
 
-def serve_run(gguf, dtype: str, quantization: str, reference: list[list[int]] | None = None) -> dict:
-    """Load the model as `inferd serve --dtype D --quantization Q` would on this machine's CPU, then
+def serve_run(
+    gguf, dtype: str, quantization: str, reference: list[list[int]] | None = None, kv_cache_dtype: str = "auto"
+) -> dict:
+    """Load the model as `inferd serve --dtype D --quantization Q --kv-cache-dtype K` would on this
+    machine's CPU, then
     score TEXT (prompt logprobs) and greedily answer QUESTIONS, all in the same steps; with the
     reference's greedy answers, also score each question followed by its reference answer, for
     this model's own top token at every answer position (teacher forcing)."""
@@ -91,6 +100,7 @@ def serve_run(gguf, dtype: str, quantization: str, reference: list[list[int]] | 
     overrides = {
         "dtype": dtype,
         "quantization": quantization,
+        "kv_cache_dtype": kv_cache_dtype,
         "kv_cache_memory": 128 * 2**20,
         "num_threads": 1,
     }
@@ -173,8 +183,8 @@ def test_float32_perplexity_is_transformers(fp32, smollm2_gguf):
 
 @pytest.mark.parametrize("served", list(SERVED))
 def test_served_dtype_perplexity_within_1_percent_of_float32(fp32, smollm2_gguf, served):
-    dtype, quantization = SERVED[served]
-    run = serve_run(smollm2_gguf, dtype, quantization, fp32["greedy"])
+    dtype, quantization, kv_cache_dtype = SERVED[served]
+    run = serve_run(smollm2_gguf, dtype, quantization, fp32["greedy"], kv_cache_dtype)
     shares, prefixes = [], []
     for ours, reference in zip(run["greedy"], fp32["greedy"]):
         assert len(ours) == len(reference) == GREEDY_TOKENS

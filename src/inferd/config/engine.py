@@ -80,6 +80,9 @@ class LLMConfig:
     speculative_max_running: int = 8
     model_impl: str = "auto"  # "auto": inferd's own forward where it has one; "transformers": never
     quantization: str = "none"  # "int8": the decoder's linear layers in int8 x int8 (CPU, bf16)
+    # "int8": keys and values cached in int8, a scale per token and kv head (the native bf16 path's
+    # attention reads them, paged_decode.c); "auto": the model's dtype
+    kv_cache_dtype: str = "auto"
     max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429
     max_prompt_chars: int | None = None  # None: 32 per token of the context (LLMClient.max_prompt_chars)
     # Outputs (one per generated token) a request may have waiting unread; past it the client is
@@ -95,3 +98,10 @@ class LLMConfig:
             raise ValueError("speculative_tokens must be at least 0 and speculative_max_running at least 1")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be auto or int8, not {self.kv_cache_dtype!r}")
+
+    @property
+    def cache_dtype(self) -> str:
+        """The dtype the KV cache holds: ``kv_cache_dtype``, or the model's for auto."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype

@@ -203,7 +203,7 @@ class LLMClient:
             num_prefix_hits=kv.num_prefix_hits,
             block_size=kv.block_size,
             num_blocks=kv.pool.num_blocks,
-            cache_dtype=self.engine.config.dtype,
+            cache_dtype=self.engine.config.cache_dtype,
             enable_prefix_caching=kv.enable_prefix_caching,
             num_draft_tokens=self.engine.num_draft_tokens,
             num_accepted_tokens=self.engine.num_accepted_tokens,

@@ -164,8 +164,15 @@ def int8_weight_bytes(shape: ModelShape, num_params: int, dtype: str) -> int:
 
 
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
-    """2 × layers × KV heads × head dim × bytes: what one token of context costs in the KV cache."""
-    return int(2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes(kv_dtype))
+    """2 × layers × KV heads × head dim × bytes: what one token of context costs in the KV cache;
+    an int8 cache also keeps a float32 scale per key and value vector (as inferd stores it)."""
+    return cache_bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, kv_dtype)
+
+
+def cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+    """``kv_bytes_per_token`` from the three numbers (the engine's ModelFacts has no ModelShape)."""
+    scale = 4 if normalize_dtype(kv_dtype) == "int8" else 0
+    return int(2 * num_layers * num_kv_heads * (head_dim * dtype_bytes(kv_dtype) + scale))
 
 
 def naive_kv_bytes(shape: ModelShape, num_tokens: int, kv_dtype: str) -> int:

@@ -108,7 +108,7 @@ def _llm_need(name: str, shape: ModelShape, num_params: int, config) -> ModelNee
             shape, config.max_num_batched_tokens, config.max_num_seqs, config.dtype
         ),
         runtime_bytes=RUNTIME_BYTES["cuda" if config.device.startswith("cuda") else "cpu"],
-        kv_bytes_per_token=kv_bytes_per_token(shape, config.dtype),
+        kv_bytes_per_token=kv_bytes_per_token(shape, config.cache_dtype),
         max_model_len=min(config.max_model_len or context, context),
     )
 

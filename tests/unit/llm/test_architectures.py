@@ -35,13 +35,14 @@ FAMILIES = {
 OWN_FORWARD = {"mistral", "qwen2", "qwen3"}
 
 
-def build(root, family, tokenizer_dir):
+def build(root, family, tokenizer_dir, **overrides):
+    """A tiny random model of ``family`` (``overrides``: config fields, kept in a folder of their own)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(3)
-    config = AutoConfig.for_model(family, **(COMMON | FAMILIES[family]))
+    config = AutoConfig.for_model(family, **(COMMON | FAMILIES.get(family, {}) | overrides))
     model = AutoModelForCausalLM.from_config(config)
-    out = root / f"tiny-{family}"
+    out = root / "-".join([f"tiny-{family}", *(f"{k}{v}" for k, v in sorted(overrides.items()))])
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, out / name)

@@ -54,10 +54,15 @@ def test_native_linear_matches_linear(linear_kernel, rows, bias):
     torch.testing.assert_close(got.float(), expected, atol=0.03, rtol=0.02)
 
 
-def logits_of(path, dtype, prompts, native=True, quantization="none"):
+def logits_of(path, dtype, prompts, native=True, quantization="none", kv_cache_dtype="auto"):
     """Logits of a prefill step of ``prompts`` and of one decode step after it."""
     config = LLMConfig(
-        dtype=dtype, kv_cache_memory=2**20, block_size=4, native_kernels=native, quantization=quantization
+        dtype=dtype,
+        kv_cache_memory=2**20,
+        block_size=8 if kv_cache_dtype == "int8" else 4,  # int8 caches: blocks of a multiple of 8
+        native_kernels=native,
+        quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
     )
     loaded = load_causal_lm(path, config)
     runner = ModelRunner(loaded, config, num_blocks=64)
@@ -178,11 +183,53 @@ def test_int8_is_refused_where_it_cannot_run(tiny_llama, dtype, native, message)
         load_causal_lm(tiny_llama, config)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dtype": "float32"}, "in bfloat16"),
+        ({"native_kernels": False}, "native kernels"),
+        ({"block_size": 4}, "--block-size 4"),
+        ({"model_impl": "transformers"}, "inferd's own forward"),
+    ],
+)
+def test_an_int8_kv_cache_is_refused_where_it_cannot_run(tiny_llama, overrides, message):
+    """Only the native bf16 attention reads int8 caches: anywhere else the load says why, up front."""
+    settings = {"dtype": "bfloat16", "kv_cache_memory": 2**20, "block_size": 8, **overrides}
+    with pytest.raises(ModelLoadError, match=f"--kv-cache-dtype int8 cannot serve this model: .*{message}"):
+        load_causal_lm(tiny_llama, LLMConfig(**settings, kv_cache_dtype="int8"))
+
+
+# int8 caches need head_dim a multiple of 32 (tiny_llama's is 16): 2 heads of 32 over one kv head
+WIDE_HEADS = dict(num_attention_heads=2, num_key_value_heads=1)
+
+
 @needs_native_linear
+def test_an_int8_kv_cache_keeps_int8_and_follows_the_bf16_cache(model_root, tiny_llama):
+    """--kv-cache-dtype int8: int8 keys and values with float32 scales, a little over half the
+    bytes of bf16 per token, and logits that follow the bf16 cache's (the same weights)."""
+    from tests.unit.llm.test_architectures import build
+
+    path = build(model_root, "llama", tiny_llama, **WIDE_HEADS)[0]
+    prompts = [[5, 17, 33, 9, 60, 71, 12], [8, 9, 10], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+    ref_prefill, ref_decode, ref_runner = logits_of(path, "bfloat16", prompts)
+    prefill, decode, runner = logits_of(path, "bfloat16", prompts, kv_cache_dtype="int8")
+    assert all(k.dtype == v.dtype == torch.int8 for k, v in runner.kv_caches)
+    assert len(runner.kv_scales) == len(runner.kv_caches) and runner.batch_invariant
+    facts = runner.facts
+    per_head = facts.head_dim + 4  # int8 values and a float32 scale
+    assert facts.kv_bytes_per_token() == 2 * facts.num_layers * facts.num_kv_heads * per_head
+    assert facts.kv_bytes_per_token() < 0.6 * ref_runner.facts.kv_bytes_per_token()
+    for got, ref in ((prefill, ref_prefill), (decode, ref_decode)):
+        cosine = F.cosine_similarity(got, ref, dim=-1)
+        assert cosine.min() > 0.999, cosine
+
+
+@needs_native_linear
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_one_native_call_per_step_equals_the_layer_by_layer_path(
-    model_root, tiny_llama, family, quantization, monkeypatch
+    model_root, tiny_llama, family, quantization, kv_cache_dtype, monkeypatch
 ):
     """When every token is a query row, decoder_layers_bf16 runs all layers in one call: the same
     kernels in the same order as the Python layer loop, so the same logits to the bit. Mistral's
@@ -190,13 +237,17 @@ def test_one_native_call_per_step_equals_the_layer_by_layer_path(
     from inferd.llm.models.decoder import Decoder
     from tests.unit.llm.test_architectures import build
 
-    path = tiny_llama if family == "llama" else build(model_root, family, tiny_llama)[0]
+    if kv_cache_dtype == "int8":
+        path = build(model_root, family, tiny_llama, **WIDE_HEADS)[0]
+    else:
+        path = tiny_llama if family == "llama" else build(model_root, family, tiny_llama)[0]
     prompts = [[5, 17, 33, 9, 60, 71, 12], [8, 9, 10], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
     if quantization == "int8" and not native_ops().has_int8_linear:
         pytest.skip("no int8 linear kernel for this CPU")
-    one_prefill, one_decode, runner = logits_of(path, "bfloat16", prompts, quantization=quantization)
+    run = dict(quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+    one_prefill, one_decode, runner = logits_of(path, "bfloat16", prompts, **run)
     assert runner.decoder._layer_table[1] is not None  # the one-call path ran
-    monkeypatch.setattr(Decoder, "_native_layers", lambda self, native, kv_caches: None)
-    loop_prefill, loop_decode, _ = logits_of(path, "bfloat16", prompts, quantization=quantization)
+    monkeypatch.setattr(Decoder, "_native_layers", lambda self, *args: None)
+    loop_prefill, loop_decode, _ = logits_of(path, "bfloat16", prompts, **run)
     assert torch.equal(one_prefill, loop_prefill)
     assert torch.equal(one_decode, loop_decode)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from inferd.llm.runner import kernels
 from inferd.llm.runner.attention import keys_at
-from inferd.llm.runner.kernels import variants
+from inferd.llm.runner.kernels import quantise_vectors, variants
 from tests.unit.llm.kernel_helpers import LINEAR_KERNELS, linear_kernel_selected
 
 
@@ -108,6 +108,7 @@ def test_kernel_matches_sdpa_over_a_paged_cache(ops, dtype, heads, kv_heads, hea
         out.data_ptr(),
         0,
         heads * head_dim,
+        None,
     )
     assert status == 0
     for row in range(num_seqs):
@@ -196,7 +197,7 @@ def test_silu_mul_matches_torch(ops, rows, width):
     bf16_close(ops.silu_mul(gate_up), F.silu(gate) * up)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("packed", [False, True, "int8"], ids=["plain", "packed", "int8"])
 @pytest.mark.parametrize("tokens", [1, 20])
 def test_rope_and_cache_rotates_in_place_and_stores_k_and_v(ops, tokens, packed):
     torch.manual_seed(0)
@@ -208,12 +209,31 @@ def test_rope_and_cache_rotates_in_place_and_stores_k_and_v(ops, tokens, packed)
     angles = torch.rand(tokens, dim // 2) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     slots = torch.randperm(64)[:tokens]
+    if packed == "int8":
+        qkv[0, heads * dim : (heads + 1) * dim] = 0  # a vector of zeros: scale 0, values 0
     k_cache, v_cache = torch.zeros(2, 64, kv_heads, dim).bfloat16().unbind(0)
+    scales = None
     if packed:  # 8 blocks of 8 slots, read back through the runner's own accessor
-        k_cache = kernels.packed_key_cache(8, kv_heads, dim, 8).zero_()
-    ops.rope_and_cache(qkv, heads, kv_heads, dim, cos, sin, slots, k_cache, v_cache)
+        dtype = torch.int8 if packed == "int8" else torch.bfloat16
+        k_cache = kernels.packed_key_cache(8, kv_heads, dim, 8, dtype=dtype).zero_()
+    if packed == "int8":
+        v_cache = v_cache.to(torch.int8)
+        scales = kernels.kv_scale_cache(8, kv_heads, 8).zero_()
+    ops.rope_and_cache(qkv, heads, kv_heads, dim, cos, sin, slots, k_cache, v_cache, scales)
     if packed:
         k_cache = keys_at(k_cache, torch.arange(64))
+    if packed == "int8":  # each rotated k and each v quantised per vector, bitwise as quantise_vectors does
+        got = qkv.view(tokens, -1, dim)
+        scale_at = scales.permute(0, 3, 2, 1).reshape(64, 2, kv_heads)  # (slot, [k | v], kv head)
+        for cache, values, which in ((k_cache, got[:, heads : heads + kv_heads], 0), (v_cache, got[:, heads + kv_heads :], 1)):
+            q, s = quantise_vectors(values)
+            assert torch.equal(cache[slots], q) and torch.equal(scale_at[slots, which], s)
+            assert (values - q * s[..., None]).abs().le(s[..., None] / 2 + 1e-6).all()
+        assert not scale_at[slots, 0, 0][slots == slots[0]].any()  # the zero vector
+        untouched = torch.ones(64, dtype=torch.bool)
+        untouched[slots] = False
+        assert not k_cache[untouched].any() and not v_cache[untouched].any() and not scale_at[untouched].any()
+        return
     x = original[:, : heads + kv_heads]
     rotated = torch.cat((-x[..., dim // 2 :], x[..., : dim // 2]), -1)
     expected = x * cos[:, None] + rotated * sin[:, None]
@@ -260,6 +280,7 @@ def test_decode_reads_strided_bf16_queries_and_writes_bf16(ops):
             out.data_ptr(),
             1,
             out.stride(0),
+            None,
         )
         == 0
     )
@@ -339,16 +360,30 @@ def test_gated_linear_is_the_layer_then_silu_mul_to_the_bit(ops, linear_kernel, 
 
 
 def pack_keys(k_cache: torch.Tensor, block: int) -> torch.Tensor:
-    """A plain (slots, kv_heads, dim) bf16 key cache in the packed layout (kernels.packed_key_cache)."""
+    """A plain (slots, kv_heads, dim) bf16 (or int8) key cache in the packed layout
+    (kernels.packed_key_cache)."""
     slots, kv_heads, dim = k_cache.shape
-    packed = kernels.packed_key_cache(slots // block, kv_heads, dim, block)
+    packed = kernels.packed_key_cache(slots // block, kv_heads, dim, block, dtype=k_cache.dtype)
     packed.copy_(k_cache.view(slots // block, block, kv_heads, dim // 2, 2).permute(0, 2, 3, 1, 4))
     return packed
 
 
-def paged_rows(ops, q, k_cache, v_cache, tables, ctx_lens, heads, block, scale, window=0, softcap=0.0):
+def int8_caches(k: torch.Tensor, v: torch.Tensor, block: int):
+    """Plain (slots, kv_heads, dim) keys and values as the int8 cache holds them: packed int8 keys,
+    int8 values, their scales (kernels.kv_scale_cache); and the values they stand for (float32)."""
+    (kq, ks), (vq, vs) = quantise_vectors(k), quantise_vectors(v)
+    slots, kv_heads, _ = k.shape
+    scales = kernels.kv_scale_cache(slots // block, kv_heads, block)
+    scales[:, :, 0] = ks.view(slots // block, block, kv_heads).transpose(1, 2)
+    scales[:, :, 1] = vs.view(slots // block, block, kv_heads).transpose(1, 2)
+    return pack_keys(kq, block), vq, scales, (kq * ks[..., None], vq * vs[..., None])
+
+
+def paged_rows(
+    ops, q, k_cache, v_cache, tables, ctx_lens, heads, block, scale, window=0, softcap=0.0, kv_scales=None
+):
     """The kernel over query rows q (rows, heads, dim) fp32, each with its own table and length;
-    k_cache plain or packed (pack_keys)."""
+    k_cache plain or packed (pack_keys), or with kv_scales int8 caches (int8_caches)."""
     rows, _, dim = q.shape
     out = torch.empty_like(q)
     packed = kernels.packed_key_block(k_cache) > 0
@@ -356,6 +391,7 @@ def paged_rows(ops, q, k_cache, v_cache, tables, ctx_lens, heads, block, scale, 
         *(q.data_ptr(), 0, heads * dim, k_cache.data_ptr(), v_cache.data_ptr(), 1, int(packed)),
         *(tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(), rows, heads, k_cache.shape[1], dim),
         *(block, scale, window, softcap, out.data_ptr(), 0, heads * dim),
+        None if kv_scales is None else kv_scales.data_ptr(),
     )
     assert status == 0
     return out
@@ -398,7 +434,45 @@ def test_prefill_runs_match_causal_attention(ops, spans, window, softcap):
         torch.testing.assert_close(out[row], expected, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim, block, spans, window",
+    [
+        (9, 3, 64, 8, [(0, 37), (5, 1), (0, 3), (20, 16), (200, 1)], 0),  # prefill runs, decodes
+        (9, 3, 64, 16, [(0, 70), (30, 21), (99, 1)], 24),  # a window
+        (8, 2, 128, 8, [(0, 9), (60, 1)], 0),  # wider heads, 4 a kv head
+        (6, 2, 96, 32, [(3, 40), (70, 1)], 0),  # head_dim 96: p . v over 4 chunks, then 2
+    ],
+)
+def test_int8_caches_attend_as_their_dequantised_values(ops, heads, kv_heads, dim, block, spans, window):
+    """With int8 caches the kernel attends exactly over what they stand for (int8 x scale): keys
+    widened to bf16 (exact) and scaled per position, values scaled through the weights."""
+    if not ops.packs_keys(dim, block):
+        pytest.skip(f"the {ops.variant} build reads no int8 caches")
+    torch.manual_seed(3)
+    scale = dim**-0.5
+    width = max(c + n for c, n in spans) // block + 1
+    num_blocks = len(spans) * width
+    k, v = (torch.randn(2, num_blocks * block, kv_heads, dim) * torch.rand(num_blocks * block, 1, 1) * 4).unbind(0)
+    k_cache, v_cache, kv_scales, (k_seen, v_seen) = int8_caches(k.bfloat16(), v.bfloat16(), block)
+    seq_tables = torch.randperm(num_blocks).view(len(spans), width)
+    owner = torch.cat([torch.full((n,), i) for i, (_, n) in enumerate(spans)])
+    ctx_lens = torch.cat([torch.arange(c + 1, c + n + 1) for c, n in spans])
+    tables = seq_tables[owner].contiguous()
+    q = torch.randn(len(ctx_lens), heads, dim).bfloat16().float()
+    out = paged_rows(ops, q, k_cache, v_cache, tables, ctx_lens, heads, block, scale, window, kv_scales=kv_scales)
+    for row in range(len(ctx_lens)):
+        slots = (tables[row, :, None] * block + torch.arange(block)).flatten()[: int(ctx_lens[row])]
+        if window:
+            slots = slots[-window:]
+        ks, vs = k_seen[slots].transpose(0, 1), v_seen[slots].transpose(0, 1)
+        expected = F.scaled_dot_product_attention(q[row][:, None], ks, vs, scale=scale, enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[row], expected, atol=2e-5, rtol=1e-4)
+    # and far from the bf16 values only by the quantisation (a sanity bound, not the kernel's)
+    bf16 = paged_rows(ops, q, pack_keys(k.bfloat16(), block), v.bfloat16(), tables, ctx_lens, heads, block, scale, window)
+    assert (out - bf16).abs().max() < 0.05 * v.abs().max()
+
+
+@pytest.mark.parametrize("packed", [False, True, "int8"], ids=["plain", "packed", "int8"])
 @pytest.mark.parametrize("block, window", [(8, 0), (16, 0), (16, 24), (32, 0), (8, 24), (32, 24)])
 def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window, packed):
     """Batch invariance: a row's output does not depend on the rows it shares a call with — a whole
@@ -419,7 +493,10 @@ def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window
     lens = torch.arange(1, length + 1)
     if packed and not ops.packs_keys(dim, block):
         pytest.skip(f"the {ops.variant} build keeps no packed keys")
-    keys = pack_keys(k_cache, block) if packed else k_cache
+    keys, values, kv_scales = pack_keys(k_cache, block) if packed else k_cache, v_cache, None
+    if packed == "int8":  # NaN scales where no row may look
+        keys, values, kv_scales, _ = int8_caches(k_cache.nan_to_num(), v_cache.nan_to_num(), block)
+        kv_scales[~readable.view(-1, block)[:, None, None, :].expand_as(kv_scales)] = float("nan")
 
     def attend(rows: list[int], others: int = 0) -> torch.Tensor:
         """The rows (positions of the sequence) in one call, after `others` rows of another sequence."""
@@ -427,7 +504,7 @@ def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window
         tables = torch.cat([other.expand(others, width), table.expand(len(rows), width)]).contiguous()
         ctx_lens = torch.cat([torch.arange(40 - others, 40), lens[rows]]).contiguous()
         qs = torch.cat([extra_q, q[rows]]).contiguous()
-        return paged_rows(ops, qs, keys, v_cache, tables, ctx_lens, heads, block, scale, window, 0.0)[others:]
+        return paged_rows(ops, qs, keys, values, tables, ctx_lens, heads, block, scale, window, 0.0, kv_scales)[others:]
 
     whole = attend(list(range(length)))
     pieces = torch.cat([attend(list(range(a, min(a + 13, length)))) for a in range(0, length, 13)])
@@ -436,7 +513,7 @@ def test_a_row_attends_bitwise_the_same_alone_or_among_others(ops, block, window
     assert not whole.isnan().any()
     for got in (pieces, alone, among):
         assert torch.equal(got, whole)
-    if packed:
+    if packed is True:  # and the same as from the plain layout
         keys = k_cache
         assert torch.equal(attend(list(range(length))), whole)
 

@@ -172,7 +172,7 @@ class Decoder(nn.Module):
         # float32 rotary tables: the native rotation computes in float32 and rounds once.
         cos, sin = self.rotary(hidden.new_empty(0, dtype=torch.float32), positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # (T, D)
-        table = self._native_layers(native, batch.kv_caches) if batch.all_rows else None
+        table = self._native_layers(native, batch.kv_caches, batch.kv_scales) if batch.all_rows else None
         if table is not None:  # every token a query row: all layers in one native call
             first = self.layers[0]
             delta = native.decoder_layers(
@@ -189,9 +189,10 @@ class Decoder(nn.Module):
             native.add_rms_norm(rows, delta[logits_idx], self.norm_weight, self.norm_eps)
         )
 
-    def _native_layers(self, native, kv_caches):
+    def _native_layers(self, native, kv_caches, kv_scales=None):
         """The LayerWeights array for ``native.decoder_layers``, or None when a layer does not fit
-        it (no native linear, a oneDNN-packed linear, an MLP bias, layers that differ in norm or scale)."""
+        it (no native linear, a oneDNN-packed linear, an MLP bias, layers that differ in norm or scale).
+        ``kv_scales``: the layers' int8 cache scales, None for bf16 caches."""
         if self._layer_table is not None and self._layer_table[0] is kv_caches:
             return self._layer_table[1]
         from inferd.llm.runner.kernels import LayerWeights
@@ -208,15 +209,17 @@ class Decoder(nn.Module):
             for lay in self.layers
         )
         table = None
-        if plain and all(k.dtype == torch.bfloat16 for k, _ in kv_caches):
+        cache_dtype = torch.bfloat16 if kv_scales is None else torch.int8
+        if plain and all(k.dtype == cache_dtype for k, _ in kv_caches):
             table = (LayerWeights * len(self.layers))()
-            for entry, lay, (k_cache, v_cache) in zip(table, self.layers, kv_caches, strict=True):
+            scales = kv_scales if kv_scales is not None else [None] * len(self.layers)
+            for entry, lay, (k_cache, v_cache), kv_scale in zip(table, self.layers, kv_caches, scales, strict=True):
                 for name, tensor in (
                     ("input_norm", lay.input_norm), ("post_norm", lay.post_norm), ("qkv", lay.qkv.weight),
                     ("o", lay.o_proj.weight), ("gate_up", lay.gate_up.weight), ("down", lay.down.weight),
                     ("qkv_bias", lay.qkv.bias), ("o_bias", lay.o_proj.bias), ("k_cache", k_cache),
                     ("v_cache", v_cache), ("qkv_scale", lay.qkv.scale), ("o_scale", lay.o_proj.scale),
-                    ("gate_up_scale", lay.gate_up.scale), ("down_scale", lay.down.scale),
+                    ("gate_up_scale", lay.gate_up.scale), ("down_scale", lay.down.scale), ("kv_scales", kv_scale),
                 ):  # fmt: skip
                     setattr(entry, name, None if tensor is None else tensor.data_ptr())
                 entry.window = lay.window or 0

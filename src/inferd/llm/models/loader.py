@@ -16,6 +16,7 @@ from inferd.llm.models.checkpoint import load_decoder
 from inferd.llm.models.decoder import Decoder, DecoderShape, build_decoder, can_build, pack_for_cpu
 from inferd.llm.runner.attention import ATTENTION_NAME, register_paged_attention
 from inferd.llm.runner.kernels import native_ops
+from inferd.memory.estimate import cache_bytes_per_token
 from inferd.memory.profile import release_freed_memory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,9 +33,11 @@ class ModelFacts:
     max_model_len: int
     eos_token_ids: frozenset[int]
     dtype: torch.dtype
+    kv_int8: bool = False  # the KV cache holds int8 (--kv-cache-dtype int8), else ``dtype``
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        kv_dtype = "int8" if self.kv_int8 else str(self.dtype)
+        return cache_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, kv_dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,8 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     native = native_ops() if config.native_kernels and config.device == "cpu" else None
     if config.quantization == "int8":
         _check_int8(config, text_config, native)
+    if config.kv_cache_dtype == "int8":
+        _check_kv_int8(config, text_config, native)
     model, decoder = None, None
     if config.model_impl == "auto":
         decoder = load_decoder(path, text_config, dtype, config.device)
@@ -98,6 +103,27 @@ def _check_int8(config: LLMConfig, text_config, native) -> None:
         raise ModelLoadError(f"--quantization int8 cannot serve this model: {why}")
 
 
+def _check_kv_int8(config: LLMConfig, text_config, native) -> None:
+    """Refuse --kv-cache-dtype int8 up front where only the torch paths would read the cache: the
+    native bf16 attention with packed keys (paged_decode.c) is the one reader of int8 caches."""
+    why = None
+    if config.device != "cpu" or config.dtype != "bfloat16":
+        why = f"it runs on the CPU in bfloat16 (this model: {config.device}, {config.dtype})"
+    elif native is None or not native.has_linear:
+        why = "it needs the native kernels and a CPU with AVX-512 BF16 (or AMX)"
+    elif config.model_impl != "auto" or not can_build(text_config):
+        why = f"it runs on inferd's own forward (llama, mistral, qwen2, qwen3), not {text_config.model_type!r}"
+    else:
+        shape = DecoderShape.of(text_config)
+        if not native.packs_keys(shape.head_dim, config.block_size):
+            why = (
+                f"its attention kernel takes head_dim a multiple of 32 up to 256 and blocks of a multiple "
+                f"of 8 tokens (this model: head_dim {shape.head_dim}, --block-size {config.block_size})"
+            )
+    if why is not None:
+        raise ModelLoadError(f"--kv-cache-dtype int8 cannot serve this model: {why}")
+
+
 def _load_transformers_model(path: Path, dtype: torch.dtype, config: LLMConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -124,6 +150,7 @@ def _facts(hf, eos_ids: set[int], num_tokens: int, config: LLMConfig, dtype: tor
         max_model_len=max_model_len,
         eos_token_ids=frozenset(eos_ids),
         dtype=dtype,
+        kv_int8=config.kv_cache_dtype == "int8",
     )
 
 

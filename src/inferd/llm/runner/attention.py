@@ -52,6 +52,9 @@ class AttentionBatch:
     native: object = None  # the native kernels (NativeOps) when the runner has them
     all_rows: bool = False  # every token of the batch is such a row: no gather, no scatter
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # per layer, the scales of int8 caches (kernels.kv_scale_cache): only the native attention reads
+    # them, so every token of such a batch is a native query row; None: caches in the model's dtype
+    kv_scales: list[torch.Tensor] | None = None
     _masks: dict = field(default_factory=dict)
 
     def row_mask(self, window: int | None) -> torch.Tensor:
@@ -112,6 +115,8 @@ def attend_paged(layer_idx, q, k, v, scaling=None, window=None, softcap=None) ->
     """Store the step's new keys/values in layer ``layer_idx``'s cache and attend every query to its
     own sequence's context. q (T, H, D), k/v (T, KVH, D) packed; returns (T, H, D)."""
     batch: AttentionBatch = _current.batch
+    if batch.kv_scales is not None:
+        raise RuntimeError("int8 KV caches are written by the native bf16 path only (attend_fused_qkv)")
     k_cache, v_cache = batch.kv_caches[layer_idx]
     k = k.to(k_cache.dtype)
     v = v.to(v_cache.dtype)
@@ -127,25 +132,28 @@ def attend_fused_qkv(
     the fused qkv rows (T, (H + 2 KVH) D), then attention reading q where it lies; returns (T, H, D)."""
     batch: AttentionBatch = _current.batch
     k_cache, v_cache = batch.kv_caches[layer_idx]
+    scales = None if batch.kv_scales is None else batch.kv_scales[layer_idx]
     batch.native.rope_and_cache(
-        qkv, num_heads, num_kv_heads, head_dim, cos, sin, batch.slot_mapping, k_cache, v_cache
+        qkv, num_heads, num_kv_heads, head_dim, cos, sin, batch.slot_mapping, k_cache, v_cache, scales
     )
     tokens, q_width, kv_width = qkv.shape[0], num_heads * head_dim, num_kv_heads * head_dim
     q = qkv[:, :q_width].view(tokens, num_heads, head_dim)
     k = qkv[:, q_width : q_width + kv_width].view(tokens, num_kv_heads, head_dim)
     v = qkv[:, q_width + kv_width :].view(tokens, num_kv_heads, head_dim)
-    return _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, None)
+    return _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, None, scales)
 
 
 def current_batch() -> AttentionBatch | None:
     return getattr(_current, "batch", None)
 
 
-def _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap) -> torch.Tensor:
+def _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap, scales=None) -> torch.Tensor:
     """Attention once the step's keys and values are in the cache (and in k, v for prefills)."""
     native = batch.native is not None and batch.row_idx is not None
     if native and batch.all_rows:
-        return _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap)
+        return _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap, scales)
+    if scales is not None:
+        raise RuntimeError("int8 KV caches are read by the native attention only: every token must be a row")
     out = q.new_empty(q.shape)
     if native:
         out[batch.row_idx] = _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap)
@@ -175,7 +183,7 @@ def _attend_stored(batch, k_cache, v_cache, q, k, v, scaling, window, softcap) -
     return out
 
 
-def _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torch.Tensor:
+def _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap, scales=None) -> torch.Tensor:
     """The query rows attended in place over the paged cache by the native kernel. q may be a
     strided view (rows of a fused qkv output) as long as each row's heads are contiguous."""
     queries = q if batch.all_rows else q[batch.row_idx]  # (B, H, D)
@@ -209,9 +217,10 @@ def _rows_native(batch, k_cache, v_cache, q, scaling, window, softcap) -> torch.
         out.data_ptr(),
         int(out.dtype == bf16),
         out.stride(0),
+        None if scales is None else scales.data_ptr(),
     )
     if status == -2:
-        raise RuntimeError(f"the {batch.native.variant} build cannot read a packed key cache")
+        raise RuntimeError(f"the {batch.native.variant} build cannot read this key cache (packed or int8)")
     if status != 0:
         raise MemoryError("the decode-attention kernel could not allocate its scratch memory")
     return out.to(q.dtype)

@@ -10,7 +10,7 @@ import torch
 from inferd.config.engine import LLMConfig
 from inferd.llm.models.loader import LoadedModel
 from inferd.llm.runner.attention import AttentionBatch, PrefillSpan, attention_batch
-from inferd.llm.runner.kernels import native_ops, packed_key_cache
+from inferd.llm.runner.kernels import kv_scale_cache, native_ops, packed_key_cache
 
 # A short prefill chunk goes through the native paged kernel as query rows (each token a query over
 # its own causal context, read in place from the cache; consecutive rows of a chunk share one packing
@@ -78,6 +78,13 @@ class ModelRunner:
             if config.batch_invariant and vectorised and self.decoder is not None:
                 self.row_pairs = float("inf")
                 self.batch_invariant = True
+        # int8 caches are read by the native row kernel alone (the loader refused where it cannot run)
+        self.kv_int8 = self.facts.kv_int8
+        if self.kv_int8:
+            if not (one_call and self.decoder is not None):
+                raise RuntimeError("int8 KV caches need inferd's bf16 forward on the native kernels")
+            self.row_pairs = float("inf")
+            self.batch_invariant = True  # every chunk through the rows, as batch_invariant does
         self.block_size = config.block_size
         self.device = config.device
         self.num_blocks = num_blocks
@@ -90,24 +97,35 @@ class ModelRunner:
         # Where the native bf16 attention reads them, keys are kept packed by block (see
         # kernels.packed_key_cache): it copies a block's keys at each step instead of transposing
         # them. The null slot opens one more block there.
+        # An int8 cache (--kv-cache-dtype int8) keeps its keys packed the same way, in int8, with a
+        # float32 scale per cached vector beside (kernels.kv_scale_cache).
         packed_keys = (
             self.native is not None
             and self.facts.dtype == torch.bfloat16
             and self.native.packs_keys(self.facts.head_dim, config.block_size)
         )
+        if self.kv_int8 and not packed_keys:
+            raise RuntimeError("int8 KV caches need the packed key layout of this build's attention")
+        cache_dtype = torch.int8 if self.kv_int8 else self.facts.dtype
+        kv_heads, head_dim = self.facts.num_kv_heads, self.facts.head_dim
         self.kv_caches = []
+        self.kv_scales = [] if self.kv_int8 else None
         for _ in range(self.facts.num_layers):
             if packed_keys:
                 k_cache = packed_key_cache(
-                    num_blocks + 1, self.facts.num_kv_heads, self.facts.head_dim, config.block_size, self.device
+                    num_blocks + 1, kv_heads, head_dim, config.block_size, self.device, cache_dtype
                 )
                 k_cache[num_blocks].zero_()
             else:
-                k_cache = torch.empty(shape, dtype=self.facts.dtype, device=self.device)
+                k_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
                 k_cache[self.null_slot].zero_()
-            v_cache = torch.empty(shape, dtype=self.facts.dtype, device=self.device)
+            v_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
             v_cache[self.null_slot].zero_()
             self.kv_caches.append((k_cache, v_cache))
+            if self.kv_scales is not None:
+                scales = kv_scale_cache(num_blocks + 1, kv_heads, config.block_size, self.device)
+                scales[num_blocks].zero_()
+                self.kv_scales.append(scales)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -145,6 +163,7 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             block_size=self.block_size,
             native=self.native,
+            kv_scales=self.kv_scales,
         )
         as_rows = self._as_rows(chunks, lengths)
         self._add_rows(batch, chunks, lengths, starts, tables, as_rows)

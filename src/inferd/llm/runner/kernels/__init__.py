@@ -38,6 +38,7 @@ class LayerWeights(ctypes.Structure):
         ("window", ctypes.c_int64),
         # float32 per-column scales of int8 weights (linear_int8); None: that matrix is bf16
         *((name, ctypes.c_void_p) for name in ("qkv_scale", "o_scale", "gate_up_scale", "down_scale")),
+        ("kv_scales", ctypes.c_void_p),  # an int8 KV cache's scales (kv_scale_cache); None: bf16 caches
     ]
 
 
@@ -79,6 +80,7 @@ class NativeOps:
             *(_I, _I, _I, _I, _I),  # num_seqs, num_heads, num_kv_heads, head_dim, block_size
             *(_F, _I, _F),  # scale, window, softcap
             *(_P, _I, _I64),  # out, out_bf16, out_stride
+            _P,  # kv_scales: the caches hold int8 (kv_scale_cache), or None
         )
         self._add_rms_norm = _bind(library.add_rms_norm_bf16, _P, _P, _P, _F, _I, _I, _P, restype=None)
         self._silu_mul = _bind(library.silu_mul_bf16, _P, _I, _I, _P, restype=None)
@@ -103,7 +105,7 @@ class NativeOps:
         # x, x_stride, rows, K, packed gate_up weight, scales or NULL, width, out, out_stride
         self._linear_gated = _bind(library.linear_gated, _P, _I64, _I, _I, _P, _P, _I, _P, _I64)
         self._rope_and_cache = _bind(
-            library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, restype=None
+            library.rope_and_cache_bf16, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, restype=None
         )
         self._packed_keys_take = _bind(library.packed_keys_take, _I, _I)
         self._decoder_layers = _bind(
@@ -143,10 +145,11 @@ class NativeOps:
         return out
 
     def rope_and_cache(
-        self, qkv, num_heads, num_kv_heads, head_dim, cos, sin, slots, k_cache, v_cache
+        self, qkv, num_heads, num_kv_heads, head_dim, cos, sin, slots, k_cache, v_cache, kv_scales=None
     ) -> None:
         """Rotate q and k in place in the fused qkv rows; store k and v at each token's slot (the
-        key cache in either layout, see ``packs_keys``)."""
+        key cache in either layout, see ``packs_keys``; with ``kv_scales`` int8 caches, k packed,
+        each vector quantised, see ``kv_scale_cache``)."""
         tokens, width = qkv.shape[0], (num_heads + 2 * num_kv_heads) * head_dim
         _check(qkv, "qkv", torch.bfloat16, (tokens, width))
         for name, table in (("cos", cos), ("sin", sin)):
@@ -155,14 +158,21 @@ class NativeOps:
         num_slots = min(k_cache.numel(), v_cache.numel()) // (num_kv_heads * head_dim)
         k_block = packed_key_block(k_cache)
         plain = (num_kv_heads, head_dim)
+        dtype = torch.bfloat16 if kv_scales is None else torch.int8
         for name, kv, tail in (
             ("k_cache", k_cache, (num_kv_heads, head_dim // 2, k_block, 2) if k_block else plain),
             ("v_cache", v_cache, plain),
         ):
-            if kv.dtype != torch.bfloat16 or not kv.is_contiguous() or kv.shape[-len(tail) :] != tail:
+            if kv.dtype != dtype or not kv.is_contiguous() or kv.shape[-len(tail) :] != tail:
                 raise KernelArgumentError(
-                    f"{name}: the kernel takes a contiguous bf16 (..., {', '.join(map(str, tail))}) cache"
+                    f"{name}: the kernel takes a contiguous {dtype} (..., {', '.join(map(str, tail))}) cache"
                 )
+        if kv_scales is not None:
+            if not k_block:
+                raise KernelArgumentError("k_cache: int8 caches keep their keys packed (packed_key_cache)")
+            _check(kv_scales, "kv_scales", torch.float32, (k_cache.shape[0], num_kv_heads, 2, k_block))
+            if not kv_scales.is_contiguous():
+                raise KernelArgumentError("kv_scales: the kernel takes kv_scale_cache's contiguous scales")
         # Every layer of a step gets the same slot tensor: its range (a reduction) is read once.
         if slots is not self._checked_slots:
             if tokens and not 0 <= int(slots.min()) <= int(slots.max()) < num_slots:
@@ -181,12 +191,14 @@ class NativeOps:
             k_block,
             k_cache.data_ptr(),
             v_cache.data_ptr(),
+            None if kv_scales is None else kv_scales.data_ptr(),
         )
 
     def packs_keys(self, head_dim: int, block_size: int) -> bool:
         """Whether a bf16 key cache of heads of ``head_dim`` in blocks of ``block_size`` slots may be
         kept packed for this build's attention (``packed_key_cache``): the AVX-512 bf16 builds,
-        head_dim a multiple of 32 up to 256, block_size a multiple of 8."""
+        head_dim a multiple of 32 up to 256, block_size a multiple of 8. The same builds and shapes
+        read int8 caches (``kv_scale_cache``)."""
         return bool(self._packed_keys_take(head_dim, block_size))
 
     def linear(
@@ -352,15 +364,31 @@ def pack_amx_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def packed_key_cache(
-    num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int, device=None
+    num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int, device=None, dtype=torch.bfloat16
 ) -> torch.Tensor:
-    """An uninitialised bf16 key cache of ``num_blocks`` blocks in the packed layout the bf16
-    attention reads (paged_decode.c, packed_keys_take): per block and kv head, head_dim / 2 rows of
-    block_size (dim 2j, dim 2j + 1) pairs, so a block's keys need no transposing at each step.
-    Slot s lies at block s // block_size, offset s % block_size, as in the plain layout."""
-    return torch.empty(
-        num_blocks, num_kv_heads, head_dim // 2, block_size, 2, dtype=torch.bfloat16, device=device
-    )
+    """An uninitialised bf16 (or int8) key cache of ``num_blocks`` blocks in the packed layout the
+    bf16 attention reads (paged_decode.c, packed_keys_take): per block and kv head, head_dim / 2
+    rows of block_size (dim 2j, dim 2j + 1) pairs, so a block's keys need no transposing at each
+    step. Slot s lies at block s // block_size, offset s % block_size, as in the plain layout."""
+    return torch.empty(num_blocks, num_kv_heads, head_dim // 2, block_size, 2, dtype=dtype, device=device)
+
+
+def kv_scale_cache(num_blocks: int, num_kv_heads: int, block_size: int, device=None) -> torch.Tensor:
+    """The uninitialised float32 scales of an int8 KV cache (int8 keys from ``packed_key_cache``,
+    int8 values (slots, kv_heads, head_dim)): per block and kv head, its slots' key scales then their
+    value scales. Each cached vector x is stored as round(x / s) with s = max |x| / 127
+    (rope_and_cache writes them; paged_decode.c states the layout)."""
+    return torch.empty(num_blocks, num_kv_heads, 2, block_size, dtype=torch.float32, device=device)
+
+
+def quantise_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., head_dim) as an int8 KV cache stores each vector, in torch (rope_and_cache does it
+    natively; tests and benchmarks build caches with this): int8 round(x / s) with s = max |x| / 127
+    in float32 (0 for a vector of zeros), and s; bitwise what the kernel stores."""
+    x = x.float()
+    s = x.abs().amax(-1) / 127
+    q = torch.where(s[..., None] > 0, torch.round(x / s[..., None]), 0.0).clamp(-127, 127)
+    return q.to(torch.int8), s
 
 
 def packed_key_block(k_cache: torch.Tensor) -> int:

@@ -13,7 +13,7 @@ void add_rms_norm_bf16(uint16_t *residual, const uint16_t *delta, const uint16_t
 void silu_mul_bf16(const uint16_t *gate_up, int rows, int width, uint16_t *out);
 void rope_and_cache_bf16(uint16_t *qkv, int tokens, int qkv_stride, int num_heads, int num_kv_heads,
                          int head_dim, const float *cos, const float *sin, const int64_t *slots,
-                         int k_block, uint16_t *k_cache, uint16_t *v_cache);
+                         int k_block, void *k_cache, void *v_cache, float *kv_scales);
 void linear_bf16(const uint16_t *x, int64_t x_stride, int m, int k, const uint16_t *packed, int n,
                      const float *bias, void *out, int64_t out_stride, int out_fp32);
 int linear_int8(const uint16_t *x, int64_t x_stride, int m, int k, const int8_t *packed, const float *scale,
@@ -24,7 +24,7 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
                            const void *v_cache, int is_bf16, int k_packed, const int64_t *block_tables,
                            int table_width, const int64_t *ctx_lens, int num_seqs, int num_heads,
                            int num_kv_heads, int head_dim, int block_size, float scale, int window,
-                           float softcap, void *out, int out_bf16, int64_t out_stride);
+                           float softcap, void *out, int out_bf16, int64_t out_stride, const float *kv_scales);
 
 /* One layer's weights (packed for linear_bf16, see bf16_linear.c; biases float32 or NULL) and caches; mirrored
  * by LayerTable in __init__.py. */
@@ -32,10 +32,11 @@ typedef struct {
     const uint16_t *input_norm, *post_norm;
     const void *qkv, *o, *gate_up, *down; /* bf16, or int8 where the scale below is set */
     const float *qkv_bias, *o_bias;
-    uint16_t *k_cache, *v_cache;
+    void *k_cache, *v_cache; /* bf16, or int8 where kv_scales is set (paged_decode.c, packed_keys_take) */
     int64_t window; /* 0: full attention */
     /* per-column scales when that matrix holds int8 weights (linear_int8), else NULL */
     const float *qkv_scale, *o_scale, *gate_up_scale, *down_scale;
+    float *kv_scales;
 } layer_weights;
 
 /* One matrix of a layer: bf16 weights through linear_bf16, int8 ones (scale given) through linear_int8.
@@ -70,10 +71,10 @@ int decoder_layers_bf16(const layer_weights *layers, int num_layers, uint16_t *h
         add_rms_norm_bf16(hidden, (l > 0 || has_delta) ? delta : 0, w->input_norm, eps, tokens, hidden_size, x);
         if ((status = layer_linear(x, tokens, hidden_size, w->qkv, w->qkv_scale, qkv_width, w->qkv_bias, qkv))) break;
         rope_and_cache_bf16(qkv, tokens, qkv_width, num_heads, num_kv_heads, head_dim, cos, sin, slots,
-                            k_packed ? block_size : 0, w->k_cache, w->v_cache);
+                            k_packed ? block_size : 0, w->k_cache, w->v_cache, w->kv_scales);
         status = paged_decode_attention(qkv, 1, qkv_width, w->k_cache, w->v_cache, 1, k_packed, tables, table_width,
                                         ctx_lens, tokens, num_heads, num_kv_heads, head_dim, block_size, scale,
-                                        (int)w->window, 0.f, attn, 1, q_width);
+                                        (int)w->window, 0.f, attn, 1, q_width, w->kv_scales);
         if (status) break;
         /* delta was consumed by the first norm: it takes o_proj's output, then the MLP's */
         if ((status = layer_linear(attn, tokens, q_width, w->o, w->o_scale, hidden_size, w->o_bias, delta))) break;

@@ -124,14 +124,30 @@ void silu_mul_bf16(const uint16_t *gate_up, int rows, int width, uint16_t *out) 
     }
 }
 
+/* One head's head_dim bf16 values x quantised to int8, symmetric: scale = max |x| / 127 (0 for a
+ * head of zeros), q = round(x / scale) to nearest even, as torch.round; *scale stored, and value
+ * pair j (dims 2j, 2j + 1) at out + j * pair_stride. A NaN reads as -127 rather than undefined. */
+static void quantise_int8(const uint16_t *x, int head_dim, int8_t *out, int64_t pair_stride, float *scale) {
+    float peak = 0.f;
+    for (int d = 0; d < head_dim; d++) peak = fmaxf(peak, fabsf(bf16_to_float(x[d])));
+    const float s = peak / 127.f;
+    *scale = s;
+    for (int d = 0; d < head_dim; d++) {
+        const float r = s > 0.f ? nearbyintf(bf16_to_float(x[d]) / s) : 0.f;
+        out[(d / 2) * pair_stride + d % 2] = (int8_t)fminf(fmaxf(r, -127.f), 127.f);
+    }
+}
+
 /* Rotary embedding of q and k in place in the fused qkv rows (neox layout: each head's halves
  * rotate as pairs (d, d + head_dim/2)), then the rotated k and the v of every token stored in the
  * paged caches at its slot. qkv: (tokens, qkv_stride) with q, k, v heads packed at the start of a
  * row; cos, sin: (tokens, head_dim) float32; caches: (slots, num_kv_heads, head_dim), or with
- * k_block > 0 the key cache packed in blocks of k_block slots (paged_decode.c, packed_keys_take). */
+ * k_block > 0 the key cache packed in blocks of k_block slots (paged_decode.c, packed_keys_take).
+ * With kv_scales (and k_block > 0) the caches hold int8: each token's rotated k and its v
+ * quantised per kv head, their scales stored in kv_scales (the layout packed_keys_take states). */
 void rope_and_cache_bf16(uint16_t *qkv, int tokens, int qkv_stride, int num_heads, int num_kv_heads,
                          int head_dim, const float *cos, const float *sin, const int64_t *slots, int k_block,
-                         uint16_t *k_cache, uint16_t *v_cache) {
+                         void *k_cache, void *v_cache, float *kv_scales) {
     const int rotated = num_heads + num_kv_heads, half = head_dim / 2;
     const int64_t kv_row = (int64_t)num_kv_heads * head_dim;
 /* split from 8 tokens: the time goes into first touches of the cache lines each token's k and v
@@ -141,14 +157,26 @@ void rope_and_cache_bf16(uint16_t *qkv, int tokens, int qkv_stride, int num_head
         uint16_t *row = qkv + (int64_t)t * qkv_stride;
         rope_row(row, rotated, head_dim, cos + (int64_t)t * head_dim, sin + (int64_t)t * head_dim);
         const uint16_t *k = row + (int64_t)num_heads * head_dim;
-        if (k_block) { /* the packed key layout of paged_decode.c's packed_keys_take */
+        if (kv_scales) {
+            const int64_t block = slots[t] / k_block, offset = slots[t] % k_block;
+            for (int h = 0; h < num_kv_heads; h++) {
+                const int64_t at = block * num_kv_heads + h;
+                float *scales = kv_scales + at * 2 * k_block + offset;
+                /* keys: pair j at row j of the block's (half, k_block, 2) bytes of this head */
+                quantise_int8(k + (int64_t)h * head_dim, head_dim, (int8_t *)k_cache + at * head_dim * k_block + offset * 2,
+                              2 * k_block, scales);
+                quantise_int8(row + ((int64_t)rotated + h) * head_dim, head_dim,
+                              (int8_t *)v_cache + slots[t] * kv_row + (int64_t)h * head_dim, 2, scales + k_block);
+            }
+        } else if (k_block) { /* the packed key layout of paged_decode.c's packed_keys_take */
             const int64_t block = slots[t] / k_block, offset = slots[t] % k_block;
             uint32_t *dst = (uint32_t *)k_cache + block * num_kv_heads * half * k_block + offset;
             for (int j = 0; j < num_kv_heads * half; j++) memcpy(dst + (int64_t)j * k_block, k + 2 * j, 4);
         } else {
-            memcpy(k_cache + slots[t] * kv_row, k, sizeof(uint16_t) * kv_row);
+            memcpy((uint16_t *)k_cache + slots[t] * kv_row, k, sizeof(uint16_t) * kv_row);
         }
-        memcpy(v_cache + slots[t] * kv_row, row + (int64_t)rotated * head_dim, sizeof(uint16_t) * kv_row);
+        if (!kv_scales)
+            memcpy((uint16_t *)v_cache + slots[t] * kv_row, row + (int64_t)rotated * head_dim, sizeof(uint16_t) * kv_row);
     }
 }
 

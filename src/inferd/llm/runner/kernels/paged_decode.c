@@ -91,11 +91,16 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
 #ifndef PACKED_AHEAD
 #define PACKED_AHEAD 2 /* 16-position blocks between a packed key block copied and one prefetched */
 #endif
+#ifndef PACKED_AHEAD_INT8
+#define PACKED_AHEAD_INT8 3 /* the same for int8 caches (half the bytes a block: 3 and 4 measured 0.94-0.97x the time of 2 at 200-600 positions, 1.03x at 50) */
+#endif
 
 /* Scratch floats of a run's packed keys (16-position blocks of head_dim / 2 dword pairs each) and
  * value-row pointers over at most ctx_len positions from a multiple of 16, rounded to 16 floats. */
 static size_t run_keys_floats(int ctx_len, int head_dim) { return (size_t)((ctx_len + 15) / 16) * 8 * head_dim; }
 static size_t run_rows_floats(int ctx_len) { return ((size_t)2 * ctx_len + 15) / 16 * 16; }
+/* ... and, for an int8 cache, each position's key scale (times the softmax scale) and value scale. */
+static size_t run_scale_floats(int ctx_len) { return (size_t)2 * ((ctx_len + 15) / 16 + 1) * 16; }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -119,21 +124,22 @@ static size_t run_rows_floats(int ctx_len) { return ((size_t)2 * ctx_len + 15) /
  * fp32 and p . v adds each position's value row, widened, in position order. */
 
 /* Prefetch the packed keys and the values of kv head kv at the 16 positions from pos (two 8-slot
- * halves), those below last. */
-static inline void prefetch_packed(const uint32_t *k_dwords, const uint16_t *v_cache, const int64_t *table, int pos,
-                                   int last, int kv, int num_kv_heads, int head_dim, int block_size) {
-    const int half = head_dim / 2;
-    const int64_t slot_stride = (int64_t)num_kv_heads * head_dim, packed_stride = (int64_t)num_kv_heads * half * block_size;
+ * halves), those below last; values of esz bytes (2: bf16, 1: int8, whose scales come too). */
+static inline void prefetch_packed(const char *k_bytes, const char *v_bytes, const float *kv_scales, int esz,
+                                   const int64_t *table, int pos, int last, int kv, int num_kv_heads, int head_dim,
+                                   int block_size) {
+    const int64_t row = (int64_t)block_size * 2 * esz; /* bytes of one dim pair's row in a packed block */
+    const int64_t slot_stride = (int64_t)num_kv_heads * head_dim * esz, packed_stride = num_kv_heads * row * (head_dim / 2);
+    const int step = row >= 64 ? 1 : (int)(64 / row); /* rows a cache line holds */
     for (int h = 0; h < 2; h++, pos += 8) {
         if (pos >= last) break;
         const int64_t cache_block = table[pos / block_size], at = pos % block_size;
-        const char *k_next = (const char *)(k_dwords + cache_block * packed_stride + (int64_t)kv * half * block_size + at);
-        for (int j = 0; j < half; j += block_size == 8 ? 2 : 1) /* rows of block_size dwords */
-            _mm_prefetch(k_next + (int64_t)j * block_size * 4, _MM_HINT_T0);
-        const uint16_t *v_next = v_cache + (cache_block * block_size + at) * slot_stride + (int64_t)kv * head_dim;
+        const char *k_next = k_bytes + cache_block * packed_stride + kv * row * (head_dim / 2) + at * 2 * esz;
+        for (int j = 0; j < head_dim / 2; j += step) _mm_prefetch(k_next + j * row, _MM_HINT_T0);
+        const char *v_next = v_bytes + (cache_block * block_size + at) * slot_stride + (int64_t)kv * head_dim * esz;
         for (int slot = 0; slot < 8; slot++)
-            for (int byte = 0; byte < head_dim * 2; byte += 64)
-                _mm_prefetch((const char *)(v_next + slot * slot_stride) + byte, _MM_HINT_T0);
+            for (int byte = 0; byte < head_dim * esz; byte += 64) _mm_prefetch(v_next + slot * slot_stride + byte, _MM_HINT_T0);
+        if (kv_scales) _mm_prefetch((const char *)(kv_scales + (cache_block * num_kv_heads + kv) * 2 * block_size + at), _MM_HINT_T0);
     }
 }
 
@@ -141,15 +147,19 @@ static inline void prefetch_packed(const uint32_t *k_dwords, const uint16_t *v_c
  * by block (positions past last in the final block are zeros), and each position's value row
  * in vrow. With k_packed the key cache already holds that layout per cache block (see
  * packed_keys_take): a 16-position block is two 8-slot halves copied side by side; else each
- * position's key row is read and 16 rows are transposed. */
-static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, int k_packed, const int64_t *table,
-                     int first, int last, int kv, int num_kv_heads, int head_dim, int block_size, uint32_t *kt,
-                     const uint16_t **vrow) {
-    const int half = head_dim / 2, blocks = (last - first + 15) / 16;
+ * position's key row is read and 16 rows are transposed. With kv_scales the caches hold int8
+ * (see packed_keys_take; always packed keys): each key pair is widened to bf16 as it is copied (exactly:
+ * an int8 is a bf16), each position's key scale times `scale` goes to ks and its value scale to vs
+ * (zeros past last, so a weight of zero there stays zero). */
+static void pack_run(const void *k_cache, const void *v_cache, const float *kv_scales, int k_packed,
+                     const int64_t *table, int first, int last, int kv, int num_kv_heads, int head_dim, int block_size,
+                     float scale, uint32_t *kt, const char **vrow, float *ks, float *vs) {
+    const int half = head_dim / 2, blocks = (last - first + 15) / 16, esz = kv_scales ? 1 : 2;
     const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
-    /* a packed block's keys of this kv head: half x block_size dwords */
-    const int64_t packed_stride = (int64_t)num_kv_heads * half * block_size, packed_head = (int64_t)kv * half * block_size;
-    const uint32_t *k_dwords = (const uint32_t *)k_cache;
+    /* a packed block's keys of this kv head: half rows of block_size pairs */
+    const int64_t row = (int64_t)block_size * 2 * esz, packed_stride = num_kv_heads * row * half;
+    const int64_t packed_head = kv * row * half;
+    const char *k_bytes = (const char *)k_cache, *v_bytes = (const char *)v_cache;
     /* each position's row in the caches, walking the block table a block at a time; the same row
      * of the next block is prefetched a block ahead (the jump between blocks is what the hardware
      * prefetcher cannot guess) */
@@ -166,16 +176,15 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, int k_pac
                 krow[lane] = 0;
                 continue;
             }
-            krow[lane] = k_cache + offset, vrow[pos - first] = v_cache + offset;
+            krow[lane] = (const uint16_t *)k_cache + offset, vrow[pos - first] = v_bytes + offset * esz;
             if (ahead >= 0) {
                 const int64_t at = (ahead * block_size + in_block) * slot_stride + head;
-                /* packed keys: this position's share of the next block's half x block_size dwords */
-                const char *k_ahead = k_packed ? (const char *)(k_dwords + ahead * packed_stride + packed_head) +
-                                                     (int64_t)in_block * head_dim * 2
-                                               : (const char *)(k_cache + at);
-                for (int byte = 0; byte < head_dim * 2; byte += 64) {
+                /* packed keys: this position's share of the next block's keys */
+                const char *k_ahead = k_packed ? k_bytes + ahead * packed_stride + packed_head + (int64_t)in_block * head_dim * esz
+                                               : (const char *)((const uint16_t *)k_cache + at);
+                for (int byte = 0; byte < head_dim * esz; byte += 64) {
                     _mm_prefetch(k_ahead + byte, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(v_cache + at) + byte, _MM_HINT_T0);
+                    _mm_prefetch(v_bytes + at * esz + byte, _MM_HINT_T0);
                 }
             }
             if (++in_block == block_size) {
@@ -188,26 +197,44 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, int k_pac
         }
         uint32_t *kb = kt + (size_t)b * 16 * half;
         if (k_packed) {
-            const uint32_t *src[2];
+            const char *src[2];
             __mmask8 valid[2];
             for (int h = 0; h < 2; h++) {
                 const int pos = first + 16 * b + 8 * h, n = last - pos < 8 ? last - pos : 8;
                 valid[h] = n > 0 ? (__mmask8)((1u << n) - 1) : 0;
-                src[h] = n > 0 ? k_dwords + table[pos / block_size] * packed_stride + packed_head + pos % block_size
-                               : k_dwords;
+                src[h] = n > 0 ? k_bytes + table[pos / block_size] * packed_stride + packed_head + pos % block_size * 2 * esz
+                               : k_bytes;
+                if (kv_scales) { /* the 8 slots' scales of this half: (block, kv head, [k | v], slot) */
+                    const float *at = n > 0 ? kv_scales + (table[pos / block_size] * num_kv_heads + kv) * 2 * block_size + pos % block_size
+                                            : kv_scales;
+                    _mm256_storeu_ps(ks + 16 * b + 8 * h, _mm256_mul_ps(_mm256_maskz_loadu_ps(valid[h], at), _mm256_set1_ps(scale)));
+                    _mm256_storeu_ps(vs + 16 * b + 8 * h, _mm256_maskz_loadu_ps(valid[h], at + block_size));
+                }
             }
             /* the keys and values of the 16 positions PACKED_AHEAD blocks on, from memory while
              * these are copied (a slot block's keys are one contiguous run here); the first
              * blocks' before the first copy */
+            const int ahead_blocks = kv_scales ? PACKED_AHEAD_INT8 : PACKED_AHEAD;
             if (b == 0)
-                for (int a = 0; a < PACKED_AHEAD; a++)
-                    prefetch_packed(k_dwords, v_cache, table, first + 16 * a, last, kv, num_kv_heads, head_dim,
-                                    block_size);
-            prefetch_packed(k_dwords, v_cache, table, first + 16 * (b + PACKED_AHEAD), last, kv, num_kv_heads, head_dim,
-                            block_size);
+                for (int a = 0; a < ahead_blocks; a++)
+                    prefetch_packed(k_bytes, v_bytes, kv_scales, esz, table, first + 16 * a, last, kv, num_kv_heads,
+                                    head_dim, block_size);
+            prefetch_packed(k_bytes, v_bytes, kv_scales, esz, table, first + 16 * (b + ahead_blocks), last, kv,
+                            num_kv_heads, head_dim, block_size);
+            if (kv_scales) {
+                /* byte masks: each valid slot's pair of int8 values (valid slots come first) */
+                const __mmask16 lo_valid = (__mmask16)(((1u << (2 * __builtin_popcount(valid[0]))) - 1) & 0xffff);
+                const __mmask16 hi_valid = (__mmask16)(((1u << (2 * __builtin_popcount(valid[1]))) - 1) & 0xffff);
+                for (int j = 0; j < half; j++) {
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lo_valid, src[0] + j * row)));
+                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(hi_valid, src[1] + j * row)));
+                    _mm512_storeu_si512(kb + (size_t)j * 16, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                }
+                continue;
+            }
             for (int j = 0; j < half; j++) {
-                const __m256i lo = _mm256_maskz_loadu_epi32(valid[0], src[0] + (int64_t)j * block_size);
-                const __m256i hi = _mm256_maskz_loadu_epi32(valid[1], src[1] + (int64_t)j * block_size);
+                const __m256i lo = _mm256_maskz_loadu_epi32(valid[0], src[0] + j * row);
+                const __m256i hi = _mm256_maskz_loadu_epi32(valid[1], src[1] + j * row);
                 _mm512_storeu_si512(kb + (size_t)j * 16, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
             }
             continue;
@@ -222,11 +249,12 @@ static void pack_run(const uint16_t *k_cache, const uint16_t *v_cache, int k_pac
     }
 }
 
-/* One vector's 16 scores of block b (acc, before scaling) stored, and its peak updated. */
+/* One vector's 16 scores of block b (acc, before scaling) stored, and its peak updated; ks: an int8
+ * cache's key scales times the softmax scale per position (pack_run), else NULL. */
 static inline __attribute__((always_inline)) void score_finish(__m512 acc, int v, int b, int b0, const int *lo,
-                                                               const int *hi, float scale, float softcap,
-                                                               float *scores, int span, float *peak) {
-    __m512 x = _mm512_mul_ps(acc, _mm512_set1_ps(scale));
+                                                               const int *hi, float scale, const float *ks,
+                                                               float softcap, float *scores, int span, float *peak) {
+    __m512 x = _mm512_mul_ps(acc, ks ? _mm512_loadu_ps(ks + 16 * b) : _mm512_set1_ps(scale));
     if (softcap > 0.f) {
         float lanes[16];
         _mm512_storeu_ps(lanes, x);
@@ -246,8 +274,8 @@ static inline __attribute__((always_inline)) void score_finish(__m512 acc, int v
 static inline __attribute__((always_inline)) void score_group(const int count, const int nb,
                                                               const uint32_t (*qp)[MAX_CHUNKS * 8], const uint32_t *kt,
                                                               int half, int b, int b0, const int *lo, const int *hi,
-                                                              float scale, float softcap, float *scores, int span,
-                                                              float *peak) {
+                                                              float scale, const float *ks, float softcap,
+                                                              float *scores, int span, float *peak) {
     __m512 acc[4][RUN_VECTORS];
 #pragma GCC unroll 4
     for (int i = 0; i < nb; i++)
@@ -265,7 +293,7 @@ static inline __attribute__((always_inline)) void score_group(const int count, c
         }
     }
     for (int i = 0; i < nb; i++)
-        for (int v = 0; v < count; v++) score_finish(acc[i][v], v, b + i, b0, lo, hi, scale, softcap, scores, span, peak);
+        for (int v = 0; v < count; v++) score_finish(acc[i][v], v, b + i, b0, lo, hi, scale, ks, softcap, scores, span, peak);
 }
 
 /* Scores of `count` query vectors (qp: their dword pairs) over packed blocks b0..b1 - 1 into
@@ -276,28 +304,30 @@ static inline __attribute__((always_inline)) void score_group(const int count, c
 static inline __attribute__((always_inline)) void score_blocks(const int count, const uint32_t (*qp)[MAX_CHUNKS * 8],
                                                                const uint32_t *kt, int half, int b0, int b1,
                                                                const int *lo, const int *hi, float scale,
-                                                               float softcap, float *scores, int span, float *peak) {
+                                                               const float *ks, float softcap, float *scores, int span,
+                                                               float *peak) {
     const int per = count >= 6 ? 1 : count >= 3 ? 12 / count : 4; /* blocks side by side */
     for (int v = 0; v < count; v++) peak[v] = -INFINITY;
     int b = b0;
     for (; b + per <= b1; b += per)
-        score_group(count, per, qp, kt, half, b, b0, lo, hi, scale, softcap, scores, span, peak);
-    for (; b < b1; b++) score_group(count, 1, qp, kt, half, b, b0, lo, hi, scale, softcap, scores, span, peak);
+        score_group(count, per, qp, kt, half, b, b0, lo, hi, scale, ks, softcap, scores, span, peak);
+    for (; b < b1; b++) score_group(count, 1, qp, kt, half, b, b0, lo, hi, scale, ks, softcap, scores, span, peak);
 }
 
 #define SCORE_CASE(N)                                                                                       \
     case N:                                                                                                 \
-        score_blocks(N, qp, kt, half, b0, b1, lo, hi, scale, softcap, scores, span, peak);                  \
+        score_blocks(N, qp, kt, half, b0, b1, lo, hi, scale, ks, softcap, scores, span, peak);                  \
         break;
 
 /* p . v of n (1..RUN_PV) vectors for 16 x nc dims (chunks c..c + nc - 1): their weights sv (fp32,
  * relative to position first + l0) times the value rows of positions l0..l1 - 1 (vrow, relative to
- * first), summed position by position in fp32; out[u] + 16 i = sum * inv[u] for chunk c + i. A
- * weight of zero (a position outside a vector's range) adds exactly nothing. The chunks run side
- * by side: each sum is a chain of dependent adds, one per position. */
-static inline __attribute__((always_inline)) void pv_rows(const int n, const int nc, const float *const *sv,
-                                                          const uint16_t *const *vrow, int c, int l0, int l1,
-                                                          const float *inv, float *const *out) {
+ * first; bf16, or int8 with each position's scale already in its weight), summed position by
+ * position in fp32; out[u] + 16 i = sum * inv[u] for chunk c + i. A weight of zero (a position
+ * outside a vector's range) adds exactly nothing. The chunks run side by side: each sum is a chain
+ * of dependent adds, one per position. */
+static inline __attribute__((always_inline)) void pv_rows(const int n, const int nc, const int int8,
+                                                          const float *const *sv, const char *const *vrow, int c,
+                                                          int l0, int l1, const float *inv, float *const *out) {
     __m512 acc[RUN_PV][PV_CHUNKS];
 #pragma GCC unroll 6
     for (int u = 0; u < n; u++)
@@ -307,8 +337,9 @@ static inline __attribute__((always_inline)) void pv_rows(const int n, const int
         __m512 v[PV_CHUNKS];
 #pragma GCC unroll 4
         for (int i = 0; i < nc; i++)
-            v[i] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vrow[l] + 16 * (c + i)))), 16));
+            v[i] = int8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vrow[l] + 16 * (c + i)))))
+                        : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                              (const __m256i *)((const uint16_t *)vrow[l] + 16 * (c + i)))), 16));
 #pragma GCC unroll 6
         for (int u = 0; u < n; u++) {
             const __m512 p = _mm512_set1_ps(sv[u][l - l0]);
@@ -322,28 +353,35 @@ static inline __attribute__((always_inline)) void pv_rows(const int n, const int
 
 #define PV_CASE(N)                                                                                          \
     case N:                                                                                                 \
-        if (nc == PV_CHUNKS)                                                                                \
-            pv_rows(N, PV_CHUNKS, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                   \
+        if (nc == PV_CHUNKS && int8)                                                                        \
+            pv_rows(N, PV_CHUNKS, 1, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                \
+        else if (nc == PV_CHUNKS)                                                                           \
+            pv_rows(N, PV_CHUNKS, 0, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                \
+        else if (int8)                                                                                      \
+            pv_rows(N, 2, 1, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                        \
         else                                                                                                \
-            pv_rows(N, 2, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                           \
+            pv_rows(N, 2, 0, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                        \
         break;
 
-static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const uint16_t *k_cache,
-                            const uint16_t *v_cache, int k_packed, const int64_t *table, const int64_t *ctx_lens, int rows,
+/* kv_scales: the caches hold int8 (see pack_run), else bf16; ks, vs: scratch for pack_run's scales. */
+static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const void *k_cache, const void *v_cache,
+                            const float *kv_scales, int k_packed, const int64_t *table, const int64_t *ctx_lens, int rows,
                             int window, int kv, int num_kv_heads, int head_dim, int group, int block_size,
-                            float scale, float softcap, float *scores, uint32_t *kt, const uint16_t **vrow,
-                            float *out, int64_t out_stride, const int64_t *next_table, const int64_t *next_lens,
-                            int next_rows, int next_kv) {
-    const int half = head_dim / 2, wide = head_dim / 16;
+                            float scale, float softcap, float *scores, uint32_t *kt, const char **vrow, float *ks,
+                            float *vs, float *out, int64_t out_stride, const int64_t *next_table,
+                            const int64_t *next_lens, int next_rows, int next_kv) {
+    const int half = head_dim / 2, wide = head_dim / 16, int8 = kv_scales != 0;
     const int first_len = (int)ctx_lens[0], last_len = (int)ctx_lens[rows - 1];
     const int first = ((window > 0 && first_len > window) ? first_len - window : 0) / 16 * 16;
-    pack_run(k_cache, v_cache, k_packed, table, first, last_len, kv, num_kv_heads, head_dim, block_size, kt, vrow);
+    pack_run(k_cache, v_cache, kv_scales, k_packed, table, first, last_len, kv, num_kv_heads, head_dim, block_size,
+             scale, kt, vrow, ks, vs);
+    if (!int8) ks = 0; /* scores scaled by `scale` alone */
     if (k_packed && next_table) {
         const int next_len = (int)next_lens[0], next_last = (int)next_lens[next_rows - 1];
         const int next_first = ((window > 0 && next_len > window) ? next_len - window : 0) / 16 * 16;
-        for (int a = 0; a < PACKED_AHEAD; a++)
-            prefetch_packed((const uint32_t *)k_cache, v_cache, next_table, next_first + 16 * a, next_last, next_kv,
-                            num_kv_heads, head_dim, block_size);
+        for (int a = 0; a < (int8 ? PACKED_AHEAD_INT8 : PACKED_AHEAD); a++)
+            prefetch_packed((const char *)k_cache, (const char *)v_cache, kv_scales, int8 ? 1 : 2, next_table,
+                            next_first + 16 * a, next_last, next_kv, num_kv_heads, head_dim, block_size);
     }
     /* RUN_VECTORS query vectors (rows x the kv head's query heads) at a time: each packed key and
      * value vector loaded is used by all of them (register blocking; L2 bandwidth bound otherwise). */
@@ -376,7 +414,8 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const u
                 SCORE_CASE(7) SCORE_CASE(8) SCORE_CASE(9) SCORE_CASE(10) SCORE_CASE(11) SCORE_CASE(12)
             }
             /* softmax weights, unnormalised; each vector's total summed lane-wise over its 16-position
-             * blocks in order, then across lanes (blocks past its positions add zeros) */
+             * blocks in order, then across lanes (blocks past its positions add zeros); an int8
+             * cache's value scales go into the stored weights, after the total */
             float inv[RUN_VECTORS];
             for (int v = 0; v < count; v++) {
                 float *sv = scores + (size_t)v * span;
@@ -385,7 +424,7 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const u
                 for (int l = 0; l < span; l += 16) {
                     const __m512 x = _mm512_loadu_ps(sv + l);
                     const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, none, _CMP_NEQ_OQ), exp_nonpositive16(_mm512_sub_ps(x, top)));
-                    _mm512_storeu_ps(sv + l, e);
+                    _mm512_storeu_ps(sv + l, int8 ? _mm512_mul_ps(e, _mm512_loadu_ps(vs + 16 * b0 + l)) : e);
                     total = _mm512_add_ps(total, e);
                 }
                 inv[v] = 1.f / _mm512_reduce_add_ps(total);
@@ -418,7 +457,12 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const u
  * for this library's bf16 path: per cache block and kv head, head_dim / 2 rows of block_size
  * dwords, row j holding every slot's dims 2j, 2j + 1 — (blocks, kv_heads, head_dim / 2,
  * block_size, 2) in bf16. Attention then copies a slot block's keys instead of transposing them
- * from per-slot rows at every step; rope_and_cache_bf16 writes them so. */
+ * from per-slot rows at every step; rope_and_cache_bf16 writes them so.
+ * The same answer says whether it reads int8 caches (paged_decode_attention's kv_scales): keys
+ * (blocks, kv_heads, head_dim / 2, block_size, 2) int8, values (slots, kv_heads, head_dim) int8,
+ * each quantised per slot and kv head (symmetric: scale = max |x| / 127, values round(x / scale),
+ * as rope_and_cache_bf16 writes them), and kv_scales (blocks, kv_heads, 2, block_size) float32:
+ * the key scales, then the value scales, of a block's slots. */
 int packed_keys_take(int head_dim, int block_size) {
 #ifdef HAVE_BF16_PATH
     return head_dim > 0 && head_dim % 32 == 0 && head_dim <= 16 * MAX_CHUNKS && block_size > 0 && block_size % 8 == 0;
@@ -433,12 +477,14 @@ int packed_keys_take(int head_dim, int block_size) {
  * block_tables: (num_seqs, table_width); ctx_lens: (num_seqs,) positions 0..len-1 are attended.
  * window > 0 limits attention to the last `window` positions; softcap > 0 applies tanh capping.
  * k_packed: the key cache is in the packed layout (only where packed_keys_take says so).
- * Returns 0, -1 when scratch memory could not be allocated, -2 when k_packed cannot be read here. */
+ * kv_scales: the caches hold int8 with these scales (packed_keys_take; k_packed, is_bf16 ignored).
+ * Returns 0, -1 when scratch memory could not be allocated, -2 when k_packed or kv_scales cannot
+ * be read here. */
 int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const void *k_cache,
                            const void *v_cache, int is_bf16, int k_packed, const int64_t *block_tables,
                            int table_width, const int64_t *ctx_lens, int num_seqs, int num_heads,
                            int num_kv_heads, int head_dim, int block_size, float scale, int window,
-                           float softcap, void *out, int out_bf16, int64_t out_stride) {
+                           float softcap, void *out, int out_bf16, int64_t out_stride, const float *kv_scales) {
     const int group = num_heads / num_kv_heads, width = num_heads * head_dim;
     const int threads = omp_get_max_threads();
     /* The portable path: whole sequences per task read each cache row once; split by kv head only
@@ -447,8 +493,9 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
     const int heads_per_task = num_heads / splits;
     int64_t longest = 1;
     for (int b = 0; b < num_seqs; b++) longest = ctx_lens[b] > longest ? ctx_lens[b] : longest;
+    if (kv_scales && !(k_packed && packed_keys_take(head_dim, block_size))) return -2;
 #ifdef HAVE_BF16_PATH
-    const int fast = is_bf16 && head_dim % 32 == 0 && head_dim <= 16 * MAX_CHUNKS;
+    const int fast = (is_bf16 || kv_scales) && head_dim % 32 == 0 && head_dim <= 16 * MAX_CHUNKS;
 #else
     const int fast = 0;
 #endif
@@ -487,10 +534,11 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
         b += run;
     }
     /* per thread: scores, one widened cache row, and a task's queries and outputs in fp32; for
-     * runs, the packed keys, the value-row pointers and the chunk's outputs (each area a multiple
-     * of 16 floats, so every thread's share and the pointers in it stay aligned) */
-    const size_t run_floats = longest_chunk ? run_keys_floats((int)longest, head_dim) +
-                                                  run_rows_floats((int)longest) + (size_t)longest_chunk * width
+     * runs, the packed keys, the value-row pointers, an int8 cache's scales and the chunk's
+     * outputs (each area a multiple of 16 floats, so every thread's share and the pointers in it
+     * stay aligned) */
+    const size_t run_floats = longest_chunk ? run_keys_floats((int)longest, head_dim) + run_rows_floats((int)longest) +
+                                                  run_scale_floats((int)longest) + (size_t)longest_chunk * width
                                             : 0;
     const int score_rows = longest_chunk && heads_per_task < RUN_VECTORS ? RUN_VECTORS : heads_per_task;
     const size_t base_floats = ((size_t)(score_rows * (longest + 32) + num_kv_heads * head_dim + 2 * width) + 15) / 16 * 16;
@@ -512,8 +560,9 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
         if (tasks[task][3]) { /* a run of tasks[task][1] rows */
             const int rows = tasks[task][1];
             uint32_t *kt = (uint32_t *)(scores + base_floats);
-            const uint16_t **vrow = (const uint16_t **)(kt + run_keys_floats((int)longest, head_dim));
-            float *run_out = (float *)vrow + run_rows_floats((int)longest);
+            const char **vrow = (const char **)(kt + run_keys_floats((int)longest, head_dim));
+            float *ks = (float *)vrow + run_rows_floats((int)longest), *vs = ks + run_scale_floats((int)longest) / 2;
+            float *run_out = ks + run_scale_floats((int)longest);
             const void *q0 = q_bf16 ? (const void *)((const uint16_t *)q + b * q_stride)
                                     : (const void *)((const float *)q + b * q_stride);
             /* a guess at the task this thread takes next (schedule(dynamic, 1): the threads mostly take
@@ -521,9 +570,9 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
              * guess only fetches lines another thread reads */
             const int next = task + threads, has_next = next < num_tasks && tasks[next][3];
             const int64_t *next_table = has_next ? block_tables + (int64_t)tasks[next][0] * table_width : 0;
-            attend_run_bf16(q0, q_bf16, q_stride, k_cache, v_cache, k_packed, table, ctx_lens + b, rows, window, part,
-                            num_kv_heads, head_dim, group, block_size, scale, softcap, scores, kt, vrow, run_out,
-                            width, next_table, has_next ? ctx_lens + tasks[next][0] : 0, has_next ? tasks[next][1] : 0,
+            attend_run_bf16(q0, q_bf16, q_stride, k_cache, v_cache, kv_scales, k_packed, table, ctx_lens + b, rows,
+                            window, part, num_kv_heads, head_dim, group, block_size, scale, softcap, scores, kt, vrow,
+                            ks, vs, run_out, width, next_table, has_next ? ctx_lens + tasks[next][0] : 0, has_next ? tasks[next][1] : 0,
                             has_next ? tasks[next][2] : 0);
             first = part * group * head_dim, count = group * head_dim;
             for (int r = 0; r < rows; r++) {
