@@ -87,14 +87,9 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
 
 def _check_int8(config: LLMConfig, text_config, native) -> None:
     """Refuse --quantization int8 up front, before any weight is read, where it cannot run."""
-    why = None
-    if config.device != "cpu" or config.dtype != "bfloat16":
-        why = f"it runs on the CPU in bfloat16 (this model: {config.device}, {config.dtype})"
-    elif native is None or not native.has_int8_linear:
-        why = "it needs the native kernels and a CPU with AVX-512 BF16 and VNNI"
-    elif config.model_impl != "auto" or not can_build(text_config):
-        why = f"it runs on inferd's own forward (llama, mistral, qwen2, qwen3), not {text_config.model_type!r}"
-    else:
+    has_kernel = native is not None and native.has_int8_linear
+    why = _not_native_bf16(config, text_config, has_kernel, "a CPU with AVX-512 BF16 and VNNI")
+    if why is None:
         shape = DecoderShape.of(text_config)
         widths = (text_config.hidden_size, text_config.intermediate_size, shape.num_heads * shape.head_dim)
         if any(width % 32 for width in widths):
@@ -106,14 +101,9 @@ def _check_int8(config: LLMConfig, text_config, native) -> None:
 def _check_kv_int8(config: LLMConfig, text_config, native) -> None:
     """Refuse --kv-cache-dtype int8 up front where only the torch paths would read the cache: the
     native bf16 attention with packed keys (paged_decode.c) is the one reader of int8 caches."""
-    why = None
-    if config.device != "cpu" or config.dtype != "bfloat16":
-        why = f"it runs on the CPU in bfloat16 (this model: {config.device}, {config.dtype})"
-    elif native is None or not native.has_linear:
-        why = "it needs the native kernels and a CPU with AVX-512 BF16 (or AMX)"
-    elif config.model_impl != "auto" or not can_build(text_config):
-        why = f"it runs on inferd's own forward (llama, mistral, qwen2, qwen3), not {text_config.model_type!r}"
-    else:
+    has_kernel = native is not None and native.has_linear
+    why = _not_native_bf16(config, text_config, has_kernel, "a CPU with AVX-512 BF16 (or AMX)")
+    if why is None:
         shape = DecoderShape.of(text_config)
         if not native.packs_keys(shape.head_dim, config.block_size):
             why = (
@@ -122,6 +112,18 @@ def _check_kv_int8(config: LLMConfig, text_config, native) -> None:
             )
     if why is not None:
         raise ModelLoadError(f"--kv-cache-dtype int8 cannot serve this model: {why}")
+
+
+def _not_native_bf16(config: LLMConfig, text_config, has_kernel: bool, cpu: str) -> str | None:
+    """Why an option that only inferd's own bf16 forward on its native kernels runs cannot serve
+    this model (``has_kernel``: the kernel it needs loaded, else it needs ``cpu``); None if it can."""
+    if config.device != "cpu" or config.dtype != "bfloat16":
+        return f"it runs on the CPU in bfloat16 (this model: {config.device}, {config.dtype})"
+    if not has_kernel:
+        return f"it needs the native kernels and {cpu}"
+    if config.model_impl != "auto" or not can_build(text_config):
+        return f"it runs on inferd's own forward (llama, mistral, qwen2, qwen3), not {text_config.model_type!r}"
+    return None
 
 
 def _load_transformers_model(path: Path, dtype: torch.dtype, config: LLMConfig) -> torch.nn.Module:

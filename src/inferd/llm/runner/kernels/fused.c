@@ -124,18 +124,43 @@ void silu_mul_bf16(const uint16_t *gate_up, int rows, int width, uint16_t *out) 
     }
 }
 
-/* One head's head_dim bf16 values x quantised to int8, symmetric: scale = max |x| / 127 (0 for a
- * head of zeros), q = round(x / scale) to nearest even, as torch.round; *scale stored, and value
- * pair j (dims 2j, 2j + 1) at out + j * pair_stride. A NaN reads as -127 rather than undefined. */
+/* One head's head_dim (<= 256) bf16 values x quantised to int8, symmetric: scale = max |x| / 127
+ * (0 for a head of zeros), q = round(x / scale) to nearest even, as torch.round; *scale stored,
+ * and value pair j (dims 2j, 2j + 1) at out + j * pair_stride. A NaN reads as -127 rather than
+ * undefined. The AVX-512 path divides and rounds each lane as the scalar one does: bitwise equal. */
 static void quantise_int8(const uint16_t *x, int head_dim, int8_t *out, int64_t pair_stride, float *scale) {
-    float peak = 0.f;
-    for (int d = 0; d < head_dim; d++) peak = fmaxf(peak, fabsf(bf16_to_float(x[d])));
-    const float s = peak / 127.f;
-    *scale = s;
-    for (int d = 0; d < head_dim; d++) {
-        const float r = s > 0.f ? nearbyintf(bf16_to_float(x[d]) / s) : 0.f;
-        out[(d / 2) * pair_stride + d % 2] = (int8_t)fminf(fmaxf(r, -127.f), 127.f);
+    int8_t q[256];
+    float s;
+#if defined(__AVX512F__) && defined(__AVX512BF16__) /* the builds whose attention reads int8 caches */
+    if (head_dim % 16 == 0) {
+        __m512 peak = _mm512_setzero_ps();
+        for (int d = 0; d < head_dim; d += 16)
+            peak = _mm512_max_ps(peak, _mm512_abs_ps(load_bf16(x + d, 0xffff)));
+        s = _mm512_reduce_max_ps(peak) / 127.f;
+        const __m512 by = _mm512_set1_ps(s), low = _mm512_set1_ps(-127.f), high = _mm512_set1_ps(127.f);
+        for (int d = 0; d < head_dim; d += 16) {
+            __m512 r = s > 0.f ? _mm512_roundscale_ps(_mm512_div_ps(load_bf16(x + d, 0xffff), by), _MM_FROUND_TO_NEAREST_INT)
+                               : _mm512_setzero_ps();
+            r = _mm512_min_ps(_mm512_max_ps(r, low), high); /* vmaxps gives its second operand for a NaN */
+            _mm_storeu_si128((__m128i *)(q + d), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+        }
+    } else
+#endif
+    {
+        float peak = 0.f;
+        for (int d = 0; d < head_dim; d++) peak = fmaxf(peak, fabsf(bf16_to_float(x[d])));
+        s = peak / 127.f;
+        for (int d = 0; d < head_dim; d++) {
+            const float r = s > 0.f ? nearbyintf(bf16_to_float(x[d]) / s) : 0.f;
+            q[d] = (int8_t)fminf(fmaxf(r, -127.f), 127.f);
+        }
     }
+    *scale = s;
+    if (pair_stride == 2) {
+        memcpy(out, q, head_dim);
+        return;
+    }
+    for (int j = 0; j < head_dim / 2; j++) memcpy(out + j * pair_stride, q + 2 * j, 2);
 }
 
 /* Rotary embedding of q and k in place in the fused qkv rows (neox layout: each head's halves
