@@ -249,11 +249,12 @@ static void pack_run(const void *k_cache, const void *v_cache, const float *kv_s
     }
 }
 
-/* One vector's 16 scores of block b (acc, before scaling) stored, and its peak updated; ks: an int8
+/* One vector's 16 scores of block b (acc, before scaling) stored, and its lane-wise peaks updated
+ * (reduced across lanes once, after the last block: the same maximum); ks: an int8
  * cache's key scales times the softmax scale per position (pack_run), else NULL. */
 static inline __attribute__((always_inline)) void score_finish(__m512 acc, int v, int b, int b0, const int *lo,
                                                                const int *hi, float scale, const float *ks,
-                                                               float softcap, float *scores, int span, float *peak) {
+                                                               float softcap, float *scores, int span, __m512 *peak) {
     __m512 x = _mm512_mul_ps(acc, ks ? _mm512_loadu_ps(ks + 16 * b) : _mm512_set1_ps(scale));
     if (softcap > 0.f) {
         float lanes[16];
@@ -267,7 +268,7 @@ static inline __attribute__((always_inline)) void score_finish(__m512 acc, int v
     const __mmask16 high = upto >= 16 ? 0xffff : (upto <= 0 ? 0 : (__mmask16)((1u << upto) - 1));
     x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), high & ~low, x);
     _mm512_storeu_ps(scores + (size_t)v * span + 16 * (b - b0), x);
-    peak[v] = fmaxf(peak[v], _mm512_reduce_max_ps(x));
+    peak[v] = _mm512_max_ps(peak[v], x);
 }
 
 /* Blocks b..b + nb - 1 (nb <= 4) scored side by side. */
@@ -275,7 +276,7 @@ static inline __attribute__((always_inline)) void score_group(const int count, c
                                                               const uint32_t (*qp)[MAX_CHUNKS * 8], const uint32_t *kt,
                                                               int half, int b, int b0, const int *lo, const int *hi,
                                                               float scale, const float *ks, float softcap,
-                                                              float *scores, int span, float *peak) {
+                                                              float *scores, int span, __m512 *peak) {
     __m512 acc[4][RUN_VECTORS];
 #pragma GCC unroll 4
     for (int i = 0; i < nb; i++)
@@ -306,12 +307,14 @@ static inline __attribute__((always_inline)) void score_blocks(const int count, 
                                                                const int *lo, const int *hi, float scale,
                                                                const float *ks, float softcap, float *scores, int span,
                                                                float *peak) {
+    __m512 lanes[RUN_VECTORS];
     const int per = count >= 6 ? 1 : count >= 3 ? 12 / count : 4; /* blocks side by side */
-    for (int v = 0; v < count; v++) peak[v] = -INFINITY;
+    for (int v = 0; v < count; v++) lanes[v] = _mm512_set1_ps(-INFINITY);
     int b = b0;
     for (; b + per <= b1; b += per)
-        score_group(count, per, qp, kt, half, b, b0, lo, hi, scale, ks, softcap, scores, span, peak);
-    for (; b < b1; b++) score_group(count, 1, qp, kt, half, b, b0, lo, hi, scale, ks, softcap, scores, span, peak);
+        score_group(count, per, qp, kt, half, b, b0, lo, hi, scale, ks, softcap, scores, span, lanes);
+    for (; b < b1; b++) score_group(count, 1, qp, kt, half, b, b0, lo, hi, scale, ks, softcap, scores, span, lanes);
+    for (int v = 0; v < count; v++) peak[v] = _mm512_reduce_max_ps(lanes[v]);
 }
 
 #define SCORE_CASE(N)                                                                                       \
