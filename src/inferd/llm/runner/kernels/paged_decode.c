@@ -99,8 +99,10 @@ static void attend_heads(const float *q, const void *k_cache, const void *v_cach
  * value-row pointers over at most ctx_len positions from a multiple of 16, rounded to 16 floats. */
 static size_t run_keys_floats(int ctx_len, int head_dim) { return (size_t)((ctx_len + 15) / 16) * 8 * head_dim; }
 static size_t run_rows_floats(int ctx_len) { return ((size_t)2 * ctx_len + 15) / 16 * 16; }
-/* ... and, for an int8 cache, each position's key scale (times the softmax scale) and value scale. */
-static size_t run_scale_floats(int ctx_len) { return (size_t)2 * ((ctx_len + 15) / 16 + 1) * 16; }
+/* ... and, for an int8 cache, each position's key scale (times the softmax scale), value scale and
+ * its reciprocal (three arrays of a third each); and a run's value pairs (pack_values). */
+static size_t run_scale_floats(int ctx_len) { return (size_t)3 * ((ctx_len + 15) / 16 + 1) * 16; }
+static size_t run_values_floats(int ctx_len, int head_dim) { return ((size_t)(ctx_len + 1) / 2 * head_dim + 15) / 16 * 16; }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -120,8 +122,13 @@ static size_t run_scale_floats(int ctx_len) { return (size_t)2 * ((ctx_len + 15)
  * and with it every sum, is the same whichever row a run starts at), as dword pairs (kt: for each
  * pair of dims, the 16 positions' pairs side by side; transposed from plain key rows, copied from
  * packed ones): a query vector scores 16 positions with head_dim / 2 dot-pair instructions
- * (vdpbf16ps) and no horizontal sums, each score summed over the dims in order. The weights stay
- * fp32 and p . v adds each position's value row, widened, in position order. */
+ * (vdpbf16ps) and no horizontal sums, each score summed over the dims in order. p . v runs on the
+ * same instruction: the softmax weights rounded to bf16 (as flash attention does on GPUs), two
+ * positions a step, the pairs aligned to absolute positions and added in order; the total they
+ * are divided by is the sum of those rounded weights, so they sum to one exactly and rounding
+ * leaves no scale on the output (perplexity of the bundled model as with fp32 weights, within
+ * the gate's noise; prefill runs ~0.8x the time). A run of several rows pairs its values once
+ * (pack_values), a decode as it reads them. */
 
 /* Prefetch the packed keys and the values of kv head kv at the 16 positions from pos (two 8-slot
  * halves), those below last; values of esz bytes (2: bf16, 1: int8, whose scales come too). */
@@ -149,11 +156,12 @@ static inline void prefetch_packed(const char *k_bytes, const char *v_bytes, con
  * packed_keys_take): a 16-position block is two 8-slot halves copied side by side; else each
  * position's key row is read and 16 rows are transposed. With kv_scales the caches hold int8
  * (see packed_keys_take; always packed keys): each key pair is widened to bf16 as it is copied (exactly:
- * an int8 is a bf16), each position's key scale times `scale` goes to ks and its value scale to vs
- * (zeros past last, so a weight of zero there stays zero). */
+ * an int8 is a bf16), each position's key scale times `scale` goes to ks, its value scale to vs and
+ * that scale's reciprocal to vinv (zeros past last, so a weight of zero there stays zero; vinv 0
+ * for a scale of 0). */
 static void pack_run(const void *k_cache, const void *v_cache, const float *kv_scales, int k_packed,
                      const int64_t *table, int first, int last, int kv, int num_kv_heads, int head_dim, int block_size,
-                     float scale, uint32_t *kt, const char **vrow, float *ks, float *vs) {
+                     float scale, uint32_t *kt, const char **vrow, float *ks, float *vs, float *vinv) {
     const int half = head_dim / 2, blocks = (last - first + 15) / 16, esz = kv_scales ? 1 : 2;
     const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
     /* a packed block's keys of this kv head: half rows of block_size pairs */
@@ -208,7 +216,10 @@ static void pack_run(const void *k_cache, const void *v_cache, const float *kv_s
                     const float *at = n > 0 ? kv_scales + (table[pos / block_size] * num_kv_heads + kv) * 2 * block_size + pos % block_size
                                             : kv_scales;
                     _mm256_storeu_ps(ks + 16 * b + 8 * h, _mm256_mul_ps(_mm256_maskz_loadu_ps(valid[h], at), _mm256_set1_ps(scale)));
-                    _mm256_storeu_ps(vs + 16 * b + 8 * h, _mm256_maskz_loadu_ps(valid[h], at + block_size));
+                    const __m256 v_scales = _mm256_maskz_loadu_ps(valid[h], at + block_size);
+                    _mm256_storeu_ps(vs + 16 * b + 8 * h, v_scales);
+                    const __mmask8 nonzero = _mm256_cmp_ps_mask(v_scales, _mm256_setzero_ps(), _CMP_NEQ_OQ);
+                    _mm256_storeu_ps(vinv + 16 * b + 8 * h, _mm256_maskz_div_ps(nonzero, _mm256_set1_ps(1.f), v_scales));
                 }
             }
             /* the keys and values of the 16 positions PACKED_AHEAD blocks on, from memory while
@@ -322,32 +333,63 @@ static inline __attribute__((always_inline)) void score_blocks(const int count, 
         score_blocks(N, qp, kt, half, b0, b1, lo, hi, scale, ks, softcap, scores, span, peak);                  \
         break;
 
-/* p . v of n (1..RUN_PV) vectors for 16 x nc dims (chunks c..c + nc - 1): their weights sv (fp32,
- * relative to position first + l0) times the value rows of positions l0..l1 - 1 (vrow, relative to
- * first; bf16, or int8 with each position's scale already in its weight), summed position by
- * position in fp32; out[u] + 16 i = sum * inv[u] for chunk c + i. A weight of zero (a position
- * outside a vector's range) adds exactly nothing. The chunks run side by side: each sum is a chain
- * of dependent adds, one per position. */
+/* The value pairs of two positions for dims 16 (c + i) .. + 15, as dot-pair operands: dword d holds
+ * (a[d], b[d]) in bf16; a, b: value rows (bf16, or int8 widened exactly), b NULL for zeros. */
+static inline __attribute__((always_inline)) __m512bh value_pairs(const int int8, const char *a, const char *b, int at) {
+    if (int8) {
+        const __m128i x = _mm_loadu_si128((const __m128i *)(a + at)), y = b ? _mm_loadu_si128((const __m128i *)(b + at)) : _mm_setzero_si128();
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(x, y)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(x, y)));
+        return _mm512_cvtne2ps_pbh(hi, lo);
+    }
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
+                                         36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i x = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a + at)));
+    const __m512i y = b ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)((const uint16_t *)b + at)))
+                        : _mm512_setzero_si512();
+    return (__m512bh)_mm512_permutex2var_epi16(x, idx, y);
+}
+
+/* The value pairs of positions first.. first + count - 1 (vrow, relative to first) for every dim,
+ * packed once for a run of several rows, which reads them once per pass of RUN_VECTORS vectors:
+ * pair i (positions 2i, 2i + 1; zeros past count) at vt + i * head_dim, as value_pairs gives them. */
+static void pack_values(const int int8, const char *const *vrow, int count, int head_dim, uint32_t *vt) {
+    for (int l = 0; l < count; l += 2)
+        for (int d = 0; d < head_dim; d += 16)
+            _mm512_storeu_si512(vt + (size_t)(l / 2) * head_dim + d,
+                                (__m512i)value_pairs(int8, vrow[l], l + 1 < count ? vrow[l + 1] : 0, d));
+}
+
+/* p . v of n (1..RUN_PV) vectors for 16 x nc dims (chunks c..c + nc - 1): their weights sp (bf16,
+ * relative to position first + l0, l0 even) times the value rows of positions l0..l1 - 1 (vrow,
+ * relative to first; bf16, or int8 with each position's scale already in its weight), summed in
+ * fp32 two positions a dot-pair step, pair by pair in order; out[u] + 16 i = sum * inv[u] for
+ * chunk c + i. A weight of zero (a position outside a vector's range, or past l1 in the last pair,
+ * which reads zeros) adds exactly nothing. The chunks run side by side: each sum is a chain of
+ * dependent steps, one per pair. */
 static inline __attribute__((always_inline)) void pv_rows(const int n, const int nc, const int int8,
-                                                          const float *const *sv, const char *const *vrow, int c,
-                                                          int l0, int l1, const float *inv, float *const *out) {
+                                                          const uint16_t *const *sp, const char *const *vrow,
+                                                          const uint32_t *vt, int head_dim, int c, int l0, int l1,
+                                                          const float *inv, float *const *out) {
     __m512 acc[RUN_PV][PV_CHUNKS];
 #pragma GCC unroll 6
     for (int u = 0; u < n; u++)
 #pragma GCC unroll 4
         for (int i = 0; i < nc; i++) acc[u][i] = _mm512_setzero_ps();
-    for (int l = l0; l < l1; l++) {
-        __m512 v[PV_CHUNKS];
+    for (int l = l0; l < l1; l += 2) {
+        __m512bh v[PV_CHUNKS];
+        const char *second = l + 1 < l1 ? vrow[l + 1] : 0;
 #pragma GCC unroll 4
         for (int i = 0; i < nc; i++)
-            v[i] = int8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vrow[l] + 16 * (c + i)))))
-                        : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                              (const __m256i *)((const uint16_t *)vrow[l] + 16 * (c + i)))), 16));
+            v[i] = vt ? (__m512bh)_mm512_loadu_si512(vt + (size_t)(l / 2) * head_dim + 16 * (c + i))
+                      : value_pairs(int8, vrow[l], second, 16 * (c + i));
 #pragma GCC unroll 6
         for (int u = 0; u < n; u++) {
-            const __m512 p = _mm512_set1_ps(sv[u][l - l0]);
+            uint32_t pair;
+            memcpy(&pair, sp[u] + (l - l0), sizeof(pair));
+            const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pair);
 #pragma GCC unroll 4
-            for (int i = 0; i < nc; i++) acc[u][i] = _mm512_fmadd_ps(p, v[i], acc[u][i]);
+            for (int i = 0; i < nc; i++) acc[u][i] = _mm512_dpbf16_ps(acc[u][i], p, v[i]);
         }
     }
     for (int u = 0; u < n; u++)
@@ -357,28 +399,34 @@ static inline __attribute__((always_inline)) void pv_rows(const int n, const int
 #define PV_CASE(N)                                                                                          \
     case N:                                                                                                 \
         if (nc == PV_CHUNKS && int8)                                                                        \
-            pv_rows(N, PV_CHUNKS, 1, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                \
+            pv_rows(N, PV_CHUNKS, 1, sp, vrow, vt, head_dim, c, 16 * b0, l1, inv + v0, o);                                \
         else if (nc == PV_CHUNKS)                                                                           \
-            pv_rows(N, PV_CHUNKS, 0, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                \
+            pv_rows(N, PV_CHUNKS, 0, sp, vrow, vt, head_dim, c, 16 * b0, l1, inv + v0, o);                                \
         else if (int8)                                                                                      \
-            pv_rows(N, 2, 1, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                        \
+            pv_rows(N, 2, 1, sp, vrow, vt, head_dim, c, 16 * b0, l1, inv + v0, o);                                        \
         else                                                                                                \
-            pv_rows(N, 2, 0, sv, vrow, c, 16 * b0, l1, inv + v0, o);                                        \
+            pv_rows(N, 2, 0, sp, vrow, vt, head_dim, c, 16 * b0, l1, inv + v0, o);                                        \
         break;
 
-/* kv_scales: the caches hold int8 (see pack_run), else bf16; ks, vs: scratch for pack_run's scales. */
+/* kv_scales: the caches hold int8 (see pack_run), else bf16; ks, vs, vinv: scratch for pack_run's
+ * scales; vt: scratch for pack_values. */
 static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const void *k_cache, const void *v_cache,
                             const float *kv_scales, int k_packed, const int64_t *table, const int64_t *ctx_lens, int rows,
                             int window, int kv, int num_kv_heads, int head_dim, int group, int block_size,
                             float scale, float softcap, float *scores, uint32_t *kt, const char **vrow, float *ks,
-                            float *vs, float *out, int64_t out_stride, const int64_t *next_table,
+                            float *vs, float *vinv, uint32_t *vt, float *out, int64_t out_stride, const int64_t *next_table,
                             const int64_t *next_lens, int next_rows, int next_kv) {
     const int half = head_dim / 2, wide = head_dim / 16, int8 = kv_scales != 0;
     const int first_len = (int)ctx_lens[0], last_len = (int)ctx_lens[rows - 1];
     const int first = ((window > 0 && first_len > window) ? first_len - window : 0) / 16 * 16;
     pack_run(k_cache, v_cache, kv_scales, k_packed, table, first, last_len, kv, num_kv_heads, head_dim, block_size,
-             scale, kt, vrow, ks, vs);
+             scale, kt, vrow, ks, vs, vinv);
     if (!int8) ks = 0; /* scores scaled by `scale` alone */
+    /* several rows read the values once a pass: paired once here; a decode pairs them as it goes */
+    if (rows > 1)
+        pack_values(int8, vrow, last_len - first, head_dim, vt);
+    else
+        vt = 0;
     if (k_packed && next_table) {
         const int next_len = (int)next_lens[0], next_last = (int)next_lens[next_rows - 1];
         const int next_first = ((window > 0 && next_len > window) ? next_len - window : 0) / 16 * 16;
@@ -416,9 +464,10 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const v
                 SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6)
                 SCORE_CASE(7) SCORE_CASE(8) SCORE_CASE(9) SCORE_CASE(10) SCORE_CASE(11) SCORE_CASE(12)
             }
-            /* softmax weights, unnormalised; each vector's total summed lane-wise over its 16-position
-             * blocks in order, then across lanes (blocks past its positions add zeros); an int8
-             * cache's value scales go into the stored weights, after the total */
+            /* softmax weights, unnormalised, kept in bf16 (times an int8 cache's value scales) for the
+             * dot-pair p . v, over the first half of the vector's scores (written behind what is
+             * read); each vector's total summed lane-wise over its 16-position blocks in order, then
+             * across lanes (blocks past its positions add zeros) */
             float inv[RUN_VECTORS];
             for (int v = 0; v < count; v++) {
                 float *sv = scores + (size_t)v * span;
@@ -427,8 +476,17 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const v
                 for (int l = 0; l < span; l += 16) {
                     const __m512 x = _mm512_loadu_ps(sv + l);
                     const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, none, _CMP_NEQ_OQ), exp_nonpositive16(_mm512_sub_ps(x, top)));
-                    _mm512_storeu_ps(sv + l, int8 ? _mm512_mul_ps(e, _mm512_loadu_ps(vs + 16 * b0 + l)) : e);
-                    total = _mm512_add_ps(total, e);
+                    const __m512 scales = int8 ? _mm512_loadu_ps(vs + 16 * b0 + l) : _mm512_set1_ps(1.f);
+                    const __m256bh wb = _mm512_cvtneps_pbh(int8 ? _mm512_mul_ps(e, scales) : e);
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)sv + l), (__m256i)wb);
+                    /* the total of the weights p . v will use (a value scale divided out again; where
+                     * it is 0 the values are zeros and the weight e itself): the rounded weights
+                     * then sum to exactly the total, no systematic scale on the output */
+                    __m512 used = _mm512_cvtpbh_ps(wb);
+                    if (int8)
+                        used = _mm512_mask_mul_ps(e, _mm512_cmp_ps_mask(scales, _mm512_setzero_ps(), _CMP_NEQ_OQ), used,
+                                                  _mm512_loadu_ps(vinv + 16 * b0 + l));
+                    total = _mm512_add_ps(total, used);
                 }
                 inv[v] = 1.f / _mm512_reduce_add_ps(total);
             }
@@ -436,8 +494,8 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const v
             const int l1 = hi[count - 1];
             for (int v0 = 0; v0 < count; v0 += RUN_PV) {
                 const int n = count - v0 < RUN_PV ? count - v0 : RUN_PV;
-                const float *sv[RUN_PV];
-                for (int u = 0; u < n; u++) sv[u] = scores + (size_t)(v0 + u) * span;
+                const uint16_t *sp[RUN_PV];
+                for (int u = 0; u < n; u++) sp[u] = (const uint16_t *)(scores + (size_t)(v0 + u) * span);
                 for (int c = 0; c < wide; c += PV_CHUNKS) {
                     /* 4 or, at the end, 2: head_dim is a multiple of 32 here, so wide is even (PV_CASE) */
                     const int nc = wide - c < PV_CHUNKS ? wide - c : PV_CHUNKS;
@@ -537,11 +595,12 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
         b += run;
     }
     /* per thread: scores, one widened cache row, and a task's queries and outputs in fp32; for
-     * runs, the packed keys, the value-row pointers, an int8 cache's scales and the chunk's
-     * outputs (each area a multiple of 16 floats, so every thread's share and the pointers in it
+     * runs, the packed keys, the value-row pointers, an int8 cache's scales, the value pairs and
+     * the chunk's outputs (each area a multiple of 16 floats, so every thread's share and the pointers in it
      * stay aligned) */
     const size_t run_floats = longest_chunk ? run_keys_floats((int)longest, head_dim) + run_rows_floats((int)longest) +
-                                                  run_scale_floats((int)longest) + (size_t)longest_chunk * width
+                                                  run_scale_floats((int)longest) +
+                                                  run_values_floats((int)longest, head_dim) + (size_t)longest_chunk * width
                                             : 0;
     const int score_rows = longest_chunk && heads_per_task < RUN_VECTORS ? RUN_VECTORS : heads_per_task;
     const size_t base_floats = ((size_t)(score_rows * (longest + 32) + num_kv_heads * head_dim + 2 * width) + 15) / 16 * 16;
@@ -564,8 +623,10 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
             const int rows = tasks[task][1];
             uint32_t *kt = (uint32_t *)(scores + base_floats);
             const char **vrow = (const char **)(kt + run_keys_floats((int)longest, head_dim));
-            float *ks = (float *)vrow + run_rows_floats((int)longest), *vs = ks + run_scale_floats((int)longest) / 2;
-            float *run_out = ks + run_scale_floats((int)longest);
+            float *ks = (float *)vrow + run_rows_floats((int)longest), *vs = ks + run_scale_floats((int)longest) / 3;
+            float *vinv = vs + run_scale_floats((int)longest) / 3;
+            uint32_t *vt = (uint32_t *)(ks + run_scale_floats((int)longest));
+            float *run_out = (float *)(vt + run_values_floats((int)longest, head_dim));
             const void *q0 = q_bf16 ? (const void *)((const uint16_t *)q + b * q_stride)
                                     : (const void *)((const float *)q + b * q_stride);
             /* a guess at the task this thread takes next (schedule(dynamic, 1): the threads mostly take
@@ -575,7 +636,7 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
             const int64_t *next_table = has_next ? block_tables + (int64_t)tasks[next][0] * table_width : 0;
             attend_run_bf16(q0, q_bf16, q_stride, k_cache, v_cache, kv_scales, k_packed, table, ctx_lens + b, rows,
                             window, part, num_kv_heads, head_dim, group, block_size, scale, softcap, scores, kt, vrow,
-                            ks, vs, run_out, width, next_table, has_next ? ctx_lens + tasks[next][0] : 0, has_next ? tasks[next][1] : 0,
+                            ks, vs, vinv, vt, run_out, width, next_table, has_next ? ctx_lens + tasks[next][0] : 0, has_next ? tasks[next][1] : 0,
                             has_next ? tasks[next][2] : 0);
             first = part * group * head_dim, count = group * head_dim;
             for (int r = 0; r < rows; r++) {
