@@ -191,7 +191,9 @@ class ServerSettings(BaseSettings):
         description="LLM: auto keeps the KV cache in the model's dtype; int8 stores each cached key and "
         "value vector in int8 with its own scale (per token and kv head): a little over half the bytes "
         "of bf16, so about twice the context fits and decode attention reads half as much (perplexity of "
-        "the bundled model +0.1 %). Needs what --quantization int8 needs, with or without it.",
+        "the bundled model within 0.3 % of bf16's). Needs the CPU, bf16, the native kernels with AVX-512 BF16 "
+        "(or AMX), inferd's own forward without per-head q/k norms (llama, mistral, qwen2), head_dim a "
+        "multiple of 32 up to 256 and --block-size a multiple of 8.",
     )
     max_n: int = Field(16, ge=1, description="LLM: most choices (n) in one request.")
     cache_dir: str | None = Field(

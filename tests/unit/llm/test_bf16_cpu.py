@@ -204,6 +204,18 @@ WIDE_HEADS = dict(num_attention_heads=2, num_key_value_heads=1)
 
 
 @needs_native_linear
+def test_an_int8_kv_cache_is_refused_for_per_head_qk_norms(model_root, tiny_llama):
+    """Qwen3's per-head q/k norms keep its layers on torch ops, which cannot write an int8 cache:
+    refused at load, not at the first request."""
+    from tests.unit.llm.test_architectures import build
+
+    path = build(model_root, "qwen3", tiny_llama, head_dim=32)[0]
+    config = LLMConfig(dtype="bfloat16", kv_cache_memory=2**20, block_size=8, kv_cache_dtype="int8")
+    with pytest.raises(ModelLoadError, match="--kv-cache-dtype int8 cannot serve this model: .*q/k norms"):
+        load_causal_lm(path, config)
+
+
+@needs_native_linear
 def test_an_int8_kv_cache_keeps_int8_and_follows_the_bf16_cache(model_root, tiny_llama):
     """--kv-cache-dtype int8: int8 keys and values with float32 scales, a little over half the
     bytes of bf16 per token, and logits that follow the bf16 cache's (the same weights)."""

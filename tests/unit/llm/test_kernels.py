@@ -248,6 +248,8 @@ def test_rope_and_cache_rotates_in_place_and_stores_k_and_v(ops, tokens, packed)
     slots = torch.randperm(64)[:tokens]
     if packed == "int8":
         qkv[0, heads * dim : (heads + 1) * dim] = 0  # a vector of zeros: scale 0, values 0
+        # a vector too small for a scale with a finite reciprocal: scale 0, values 0 as well
+        qkv[-1, (heads + kv_heads) * dim : (heads + kv_heads + 1) * dim] = 1e-38
     k_cache, v_cache = torch.zeros(2, 64, kv_heads, dim).bfloat16().unbind(0)
     scales = None
     if packed:  # 8 blocks of 8 slots, read back through the runner's own accessor
@@ -266,7 +268,8 @@ def test_rope_and_cache_rotates_in_place_and_stores_k_and_v(ops, tokens, packed)
             q, s = quantise_vectors(values)
             assert torch.equal(cache[slots], q) and torch.equal(scale_at[slots, which], s)
             assert (values - q * s[..., None]).abs().le(s[..., None] / 2 + 1e-6).all()
-        assert not scale_at[slots, 0, 0][slots == slots[0]].any()  # the zero vector
+        assert not scale_at[slots[0], 0, 0] and not k_cache[slots[0], 0].any()  # the zero vector
+        assert not scale_at[slots[-1], 1, 0] and not v_cache[slots[-1], 0].any()  # the tiny one
         untouched = torch.ones(64, dtype=torch.bool)
         untouched[slots] = False
         assert not k_cache[untouched].any() and not v_cache[untouched].any() and not scale_at[untouched].any()
@@ -485,6 +488,7 @@ def test_int8_caches_attend_as_their_dequantised_values(ops, heads, kv_heads, di
     width = max(c + n for c, n in spans) // block + 1
     num_blocks = len(spans) * width
     k, v = (torch.randn(2, num_blocks * block, kv_heads, dim) * torch.rand(num_blocks * block, 1, 1) * 4).unbind(0)
+    v[::7] = 0  # value vectors of zeros (scale 0): their weights still count in the total
     k_cache, v_cache, kv_scales, (k_seen, _) = int8_caches(k.bfloat16(), v.bfloat16(), block)
     v_int, v_scale = quantise_vectors(v.bfloat16())
     seq_tables = torch.randperm(num_blocks).view(len(spans), width)

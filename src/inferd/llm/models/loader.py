@@ -77,6 +77,12 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     if decoder is None:
         model = _load_transformers_model(path, dtype, config)
         decoder = build_decoder(model) if config.model_impl == "auto" else None
+    if config.kv_cache_dtype == "int8" and (decoder is None or not decoder.fusable):
+        # per-head q/k norms (Qwen3) keep the torch layer, which cannot write an int8 cache
+        raise ModelLoadError(
+            f"--kv-cache-dtype int8 cannot serve this model: its {text_config.model_type!r} layers run on "
+            "torch ops (per-head q/k norms), not the native bf16 path that reads int8 caches"
+        )
     facts = _facts(text_config, _eos_ids(path, text_config, tokenizer), len(tokenizer), config, dtype)
     if decoder is not None and config.device == "cpu" and dtype == torch.bfloat16:
         pack_for_cpu(decoder, native, config.quantization)

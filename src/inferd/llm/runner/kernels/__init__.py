@@ -170,6 +170,8 @@ class NativeOps:
         if kv_scales is not None:
             if not k_block:
                 raise KernelArgumentError("k_cache: int8 caches keep their keys packed (packed_key_cache)")
+            if head_dim % 32 or head_dim > 256:  # what the kernel's quantisation buffers hold
+                raise KernelArgumentError(f"head_dim {head_dim}: int8 caches take a multiple of 32 up to 256")
             _check(kv_scales, "kv_scales", torch.float32, (k_cache.shape[0], num_kv_heads, 2, k_block))
             if not kv_scales.is_contiguous():
                 raise KernelArgumentError("kv_scales: the kernel takes kv_scale_cache's contiguous scales")
@@ -296,7 +298,7 @@ class NativeOps:
             ctx_lens.data_ptr(), block_size, int(packed_keys),
         )  # fmt: skip
         if status == -2:
-            raise KernelArgumentError(f"packed key caches: the {self.variant} build cannot read them")
+            raise KernelArgumentError(f"packed or int8 key caches: the {self.variant} build cannot read them")
         if status != 0:
             raise MemoryError("the decoder step could not allocate its scratch memory")
         return delta
@@ -384,9 +386,11 @@ def kv_scale_cache(num_blocks: int, num_kv_heads: int, block_size: int, device=N
 def quantise_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., head_dim) as an int8 KV cache stores each vector, in torch (rope_and_cache does it
     natively; tests and benchmarks build caches with this): int8 round(x / s) with s = max |x| / 127
-    in float32 (0 for a vector of zeros), and s; bitwise what the kernel stores."""
+    in float32 (0, and zeros, where s would fall below the smallest normal float: its reciprocal
+    would overflow), and s; bitwise what the kernel stores."""
     x = x.float()
     s = x.abs().amax(-1) / 127
+    s = torch.where(s >= torch.finfo(torch.float32).tiny, s, 0.0)
     q = torch.where(s[..., None] > 0, torch.round(x / s[..., None]), 0.0).clamp(-127, 127)
     return q.to(torch.int8), s
 

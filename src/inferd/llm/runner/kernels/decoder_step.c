@@ -27,7 +27,7 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
                            float softcap, void *out, int out_bf16, int64_t out_stride, const float *kv_scales);
 
 /* One layer's weights (packed for linear_bf16, see bf16_linear.c; biases float32 or NULL) and caches; mirrored
- * by LayerTable in __init__.py. */
+ * by LayerWeights in __init__.py. */
 typedef struct {
     const uint16_t *input_norm, *post_norm;
     const void *qkv, *o, *gate_up, *down; /* bf16, or int8 where the scale below is set */
@@ -60,6 +60,8 @@ int decoder_layers_bf16(const layer_weights *layers, int num_layers, uint16_t *h
                         const float *sin, const int64_t *slots, const int64_t *tables, int table_width,
                         const int64_t *ctx_lens, int block_size, int k_packed) {
     const int q_width = num_heads * head_dim, qkv_width = q_width + 2 * num_kv_heads * head_dim;
+    for (int l = 0; l < num_layers; l++) /* int8 caches are packed: before any cache is written */
+        if (layers[l].kv_scales && !k_packed) return -2;
     const int64_t per_token = (int64_t)hidden_size + qkv_width + q_width + 3 * (int64_t)intermediate;
     uint16_t *scratch = malloc(sizeof(uint16_t) * per_token * tokens);
     if (!scratch) return -1;

@@ -7,6 +7,8 @@
  * Rows are split over OpenMP threads only when there is enough work to pay for the fork. */
 #include <omp.h>
 
+#include <float.h>
+
 #include "common.h"
 
 #define PARALLEL_ELEMENTS 32768
@@ -125,9 +127,11 @@ void silu_mul_bf16(const uint16_t *gate_up, int rows, int width, uint16_t *out) 
 }
 
 /* One head's head_dim (<= 256) bf16 values x quantised to int8, symmetric: scale = max |x| / 127
- * (0 for a head of zeros), q = round(x / scale) to nearest even, as torch.round; *scale stored,
- * and value pair j (dims 2j, 2j + 1) at out + j * pair_stride. A NaN reads as -127 rather than
- * undefined. The AVX-512 path divides and rounds each lane as the scalar one does: bitwise equal. */
+ * (0, and values 0, for a head whose scale would be below FLT_MIN: its reciprocal, which the
+ * attention multiplies by, would overflow), q = round(x / scale) to nearest even, as torch.round;
+ * *scale stored, and value pair j (dims 2j, 2j + 1) at out + j * pair_stride. The AVX-512 path
+ * divides and rounds each lane as the scalar one does: bitwise equal for finite x (a NaN in x
+ * leaves some in-range int8 and scale; that token's own output is NaN anyway). */
 static void quantise_int8(const uint16_t *x, int head_dim, int8_t *out, int64_t pair_stride, float *scale) {
     int8_t q[256];
     float s;
@@ -137,6 +141,7 @@ static void quantise_int8(const uint16_t *x, int head_dim, int8_t *out, int64_t 
         for (int d = 0; d < head_dim; d += 16)
             peak = _mm512_max_ps(peak, _mm512_abs_ps(load_bf16(x + d, 0xffff)));
         s = _mm512_reduce_max_ps(peak) / 127.f;
+        if (!(s >= FLT_MIN)) s = 0.f;
         const __m512 by = _mm512_set1_ps(s), low = _mm512_set1_ps(-127.f), high = _mm512_set1_ps(127.f);
         for (int d = 0; d < head_dim; d += 16) {
             __m512 r = s > 0.f ? _mm512_roundscale_ps(_mm512_div_ps(load_bf16(x + d, 0xffff), by), _MM_FROUND_TO_NEAREST_INT)
@@ -150,6 +155,7 @@ static void quantise_int8(const uint16_t *x, int head_dim, int8_t *out, int64_t 
         float peak = 0.f;
         for (int d = 0; d < head_dim; d++) peak = fmaxf(peak, fabsf(bf16_to_float(x[d])));
         s = peak / 127.f;
+        if (!(s >= FLT_MIN)) s = 0.f;
         for (int d = 0; d < head_dim; d++) {
             const float r = s > 0.f ? nearbyintf(bf16_to_float(x[d]) / s) : 0.f;
             q[d] = (int8_t)fminf(fmaxf(r, -127.f), 127.f);

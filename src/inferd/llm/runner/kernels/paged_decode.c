@@ -2,7 +2,8 @@
  * sequence's cached keys and values read in place from the paged cache (no gather copy).
  *
  * Cache layout: (num_slots, num_kv_heads, head_dim), slot = block * block_size + offset; or for
- * the keys, where packed_keys_take says so, packed by block (see there).
+ * the keys, where packed_keys_take says so, packed by block (see there); in bf16, fp32, or int8
+ * with a scale per slot and kv head (--kv-cache-dtype int8, see packed_keys_take).
  * Query heads are grouped over kv heads as transformers' repeat_kv does: kv head j serves query
  * heads j * group .. (j + 1) * group - 1. Work is split over (sequence, kv head) pairs with
  * OpenMP; torch ships libgomp.so.1, so this library shares torch's thread pool.
@@ -110,7 +111,7 @@ static size_t run_values_floats(int ctx_len, int head_dim) { return ((size_t)(ct
 #define MAX_HEADS 64
 #define MAX_CHUNKS 16 /* head_dim up to 256 */
 
-/* Every row of a bf16 cache — a decode, a prefill chunk's rows, a row alone or among hundreds —
+/* Every row of a bf16 or int8 cache — a decode, a prefill chunk's rows, a row alone or among hundreds —
  * goes through attend_run_bf16 below, with the same arithmetic per query vector: a row's output
  * depends only on its query and its context, never on which other rows shared its call, how a
  * prompt was chunked or whether part of it came from the prefix cache (batch invariance; the
@@ -125,10 +126,11 @@ static size_t run_values_floats(int ctx_len, int head_dim) { return ((size_t)(ct
  * (vdpbf16ps) and no horizontal sums, each score summed over the dims in order. p . v runs on the
  * same instruction: the softmax weights rounded to bf16 (as flash attention does on GPUs), two
  * positions a step, the pairs aligned to absolute positions and added in order; the total they
- * are divided by is the sum of those rounded weights, so they sum to one exactly and rounding
- * leaves no scale on the output (perplexity of the bundled model as with fp32 weights, within
- * the gate's noise; prefill runs ~0.8x the time). A run of several rows pairs its values once
- * (pack_values), a decode as it reads them. */
+ * are divided by is the sum of those rounded weights (for an int8 cache, each rounded weight
+ * with its value scale divided out again), so rounding leaves no systematic scale on the output
+ * (perplexity of the bundled model as with fp32 weights, within the gate's noise; prefill runs
+ * ~0.8x the time). A run of several rows pairs its values once (pack_values), a decode as it
+ * reads them. */
 
 /* Prefetch the packed keys and the values of kv head kv at the 16 positions from pos (two 8-slot
  * halves), those below last; values of esz bytes (2: bf16, 1: int8, whose scales come too). */
@@ -146,7 +148,11 @@ static inline void prefetch_packed(const char *k_bytes, const char *v_bytes, con
         const char *v_next = v_bytes + (cache_block * block_size + at) * slot_stride + (int64_t)kv * head_dim * esz;
         for (int slot = 0; slot < 8; slot++)
             for (int byte = 0; byte < head_dim * esz; byte += 64) _mm_prefetch(v_next + slot * slot_stride + byte, _MM_HINT_T0);
-        if (kv_scales) _mm_prefetch((const char *)(kv_scales + (cache_block * num_kv_heads + kv) * 2 * block_size + at), _MM_HINT_T0);
+        if (kv_scales) { /* this half's key scales and value scales (one line when blocks are 8 slots) */
+            const float *scales = kv_scales + (cache_block * num_kv_heads + kv) * 2 * block_size + at;
+            _mm_prefetch((const char *)scales, _MM_HINT_T0);
+            if (block_size > 8) _mm_prefetch((const char *)(scales + block_size), _MM_HINT_T0);
+        }
     }
 }
 
@@ -184,7 +190,8 @@ static void pack_run(const void *k_cache, const void *v_cache, const float *kv_s
                 krow[lane] = 0;
                 continue;
             }
-            krow[lane] = (const uint16_t *)k_cache + offset, vrow[pos - first] = v_bytes + offset * esz;
+            /* (plain key rows only: packed keys are read per block below) */
+            krow[lane] = k_packed ? 0 : (const uint16_t *)k_cache + offset, vrow[pos - first] = v_bytes + offset * esz;
             if (ahead >= 0) {
                 const int64_t at = (ahead * block_size + in_block) * slot_stride + head;
                 /* packed keys: this position's share of the next block's keys */
@@ -365,7 +372,7 @@ static void pack_values(const int int8, const char *const *vrow, int count, int 
  * relative to first; bf16, or int8 with each position's scale already in its weight), summed in
  * fp32 two positions a dot-pair step, pair by pair in order; out[u] + 16 i = sum * inv[u] for
  * chunk c + i. A weight of zero (a position outside a vector's range, or past l1 in the last pair,
- * which reads zeros) adds exactly nothing. The chunks run side by side: each sum is a chain of
+ * whose value is zeros or, from vt, the next position's) adds exactly nothing. The chunks run side by side: each sum is a chain of
  * dependent steps, one per pair. */
 static inline __attribute__((always_inline)) void pv_rows(const int n, const int nc, const int int8,
                                                           const uint16_t *const *sp, const char *const *vrow,
@@ -598,9 +605,10 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
      * runs, the packed keys, the value-row pointers, an int8 cache's scales, the value pairs and
      * the chunk's outputs (each area a multiple of 16 floats, so every thread's share and the pointers in it
      * stay aligned) */
+    const size_t values_floats = longest_chunk > 1 ? run_values_floats((int)longest, head_dim) : 0; /* pack_values */
     const size_t run_floats = longest_chunk ? run_keys_floats((int)longest, head_dim) + run_rows_floats((int)longest) +
-                                                  run_scale_floats((int)longest) +
-                                                  run_values_floats((int)longest, head_dim) + (size_t)longest_chunk * width
+                                                  run_scale_floats((int)longest) + values_floats +
+                                                  (size_t)longest_chunk * width
                                             : 0;
     const int score_rows = longest_chunk && heads_per_task < RUN_VECTORS ? RUN_VECTORS : heads_per_task;
     const size_t base_floats = ((size_t)(score_rows * (longest + 32) + num_kv_heads * head_dim + 2 * width) + 15) / 16 * 16;
@@ -626,7 +634,7 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
             float *ks = (float *)vrow + run_rows_floats((int)longest), *vs = ks + run_scale_floats((int)longest) / 3;
             float *vinv = vs + run_scale_floats((int)longest) / 3;
             uint32_t *vt = (uint32_t *)(ks + run_scale_floats((int)longest));
-            float *run_out = (float *)(vt + run_values_floats((int)longest, head_dim));
+            float *run_out = (float *)(vt + values_floats);
             const void *q0 = q_bf16 ? (const void *)((const uint16_t *)q + b * q_stride)
                                     : (const void *)((const float *)q + b * q_stride);
             /* a guess at the task this thread takes next (schedule(dynamic, 1): the threads mostly take
