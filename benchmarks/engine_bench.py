@@ -9,7 +9,12 @@ opens with inferd bench's cold marker), after one untimed warm-up round. Per rou
 over the wall time, and the mean time of a step and of its native decoder call (the layers' one
 call into the kernels, timed around it).
 
+With --ttft, each round instead prefills --ttft prompts one at a time, spec_bench's ~1,600-token
+RAG prompts (chat-templated, cold), and records each one's time to its first token (max_tokens 1):
+the prefill of a long retrieved context, alone on the engine.
+
     .venv/bin/python benchmarks/engine_bench.py --quantization int8 --busy --json benchmarks/out/<dir>/engine.json
+    .venv/bin/python benchmarks/engine_bench.py --ttft 8 --json benchmarks/out/<dir>/ttft.json
     .venv/bin/python benchmarks/engine_bench.py --from-json benchmarks/out/<dir>/engine.json
 """
 
@@ -91,6 +96,22 @@ async def one_round(client: LLMClient, tag: str, concurrency: int, max_tokens: i
     return sum(counts), time.perf_counter() - start
 
 
+async def ttft_round(client: LLMClient, tag: str, prompts: int) -> list[float]:
+    """Milliseconds to the first token of each of ``prompts`` cold RAG prompts, one after another."""
+    from spec_bench import rag_prompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    times = []
+    for i in range(prompts):
+        chat = [{"role": "user", "content": rag_prompt(i)}]
+        ids = client.render_chat(with_marker(chat, cold_marker("engine_bench", tag, i)))
+        start = time.perf_counter()
+        async for _ in client.generate(ids, params):
+            break
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def run(args) -> dict:
     overrides = {"device": "cpu", "dtype": args.dtype, "quantization": args.quantization}
     if args.kv_cache_dtype != "auto":  # an older checkout (A/B) may not know the setting
@@ -107,7 +128,10 @@ def run(args) -> dict:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     rounds = []
     try:
-        loop.run_until_complete(one_round(client, f"{run_id}/warm", args.concurrency, args.max_tokens))
+        warm = ttft_round(client, f"{run_id}/warm", 2) if args.ttft else one_round(
+            client, f"{run_id}/warm", args.concurrency, args.max_tokens
+        )
+        loop.run_until_complete(warm)
         for i in range(args.rounds):
             for mode in ("quiet", "busy") if args.busy else ("quiet",):
                 busy = None
@@ -115,6 +139,10 @@ def run(args) -> dict:
                     if mode == "busy":
                         busy = subprocess.Popen([sys.executable, "-c", BUSY])
                     clock.reset()
+                    if args.ttft:
+                        ttft = loop.run_until_complete(ttft_round(client, f"{run_id}/{i}/{mode}", args.ttft))
+                        rounds.append({"mode": mode, "ttft_ms": ttft})
+                        continue
                     tokens, wall = loop.run_until_complete(
                         one_round(client, f"{run_id}/{i}/{mode}", args.concurrency, args.max_tokens)
                     )
@@ -143,6 +171,7 @@ def run(args) -> dict:
         "kv_cache_dtype": args.kv_cache_dtype,
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "concurrency": args.concurrency,
+        "ttft_prompts": args.ttft,
         "prompts": len(CHATS),
         "max_tokens": args.max_tokens,
         "rounds": rounds,
@@ -150,6 +179,8 @@ def run(args) -> dict:
 
 
 def render(report: dict) -> str:
+    if report.get("ttft_prompts"):
+        return render_ttft(report)
     lines = [
         f"CPU: {report['cpu']}, commit {report['commit']}, {report['dtype']}, quantization "
         f"{report['quantization']}, KV cache {report.get('kv_cache_dtype', 'auto')}, GOMP_SPINCOUNT {report['gomp_spincount'] or 'unset'}; "
@@ -173,6 +204,23 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def render_ttft(report: dict) -> str:
+    lines = [
+        f"CPU: {report['cpu']}, commit {report['commit']}, {report['dtype']}, quantization "
+        f"{report['quantization']}, KV cache {report.get('kv_cache_dtype', 'auto')}; {report['ttft_prompts']} cold "
+        "RAG prompts (~1,600 tokens) a round, one at a time",
+        "",
+        "| round | TTFT ms, median | min | max |",
+        "|---|---|---|---|",
+    ]
+    for r in report["rounds"]:
+        t = r["ttft_ms"]
+        lines.append(f"| {r['mode']} | {statistics.median(t):.0f} | {min(t):.0f} | {max(t):.0f} |")
+    every = [t for r in report["rounds"] for t in r["ttft_ms"]]
+    lines += ["", f"median over every round: {statistics.median(every):.0f} ms"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="auto", help="as serve's --dtype (default: auto)")
@@ -182,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="alternate each quiet round with a busy one")
+    parser.add_argument("--ttft", type=int, default=0, metavar="N",
+                        help="time to first token of N cold ~1,600-token RAG prompts a round instead")
     add_report_args(parser)
     args = parser.parse_args(argv)
     if render_from_json(args, render):
