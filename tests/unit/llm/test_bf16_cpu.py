@@ -211,7 +211,7 @@ def test_an_int8_kv_cache_is_refused_for_per_head_qk_norms(model_root, tiny_llam
 
     path = build(model_root, "qwen3", tiny_llama, head_dim=32)[0]
     config = LLMConfig(dtype="bfloat16", kv_cache_memory=2**20, block_size=8, kv_cache_dtype="int8")
-    with pytest.raises(ModelLoadError, match="--kv-cache-dtype int8 cannot serve this model: .*q/k norms"):
+    with pytest.raises(ModelLoadError, match=r"--kv-cache-dtype int8 cannot serve this model: .*q/k norms"):
         load_causal_lm(path, config)
 
 
