@@ -16,6 +16,10 @@
 
 #include "common.h"
 
+/* The first position a row of context length len attends: len - window with a window shorter than
+ * the context, else 0. */
+static inline int window_start(int len, int window) { return window > 0 && len > window ? len - window : 0; }
+
 /* Softmax in place over each of `rows` rows of `span` scores. */
 static void softmax_rows(float *scores, int rows, int span) {
     for (int h = 0; h < rows; h++) {
@@ -132,6 +136,13 @@ static size_t run_values_floats(int ctx_len, int head_dim) { return ((size_t)(ct
  * ~0.8x the time). A run of several rows pairs its values once (pack_values), a decode as it
  * reads them. */
 
+/* An int8 cache's key scales of kv head kv's slots in cache block `block` from slot `at` (its value
+ * scales follow block_size floats on): kv_scales is (blocks, kv_heads, 2, block_size). */
+static inline const float *slot_scales(const float *kv_scales, int64_t block, int kv, int num_kv_heads, int block_size,
+                                       int64_t at) {
+    return kv_scales + (block * num_kv_heads + kv) * 2 * block_size + at;
+}
+
 /* Prefetch the packed keys and the values of kv head kv at the 16 positions from pos (two 8-slot
  * halves), those below last; values of esz bytes (2: bf16, 1: int8, whose scales come too). */
 static inline void prefetch_packed(const char *k_bytes, const char *v_bytes, const float *kv_scales, int esz,
@@ -149,7 +160,7 @@ static inline void prefetch_packed(const char *k_bytes, const char *v_bytes, con
         for (int slot = 0; slot < 8; slot++)
             for (int byte = 0; byte < head_dim * esz; byte += 64) _mm_prefetch(v_next + slot * slot_stride + byte, _MM_HINT_T0);
         if (kv_scales) { /* this half's key scales and value scales (one line when blocks are 8 slots) */
-            const float *scales = kv_scales + (cache_block * num_kv_heads + kv) * 2 * block_size + at;
+            const float *scales = slot_scales(kv_scales, cache_block, kv, num_kv_heads, block_size, at);
             _mm_prefetch((const char *)scales, _MM_HINT_T0);
             if (block_size > 8) _mm_prefetch((const char *)(scales + block_size), _MM_HINT_T0);
         }
@@ -220,7 +231,8 @@ static void pack_run(const void *k_cache, const void *v_cache, const float *kv_s
                 src[h] = n > 0 ? k_bytes + table[pos / block_size] * packed_stride + packed_head + pos % block_size * 2 * esz
                                : k_bytes;
                 if (kv_scales) { /* the 8 slots' scales of this half: (block, kv head, [k | v], slot) */
-                    const float *at = n > 0 ? kv_scales + (table[pos / block_size] * num_kv_heads + kv) * 2 * block_size + pos % block_size
+                    const float *at = n > 0 ? slot_scales(kv_scales, table[pos / block_size], kv, num_kv_heads, block_size,
+                                                          pos % block_size)
                                             : kv_scales;
                     _mm256_storeu_ps(ks + 16 * b + 8 * h, _mm256_mul_ps(_mm256_maskz_loadu_ps(valid[h], at), _mm256_set1_ps(scale)));
                     const __m256 v_scales = _mm256_maskz_loadu_ps(valid[h], at + block_size);
@@ -425,7 +437,7 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const v
                             const int64_t *next_lens, int next_rows, int next_kv) {
     const int half = head_dim / 2, wide = head_dim / 16, int8 = kv_scales != 0;
     const int first_len = (int)ctx_lens[0], last_len = (int)ctx_lens[rows - 1];
-    const int first = ((window > 0 && first_len > window) ? first_len - window : 0) / 16 * 16;
+    const int first = window_start(first_len, window) / 16 * 16;
     pack_run(k_cache, v_cache, kv_scales, k_packed, table, first, last_len, kv, num_kv_heads, head_dim, block_size,
              scale, kt, vrow, ks, vs, vinv);
     if (!int8) ks = 0; /* scores scaled by `scale` alone */
@@ -436,7 +448,7 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const v
         vt = 0;
     if (k_packed && next_table) {
         const int next_len = (int)next_lens[0], next_last = (int)next_lens[next_rows - 1];
-        const int next_first = ((window > 0 && next_len > window) ? next_len - window : 0) / 16 * 16;
+        const int next_first = window_start(next_len, window) / 16 * 16;
         for (int a = 0; a < (int8 ? PACKED_AHEAD_INT8 : PACKED_AHEAD); a++)
             prefetch_packed((const char *)k_cache, (const char *)v_cache, kv_scales, int8 ? 1 : 2, next_table,
                             next_first + 16 * a, next_last, next_kv, num_kv_heads, head_dim, block_size);
@@ -454,7 +466,7 @@ static void attend_run_bf16(const void *q, int q_bf16, int64_t q_stride, const v
             for (int v = 0; v < count; v++) {
                 const int r = r0 + (nr == 1 ? 0 : v / group), h = kv * group + (nr == 1 ? g0 + v : v % group);
                 const int len = (int)ctx_lens[r];
-                lo[v] = ((window > 0 && len > window) ? len - window : 0) - first;
+                lo[v] = window_start(len, window) - first;
                 hi[v] = len - first;
                 const int64_t at = r * q_stride + (int64_t)h * head_dim;
                 if (q_bf16) {
@@ -670,7 +682,7 @@ int paged_decode_attention(const void *q, int q_bf16, int64_t q_stride, const vo
             memcpy(qf + first, (const float *)q + b * q_stride + first, sizeof(float) * count);
         }
         const int ctx_len = (int)ctx_lens[b];
-        const int start = (window > 0 && ctx_len > window) ? ctx_len - window : 0;
+        const int start = window_start(ctx_len, window);
         attend_heads(qf, k_cache, v_cache, is_bf16, table, ctx_len, start, h0, h0 + heads_per_task,
                      num_kv_heads, head_dim, group, block_size, scale, softcap, scores, row, of);
         if (out_bf16) {
