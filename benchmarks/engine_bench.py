@@ -113,13 +113,16 @@ async def ttft_round(client: LLMClient, tag: str, prompts: int) -> list[float]:
 
 
 def run(args) -> dict:
-    overrides = {"device": "cpu", "dtype": args.dtype, "quantization": args.quantization}
-    if args.kv_cache_dtype != "auto":  # an older checkout (A/B) may not know the setting
-        overrides["kv_cache_dtype"] = args.kv_cache_dtype
+    overrides = {"device": "cpu", "dtype": args.dtype}
+    # auto is left out: an older checkout (A/B) may not know it, or the setting
+    for name in ("quantization", "kv_cache_dtype"):
+        if getattr(args, name) != "auto":
+            overrides[name] = getattr(args, name)
     llm = load_settings(overrides).llm_config()
     clock = Clock()
     loop = asyncio.new_event_loop()
     client = LLMClient.start(bundled_model_path("smollm2-135m-instruct"), llm, loop)
+    served = client.engine.config
     # as serve does once its models are loaded (api/app.py): what lives as long as the process is
     # kept out of the collector's passes
     gc.collect()
@@ -128,8 +131,10 @@ def run(args) -> dict:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     rounds = []
     try:
-        warm = ttft_round(client, f"{run_id}/warm", 2) if args.ttft else one_round(
-            client, f"{run_id}/warm", args.concurrency, args.max_tokens
+        warm = (
+            ttft_round(client, f"{run_id}/warm", 2)
+            if args.ttft
+            else one_round(client, f"{run_id}/warm", args.concurrency, args.max_tokens)
         )
         loop.run_until_complete(warm)
         for i in range(args.rounds):
@@ -164,11 +169,15 @@ def run(args) -> dict:
         "threads": llm.num_threads,
         # the checkout the engine was imported from (an older one on PYTHONPATH, for an A/B)
         "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(inferd.__file__).parents[2], capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(inferd.__file__).parents[2],
+            capture_output=True,
+            text=True,
         ).stdout.strip(),
         "dtype": llm.dtype,
-        "quantization": args.quantization,
-        "kv_cache_dtype": args.kv_cache_dtype,
+        # what the engine served (auto resolved at load; an older checkout: what was asked)
+        "quantization": getattr(served, "quantization", args.quantization),
+        "kv_cache_dtype": getattr(served, "kv_cache_dtype", args.kv_cache_dtype),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "concurrency": args.concurrency,
         "ttft_prompts": args.ttft,
@@ -224,14 +233,19 @@ def render_ttft(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="auto", help="as serve's --dtype (default: auto)")
-    parser.add_argument("--quantization", default="none", choices=["none", "int8"])
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int8"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "model", "int8"])
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="alternate each quiet round with a busy one")
-    parser.add_argument("--ttft", type=int, default=0, metavar="N",
-                        help="time to first token of N cold ~1,600-token RAG prompts a round instead")
+    parser.add_argument(
+        "--ttft",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time to first token of N cold ~1,600-token RAG prompts a round instead",
+    )
     add_report_args(parser)
     args = parser.parse_args(argv)
     if render_from_json(args, render):

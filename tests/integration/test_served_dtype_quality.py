@@ -67,10 +67,13 @@ QUESTIONS = [
 GREEDY_TOKENS = 64
 # Served dtypes against float32: (--dtype, --quantization, --kv-cache-dtype).
 SERVED = {
-    "bfloat16": ("bfloat16", "none", "auto"),
-    "int8": ("bfloat16", "int8", "auto"),
+    "bfloat16": ("bfloat16", "none", "model"),
+    "int8": ("bfloat16", "int8", "model"),
     "kv-int8": ("bfloat16", "none", "int8"),
     "int8+kv-int8": ("bfloat16", "int8", "int8"),
+    # what `inferd serve` picks itself: int8 weights and cache where this CPU runs them and the load's
+    # probe (llm/precision.py, another text than TEXT) finds them faithful, else bf16
+    "default": ("auto", "auto", "auto"),
 }
 # Teacher-forced top-1 agreement with float32 (bf16 99.2 %, int8 96.9 % over the 8 prompts on the
 # AMD EPYC Zen 5 of session 14): a served dtype whose top token differs from float32's at more than
@@ -88,7 +91,11 @@ def smollm2_gguf():
 
 
 def serve_run(
-    gguf, dtype: str, quantization: str, reference: list[list[int]] | None = None, kv_cache_dtype: str = "auto"
+    gguf,
+    dtype: str,
+    quantization: str,
+    reference: list[list[int]] | None = None,
+    kv_cache_dtype: str = "model",
 ) -> dict:
     """Load the model as `inferd serve --dtype D --quantization Q --kv-cache-dtype K` would on this
     machine's CPU, then
@@ -113,6 +120,7 @@ def serve_run(
         loop.close()
         pytest.skip(str(exc))
     try:
+        served = client.engine.config
         text_ids = client.tokenizer(TEXT)["input_ids"]
         prompts = [client.render_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
 
@@ -144,6 +152,7 @@ def serve_run(
         "tokens": len(text_ids),
         "greedy": [tokens for tokens, _ in answers],
         "block_size": config.block_size,
+        "served": (served.dtype, served.quantization, served.kv_cache_dtype),
     }
 
 
@@ -198,7 +207,7 @@ def test_served_dtype_perplexity_within_1_percent_of_float32(fp32, smollm2_gguf,
     forced = sum(matches) / len(matches)
     # Shown by `pytest -rA` (captured output of passed tests), for the record.
     print(
-        f"\nSmolLM2-135M {served} vs float32 on this CPU (kernels: {kernels}; {run['block_size']}-token blocks):"
+        f"\nSmolLM2-135M {served} {run['served']} vs float32 on this CPU (kernels: {kernels}; {run['block_size']}-token blocks):"
         f"\n  perplexity over {run['tokens']} tokens: {run['ppl']:.4f} vs {fp32['ppl']:.4f} ({relative:+.2%})"
         f"\n  greedy agreement over {len(QUESTIONS)} prompts x {GREEDY_TOKENS} tokens: "
         f"{sum(shares) / len(shares):.1%} identical tokens (per prompt {[f'{s:.0%}' for s in shares]}), "
@@ -207,5 +216,7 @@ def test_served_dtype_perplexity_within_1_percent_of_float32(fp32, smollm2_gguf,
         f"{len(matches)} positions"
     )
     assert abs(relative) <= 0.01
+    if served == "default" and ops is not None and ops.has_int8_linear:
+        assert run["served"] == ("bfloat16", "int8", "int8")  # the probe holds on the bundled model
     assert forced >= FORCED_FLOOR
     assert sum(shares) / len(shares) >= GREEDY_FLOOR

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 def default_block_size(device: str) -> int:
@@ -81,8 +81,13 @@ class LLMConfig:
     model_impl: str = "auto"  # "auto": inferd's own forward where it has one; "transformers": never
     quantization: str = "none"  # "int8": the decoder's linear layers in int8 x int8 (CPU, bf16)
     # "int8": keys and values cached in int8, a scale per token and kv head (the native bf16 path's
-    # attention reads them, paged_decode.c); "auto": the model's dtype
-    kv_cache_dtype: str = "auto"
+    # attention reads them, paged_decode.c); "model": the model's dtype
+    kv_cache_dtype: str = "model"
+    # Which of quantization / kv_cache_dtype the server chose as int8 itself (--quantization auto,
+    # --kv-cache-dtype auto): the load serves them only where the model can run them and the probe of
+    # llm.precision finds them faithful to the bf16 path, else it reverts them (``fallback``).
+    # A choice made by name is served as asked, or refused.
+    auto_precision: tuple[str, ...] = ()
     max_queued_requests: int = 256  # requests waiting beyond max_num_seqs before 429
     max_prompt_chars: int | None = None  # None: 32 per token of the context (LLMClient.max_prompt_chars)
     # Outputs (one per generated token) a request may have waiting unread; past it the client is
@@ -98,10 +103,28 @@ class LLMConfig:
             raise ValueError("speculative_tokens must be at least 0 and speculative_max_running at least 1")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ValueError(f"kv_cache_dtype must be auto or int8, not {self.kv_cache_dtype!r}")
+        if self.quantization not in ("none", "int8"):
+            raise ValueError(f"quantization must be none or int8, not {self.quantization!r}")
+        if self.kv_cache_dtype not in ("model", "int8"):
+            raise ValueError(f"kv_cache_dtype must be model or int8, not {self.kv_cache_dtype!r}")
+        if not set(self.auto_precision) <= {"quantization", "kv_cache_dtype"}:
+            raise ValueError(
+                f"auto_precision names quantization or kv_cache_dtype, not {self.auto_precision!r}"
+            )
 
     @property
     def cache_dtype(self) -> str:
-        """The dtype the KV cache holds: ``kv_cache_dtype``, or the model's for auto."""
-        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+        """The dtype the KV cache holds: ``kv_cache_dtype``, or the model's."""
+        return self.dtype if self.kv_cache_dtype == "model" else self.kv_cache_dtype
+
+    def reverted(self, *fields: str) -> LLMConfig:
+        """This config with the server's own choices among ``fields`` back to the model's precision:
+        unquantised weights, the KV cache in the model's dtype. Choices made by name stay."""
+        fields = tuple(f for f in fields if f in self.auto_precision)
+        plain = {"quantization": "none", "kv_cache_dtype": "model"}
+        kept = tuple(f for f in self.auto_precision if f not in fields)
+        return replace(self, **{f: plain[f] for f in fields}, auto_precision=kept)
+
+    def fallback(self) -> LLMConfig:
+        """What the server serves when its own int8 choices do not hold: all of them reverted."""
+        return self.reverted(*self.auto_precision)

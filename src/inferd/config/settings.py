@@ -179,21 +179,24 @@ class ServerSettings(BaseSettings):
         description="LLM: drafts are proposed only while at most this many requests run (one stream "
         "reads every weight once per step whatever its rows; a full batch pays for every rejected draft).",
     )
-    quantization: Literal["none", "int8"] = Field(
-        "none",
+    quantization: Literal["auto", "none", "int8"] = Field(
+        "auto",
         description="LLM: int8 quantises the weights of inferd's own forward (every linear layer and the "
         "LM head, per output channel) at load and multiplies them with int8 activations (each row "
         "quantised per group of 32 inputs): half the weight bytes a token reads, twice the arithmetic "
-        "rate. Needs the CPU, bf16, the native kernels and AVX-512 BF16 with VNNI.",
+        "rate. Needs the CPU, bf16, the native kernels and AVX-512 BF16 with VNNI. auto: int8 where the "
+        "model can run it and a probe at load finds the model's perplexity on a fixed text within 1 % "
+        "of the unquantised model's (llm/precision.py), else none; none: the model's own weights.",
     )
-    kv_cache_dtype: Literal["auto", "int8"] = Field(
+    kv_cache_dtype: Literal["auto", "model", "int8"] = Field(
         "auto",
-        description="LLM: auto keeps the KV cache in the model's dtype; int8 stores each cached key and "
-        "value vector in int8 with its own scale (per token and kv head): a little over half the bytes "
-        "of bf16, so about twice the context fits and decode attention reads half as much (perplexity of "
-        "the bundled model within 0.3 % of bf16's). Needs the CPU, bf16, the native kernels with AVX-512 BF16 "
+        description="LLM: int8 stores each cached key and value vector in int8 with its own scale (per "
+        "token and kv head): a little over half the bytes of bf16, so about twice the context fits and "
+        "decode attention reads half as much. Needs the CPU, bf16, the native kernels with AVX-512 BF16 "
         "(or AMX), inferd's own forward without per-head q/k norms (llama, mistral, qwen2), head_dim a "
-        "multiple of 32 up to 256 and --block-size a multiple of 8.",
+        "multiple of 32 up to 256 and --block-size a multiple of 8. auto: int8 where the model can run "
+        "it and passes the same probe as --quantization auto (both int8 choices are probed together), "
+        "else model; model: the model's dtype.",
     )
     max_n: int = Field(16, ge=1, description="LLM: most choices (n) in one request.")
     cache_dir: str | None = Field(
@@ -451,8 +454,7 @@ class ServerSettings(BaseSettings):
             batch_invariant=self.batch_invariant,
             speculative_tokens=self.speculative_tokens,
             speculative_max_running=self.speculative_max_running,
-            quantization=self.quantization,
-            kv_cache_dtype=self.kv_cache_dtype,
+            **self._precision(device, dtype),
             max_n=self.max_n,
             num_threads=self.num_threads or available_cores(),
             device=device,
@@ -462,6 +464,23 @@ class ServerSettings(BaseSettings):
             max_prompt_chars=self.max_prompt_chars,
             max_buffered_outputs=self.max_buffered_outputs,
         )
+
+    def _precision(self, device: str, dtype: str) -> dict[str, Any]:
+        """quantization, kv_cache_dtype and which of them the server chose: auto is int8 wherever the
+        native bf16 path runs (the load still checks that the model can, and probes it), else the
+        model's own precision."""
+        native_path = (
+            device == "cpu" and dtype == "bfloat16" and self.native_kernels and self.model_impl == "auto"
+        )
+        chosen: dict[str, Any] = {}
+        auto = []
+        for name, plain in (("quantization", "none"), ("kv_cache_dtype", "model")):
+            value = getattr(self, name)
+            if value == "auto":
+                value = "int8" if native_path else plain
+                auto += [name] if native_path else []
+            chosen[name] = value
+        return {**chosen, "auto_precision": tuple(auto)}
 
 
 def cpu_has_native_bf16() -> bool:

@@ -22,9 +22,9 @@ from inferd.errors import (
     SlowReaderError,
 )
 from inferd.llm.engine import LLMEngine, is_request_error
-from inferd.llm.models.loader import load_causal_lm
 from inferd.llm.outputs import SCORE, EngineStats, RequestOutput
 from inferd.llm.params import Guide, SamplingParams
+from inferd.llm.precision import load_engine
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -165,7 +165,7 @@ class LLMClient:
     @classmethod
     def start(cls, path: Path, config: LLMConfig, loop: asyncio.AbstractEventLoop) -> LLMClient:
         """Load the model and start the engine loop (blocking: call it off the event loop)."""
-        engine = compute.run(_load_engine, path, config, num_threads=config.num_threads)
+        engine = compute.run(load_engine, path, config, num_threads=config.num_threads)
         client = cls(engine, loop)
         client._engine_loop.start()
         return client
@@ -487,6 +487,3 @@ def _plain_backend(tokenizer):
         return None
     return backend
 
-
-def _load_engine(path: Path, config: LLMConfig) -> LLMEngine:
-    return LLMEngine(load_causal_lm(path, config), config)

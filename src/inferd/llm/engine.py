@@ -104,10 +104,11 @@ class LLMEngine:
         self.num_mask_rows = 0
         self.mask_seconds = 0.0
         log.info(
-            "LLM KV cache: %d blocks of %d tokens (%.0f MiB)",
+            "LLM KV cache: %d blocks of %d tokens (%.0f MiB, %s)",
             num_blocks,
             config.block_size,
             num_blocks * config.block_size * loaded.facts.kv_bytes_per_token() / 2**20,
+            "int8" if loaded.facts.kv_int8 else str(loaded.facts.dtype).removeprefix("torch."),
         )
 
     @property

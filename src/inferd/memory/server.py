@@ -84,7 +84,9 @@ def model_need(spec: ModelSpec, settings: ServerSettings, path: Path) -> ModelNe
     shape = shape_from_config(files.config)
     num_params = files.num_params or count_parameters(shape)
     if is_causal_lm(path):  # chat, or an LLM reranker: the LLM engine either way
-        config = settings.llm_config(spec)
+        # The server's own int8 choices are decided at load, and what it serves where they do not
+        # hold is the model's precision: planned as that (int8 only ever needs less).
+        config = settings.llm_config(spec).fallback()
         need = _llm_need(spec.served_name, shape, num_params, config)
         if files.is_gguf:
             need = replace(need, load_peak_bytes=_conversion_peak(path, config))

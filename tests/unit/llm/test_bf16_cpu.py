@@ -54,7 +54,7 @@ def test_native_linear_matches_linear(linear_kernel, rows, bias):
     torch.testing.assert_close(got.float(), expected, atol=0.03, rtol=0.02)
 
 
-def logits_of(path, dtype, prompts, native=True, quantization="none", kv_cache_dtype="auto"):
+def logits_of(path, dtype, prompts, native=True, quantization="none", kv_cache_dtype="model"):
     """Logits of a prefill step of ``prompts`` and of one decode step after it."""
     config = LLMConfig(
         dtype=dtype,
@@ -237,7 +237,7 @@ def test_an_int8_kv_cache_keeps_int8_and_follows_the_bf16_cache(model_root, tiny
 
 
 @needs_native_linear
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["model", "int8"])
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_one_native_call_per_step_equals_the_layer_by_layer_path(

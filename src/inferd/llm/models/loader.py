@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from inferd.llm.runner.attention import ATTENTION_NAME, register_paged_attention
 from inferd.llm.runner.kernels import native_ops
 from inferd.memory.estimate import cache_bytes_per_token
 from inferd.memory.profile import release_freed_memory
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,6 +50,7 @@ class LoadedModel:
     tokenizer: object
     facts: ModelFacts
     path: Path
+    config: LLMConfig  # the one loaded under: the server's int8 choices the model cannot run reverted
 
 
 def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
@@ -68,9 +72,9 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     text_config = hf_config.get_text_config()
     native = native_ops() if config.native_kernels and config.device == "cpu" else None
     if config.quantization == "int8":
-        _check_int8(config, text_config, native)
+        config = _settle(config, "quantization", _why_not_int8(config, text_config, native))
     if config.kv_cache_dtype == "int8":
-        _check_kv_int8(config, text_config, native)
+        config = _settle(config, "kv_cache_dtype", _why_not_kv_int8(config, text_config, native))
     model, decoder = None, None
     if config.model_impl == "auto":
         decoder = load_decoder(path, text_config, dtype, config.device)
@@ -79,20 +83,35 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
         decoder = build_decoder(model) if config.model_impl == "auto" else None
     if config.kv_cache_dtype == "int8" and (decoder is None or not decoder.fusable):
         # per-head q/k norms (Qwen3) keep the torch layer, which cannot write an int8 cache
-        raise ModelLoadError(
-            f"--kv-cache-dtype int8 cannot serve this model: its {text_config.model_type!r} layers run on "
-            "torch ops (per-head q/k norms), not the native bf16 path that reads int8 caches"
+        why = (
+            f"its {text_config.model_type!r} layers run on torch ops (per-head q/k norms), not the native "
+            "bf16 path that reads int8 caches"
         )
+        config = _settle(config, "kv_cache_dtype", why)
     facts = _facts(text_config, _eos_ids(path, text_config, tokenizer), len(tokenizer), config, dtype)
     if decoder is not None and config.device == "cpu" and dtype == torch.bfloat16:
         pack_for_cpu(decoder, native, config.quantization)
     # Before the KV cache is sized from what is free: the load's temporaries are gone by now.
     release_freed_memory()
-    return LoadedModel(model, decoder, tokenizer, facts, path)
+    return LoadedModel(model, decoder, tokenizer, facts, path, config)
 
 
-def _check_int8(config: LLMConfig, text_config, native) -> None:
-    """Refuse --quantization int8 up front, before any weight is read, where it cannot run."""
+_OPTIONS = {"quantization": "--quantization int8", "kv_cache_dtype": "--kv-cache-dtype int8"}
+
+
+def _settle(config: LLMConfig, field: str, why: str | None) -> LLMConfig:
+    """``config`` where its int8 ``field`` can run (``why`` is None); else the server's own choice
+    reverted, and one asked for by name refused, before any weight is read where that is known."""
+    if why is None:
+        return config
+    if field in config.auto_precision:
+        log.info("%s (auto) does not apply: %s", _OPTIONS[field], why)
+        return config.reverted(field)
+    raise ModelLoadError(f"{_OPTIONS[field]} cannot serve this model: {why}")
+
+
+def _why_not_int8(config: LLMConfig, text_config, native) -> str | None:
+    """Why --quantization int8 cannot run this model, or None where it can."""
     has_kernel = native is not None and native.has_int8_linear
     why = _not_native_bf16(config, text_config, has_kernel, "a CPU with AVX-512 BF16 and VNNI")
     if why is None:
@@ -100,13 +119,12 @@ def _check_int8(config: LLMConfig, text_config, native) -> None:
         widths = (text_config.hidden_size, text_config.intermediate_size, shape.num_heads * shape.head_dim)
         if any(width % 32 for width in widths):
             why = f"its kernel needs input widths that are multiples of 32 (this model: {widths})"
-    if why is not None:
-        raise ModelLoadError(f"--quantization int8 cannot serve this model: {why}")
+    return why
 
 
-def _check_kv_int8(config: LLMConfig, text_config, native) -> None:
-    """Refuse --kv-cache-dtype int8 up front where only the torch paths would read the cache: the
-    native bf16 attention with packed keys (paged_decode.c) is the one reader of int8 caches."""
+def _why_not_kv_int8(config: LLMConfig, text_config, native) -> str | None:
+    """Why --kv-cache-dtype int8 cannot run this model, or None where it can: the native bf16
+    attention with packed keys (paged_decode.c) is the one reader of int8 caches."""
     has_kernel = native is not None and native.has_linear
     why = _not_native_bf16(config, text_config, has_kernel, "a CPU with AVX-512 BF16 (or AMX)")
     if why is None:
@@ -116,8 +134,7 @@ def _check_kv_int8(config: LLMConfig, text_config, native) -> None:
                 f"its attention kernel takes head_dim a multiple of 32 up to 256 and blocks of a multiple "
                 f"of 8 tokens (this model: head_dim {shape.head_dim}, --block-size {config.block_size})"
             )
-    if why is not None:
-        raise ModelLoadError(f"--kv-cache-dtype int8 cannot serve this model: {why}")
+    return why
 
 
 def _not_native_bf16(config: LLMConfig, text_config, has_kernel: bool, cpu: str) -> str | None:
@@ -128,7 +145,9 @@ def _not_native_bf16(config: LLMConfig, text_config, has_kernel: bool, cpu: str)
     if not has_kernel:
         return f"it needs the native kernels and {cpu}"
     if config.model_impl != "auto" or not can_build(text_config):
-        return f"it runs on inferd's own forward (llama, mistral, qwen2, qwen3), not {text_config.model_type!r}"
+        return (
+            f"it runs on inferd's own forward (llama, mistral, qwen2, qwen3), not {text_config.model_type!r}"
+        )
     return None
 
 
@@ -137,7 +156,9 @@ def _load_transformers_model(path: Path, dtype: torch.dtype, config: LLMConfig) 
 
     register_paged_attention()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=ATTENTION_NAME)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation=ATTENTION_NAME
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from None
     return model.to(config.device).eval()
