@@ -130,6 +130,7 @@ def answers(request, smollm2_bf16):
         **chunked,
         "alone, switching to SDPA": switching["alone"],
         "served": switching["served"],
+        "asked": precision,
     }
 
 
@@ -150,7 +151,10 @@ def test_without_batch_invariance_the_long_prompt_alone_answers_differently(answ
     the test above would see it if the runner took it. Only the row kernel reads an int8 KV cache:
     with one the runner takes no such switch, batch_invariant or not."""
     _, logprobs, _ = answers["alone, switching to SDPA"]["long"]
-    if answers["served"].kv_cache_dtype == "int8":
+    served = answers["served"]
+    if answers["asked"] == ("auto", "auto") and native_ops().has_int8_linear:  # the probe holds here
+        assert (served.quantization, served.kv_cache_dtype) == ("int8", "int8")
+    if served.kv_cache_dtype == "int8":
         assert logprobs == answers["chunked by 13"]["long"][1]
     else:
         assert logprobs != answers["chunked by 13"]["long"][1]

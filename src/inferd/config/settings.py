@@ -186,7 +186,8 @@ class ServerSettings(BaseSettings):
         "quantised per group of 32 inputs): half the weight bytes a token reads, twice the arithmetic "
         "rate. Needs the CPU, bf16, the native kernels and AVX-512 BF16 with VNNI. auto: int8 where the "
         "model can run it and a probe at load finds the model's perplexity on a fixed text within 1 % "
-        "of the unquantised model's (llm/precision.py), else none; none: the model's own weights.",
+        "of the unquantised model's (llm/precision.py; the verdict is kept under --cache-dir), else none; "
+        "none: the model's own weights.",
     )
     kv_cache_dtype: Literal["auto", "model", "int8"] = Field(
         "auto",

@@ -1,37 +1,49 @@
 """int8 weights and KV cache by default, served only where they stay faithful to the model.
 
 When the server makes the int8 choices itself (``--quantization auto``, ``--kv-cache-dtype auto``
-on the CPU's native bf16 path, see ``LLMConfig.auto_precision``), the model is first loaded without
-them, into a cache just big enough, and scores a fixed text (the log-probability of each of its
-tokens given the ones before, as completions' ``echo`` with ``logprobs`` reports them); then it is
-loaded as it will serve, with the int8 choices, and scores the same text. The int8 model serves if
-its perplexity is at most ``PERPLEXITY_GATE`` above the unquantised model's (issue 17's gate for
-every reduced default, there against float32: the bf16 path itself stays within 0.2 % of float32 on
-the bundled model, tests/integration/test_served_dtype_quality.py). Otherwise the model is loaded
-again without them and the server says why. Choices made by name are served as asked, unchecked.
+on the CPU's native bf16 path, see ``LLMConfig.auto_precision``), those the model cannot run are
+reverted from its config alone; then the model is loaded without the rest, into a cache just big
+enough, and scores a fixed text (the log-probability of each of its tokens given the ones before,
+as completions' ``echo`` with ``logprobs`` reports them); then it is loaded as it will serve, with
+the int8 choices, and scores the same text. The int8 model serves if its perplexity is at most
+``PERPLEXITY_GATE`` above the unquantised model's (issue 17's gate for every reduced default, there
+against float32: the bf16 path itself stays within 0.2 % of float32 on the bundled model,
+tests/integration/test_served_dtype_quality.py). Otherwise, or if the probe cannot run, the model
+is loaded again without them and the server says why. Choices made by name are served as asked,
+unchecked.
 
-The probe costs a second load and two prefills of about 400 tokens at start (about a second for
-SmolLM2-135M on a 2-core EPYC). Its text was written for this check.
+The probe costs a second load and two prefills of up to 512 tokens (about a second for
+SmolLM2-135M on a 2-core EPYC; for a 7B model, tens of seconds), so its verdict is kept in the
+cache folder, keyed by the model's files, the choices, the dtype, this inferd and its kernel build:
+a restart or a reload after keep-alive loads once. Its text was written for this check.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import math
+import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from inferd import __version__
 from inferd.config.engine import LLMConfig
+from inferd.hub.gguf import DEFAULT_CACHE_DIR
 from inferd.llm.engine import LLMEngine
-from inferd.llm.models.loader import load_causal_lm
+from inferd.llm.models.loader import load_causal_lm, settled_config
 from inferd.llm.params import SamplingParams
+from inferd.llm.runner.kernels import native_ops
 from inferd.memory.profile import release_freed_memory
 
 log = logging.getLogger(__name__)
 
 PERPLEXITY_GATE = 0.01  # the int8 model's perplexity at most 1 % above the unquantised model's
 MAX_PROBE_TOKENS = 512
+MIN_PROBE_TOKENS = 64
 _PROBE_ID = "inferd-precision-probe"
 
 # Prose, a dialogue, figures, a list and a little code: what chat models are asked about.
@@ -69,43 +81,67 @@ the bins.
 class Verdict:
     passed: bool
     detail: str  # what was compared and how close it came, for the log
+    kept: bool = True  # a verdict on the model (not on a probe that could not run): kept for later loads
 
 
 def load_engine(path: Path, config: LLMConfig) -> LLMEngine:
-    """The engine for ``config``; where the server chose int8 itself, probed first (module docstring)."""
-    if not config.auto_precision:
-        loaded = load_causal_lm(path, config)
-        return LLMEngine(loaded, loaded.config)
-    log.info("%s: scoring a probe text without int8 first, to check the int8 model against", path)
-    reference = _probe_engine(path, config.fallback())
-    reference_logprobs = probe_logprobs(reference)
-    del reference
-    _release()
-    loaded = load_causal_lm(path, config)
-    engine = LLMEngine(loaded, loaded.config)
-    chosen = [name for name in loaded.config.auto_precision if _is_int8(loaded.config, name)]
-    if not chosen:  # the model can run none of them: it is loaded as the fallback already
-        return engine
-    verdict = compare(reference_logprobs, probe_logprobs(engine))
-    _forget_probe(engine)
-    what = " and ".join(_DESCRIPTIONS[name] for name in chosen)
+    """The engine for ``config``; where the server chose int8 itself, checked first (module docstring)."""
+    if config.auto_precision:
+        config = settled_config(path, config)
+    if not _int8_choices(config):
+        return _engine(path, config)
+    what = " and ".join(_DESCRIPTIONS[name] for name in _int8_choices(config))
+    record = _verdict_file(path, config)
+    verdict = _kept(record)
+    if verdict is not None:
+        level = logging.INFO if verdict.passed else logging.WARNING
+        log.log(level, "%s: %s %s (checked before: %s)", path, _SERVING[verdict.passed], what, verdict.detail)
+        return _engine(path, config if verdict.passed else config.fallback())
+    engine, verdict = _probed(path, config)
+    if verdict.kept:
+        _keep(record, verdict)
+    if engine is not None and not _int8_choices(engine.config):
+        return engine  # layers found only in the weights took back every choice (the loader said so)
     if verdict.passed:
-        log.info("%s: serving %s (%s)", path, what, verdict.detail)
+        log.info("%s: %s %s (%s)", path, _SERVING[True], what, verdict.detail)
         return engine
-    log.warning(
-        "%s: not serving %s, which is not faithful enough to the model: %s", path, what, verdict.detail
-    )
-    del engine, loaded
+    log.warning("%s: %s %s (%s)", path, _SERVING[False], what, verdict.detail)
+    del engine
     _release()
-    fallback = load_causal_lm(path, config.fallback())
-    return LLMEngine(fallback, fallback.config)
+    return _engine(path, config.fallback())
 
 
 _DESCRIPTIONS = {"quantization": "int8 weights", "kv_cache_dtype": "an int8 KV cache"}
+_SERVING = {True: "serving", False: "not serving"}
 
 
-def _is_int8(config: LLMConfig, name: str) -> bool:
-    return getattr(config, name) == "int8"
+def _int8_choices(config: LLMConfig) -> list[str]:
+    return [name for name in config.auto_precision if getattr(config, name) == "int8"]
+
+
+def _engine(path: Path, config: LLMConfig) -> LLMEngine:
+    loaded = load_causal_lm(path, config)
+    return LLMEngine(loaded, loaded.config)
+
+
+def _probed(path: Path, config: LLMConfig) -> tuple[LLMEngine | None, Verdict]:
+    """The engine loaded as ``config`` asks, and the probe's verdict on it. Where the probe cannot
+    run, a failed verdict that says why and is not kept (the next start tries again)."""
+    log.info("%s: scoring a probe text without int8 first, to check the int8 model against", path)
+    try:
+        reference = probe_logprobs(_probe_engine(path, config.fallback()))
+    except Exception as exc:  # noqa: BLE001 - a probe that cannot run keeps the model's precision
+        return None, Verdict(False, f"the probe could not run on the model without int8: {exc!r}", kept=False)
+    _release()
+    engine = _engine(path, config)
+    if not _int8_choices(engine.config):  # nothing left to check
+        return engine, Verdict(True, "no int8 choice left", kept=False)
+    try:
+        candidate = probe_logprobs(engine)
+    except Exception as exc:  # noqa: BLE001 - as above: a failing int8 model falls back, the server lives
+        return engine, Verdict(False, f"the probe failed on the int8 model: {exc!r}", kept=False)
+    _forget_probe(engine)
+    return engine, compare(reference, candidate)
 
 
 def probe_logprobs(engine: LLMEngine) -> list[float]:
@@ -127,18 +163,22 @@ def probe_logprobs(engine: LLMEngine) -> list[float]:
 def compare(reference: list[float], candidate: list[float]) -> Verdict:
     """Whether ``candidate``'s perplexity over the tokens both scored is within the gate of ``reference``'s."""
     n = min(len(reference), len(candidate))
-    if n == 0:
-        return Verdict(False, "the probe scored no tokens")
+    if n < MIN_PROBE_TOKENS:  # a context too short to tell (--max-model-len)
+        return Verdict(
+            False, f"the probe could score only {n} tokens (at least {MIN_PROBE_TOKENS})", kept=False
+        )
     ref = -sum(reference[:n]) / n
     cand = -sum(candidate[:n]) / n
     if not (math.isfinite(ref) and math.isfinite(cand)):
         return Verdict(False, f"non-finite log-probabilities on the probe text ({ref}, {cand})")
     change = math.exp(cand - ref) - 1
+    passed = change <= PERPLEXITY_GATE
     detail = (
-        f"perplexity of the probe text {math.exp(cand):.3f} against {math.exp(ref):.3f} without int8 "
-        f"({change * 100:+.2f} %, gate +{PERPLEXITY_GATE * 100:g} %, {n} tokens)"
+        f"perplexity of the probe text {math.exp(cand):.3f} against {math.exp(ref):.3f} without int8: "
+        f"{change * 100:+.2f} %, {'within' if passed else 'over'} the gate of +{PERPLEXITY_GATE * 100:g} %, "
+        f"{n} tokens"
     )
-    return Verdict(change <= PERPLEXITY_GATE, detail)
+    return Verdict(passed, detail)
 
 
 def _probe_engine(path: Path, config: LLMConfig) -> LLMEngine:
@@ -166,3 +206,56 @@ def _forget_probe(engine: LLMEngine) -> None:
 def _release() -> None:
     gc.collect()  # the engine's cycles hold the weights and the cache
     release_freed_memory()
+
+
+def _verdict_file(path: Path, config: LLMConfig) -> Path:
+    """Where the verdict on ``path`` under ``config``'s int8 choices is kept: named by everything it
+    depends on, so that changed weights, another choice, gate or probe, or another inferd or kernel
+    build probes again."""
+    ops = native_ops()
+    library = getattr(ops, "library", None)
+    key = {
+        "model": _file_stamps(path),
+        "dtype": config.dtype,
+        "device": config.device,
+        "choices": {name: getattr(config, name) for name in config.auto_precision},
+        "named": {"quantization": config.quantization, "kv_cache_dtype": config.kv_cache_dtype},
+        "block_size": config.block_size,
+        "inferd": __version__,
+        "kernels": None if ops is None else [ops.variant, *(_file_stamps(library) if library else [])],
+        "gate": PERPLEXITY_GATE,
+        "probe": hashlib.sha256(PROBE_TEXT.encode()).hexdigest(),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    folder = Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE_DIR
+    return folder / "precision" / f"{path.name}-{digest}.json"
+
+
+def _file_stamps(path: Path) -> list[list]:
+    """Name, size and modification time of ``path``, or of every file directly in the folder."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [[str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns] for p in files]
+
+
+def _kept(record: Path) -> Verdict | None:
+    try:
+        kept = json.loads(record.read_text())
+        return Verdict(bool(kept["passed"]), str(kept["detail"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _keep(record: Path, verdict: Verdict) -> None:
+    """Write the verdict for later loads; where the cache folder cannot be written, it is only lost."""
+    body = {
+        "passed": verdict.passed,
+        "detail": verdict.detail,
+        "checked": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        partial = record.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(body))
+        partial.replace(record)
+    except OSError as exc:
+        log.debug("the precision verdict was not kept in %s: %s", record, exc)

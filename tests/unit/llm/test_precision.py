@@ -4,6 +4,7 @@ decides, and its fallback."""
 
 import logging
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -84,42 +85,117 @@ def test_an_auto_choice_the_model_cannot_run_is_reverted_and_a_named_one_refused
         load_causal_lm(tiny_llama, LLMConfig(**SMALL, kv_cache_dtype="int8"))
 
 
-def auto_config(**overrides) -> LLMConfig:
+def auto_config(tmp_path, **overrides) -> LLMConfig:
+    """The server's own int8 choices, with verdicts kept under ``tmp_path``."""
     return LLMConfig(
         **SMALL,
         quantization="int8",
         kv_cache_dtype="int8",
         auto_precision=("quantization", "kv_cache_dtype"),
+        cache_dir=str(tmp_path),
         **overrides,
     )
 
 
+def kept_verdicts(tmp_path) -> list:
+    return sorted((tmp_path / "precision").glob("*.json")) if (tmp_path / "precision").is_dir() else []
+
+
 @needs_int8
-def test_the_probe_serves_int8_where_it_holds_and_leaves_no_trace(wide_llama, caplog):
+def test_the_probe_serves_int8_where_it_holds_and_leaves_no_trace(wide_llama, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="inferd.llm.precision")
-    engine = precision.load_engine(wide_llama, auto_config())
+    engine = precision.load_engine(wide_llama, auto_config(tmp_path))
     assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("int8", "int8")
     assert engine.facts.kv_int8 and engine.runner.kv_int8
-    assert "serving int8 weights and an int8 KV cache" in caplog.text
+    assert "serving int8 weights and an int8 KV cache (perplexity of the probe text" in caplog.text
     # nothing of the probe is left to hit or to count
     kv = engine.kv_cache
     assert kv.num_prefix_queries == kv.num_prefix_hits == 0 and kv.usage == 0
+    assert not engine.has_work
     ids = engine.tokenizer(precision.PROBE_TEXT)["input_ids"]
     assert kv.find_cached_prefix(ids).num_tokens == 0
 
 
 @needs_int8
-def test_a_model_that_fails_the_probe_is_served_without_int8(wide_llama, caplog, monkeypatch):
+def test_a_kept_verdict_spares_the_probe_until_what_it_depends_on_changes(
+    wide_llama, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="inferd.llm.precision")
+    precision.load_engine(wide_llama, auto_config(tmp_path))
+    assert len(kept_verdicts(tmp_path)) == 1
+    probes = []
+    real = precision.probe_logprobs
+    monkeypatch.setattr(precision, "probe_logprobs", lambda engine: probes.append(engine) or real(engine))
+    engine = precision.load_engine(wide_llama, auto_config(tmp_path))
+    assert probes == [] and "(checked before: perplexity of the probe text" in caplog.text
+    assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("int8", "int8")
+    # another gate is another question
+    monkeypatch.setattr(precision, "PERPLEXITY_GATE", 0.02)
+    precision.load_engine(wide_llama, auto_config(tmp_path))
+    assert len(probes) == 2 and len(kept_verdicts(tmp_path)) == 2
+
+
+@needs_int8
+def test_a_model_that_fails_the_probe_is_served_without_int8(wide_llama, tmp_path, caplog, monkeypatch):
     """A gate no int8 model can meet (perplexity must fall by half): the server loads the model again
-    without its own int8 choices, keeps the ones asked for by name, and says why."""
+    without its own int8 choices, keeps the ones asked for by name, says why, and remembers."""
     monkeypatch.setattr(precision, "PERPLEXITY_GATE", -0.5)
-    engine = precision.load_engine(wide_llama, auto_config())
+    engine = precision.load_engine(wide_llama, auto_config(tmp_path))
     assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("none", "model")
     assert not engine.facts.kv_int8
-    assert "not serving int8 weights and an int8 KV cache" in caplog.text
-    named = LLMConfig(**SMALL, quantization="int8", kv_cache_dtype="int8", auto_precision=("kv_cache_dtype",))
+    assert "not serving int8 weights and an int8 KV cache (perplexity" in caplog.text
+    assert "over the gate of +-50 %" in caplog.text
+    engine = precision.load_engine(wide_llama, auto_config(tmp_path))  # the kept verdict: no probe
+    assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("none", "model")
+    assert "not serving int8 weights and an int8 KV cache (checked before" in caplog.text
+    named = replace(auto_config(tmp_path), auto_precision=("kv_cache_dtype",))
     engine = precision.load_engine(wide_llama, named)
     assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("int8", "model")
+
+
+@needs_int8
+@pytest.mark.parametrize("where", ["without int8", "with int8"])
+def test_a_probe_that_cannot_run_keeps_the_models_precision_and_is_not_kept(
+    wide_llama, tmp_path, caplog, monkeypatch, where
+):
+    """An error in the probe is no reason to fail the model: it serves without int8, and the next
+    load tries again."""
+    real = precision.probe_logprobs
+
+    def failing(engine):
+        if engine.facts.kv_int8 == (where == "with int8"):
+            raise RuntimeError("probe broke")
+        return real(engine)
+
+    monkeypatch.setattr(precision, "probe_logprobs", failing)
+    engine = precision.load_engine(wide_llama, auto_config(tmp_path))
+    assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("none", "model")
+    assert "probe broke" in caplog.text and kept_verdicts(tmp_path) == []
+
+
+@needs_int8
+def test_a_context_too_short_to_tell_keeps_the_models_precision(wide_llama, tmp_path):
+    engine = precision.load_engine(
+        wide_llama, auto_config(tmp_path, max_model_len=precision.MIN_PROBE_TOKENS)
+    )
+    assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("none", "model")
+    assert kept_verdicts(tmp_path) == []
+
+
+@needs_int8
+def test_what_the_config_rules_out_is_reverted_before_any_probe(
+    model_root, tiny_llama, tmp_path, monkeypatch
+):
+    """tiny_llama's 16-wide heads and Qwen3's per-head q/k norms rule out the int8 cache from the
+    model's config alone: with only that choice left to the server, nothing is probed."""
+    from tests.unit.llm.test_architectures import build
+
+    monkeypatch.setattr(precision, "_probed", lambda *args: pytest.fail("probed"))
+    qwen3 = build(model_root, "qwen3", tiny_llama, head_dim=32)[0]
+    for path in (tiny_llama, qwen3):
+        config = replace(auto_config(tmp_path), auto_precision=("kv_cache_dtype",))
+        engine = precision.load_engine(path, config)
+        assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("int8", "model")
 
 
 @needs_int8

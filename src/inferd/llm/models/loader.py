@@ -58,23 +58,17 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
 
     A Llama-family safetensors checkpoint is read straight into inferd's decoder; anything else
     (or ``model_impl="transformers"``) loads through transformers' classes with paged attention."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    if path.is_file() and path.suffix == ".gguf":
-        # Straight into the served dtype (int8 too is made from the bf16 weights: see hub.gguf).
-        path = converted_gguf(path, Path(config.cache_dir) if config.cache_dir else None, config.dtype)
+    path = _weights_folder(path, config)
     dtype = _DTYPES[config.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        hf_config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from None
-    text_config = hf_config.get_text_config()
+    text_config = _text_config(path)
     native = native_ops() if config.native_kernels and config.device == "cpu" else None
-    if config.quantization == "int8":
-        config = _settle(config, "quantization", _why_not_int8(config, text_config, native))
-    if config.kv_cache_dtype == "int8":
-        config = _settle(config, "kv_cache_dtype", _why_not_kv_int8(config, text_config, native))
+    config = _settled(config, text_config, native)
     model, decoder = None, None
     if config.model_impl == "auto":
         decoder = load_decoder(path, text_config, dtype, config.device)
@@ -82,11 +76,9 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
         model = _load_transformers_model(path, dtype, config)
         decoder = build_decoder(model) if config.model_impl == "auto" else None
     if config.kv_cache_dtype == "int8" and (decoder is None or not decoder.fusable):
-        # per-head q/k norms (Qwen3) keep the torch layer, which cannot write an int8 cache
-        why = (
-            f"its {text_config.model_type!r} layers run on torch ops (per-head q/k norms), not the native "
-            "bf16 path that reads int8 caches"
-        )
+        # per-head q/k norms (Qwen3's, where _QK_NORMS misses them) keep the torch layer, which
+        # cannot write an int8 cache
+        why = f"its {text_config.model_type!r} layers run on torch ops (per-head q/k norms), {_NO_INT8_CACHE}"
         config = _settle(config, "kv_cache_dtype", why)
     facts = _facts(text_config, _eos_ids(path, text_config, tokenizer), len(tokenizer), config, dtype)
     if decoder is not None and config.device == "cpu" and dtype == torch.bfloat16:
@@ -96,6 +88,40 @@ def load_causal_lm(path: Path, config: LLMConfig) -> LoadedModel:
     return LoadedModel(model, decoder, tokenizer, facts, path, config)
 
 
+def settled_config(path: Path, config: LLMConfig) -> LLMConfig:
+    """``config`` with the server's int8 choices this model cannot run reverted (a choice made by
+    name that it cannot run is refused), read from the model's config alone; load_causal_lm does the
+    same, and also reverts an int8 cache for layers it finds only in the weights."""
+    native = native_ops() if config.native_kernels and config.device == "cpu" else None
+    return _settled(config, _text_config(_weights_folder(path, config)), native)
+
+
+def _weights_folder(path: Path, config: LLMConfig) -> Path:
+    if path.is_file() and path.suffix == ".gguf":
+        # Straight into the served dtype (int8 too is made from the bf16 weights: see hub.gguf).
+        return converted_gguf(path, Path(config.cache_dir) if config.cache_dir else None, config.dtype)
+    return path
+
+
+def _text_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path)).get_text_config()
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from None
+
+
+def _settled(config: LLMConfig, text_config, native) -> LLMConfig:
+    if config.quantization == "int8":
+        config = _settle(config, "quantization", _why_not_int8(config, text_config, native))
+    if config.kv_cache_dtype == "int8":
+        config = _settle(config, "kv_cache_dtype", _why_not_kv_int8(config, text_config, native))
+    return config
+
+
+_QK_NORMS = frozenset({"qwen3"})  # model types whose layers carry per-head q/k norms
+_NO_INT8_CACHE = "not the native bf16 path that reads int8 caches"
 _OPTIONS = {"quantization": "--quantization int8", "kv_cache_dtype": "--kv-cache-dtype int8"}
 
 
@@ -127,6 +153,8 @@ def _why_not_kv_int8(config: LLMConfig, text_config, native) -> str | None:
     attention with packed keys (paged_decode.c) is the one reader of int8 caches."""
     has_kernel = native is not None and native.has_linear
     why = _not_native_bf16(config, text_config, has_kernel, "a CPU with AVX-512 BF16 (or AMX)")
+    if why is None and text_config.model_type in _QK_NORMS:
+        why = f"its {text_config.model_type!r} layers run on torch ops (per-head q/k norms), {_NO_INT8_CACHE}"
     if why is None:
         shape = DecoderShape.of(text_config)
         if not native.packs_keys(shape.head_dim, config.block_size):

@@ -69,8 +69,9 @@ class NativeOps:
     element-wise steps of a decoder layer and, on CPUs with AMX or AVX512-BF16, bf16 linear layers
     (``has_linear``) and a whole decoder step in one call; thin wrappers over tensors."""
 
-    def __init__(self, library: ctypes.CDLL, variant: str) -> None:
+    def __init__(self, library: ctypes.CDLL, variant: str, path: Path | None = None) -> None:
         self.variant = variant  # which build: a variants.py name
+        self.library = path  # the build's file (its stamp keys what was measured on it)
         self._checked_slots: torch.Tensor | None = None  # the last slot tensor found in range
         self.paged_decode = _bind(
             library.paged_decode_attention,
@@ -460,7 +461,7 @@ def load_variant(variant: variants.Variant) -> NativeOps:
     library = prebuilt_library(variant)
     if library is None:
         raise FileNotFoundError(f"the {variant.name} kernels were not built with this package")
-    return NativeOps(ctypes.CDLL(str(library)), variant.name)
+    return NativeOps(ctypes.CDLL(str(library)), variant.name, library)
 
 
 def _bind(function, *argtypes, restype=ctypes.c_int):
