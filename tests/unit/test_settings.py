@@ -65,3 +65,9 @@ def test_kv_block_size_defaults_per_device_and_a_setting_wins():
     assert load_settings({}).llm_config().block_size == 8  # CPU: shorter tails after a prefix hit
     assert load_settings({"device": "cuda"}).llm_config().block_size == 16
     assert load_settings({"block_size": 32}).llm_config().block_size == 32
+
+
+def test_long_prompts_go_in_chunks_between_decodes_on_the_cpu_by_default():
+    assert load_settings({}).llm_config().prefill_tokens_while_decoding == 512
+    assert load_settings({"device": "cuda"}).llm_config().prefill_tokens_while_decoding is None
+    assert load_settings({"prefill_tokens_while_decoding": 128}).llm_config().prefill_tokens_while_decoding == 128

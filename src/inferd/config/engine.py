@@ -45,6 +45,11 @@ class EncoderConfig:
                 raise ValueError(f"{name} must be at least 1")
 
 
+# prefill_tokens_while_decoding on the CPU when not set (benchmarks/RESULTS.md, "int8 by
+# default"): a 1,600-token RAG prompt in one step held every decoding stream for ~450 ms on a
+# 2-core EPYC; 256 would cut chat prompts of 256-340 tokens too, 9 % off 32 chat streams.
+DEFAULT_CPU_PREFILL_WHILE_DECODING = 512
+
 # Draft tokens per step when speculative_tokens is left to the engine (benchmarks/RESULTS.md,
 # "Prompt-lookup speculative decoding").
 DEFAULT_DRAFTS = 4
@@ -57,6 +62,10 @@ class LLMConfig:
     block_size: int = 16
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
+    # While any request decodes, prompts longer than this share this many tokens a step (None: no
+    # limit but the step's budget): a long prompt goes in chunks between the decoders' tokens
+    # (Scheduler, _LongPrompts).
+    prefill_tokens_while_decoding: int | None = None
     max_model_len: int | None = None  # None: the model's own context length
     kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of what is free after loading
     kv_cache_fraction: float = 0.5
@@ -99,6 +108,8 @@ class LLMConfig:
         for name in (*positive, "max_buffered_outputs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.prefill_tokens_while_decoding is not None and self.prefill_tokens_while_decoding < 1:
+            raise ValueError("prefill_tokens_while_decoding must be at least 1")
         if (self.speculative_tokens or 0) < 0 or self.speculative_max_running < 1:
             raise ValueError("speculative_tokens must be at least 0 and speculative_max_running at least 1")
         if not 0 < self.kv_cache_fraction <= 1:

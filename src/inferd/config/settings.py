@@ -22,7 +22,12 @@ from pydantic_settings import (
 )
 
 from inferd.config.access import ApiKeySpec, read_key_file
-from inferd.config.engine import EncoderConfig, LLMConfig, default_block_size
+from inferd.config.engine import (
+    DEFAULT_CPU_PREFILL_WHILE_DECODING,
+    EncoderConfig,
+    LLMConfig,
+    default_block_size,
+)
 from inferd.config.model_spec import ModelSpec
 
 ENV_PREFIX = "INFERD_"
@@ -120,6 +125,15 @@ class ServerSettings(BaseSettings):
         2048,
         ge=1,
         description="LLM: token budget of one engine step (longer prompts are prefilled in chunks).",
+    )
+    prefill_tokens_while_decoding: int | None = Field(
+        None,
+        ge=1,
+        description="LLM: while any request decodes, prompts longer than this (RAG contexts) get this "
+        "many tokens an engine step between them, first come first served, so that a long prompt goes "
+        "in chunks between the decoders' tokens instead of holding each of them for its whole prefill; "
+        "shorter prompts go whole. Default: 512 on the CPU (a chunk of ~150 ms for SmolLM2 on 2 cores: "
+        "8 RAG streams' inter-token p95 336-358 -> 157 ms, first token p50 +16 %), no limit on a GPU.",
     )
     max_model_len: int | None = Field(
         None, ge=1, description="LLM: context length (prompt + output); default: the model's own."
@@ -446,6 +460,8 @@ class ServerSettings(BaseSettings):
             block_size=self.block_size or default_block_size(device),
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            prefill_tokens_while_decoding=self.prefill_tokens_while_decoding
+            or (DEFAULT_CPU_PREFILL_WHILE_DECODING if device == "cpu" else None),
             max_model_len=self.max_model_len,
             kv_cache_memory=self.kv_cache_memory,
             kv_cache_fraction=self.kv_cache_fraction,

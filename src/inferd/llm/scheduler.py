@@ -3,8 +3,12 @@
 Every request has ``num_computed_tokens`` that catches up with ``num_tokens``. Each step hands out at
 most ``max_num_batched_tokens`` new tokens: first to running requests in arrival order (a decode
 needs one, an unfinished prefill the rest of its prompt, cut to what the budget leaves), then to
-waiting requests, whose cached prefix is skipped. When blocks run out, the most recently admitted
-running request is preempted: its blocks are freed and it waits to be recomputed.
+waiting requests, whose cached prefix is skipped. While any request decodes, the prompts longer
+than ``prefill_tokens_while_decoding`` (RAG contexts) share that many tokens a step, first come
+first served: a long prompt then goes in a few chunks between the decoders' tokens instead of
+stalling each of them for its whole prefill, and shorter prompts go whole, as before. When blocks
+run out, the most recently admitted running request is preempted: its blocks are freed and it
+waits to be recomputed.
 """
 
 from __future__ import annotations
@@ -62,16 +66,20 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(output, budget)
+        long = _LongPrompts(self.config.prefill_tokens_while_decoding, self.running)
+        budget = self._schedule_running(output, budget, long)
         if not output.preempted:
-            self._schedule_waiting(output, budget)
+            self._schedule_waiting(output, budget, long)
         return output
 
-    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, output: SchedulerOutput, budget: int, long: _LongPrompts) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = long.take(request, min(request.num_tokens - request.num_computed_tokens, budget))
+            if num_new == 0:  # a long prompt whose turn is not this step
+                index += 1
+                continue
             # A decode may take its drafts along, as far as the budget goes and as long as free
             # blocks hold them: guesses never preempt anyone.
             drafts = min(len(request.draft_token_ids), budget - 1) if num_new == 1 else 0
@@ -87,7 +95,7 @@ class Scheduler:
             index += 1
         return budget
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int, long: _LongPrompts) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             cached = None
@@ -97,7 +105,9 @@ class Scheduler:
                 if self._prefix_in_flight(request, cached.num_tokens):
                     return
             num_computed = cached.num_tokens if cached else request.num_computed_tokens
-            num_new = min(request.num_tokens - num_computed, budget)
+            num_new = long.take(request, min(request.num_tokens - num_computed, budget))
+            if num_new == 0:
+                return
             table = self.kv_cache.allocate(
                 request.request_id, request.token_ids, num_computed, num_new, cached
             )
@@ -168,6 +178,23 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.num_finished[reason.value] += 1
+
+
+class _LongPrompts:
+    """The tokens a step may give prompts longer than ``cap`` while any of ``running`` decodes."""
+
+    def __init__(self, cap: int | None, running: list[Request]) -> None:
+        self.cap = cap
+        decoding = cap is not None and any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
+        self.left = cap if decoding else None  # None: no limit this step
+
+    def take(self, request: Request, num_new: int) -> int:
+        """``num_new`` tokens for ``request``, cut to what this step leaves long prompts."""
+        if self.left is None or num_new <= 1 or request.num_prompt_tokens <= self.cap:
+            return num_new
+        num_new = min(num_new, self.left)
+        self.left -= num_new
+        return num_new
 
 
 def _shared_full_blocks(a: list[int], b: list[int], size: int, limit: int) -> int:

@@ -117,3 +117,41 @@ def test_drafts_are_cut_to_the_budget_and_not_counted_as_computed():
     assert (item.num_new_tokens, item.num_drafts, item.reaches_end) == (3, 2, True)
     scheduler.update_computed(output)
     assert a.num_computed_tokens == 3  # the last known token only; the engine counts accepted drafts
+
+
+def chunks(scheduler: Scheduler) -> dict[str, int]:
+    """One step: each scheduled request's new tokens."""
+    output = scheduler.schedule()
+    scheduler.update_computed(output)
+    for item in output.scheduled:
+        if item.request.num_computed_tokens == item.request.num_tokens:
+            item.request.token_ids.append(7)
+    return {item.request.request_id: item.num_new_tokens for item in output.scheduled}
+
+
+def test_while_others_decode_long_prompts_share_a_chunk_a_step_first_come_first_served():
+    """A RAG context arriving while a stream decodes goes in chunks of prefill_tokens_while_decoding
+    between its tokens (the decode is never held back), a second long prompt after the first; a
+    prompt no longer than that goes whole. With nobody decoding, the step's budget is the limit."""
+    scheduler = make_scheduler(prefill_tokens_while_decoding=256, max_num_batched_tokens=2048)
+    scheduler.add(request(0, list(range(1, 40))))
+    assert chunks(scheduler) == {"0": 39}  # nobody decodes yet
+    scheduler.add(request(1, list(range(1000, 1600))))  # 600 tokens: long
+    scheduler.add(request(2, list(range(2000, 2300))))  # long too
+    assert chunks(scheduler) == {"0": 1, "1": 256}  # request 2 waits its turn
+    assert chunks(scheduler) == {"0": 1, "1": 256}
+    scheduler.add(request(3, list(range(3000, 3200))))  # short: whole, once request 2 is in
+    assert chunks(scheduler) == {"0": 1, "1": 88, "2": 168, "3": 200}
+    assert chunks(scheduler) == {"0": 1, "1": 1, "2": 132, "3": 1}
+    assert chunks(scheduler) == {"0": 1, "1": 1, "2": 1, "3": 1}
+
+
+def test_without_a_decode_a_long_prompt_takes_the_whole_budget():
+    scheduler = make_scheduler(prefill_tokens_while_decoding=256, max_num_batched_tokens=2048)
+    scheduler.add(request(0, list(range(1000, 1600))))
+    assert chunks(scheduler) == {"0": 600}
+    uncapped = make_scheduler(max_num_batched_tokens=2048)  # None: no cap (a GPU's default)
+    uncapped.add(request(0, list(range(1, 40))))
+    chunks(uncapped)
+    uncapped.add(request(1, list(range(1000, 1600))))
+    assert chunks(uncapped) == {"0": 1, "1": 600}
