@@ -68,6 +68,10 @@ def test_kv_block_size_defaults_per_device_and_a_setting_wins():
 
 
 def test_long_prompts_go_in_chunks_between_decodes_on_the_cpu_by_default():
-    assert load_settings({}).llm_config().prefill_tokens_while_decoding == 512
-    assert load_settings({"device": "cuda"}).llm_config().prefill_tokens_while_decoding is None
-    assert load_settings({"prefill_tokens_while_decoding": 128}).llm_config().prefill_tokens_while_decoding == 128
+    def cap(**settings):
+        return load_settings(settings).llm_config().prefill_tokens_while_decoding
+
+    assert cap(device="cpu") == 512
+    assert cap(device="cuda") is None
+    assert cap(device="cpu", prefill_tokens_while_decoding=128) == 128
+    assert cap(device="cpu", prefill_tokens_while_decoding=0) is None  # no limit

@@ -128,12 +128,13 @@ class ServerSettings(BaseSettings):
     )
     prefill_tokens_while_decoding: int | None = Field(
         None,
-        ge=1,
-        description="LLM: while any request decodes, prompts longer than this (RAG contexts) get this "
-        "many tokens an engine step between them, first come first served, so that a long prompt goes "
-        "in chunks between the decoders' tokens instead of holding each of them for its whole prefill; "
-        "shorter prompts go whole. Default: 512 on the CPU (a chunk of ~150 ms for SmolLM2 on 2 cores: "
-        "8 RAG streams' inter-token p95 336-358 -> 157 ms, first token p50 +16 %), no limit on a GPU.",
+        ge=0,
+        description="LLM: while any request decodes, one prompt with more than this many tokens left to "
+        "compute (a RAG context, a preempted request's recompute) gets this many an engine step, the "
+        "first in line, so that it goes in chunks between the decoders' tokens instead of holding each "
+        "of them for its whole prefill; shorter prompts go whole. Default: 512 on the CPU (a chunk of "
+        "~150 ms for SmolLM2 on 2 cores: 8 RAG streams' inter-token p95 336-358 -> 157 ms, first token "
+        "p50 +16 %), no limit on a GPU; 0: no limit.",
     )
     max_model_len: int | None = Field(
         None, ge=1, description="LLM: context length (prompt + output); default: the model's own."
@@ -460,8 +461,7 @@ class ServerSettings(BaseSettings):
             block_size=self.block_size or default_block_size(device),
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
-            prefill_tokens_while_decoding=self.prefill_tokens_while_decoding
-            or (DEFAULT_CPU_PREFILL_WHILE_DECODING if device == "cpu" else None),
+            prefill_tokens_while_decoding=self._prefill_while_decoding(device),
             max_model_len=self.max_model_len,
             kv_cache_memory=self.kv_cache_memory,
             kv_cache_fraction=self.kv_cache_fraction,
@@ -481,6 +481,12 @@ class ServerSettings(BaseSettings):
             max_prompt_chars=self.max_prompt_chars,
             max_buffered_outputs=self.max_buffered_outputs,
         )
+
+    def _prefill_while_decoding(self, device: str) -> int | None:
+        value = self.prefill_tokens_while_decoding
+        if value is None:
+            return DEFAULT_CPU_PREFILL_WHILE_DECODING if device == "cpu" else None
+        return value or None  # 0: no limit
 
     def _precision(self, device: str, dtype: str) -> dict[str, Any]:
         """quantization, kv_cache_dtype and which of them the server chose: auto is int8 wherever the

@@ -3,10 +3,11 @@
 Every request has ``num_computed_tokens`` that catches up with ``num_tokens``. Each step hands out at
 most ``max_num_batched_tokens`` new tokens: first to running requests in arrival order (a decode
 needs one, an unfinished prefill the rest of its prompt, cut to what the budget leaves), then to
-waiting requests, whose cached prefix is skipped. While any request decodes, the prompts longer
-than ``prefill_tokens_while_decoding`` (RAG contexts) share that many tokens a step, first come
-first served: a long prompt then goes in a few chunks between the decoders' tokens instead of
-stalling each of them for its whole prefill, and shorter prompts go whole, as before. When blocks
+waiting requests, whose cached prefix is skipped. While any request decodes, one prompt with more
+than ``prefill_tokens_while_decoding`` tokens left to compute (a RAG context, a preempted request's
+recompute) gets that many a step, the first in line: a long prompt then goes in a few chunks
+between the decoders' tokens instead of stalling each of them for its whole prefill; the other
+long ones wait without holding up shorter prompts, which go whole, as before. When blocks
 run out, the most recently admitted running request is preempted: its blocks are freed and it
 waits to be recomputed.
 """
@@ -76,7 +77,8 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = long.take(request, min(request.num_tokens - request.num_computed_tokens, budget))
+            remaining = request.num_tokens - request.num_computed_tokens
+            num_new = long.take(remaining, min(remaining, budget))
             if num_new == 0:  # a long prompt whose turn is not this step
                 index += 1
                 continue
@@ -96,6 +98,13 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int, long: _LongPrompts) -> None:
+        skipped: list[Request] = []  # long prompts whose turn is not this step: they keep their place
+        try:
+            self._admit(output, budget, long, skipped)
+        finally:
+            self.waiting.extendleft(reversed(skipped))
+
+    def _admit(self, output: SchedulerOutput, budget: int, long: _LongPrompts, skipped: list[Request]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             cached = None
@@ -105,9 +114,11 @@ class Scheduler:
                 if self._prefix_in_flight(request, cached.num_tokens):
                     return
             num_computed = cached.num_tokens if cached else request.num_computed_tokens
-            num_new = long.take(request, min(request.num_tokens - num_computed, budget))
+            remaining = request.num_tokens - num_computed
+            num_new = long.take(remaining, min(remaining, budget))
             if num_new == 0:
-                return
+                skipped.append(self.waiting.popleft())
+                continue
             table = self.kv_cache.allocate(
                 request.request_id, request.token_ids, num_computed, num_new, cached
             )
@@ -181,20 +192,24 @@ class Scheduler:
 
 
 class _LongPrompts:
-    """The tokens a step may give prompts longer than ``cap`` while any of ``running`` decodes."""
+    """While any of ``running`` decodes, one prompt with more than ``cap`` tokens left to compute
+    (a RAG context, a preempted request's recompute) gets ``cap`` of them a step, the first in line;
+    the others wait for a later step. Prompts with at most ``cap`` left go whole."""
 
     def __init__(self, cap: int | None, running: list[Request]) -> None:
-        self.cap = cap
-        decoding = cap is not None and any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
-        self.left = cap if decoding else None  # None: no limit this step
+        # a request that has computed its whole prompt is decoding (its drafts aside)
+        decoding = any(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+        self.cap = cap if decoding else None  # None: no limit this step
+        self.taken = False  # this step's long chunk went out
 
-    def take(self, request: Request, num_new: int) -> int:
-        """``num_new`` tokens for ``request``, cut to what this step leaves long prompts."""
-        if self.left is None or num_new <= 1 or request.num_prompt_tokens <= self.cap:
+    def take(self, remaining: int, num_new: int) -> int:
+        """Of ``num_new`` tokens for a prompt with ``remaining`` left, what this step gives it."""
+        if self.cap is None or remaining <= self.cap:
             return num_new
-        num_new = min(num_new, self.left)
-        self.left -= num_new
-        return num_new
+        if self.taken:
+            return 0
+        self.taken = True
+        return min(num_new, self.cap)
 
 
 def _shared_full_blocks(a: list[int], b: list[int], size: int, limit: int) -> int:

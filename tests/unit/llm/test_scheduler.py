@@ -129,21 +129,35 @@ def chunks(scheduler: Scheduler) -> dict[str, int]:
     return {item.request.request_id: item.num_new_tokens for item in output.scheduled}
 
 
-def test_while_others_decode_long_prompts_share_a_chunk_a_step_first_come_first_served():
+def test_while_others_decode_one_long_prompt_a_step_goes_in_chunks_and_short_ones_pass():
     """A RAG context arriving while a stream decodes goes in chunks of prefill_tokens_while_decoding
-    between its tokens (the decode is never held back), a second long prompt after the first; a
-    prompt no longer than that goes whole. With nobody decoding, the step's budget is the limit."""
+    between its tokens (the decode is never held back); a second long prompt waits for the first,
+    running or waiting, and a short prompt behind it is admitted whole meanwhile."""
     scheduler = make_scheduler(prefill_tokens_while_decoding=256, max_num_batched_tokens=2048)
     scheduler.add(request(0, list(range(1, 40))))
     assert chunks(scheduler) == {"0": 39}  # nobody decodes yet
     scheduler.add(request(1, list(range(1000, 1600))))  # 600 tokens: long
-    scheduler.add(request(2, list(range(2000, 2300))))  # long too
-    assert chunks(scheduler) == {"0": 1, "1": 256}  # request 2 waits its turn
-    assert chunks(scheduler) == {"0": 1, "1": 256}
-    scheduler.add(request(3, list(range(3000, 3200))))  # short: whole, once request 2 is in
-    assert chunks(scheduler) == {"0": 1, "1": 88, "2": 168, "3": 200}
-    assert chunks(scheduler) == {"0": 1, "1": 1, "2": 132, "3": 1}
-    assert chunks(scheduler) == {"0": 1, "1": 1, "2": 1, "3": 1}
+    scheduler.add(request(2, list(range(2000, 2300))))  # 300: long too, waits its turn
+    scheduler.add(request(3, list(range(3000, 3200))))  # 200: short, passes request 2
+    assert chunks(scheduler) == {"0": 1, "1": 256, "3": 200}
+    assert [r.request_id for r in scheduler.waiting] == ["2"]
+    assert chunks(scheduler) == {"0": 1, "1": 256, "3": 1}
+    # request 1 has 88 left: short now, whole; request 2 gets the long chunk
+    assert chunks(scheduler) == {"0": 1, "1": 88, "3": 1, "2": 256}
+    assert chunks(scheduler) == {"0": 1, "1": 1, "3": 1, "2": 44}
+
+
+def test_two_running_long_prompts_take_turns():
+    scheduler = make_scheduler(prefill_tokens_while_decoding=256, max_num_batched_tokens=2048)
+    scheduler.add(request(1, list(range(1000, 1600))))
+    scheduler.add(request(2, list(range(2000, 2700))))
+    scheduler.add(request(0, list(range(1, 40))))
+    assert chunks(scheduler) == {"1": 600, "2": 700, "0": 39}  # nobody decodes: the whole budget
+    for r in scheduler.running[:2]:  # as if preempted and recomputed: long again
+        r.num_computed_tokens = 0
+    assert chunks(scheduler) == {"1": 256, "0": 1}  # request 2 skips this step, keeps its place
+    assert chunks(scheduler) == {"1": 256, "0": 1}
+    assert chunks(scheduler) == {"1": 89, "2": 256, "0": 1}
 
 
 def test_without_a_decode_a_long_prompt_takes_the_whole_budget():
