@@ -192,8 +192,7 @@ def _probe_engine(path: Path, config: LLMConfig) -> LLMEngine:
         enable_prefix_caching=False,
         speculative_tokens=0,
     )
-    loaded = load_causal_lm(path, small)
-    return LLMEngine(loaded, loaded.config)
+    return _engine(path, small)
 
 
 def _forget_probe(engine: LLMEngine) -> None:
