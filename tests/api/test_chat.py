@@ -156,6 +156,9 @@ def test_context_length_error_uses_openais_code(llm_server):
 def test_models_lists_the_chat_model(llm_server):
     cards = {m["id"]: m for m in httpx.get(llm_server + "/v1/models").json()["data"]}
     assert cards["tiny-chat"]["kind"] == "chat" and cards["tiny-chat"]["max_model_len"] == 256
+    # the precision it serves in: float32 asked for, so no int8 choice of the server's
+    card = cards["tiny-chat"]
+    assert (card["dtype"], card["quantization"], card["kv_cache_dtype"]) == ("float32", "none", "float32")
 
 
 def test_echo_with_logprobs_scores_the_prompt(llm_server, tiny_llama):

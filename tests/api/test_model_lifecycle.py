@@ -12,6 +12,7 @@ import pytest
 
 from inferd.config import ModelSpec, load_settings
 from inferd.config.durations import parse_keep_alive
+from inferd.llm.runner.kernels import native_ops
 from inferd.memory.server import model_need
 from tests.conftest import free_port, live_server, wait_for
 
@@ -111,6 +112,10 @@ def test_models_dir_models_are_listed_unloaded_until_asked_for(server):
     cards = {m["id"]: m for m in httpx.get(server + "/v1/models").json()["data"]}
     assert cards["tiny-embed"]["state"] == "unloaded" and cards["tiny-embed"]["ready"] is False
     assert cards["tiny-chat"]["max_model_len"] > 0
+    if native_ops() is not None and native_ops().has_int8_linear:  # the default there: int8 weights,
+        # and a bf16 cache (tiny-chat's 16-wide heads are not for the int8 cache's kernel)
+        chat = cards["tiny-chat"]
+        assert (chat["dtype"], chat["quantization"], chat["kv_cache_dtype"]) == ("bfloat16", "int8", "bfloat16")
     response = _call(server, "tiny-embed")
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == 2

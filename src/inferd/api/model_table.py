@@ -65,12 +65,16 @@ class ServedModel:
 
     def card(self) -> ModelCard:
         if self.kind is ModelKind.CHAT:
+            config = self.client.engine.config
             return ModelCard(
                 id=self.name,
                 created=self.created,
                 kind=self.kind.value,
                 max_model_len=self.client.max_model_len,
                 ready=self.client.is_running,
+                dtype=config.dtype,
+                quantization=config.quantization,
+                kv_cache_dtype=config.cache_dtype,
             )
         info = self.client.info
         return ModelCard(
