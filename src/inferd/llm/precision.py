@@ -8,9 +8,10 @@ as completions' ``echo`` with ``logprobs`` reports them); then it is loaded as i
 the int8 choices, and scores the same text. The int8 model serves if its perplexity is at most
 ``PERPLEXITY_GATE`` above the unquantised model's (issue 17's gate for every reduced default, there
 against float32: the bf16 path itself stays within 0.2 % of float32 on the bundled model,
-tests/integration/test_served_dtype_quality.py). Otherwise, or if the probe cannot run, the model
-is loaded again without them and the server says why. Choices made by name are served as asked,
-unchecked.
+tests/integration/test_served_dtype_quality.py). Where both int8 choices were the server's and
+together they fail, the int8 weights alone are tried the same way. Otherwise, or if the probe cannot
+run, the model is loaded again without them and the server says why. Choices made by name are
+served as asked, unchecked.
 
 The probe costs a second load and two prefills of up to 512 tokens (about a second for
 SmolLM2-135M on a 2-core EPYC; for a 7B model, tens of seconds), so its verdict is kept in the
@@ -90,29 +91,56 @@ def load_engine(path: Path, config: LLMConfig) -> LLMEngine:
         config = settled_config(path, config)
     if not _int8_choices(config):
         return _engine(path, config)
-    what = " and ".join(_DESCRIPTIONS[name] for name in _int8_choices(config))
-    record = _verdict_file(path, config)
-    verdict = _kept(record)
-    if verdict is not None:
-        level = logging.INFO if verdict.passed else logging.WARNING
-        log.log(level, "%s: %s %s (checked before: %s)", path, _SERVING[verdict.passed], what, verdict.detail)
-        return _engine(path, config if verdict.passed else config.fallback())
-    engine, verdict = _probed(path, config)
-    if verdict.kept:
-        _keep(record, verdict)
-    if engine is not None and not _int8_choices(engine.config):
-        return engine  # layers found only in the weights took back every choice (the loader said so)
-    if verdict.passed:
-        log.info("%s: %s %s (%s)", path, _SERVING[True], what, verdict.detail)
-        return engine
-    log.warning("%s: %s %s (%s)", path, _SERVING[False], what, verdict.detail)
-    del engine
-    _release()
+    reference: list[float] | None = None  # the model without int8 on the probe text, scored once
+    for candidate in _candidates(config):
+        what = " and ".join(_DESCRIPTIONS[name] for name in _int8_choices(candidate))
+        record = _verdict_file(path, candidate)
+        verdict = _kept(record)
+        if verdict is not None:
+            level = logging.INFO if verdict.passed else logging.WARNING
+            log.log(
+                level, "%s: %s %s (checked before: %s)", path, _SERVING[verdict.passed], what, verdict.detail
+            )
+            if verdict.passed:
+                return _engine(path, candidate)
+            continue
+        if reference is None:
+            log.info("%s: scoring a probe text without int8 first, to check the int8 model against", path)
+            try:
+                reference = probe_logprobs(_probe_engine(path, config.fallback()))
+            except Exception as exc:  # noqa: BLE001 - a probe that cannot run keeps the model's precision
+                log.warning(
+                    "%s: not serving %s (the probe could not run on the model without it: %r)",
+                    path,
+                    what,
+                    exc,
+                )
+                break
+            _release()
+        engine, verdict = _probed(path, candidate, reference)
+        if verdict.kept:
+            _keep(record, verdict)
+        if not _int8_choices(engine.config):
+            return engine  # layers found only in the weights took back every choice (the loader said so)
+        if verdict.passed:
+            log.info("%s: %s %s (%s)", path, _SERVING[True], what, verdict.detail)
+            return engine
+        log.warning("%s: %s %s (%s)", path, _SERVING[False], what, verdict.detail)
+        del engine
+        _release()
     return _engine(path, config.fallback())
 
 
 _DESCRIPTIONS = {"quantization": "int8 weights", "kv_cache_dtype": "an int8 KV cache"}
 _SERVING = {True: "serving", False: "not serving"}
+
+
+def _candidates(config: LLMConfig) -> list[LLMConfig]:
+    """What to try, best first: every int8 choice; where that fails and the server chose both, the
+    int8 weights alone (half the bytes a token reads; the cache's int8 mostly pays at many streams)."""
+    if set(_int8_choices(config)) == {"quantization", "kv_cache_dtype"}:
+        return [config, config.reverted("kv_cache_dtype")]
+    return [config]
 
 
 def _int8_choices(config: LLMConfig) -> list[str]:
@@ -124,21 +152,16 @@ def _engine(path: Path, config: LLMConfig) -> LLMEngine:
     return LLMEngine(loaded, loaded.config)
 
 
-def _probed(path: Path, config: LLMConfig) -> tuple[LLMEngine | None, Verdict]:
-    """The engine loaded as ``config`` asks, and the probe's verdict on it. Where the probe cannot
-    run, a failed verdict that says why and is not kept (the next start tries again)."""
-    log.info("%s: scoring a probe text without int8 first, to check the int8 model against", path)
-    try:
-        reference = probe_logprobs(_probe_engine(path, config.fallback()))
-    except Exception as exc:  # noqa: BLE001 - a probe that cannot run keeps the model's precision
-        return None, Verdict(False, f"the probe could not run on the model without int8: {exc!r}", kept=False)
-    _release()
+def _probed(path: Path, config: LLMConfig, reference: list[float]) -> tuple[LLMEngine, Verdict]:
+    """The engine loaded as ``config`` asks, and the probe's verdict on it against ``reference``.
+    Where the probe fails on it, a failed verdict that says why and is not kept (the next start
+    tries again)."""
     engine = _engine(path, config)
     if not _int8_choices(engine.config):  # nothing left to check
         return engine, Verdict(True, "no int8 choice left", kept=False)
     try:
         candidate = probe_logprobs(engine)
-    except Exception as exc:  # noqa: BLE001 - as above: a failing int8 model falls back, the server lives
+    except Exception as exc:  # noqa: BLE001 - a failing int8 model falls back, the server lives
         return engine, Verdict(False, f"the probe failed on the int8 model: {exc!r}", kept=False)
     _forget_probe(engine)
     return engine, compare(reference, candidate)

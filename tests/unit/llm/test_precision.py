@@ -163,7 +163,8 @@ def test_a_probe_that_cannot_run_keeps_the_models_precision_and_is_not_kept(
     real = precision.probe_logprobs
 
     def failing(engine):
-        if engine.facts.kv_int8 == (where == "with int8"):
+        int8 = engine.config.quantization == "int8" or engine.facts.kv_int8
+        if int8 == (where == "with int8"):
             raise RuntimeError("probe broke")
         return real(engine)
 
@@ -171,6 +172,32 @@ def test_a_probe_that_cannot_run_keeps_the_models_precision_and_is_not_kept(
     engine = precision.load_engine(wide_llama, auto_config(tmp_path))
     assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("none", "model")
     assert "probe broke" in caplog.text and kept_verdicts(tmp_path) == []
+
+
+@needs_int8
+def test_where_both_int8_choices_fail_together_the_int8_weights_alone_are_tried(
+    wide_llama, tmp_path, monkeypatch, caplog
+):
+    """An int8 cache that costs this model too much (here: every token's log-probability one lower
+    with it) takes only itself back: the int8 weights alone pass and serve, both verdicts are kept,
+    and the next load goes straight to the weights alone."""
+    real = precision.probe_logprobs
+    probes = []
+
+    def cache_hurts(engine):
+        probes.append((engine.config.quantization, engine.config.kv_cache_dtype))
+        logprobs = real(engine)
+        return [lp - 1.0 for lp in logprobs] if engine.facts.kv_int8 else logprobs
+
+    monkeypatch.setattr(precision, "probe_logprobs", cache_hurts)
+    engine = precision.load_engine(wide_llama, auto_config(tmp_path))
+    assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("int8", "model")
+    assert probes == [("none", "model"), ("int8", "int8"), ("int8", "model")]  # the reference scored once
+    assert "not serving int8 weights and an int8 KV cache (perplexity" in caplog.text
+    assert len(kept_verdicts(tmp_path)) == 2
+    engine = precision.load_engine(wide_llama, auto_config(tmp_path))
+    assert (engine.config.quantization, engine.config.kv_cache_dtype) == ("int8", "model")
+    assert len(probes) == 3  # nothing probed again
 
 
 @needs_int8
