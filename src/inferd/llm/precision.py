@@ -13,7 +13,7 @@ together they fail, the int8 weights alone are tried the same way. Otherwise, or
 run, the model is loaded again without them and the server says why. Choices made by name are
 served as asked, unchecked.
 
-The probe costs a second load and two prefills of up to 512 tokens (about a second for
+The probe costs at least a second load and two prefills of up to 512 tokens (about a second for
 SmolLM2-135M on a 2-core EPYC; for a 7B model, tens of seconds), so its verdict is kept in the
 cache folder, keyed by the model's files, the choices, the dtype, this inferd and its kernel build:
 a restart or a reload after keep-alive loads once. Its text was written for this check.
@@ -92,7 +92,10 @@ def load_engine(path: Path, config: LLMConfig) -> LLMEngine:
     if not _int8_choices(config):
         return _engine(path, config)
     reference: list[float] | None = None  # the model without int8 on the probe text, scored once
+    tried: set[tuple[str, ...]] = set()  # the int8 choices probed so far, as loaded
     for candidate in _candidates(config):
+        if tuple(_int8_choices(candidate)) in tried:
+            continue  # the loader took the same choice back from an earlier candidate
         what = " and ".join(_DESCRIPTIONS[name] for name in _int8_choices(candidate))
         record = _verdict_file(path, candidate)
         verdict = _kept(record)
@@ -110,14 +113,16 @@ def load_engine(path: Path, config: LLMConfig) -> LLMEngine:
                 reference = probe_logprobs(_probe_engine(path, config.fallback()))
             except Exception as exc:  # noqa: BLE001 - a probe that cannot run keeps the model's precision
                 log.warning(
-                    "%s: not serving %s (the probe could not run on the model without it: %r)",
+                    "%s: not serving %s (the probe could not run on the model without int8: %r)",
                     path,
                     what,
                     exc,
                 )
+                _release()  # the probe engine, held by its own cycles and the exception's
                 break
             _release()
         engine, verdict = _probed(path, candidate, reference)
+        tried.add(tuple(_int8_choices(engine.config)))
         if verdict.kept:
             _keep(record, verdict)
         if not _int8_choices(engine.config):
