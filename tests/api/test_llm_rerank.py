@@ -69,6 +69,8 @@ def test_model_card_says_llm(server):
     (card,) = httpx.get(server + "/v1/models").json()["data"]
     assert card["id"] == "tiny-llm-rerank" and card["kind"] == "rerank"
     assert card["rerank_method"] == "llm" and card["max_input_tokens"] == 2048
+    # the LLM engine's precision, as for a chat model: float32 asked for, no int8
+    assert (card["dtype"], card["quantization"], card["kv_cache_dtype"]) == ("float32", "none", "float32")
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -68,6 +68,7 @@ def test_models_list_reports_kinds(server):
     assert cards["tiny-embed"]["kind"] == "embedding" and cards["tiny-embed"]["dimensions"] == 16
     assert cards["tiny-cosine"]["rerank_method"] == "cosine"
     assert cards["tiny-rerank"]["rerank_method"] == "cross-encoder"
+    assert cards["tiny-rerank"]["quantization"] is None  # an encoder: no LLM engine precision
     assert cards["tiny-embed"]["max_input_tokens"] == 64
     one = httpx.get(server + "/v1/models/tiny-rerank")
     assert one.json()["id"] == "tiny-rerank"

@@ -65,18 +65,16 @@ class ServedModel:
 
     def card(self) -> ModelCard:
         if self.kind is ModelKind.CHAT:
-            config = self.client.engine.config
             return ModelCard(
                 id=self.name,
                 created=self.created,
                 kind=self.kind.value,
                 max_model_len=self.client.max_model_len,
                 ready=self.client.is_running,
-                dtype=config.dtype,
-                quantization=config.quantization,
-                kv_cache_dtype=config.cache_dtype,
+                **_llm_precision(self.client.engine.config),
             )
         info = self.client.info
+        llm = self.client.llm if isinstance(self.client, LLMRerankClient) else None  # on the LLM engine
         return ModelCard(
             id=self.name,
             created=self.created,
@@ -85,7 +83,13 @@ class ServedModel:
             dimensions=info.dimensions if self.kind is ModelKind.EMBEDDING else None,
             rerank_method=info.scoring if self.kind is ModelKind.RERANK else None,
             ready=self.client.is_running,
+            **(_llm_precision(llm.engine.config) if llm is not None else {}),
         )
+
+
+def _llm_precision(config) -> dict[str, str]:
+    """An LLM engine's precision as served (the server's own int8 choices resolved at load)."""
+    return {"dtype": config.dtype, "quantization": config.quantization, "kv_cache_dtype": config.cache_dtype}
 
 
 @dataclass(eq=False)

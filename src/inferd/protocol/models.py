@@ -17,8 +17,9 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     dimensions: int | None = None
     rerank_method: str | None = None
-    # A chat model's precision as served (the server's own int8 choices resolved at load): the dtype
-    # it computes in, "int8" or "none" for its weights, the KV cache's dtype.
+    # A model on the LLM engine (chat, an LLM reranker): its precision as served (the server's own
+    # int8 choices resolved at load): the dtype it computes in, "int8" or "none" for its weights,
+    # the KV cache's dtype.
     dtype: str | None = None
     quantization: str | None = None
     kv_cache_dtype: str | None = None
