@@ -62,9 +62,9 @@ class LLMConfig:
     block_size: int = 16
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
-    # While any request decodes, prompts longer than this share this many tokens a step (None: no
-    # limit but the step's budget): a long prompt goes in chunks between the decoders' tokens
-    # (Scheduler, _LongPrompts).
+    # While any request decodes, one prompt with more than this many tokens left gets this many a
+    # step (None: no limit but the step's budget): a long prompt goes in chunks between the
+    # decoders' tokens (Scheduler, _LongPrompts).
     prefill_tokens_while_decoding: int | None = None
     max_model_len: int | None = None  # None: the model's own context length
     kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of what is free after loading

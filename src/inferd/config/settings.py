@@ -495,15 +495,11 @@ class ServerSettings(BaseSettings):
         native_path = (
             device == "cpu" and dtype == "bfloat16" and self.native_kernels and self.model_impl == "auto"
         )
-        chosen: dict[str, Any] = {}
-        auto = []
-        for name, plain in (("quantization", "none"), ("kv_cache_dtype", "model")):
-            value = getattr(self, name)
-            if value == "auto":
-                value = "int8" if native_path else plain
-                auto += [name] if native_path else []
-            chosen[name] = value
-        return {**chosen, "auto_precision": tuple(auto)}
+        plain = {"quantization": "none", "kv_cache_dtype": "model"}  # what auto is off that path
+        auto = tuple(name for name in plain if getattr(self, name) == "auto")
+        values = {name: getattr(self, name) for name in plain}
+        values |= {name: "int8" if native_path else plain[name] for name in auto}
+        return {**values, "auto_precision": auto if native_path else ()}
 
 
 def cpu_has_native_bf16() -> bool:

@@ -100,44 +100,45 @@ def load_engine(path: Path, config: LLMConfig) -> LLMEngine:
         record = _verdict_file(path, candidate)
         verdict = _kept(record)
         if verdict is not None:
-            level = logging.INFO if verdict.passed else logging.WARNING
             log.log(
-                level, "%s: %s %s (checked before: %s)", path, _SERVING[verdict.passed], what, verdict.detail
+                _level(verdict),
+                "%s: %s %s (checked before: %s)",
+                path,
+                _serving(verdict),
+                what,
+                verdict.detail,
             )
             if verdict.passed:
                 return _engine(path, candidate)
             continue
         if reference is None:
-            log.info("%s: scoring a probe text without int8 first, to check the int8 model against", path)
-            try:
-                reference = probe_logprobs(_probe_engine(path, config.fallback()))
-            except Exception as exc:  # noqa: BLE001 - a probe that cannot run keeps the model's precision
-                log.warning(
-                    "%s: not serving %s (the probe could not run on the model without int8: %r)",
-                    path,
-                    what,
-                    exc,
-                )
-                _release()  # the probe engine, held by its own cycles and the exception's
+            reference = _reference(path, config, what)
+            if reference is None:
                 break
-            _release()
-        engine, verdict = _probed(path, candidate, reference)
-        tried.add(tuple(_int8_choices(engine.config)))
-        if verdict.kept:
-            _keep(record, verdict)
+        engine = _engine(path, candidate)
         if not _int8_choices(engine.config):
             return engine  # layers found only in the weights took back every choice (the loader said so)
+        tried.add(tuple(_int8_choices(engine.config)))
+        verdict = _verdict_on(engine, reference)
+        if verdict.kept:
+            _keep(record, verdict)
+        log.log(_level(verdict), "%s: %s %s (%s)", path, _serving(verdict), what, verdict.detail)
         if verdict.passed:
-            log.info("%s: %s %s (%s)", path, _SERVING[True], what, verdict.detail)
             return engine
-        log.warning("%s: %s %s (%s)", path, _SERVING[False], what, verdict.detail)
         del engine
         _release()
     return _engine(path, config.fallback())
 
 
 _DESCRIPTIONS = {"quantization": "int8 weights", "kv_cache_dtype": "an int8 KV cache"}
-_SERVING = {True: "serving", False: "not serving"}
+
+
+def _serving(verdict: Verdict) -> str:
+    return "serving" if verdict.passed else "not serving"
+
+
+def _level(verdict: Verdict) -> int:
+    return logging.INFO if verdict.passed else logging.WARNING
 
 
 def _candidates(config: LLMConfig) -> list[LLMConfig]:
@@ -157,19 +158,29 @@ def _engine(path: Path, config: LLMConfig) -> LLMEngine:
     return LLMEngine(loaded, loaded.config)
 
 
-def _probed(path: Path, config: LLMConfig, reference: list[float]) -> tuple[LLMEngine, Verdict]:
-    """The engine loaded as ``config`` asks, and the probe's verdict on it against ``reference``.
-    Where the probe fails on it, a failed verdict that says why and is not kept (the next start
-    tries again)."""
-    engine = _engine(path, config)
-    if not _int8_choices(engine.config):  # nothing left to check
-        return engine, Verdict(True, "no int8 choice left", kept=False)
+def _reference(path: Path, config: LLMConfig, what: str) -> list[float] | None:
+    """The model without int8 on the probe text, or None (and why, in the log) where that fails."""
+    log.info("%s: scoring a probe text without int8 first, to check the int8 model against", path)
+    try:
+        return probe_logprobs(_probe_engine(path, config.fallback()))
+    except Exception as exc:  # noqa: BLE001 - a probe that cannot run keeps the model's precision
+        log.warning(
+            "%s: not serving %s (the probe could not run on the model without int8: %r)", path, what, exc
+        )
+        return None
+    finally:
+        _release()  # the probe engine, held by its own cycles (and a failure's)
+
+
+def _verdict_on(engine: LLMEngine, reference: list[float]) -> Verdict:
+    """The probe's verdict on ``engine`` against ``reference``; where the probe fails on it, a failed
+    verdict that says why and is not kept (the next start tries again)."""
     try:
         candidate = probe_logprobs(engine)
     except Exception as exc:  # noqa: BLE001 - a failing int8 model falls back, the server lives
-        return engine, Verdict(False, f"the probe failed on the int8 model: {exc!r}", kept=False)
+        return Verdict(False, f"the probe failed on the int8 model: {exc!r}", kept=False)
     _forget_probe(engine)
-    return engine, compare(reference, candidate)
+    return compare(reference, candidate)
 
 
 def probe_logprobs(engine: LLMEngine) -> list[float]:

@@ -217,7 +217,7 @@ def test_what_the_config_rules_out_is_reverted_before_any_probe(
     model's config alone: with only that choice left to the server, nothing is probed."""
     from tests.unit.llm.test_architectures import build
 
-    monkeypatch.setattr(precision, "_probed", lambda *args: pytest.fail("probed"))
+    monkeypatch.setattr(precision, "_reference", lambda *args: pytest.fail("probed"))
     qwen3 = build(model_root, "qwen3", tiny_llama, head_dim=32)[0]
     for path in (tiny_llama, qwen3):
         config = replace(auto_config(tmp_path), auto_precision=("kv_cache_dtype",))
