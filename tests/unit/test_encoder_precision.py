@@ -14,6 +14,7 @@ from inferd.config.engine import EncoderConfig
 from inferd.config.model_spec import ModelKind
 from inferd.encoder import precision
 from inferd.encoder.models.base import prepare_batch
+from inferd.encoder.models.bert import _NativeLinear
 from inferd.encoder.models.registry import load_encoder_model
 from inferd.encoder.request import Item
 
@@ -38,7 +39,9 @@ def test_a_faithful_model_is_served_in_the_reduced_dtype(tiny_embedder, caplog):
     assert model.bert is not None and model.bert.matmul_dtype == torch.bfloat16
     # only the products are bf16: the norms, embeddings and the residual stream stay float32
     layer = model.bert.layers[0]
-    assert layer["qkv"][0].dtype == torch.bfloat16 and layer["norm1"][0].dtype == torch.float32
+    qkv = layer["qkv"]  # (weight, bias), or packed for the native bf16 kernel where the CPU has it
+    weight = qkv.weight if isinstance(qkv, _NativeLinear) else qkv[0]
+    assert weight.dtype == torch.bfloat16 and layer["norm1"][0].dtype == torch.float32
     assert model.bert.word.dtype == torch.float32
     assert "serving bfloat16 (cosine to float32 at worst" in caplog.text
     float32 = load_encoder_model(tiny_embedder, ModelKind.EMBEDDING, EncoderConfig())
@@ -196,7 +199,13 @@ def test_the_memory_plan_counts_what_a_named_reduced_dtype_holds(bundled_minilm)
     model = SentenceEmbedder(bundled_minilm, settings.encoder_config(spec))
     bert = model.bert
     tensors = [bert.word, bert.position, bert.token_type, *bert.embed_norm]
-    tensors += [t for layer in bert.layers for pair in layer.values() for t in pair]
+    # a product packed for the native bf16 kernel holds its packed weight and a float32 bias
+    pairs = [
+        (p.weight, p.bias) if isinstance(p, _NativeLinear) else p
+        for layer in bert.layers
+        for p in layer.values()
+    ]
+    tensors += [t for pair in pairs for t in pair]
     held = sum(t.numel() * t.element_size() for t in tensors)
     assert bert.matmul_dtype == torch.bfloat16
     assert abs(need.weight_bytes - held) <= 0.01 * held, (need.weight_bytes, held)

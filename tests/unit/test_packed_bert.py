@@ -72,6 +72,51 @@ def test_native_attention_runs_where_the_cpu_has_its_build_and_changes_nothing(b
     torch.testing.assert_close(without, got, atol=1e-5, rtol=1e-4)
 
 
+def _bf16_forward(path, native_linear: bool, monkeypatch):
+    """The packed bundled encoder's outputs on ITEMS with its products in bf16, through the native
+    linear kernel or (``native_linear`` False) torch's."""
+    from transformers import AutoConfig
+
+    from inferd.encoder.models import bert as bert_module
+
+    with monkeypatch.context() as patch:
+        if not native_linear:
+            patch.setattr(bert_module, "_linear_kernel", lambda: None)
+        packed = load_packed_bert(path, AutoConfig.from_pretrained(str(path)), torch.bfloat16, "cpu")
+        packed.set_matmul_dtype(torch.bfloat16)  # again: a no-op (the probe's switch after a load)
+    kinds = {type(layer[name]) for layer in packed.layers for name in ("qkv", "o", "up", "down")}
+    ids = torch.tensor([[t for item in ITEMS for t in item]])
+    positions = torch.tensor([[p for item in ITEMS for p in range(len(item))]])
+    bounds, start = [], 0
+    for item in ITEMS:
+        bounds.append((start, start + len(item)))
+        start += len(item)
+    with torch.no_grad():
+        return packed(ids, positions, torch.zeros_like(ids), bounds), kinds
+
+
+def test_bf16_products_run_on_the_native_linear_kernel_where_the_cpu_has_it(bundled_minilm, monkeypatch):
+    """In bf16 on a CPU with inferd's bf16 linear kernel (AVX512-BF16 or AMX) every product of the
+    packed encoder runs through it, and its outputs stay those of torch's bf16 products up to bf16
+    rounding (the kernel's results are float32 where torch's were rounded to bf16 first)."""
+    from inferd.encoder.models.bert import _NativeLinear
+
+    path = transformer_dir(bundled_minilm)
+    ops = kernels.native_ops()
+    if ops is None or not ops.has_linear:
+        pytest.skip("no bf16 linear kernel on this CPU: torch's products run here")
+    got, kinds = _bf16_forward(path, True, monkeypatch)
+    assert kinds == {_NativeLinear}
+    reference, torch_kinds = _bf16_forward(path, False, monkeypatch)
+    assert torch_kinds == {tuple}
+    fp32, _, _ = packed_and_reference(path)
+    # both within bf16's reach of float32, and of each other
+    for out in (got, reference):
+        assert torch.nn.functional.cosine_similarity(out, fp32, dim=-1).min() > 0.9998
+    assert torch.nn.functional.cosine_similarity(got, reference, dim=-1).min() > 0.9998
+    assert (got - fp32).abs().mean() <= (reference - fp32).abs().mean() * 1.1
+
+
 def test_the_bundled_embedder_runs_on_it(bundled_minilm):
     model = SentenceEmbedder(bundled_minilm, EncoderConfig())
     assert isinstance(model.bert, PackedBert) and model.transformer is None
