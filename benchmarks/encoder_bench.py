@@ -26,6 +26,7 @@ from ray_bench import cpu_model
 from inferd.config import load_settings
 from inferd.encoder.models import bert as bert_module
 from inferd.encoder.models.base import prepare_batch, torch_dtype
+from inferd.encoder.models.bert import _NativeLinear
 from inferd.encoder.models.embedder import SentenceEmbedder
 from inferd.encoder.request import Item
 
@@ -79,6 +80,8 @@ def run(passages: int, repeats: int) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": config.dtype,
         "kernel_variant": None if native is None else native.variant,
+        # whether the bf16 products ran on inferd's linear kernel (else torch's; see bert.py)
+        "native_linear": isinstance(bert.layers[0]["qkv"], _NativeLinear),
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
@@ -90,10 +93,16 @@ def run(passages: int, repeats: int) -> dict:
     }
 
 
+def _products(report: dict) -> str:
+    known = report.get("native_linear")  # reports from before the field: unknown
+    return "unrecorded kernels" if known is None else "inferd's kernel" if known else "torch"
+
+
 def render(report: dict) -> str:
     lines = [
         f"CPU: {report['cpu']}, {report['threads']} threads, {report['dtype']}, kernel variant "
-        f"{report['kernel_variant']}, commit {report['commit']}; {report['passages']} passages "
+        f"{report['kernel_variant']}, products on {_products(report)}, commit {report['commit']}; "
+        f"{report['passages']} passages "
         f"({report['tokens'] / report['passages']:.1f} tokens on average) in {report['batches']} batches "
         f"of 32; median of {report['repeats']} rounds",
         "",

@@ -85,6 +85,13 @@ def _bf16_forward(path, native_linear: bool, monkeypatch):
         packed = load_packed_bert(path, AutoConfig.from_pretrained(str(path)), torch.bfloat16, "cpu")
         packed.set_matmul_dtype(torch.bfloat16)  # again: a no-op (the probe's switch after a load)
     kinds = {type(layer[name]) for layer in packed.layers for name in ("qkv", "o", "up", "down")}
+    if native_linear:  # the up-projection feeds GELU in bf16, the others come back in float32
+        hidden = torch.randn(3, packed.word.shape[1])
+        assert packed.layers[0]["up"](hidden, False).dtype == torch.bfloat16
+        assert packed.layers[0]["qkv"](hidden, True).dtype == torch.float32
+        with pytest.raises(ValueError, match="packed for the native kernel"):
+            packed.set_matmul_dtype(torch.float16)
+        assert packed.matmul_dtype == torch.bfloat16 and {type(layer["qkv"]) for layer in packed.layers} == kinds
     ids = torch.tensor([[t for item in ITEMS for t in item]])
     positions = torch.tensor([[p for item in ITEMS for p in range(len(item))]])
     bounds, start = [], 0

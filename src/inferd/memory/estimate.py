@@ -146,7 +146,8 @@ def weight_bytes(num_params: int, dtype: str) -> int:
 def encoder_weight_bytes(shape: ModelShape, num_params: int, dtype: str, packed_bert: bool) -> int:
     """An encoder's weights in ``dtype``. inferd's own BERT (``packed_bert``: a BERT sentence
     embedder that runs packed, hub.inspect.packs_unpadded) takes a reduced dtype in its matrix
-    products only: its embedding tables stay float32 (its norms too, a rounding error). Other
+    products only: its embedding tables stay float32 (its norms too, and the biases where the
+    native linear kernel takes them: a rounding error). Other
     encoders are cast whole; so is a BERT embedder that falls back to transformers' class (another
     tensor layout), planned high by the tables' two bytes a value, never low."""
     if not packed_bert or dtype_bytes(dtype) >= 4:

@@ -8,15 +8,19 @@ with q/k/v fused into one matrix, attending within each item's span of the packe
 (other tensor names, relative positions, another activation) returns None and the caller keeps
 transformers' class.
 
-In bfloat16 (or float16) the matrix products take the reduced dtype (and the up-projection's bias and
-GELU, whose output feeds the next product): the residual stream, the LayerNorms, attention's scores
-and softmax stay float32, and each other product's result is widened before it is added back. On an AVX512-BF16 EPYC this runs as fast as casting the whole encoder to bfloat16
-and stays closer to float32: all-MiniLM-L6-v2's cosine to float32 sentence-transformers was at worst
-0.99997 over 96 passages, against 0.99993 for the whole model in bfloat16 (2026-12-04, session 12).
-Where the CPU has inferd's own bf16 linear kernel (AVX512-BF16 or AMX, the one the chat models use),
-the bf16 products run through it, with float32 results where they are added back: on MiniLM's shapes
-it takes 0.44-0.57x torch's time at 16-84 rows (one short passage, the latency of a RAG query's
-embedding) and 0.9x at a batch of 32 passages (2026-12-05, session 19).
+In bfloat16 (or float16) the matrix products take the reduced dtype, and so does the GELU on the
+up-projection's output, which feeds the next product: the residual stream, the LayerNorms,
+attention's scores and softmax stay float32. Through torch each product's bias is added in the
+reduced dtype and a result added back to the residual stream is widened from it. On an
+AVX512-BF16 EPYC this runs as fast as casting the whole encoder to bfloat16 and stays closer to
+float32: all-MiniLM-L6-v2's cosine to float32 sentence-transformers was at worst 0.99997 over 96
+passages, against 0.99993 for the whole model in bfloat16 (2026-12-04, session 12).
+Where the CPU has inferd's own bf16 linear kernel (AVX512-BF16 or AMX, the one the chat models use)
+and an input width is a multiple of 32, a bf16 product runs through it instead: float32 sums and
+bias, its result in float32 where it is added back (bf16 for the GELU). On MiniLM's shapes its
+AVX512-BF16 form takes 0.44-0.57x torch's time at 16-84 rows (one short passage: the latency of a
+RAG query's embedding) and 0.9x at a batch of 32 passages (AMD EPYC Zen 5, 2026-12-05, session 19;
+the AMX form is unmeasured here).
 """
 
 from __future__ import annotations
@@ -80,19 +84,22 @@ class PackedBert(nn.Module):
 
     def set_matmul_dtype(self, dtype: torch.dtype) -> None:
         """Run the linear layers in ``dtype`` from now on (their float32 weights are dropped): in
-        bf16 on the CPU through the native kernel where this build has it (``_NativeLinear``)."""
+        bf16 on the CPU each product whose input width is a multiple of 32 goes through the native
+        kernel where this build has it (``_NativeLinear``), the others through torch. Once packed
+        for the kernel the weights can only stay bf16: asking for another dtype then raises before
+        anything changes."""
         ops = _linear_kernel() if dtype == torch.bfloat16 and self.word.device.type == "cpu" else None
-        for layer in self.layers:
-            for name in ("qkv", "o", "up", "down"):
-                if isinstance(layer[name], _NativeLinear):  # bf16 already: its float32 weights are gone
-                    if ops is None:
-                        raise ValueError(f"the encoder's bf16 weights cannot run in {dtype}")
-                    continue
-                weight, bias = layer[name]
-                if ops is not None and weight.shape[1] % 32 == 0:
-                    layer[name] = _NativeLinear(ops, weight, bias)
-                else:
-                    layer[name] = (weight.to(dtype), bias.to(dtype))
+        products = [(layer, name) for layer in self.layers for name in ("qkv", "o", "up", "down")]
+        if ops is None and any(isinstance(layer[name], _NativeLinear) for layer, name in products):
+            raise ValueError(f"the encoder's bf16 weights are packed for the native kernel: not {dtype}")
+        for layer, name in products:
+            if isinstance(layer[name], _NativeLinear):  # bf16 already
+                continue
+            weight, bias = layer[name]
+            if ops is not None and weight.shape[1] % 32 == 0:
+                layer[name] = _NativeLinear(ops, weight, bias)
+            else:
+                layer[name] = (weight.to(dtype), bias.to(dtype))
         self.matmul_dtype = dtype
 
     def forward(self, input_ids, position_ids, token_type_ids, bounds) -> torch.Tensor:

@@ -223,8 +223,8 @@ class NativeOps:
             1 if scale is not None else 2
         ):
             raise KernelArgumentError(f"packed: too small for a ({out_features}, {x.shape[1]}) weight")
-        if bias is not None:
-            _check(bias, "bias", bias.dtype, (out_features,))
+        if bias is not None:  # the kernels read float32 biases
+            _check(bias, "bias", torch.float32, (out_features,))
         out = x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else torch.bfloat16)
         rows = (x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr())
         rest = (
