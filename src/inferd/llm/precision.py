@@ -94,9 +94,10 @@ def load_engine(path: Path, config: LLMConfig) -> LLMEngine:
     reference: list[float] | None = None  # the model without int8 on the probe text, scored once
     tried: set[tuple[str, ...]] = set()  # the int8 choices probed so far, as loaded
     for candidate in _candidates(config):
-        if tuple(_int8_choices(candidate)) in tried:
+        choices = tuple(_int8_choices(candidate))
+        if choices in tried:
             continue  # the loader took the same choice back from an earlier candidate
-        what = " and ".join(_DESCRIPTIONS[name] for name in _int8_choices(candidate))
+        what = " and ".join(_DESCRIPTIONS[name] for name in choices)
         record = _verdict_file(path, candidate)
         verdict = _kept(record)
         if verdict is not None:

@@ -197,8 +197,8 @@ class _LongPrompts:
     the others wait for a later step. Prompts with at most ``cap`` left go whole."""
 
     def __init__(self, cap: int | None, running: list[Request]) -> None:
-        # a request that has computed its whole prompt is decoding (its drafts aside)
-        decoding = any(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+        # a request that has computed its whole prompt is decoding (its drafts aside); no limit, no scan
+        decoding = cap is not None and any(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
         self.cap = cap if decoding else None  # None: no limit this step
         self.taken = False  # this step's long chunk went out
 
